@@ -1,0 +1,30 @@
+"""Helpers shared by the vstore tests: make a lab, read whole volumes, random block data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from vstore.lab import init_lab
+from vstore.site import System
+
+BS = 4096
+
+
+def make_lab(tmp_path: Path, name: str = "lab", **kw) -> Path:
+    kw.setdefault("size", 256 * BS)
+    lab = tmp_path / name
+    init_lab(lab, **kw)
+    return lab
+
+
+def image(lab: Path, site: str, volume: str) -> bytes:
+    return (lab / site / f"{volume}.img").read_bytes()
+
+
+def blocks(seed: int, count: int = 1) -> bytes:
+    return random.Random(seed).randbytes(count * BS)
+
+
+def open_lab(lab: Path) -> System:
+    return System(lab)

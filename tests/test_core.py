@@ -1,0 +1,181 @@
+"""Embodiment 1 in one process: normal operation, the fence, Fig 9 undo, Fig 6, a full entry log,
+coalescing (issue 2 "Tests that must pass")."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.labutil import BS, blocks, image, make_lab, open_lab
+from vstore.mirror import FailureState, SyncState
+from vstore.pairs import PairState
+from vstore.procedures import resync_all
+from vstore.storage import WriteInhibited
+
+
+def test_normal_operation_c_equals_a_after_every_write_and_d_equals_b_after_shipping(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror")
+    with open_lab(lab) as system:
+        dev = system.device(0)
+        for i in range(20):
+            dev.write((i * 7) % 250, blocks(i, 1 + i % 4))
+            assert image(lab, "primary", "A") == image(lab, "sync", "C")
+        assert image(lab, "primary", "A") == image(lab, "primary", "B")
+        assert image(lab, "primary", "B") != image(lab, "async", "D")
+        report = system.shipper().ship()
+        assert report.entries == 20 and report.error is None
+        assert image(lab, "primary", "B") == image(lab, "async", "D")
+        assert system.entry_log.stats().entries == 0
+        system.save()
+
+
+def cut(system, link):
+    system.faults.set("link", link, True)
+
+
+def test_fence_with_protection_rejects_and_changes_nothing(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror", protect=True)
+    with open_lab(lab) as system:
+        dev = system.device(0)
+        dev.write(0, blocks(1))
+        before = {v: image(lab, s, v) for s, v in [("primary", "A"), ("primary", "B"), ("sync", "C"), ("async", "D")]}
+        cut(system, "primary-sync")
+        with pytest.raises(WriteInhibited, match="fence"):
+            dev.write(3, blocks(2))
+        after = {v: image(lab, s, v) for s, v in [("primary", "A"), ("primary", "B"), ("sync", "C"), ("async", "D")]}
+        assert before == after
+        pair = system.registry.get("A->C")
+        assert pair.state == PairState.SUSPEND and pair.failure
+        assert "primary-sync" in pair.reason
+        # every later write is refused up front (Fig 9 steps 906-910)
+        with pytest.raises(WriteInhibited, match="write-inhibited"):
+            dev.write(4, blocks(3))
+        assert system.entry_log.stats().entries == 1  # only the first, acknowledged write
+        system.save()
+
+
+def test_protection_off_records_positions_and_duplex_pending_copies_exactly_them(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror", protect=False)
+    with open_lab(lab) as system:
+        dev = system.device(0)
+        cut(system, "primary-sync")
+        dev.write(10, blocks(1, 3))
+        dev.write(50, blocks(2, 2))
+        dev.write(11, blocks(3, 1))  # overlaps: 5 distinct blocks recorded
+        pair = system.registry.get("A->C")
+        assert pair.state == PairState.SUSPEND and pair.bitmap.count() == 5
+        assert image(lab, "primary", "A") != image(lab, "sync", "C")
+        system.faults.set("link", "primary-sync", False)
+        copied = []
+        steps = resync_all(system, lambda d, total: copied.append)
+        assert sum(copied) == 5
+        assert pair.state == PairState.DUPLEX
+        assert any("Duplex-Pending" in s for s in steps.steps)
+        assert image(lab, "primary", "A") == image(lab, "sync", "C")
+        system.save()
+
+
+def test_mirror_without_protection_succeeds_on_b_alone(tmp_path):
+    """[0068]: the storage fences A, the mirror program has no protection -> B alone takes it."""
+    lab = make_lab(tmp_path, mode="mirror", protect=True)
+    with open_lab(lab) as system:
+        system.mirror.settings.protect = False
+        dev = system.device(0)
+        cut(system, "primary-sync")
+        dev.write(7, blocks(9))
+        a_member, b_member = system.mirror.settings.groups["A"]
+        assert a_member.failure == FailureState.INHIBITED
+        assert image(lab, "primary", "B")[7 * BS:8 * BS] == blocks(9)
+        assert image(lab, "primary", "A")[7 * BS:8 * BS] == bytes(BS)
+
+
+def test_fig9_undo_restores_b_from_inhibited_a(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror", protect=True)
+    with open_lab(lab) as system:
+        group = system.mirror.settings.groups["A"]
+        group.reverse()  # write B first, then A: "any order" (Fig 4)
+        dev = system.device(0)
+        dev.write(5, blocks(1))
+        cut(system, "primary-sync")
+        with pytest.raises(WriteInhibited):
+            dev.write(5, blocks(2))
+        assert image(lab, "primary", "B")[5 * BS:6 * BS] == blocks(1)
+        assert image(lab, "primary", "A") == image(lab, "primary", "B")
+
+
+def test_fig6_new_member_is_never_read_before_synced(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror")
+    with open_lab(lab) as system:
+        group = system.device(0)
+        group.write(0, blocks(4, 8))
+        storage = system.storage("primary")
+        # make a spare volume at the primary to add as a third member
+        from vstore.blockdev import ImageDevice, create_image
+        from vstore.storage import Volume
+        create_image(lab / "primary" / "E.img", 256 * BS)
+        storage.volumes["E"] = Volume("primary", "E", ImageDevice(lab / "primary" / "E.img"), "primary/port0/lun9")
+        reads: list[str] = []
+        real_read = storage.host_read
+
+        def spy(volume, lba, count=1):
+            reads.append(volume)
+            return real_read(volume, lba, count)
+
+        storage.host_read = spy
+        seen_states = []
+
+        def progress(n):
+            member = group.members[-1]
+            seen_states.append(member.sync)
+            assert group.read(0, 8) == blocks(4, 8)  # reads during the copy come from synced members
+
+        group.add_member("E", "primary/port0/lun9", progress=progress, chunk=64)
+        assert SyncState.NOT_SYNCED in seen_states
+        assert "E" not in [v for v in reads if v != "A"] or all(v in ("A", "B") for v in reads[:-1])
+        assert all(v in ("A", "B") for v in reads)
+        assert group.members[-1].sync == SyncState.SYNCED
+        assert image(lab, "primary", "E") == image(lab, "primary", "A")
+
+
+def test_full_entry_log_suspends_records_positions_and_resyncs(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror", spool_capacity=16 * BS)
+    with open_lab(lab) as system:
+        dev = system.device(0)
+        for i in range(40):  # far more than 16 blocks of entries
+            dev.write(i * 3, blocks(100 + i))
+        pair = system.registry.get("B->D")
+        assert pair.state == PairState.SUSPEND and pair.failure and "entry log full" in pair.reason
+        assert pair.bitmap.count() == 40  # every write not shipped is a recorded position
+        report = system.shipper().ship()
+        assert report.resynced_blocks == 40
+        assert pair.state == PairState.DUPLEX
+        assert image(lab, "primary", "B") == image(lab, "async", "D")
+        dev.write(1, blocks(999))  # entries flow again
+        assert system.entry_log.stats().entries == 1
+        system.shipper().ship()
+        assert image(lab, "primary", "B") == image(lab, "async", "D")
+        system.save()
+
+
+def test_coalescing_ships_fewer_blocks_and_keeps_prefix(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror", coalesce=True)
+    with open_lab(lab) as system:
+        dev = system.device(0)
+        for i in range(200):
+            dev.write(i % 5, blocks(i))
+        report = system.shipper().ship()
+        assert report.blocks_written == 200
+        assert report.blocks_sent < report.blocks_written / 4
+        assert image(lab, "primary", "B") == image(lab, "async", "D")
+
+
+def test_state_persists_across_commands(tmp_path):
+    lab = make_lab(tmp_path, mode="mirror", protect=False)
+    with open_lab(lab) as system:
+        cut(system, "primary-sync")
+        system.save_faults()
+        system.device(0).write(2, blocks(5))
+        system.save()
+    with open_lab(lab) as system:
+        pair = system.registry.get("A->C")
+        assert pair.state == PairState.SUSPEND and pair.bitmap.count() == 1
+        assert system.entry_log.stats().entries == 1

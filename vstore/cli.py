@@ -1,0 +1,317 @@
+"""The `vstore` command (DESIGN.md "user surface"): create a lab, write and read through the
+replicated path, ship entries, inject and heal faults, and show what every pair is doing.
+
+Keeps true: every user mistake or refused operation prints one sentence to stderr and exits
+non-zero (never a traceback); `--json` prints exactly one JSON document on stdout with the keys
+of the DESIGN.md "JSON contract"; long copies show a rich progress bar unless `--quiet`/`--json`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from vstore.errors import TricopyError
+from vstore.links import LINK_NAMES
+from vstore.topology import SITE_NAMES
+from vstore.units import format_size, parse_size
+
+app = typer.Typer(help="tricopy: three-site remote copy of block volumes (Primary, near Sync, far Async).",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+lab_app = typer.Typer(help="Create and run labs (a three-site deployment in one directory).", no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+out = Console()
+err = Console(stderr=True)
+
+LabArg = Annotated[Path, typer.Argument(help="The lab directory.", show_default=False)]
+
+
+def die(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn TricopyError (and a missing lab) into one sentence on stderr and exit 1."""
+    try:
+        yield
+    except TricopyError as exc:
+        die(str(exc))
+
+
+@contextmanager
+def progress_bars(quiet: bool) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
+    """A `procedures.Progress` factory backed by one rich progress display."""
+    if quiet:
+        yield lambda description, total: (lambda n: None)
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("blocks"),
+               TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=False) as bars:
+        def factory(description: str, total: int) -> Callable[[int], None]:
+            task = bars.add_task(description, total=total)
+            return lambda n: bars.advance(task, n)
+        yield factory
+
+
+def open_system(lab: Path) -> Any:
+    from vstore.site import System
+    if not lab.is_dir():
+        raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
+    return System(lab)
+
+
+# -- lab ------------------------------------------------------------------------------------------
+@lab_app.command("init")
+def lab_init(
+    lab: LabArg,
+    mode: Annotated[str, typer.Option(help="provider = embodiment 4 (A, C, D; entries on the host); "
+                                           "mirror = embodiment 1 (A, B, C, D).")] = "provider",
+    size: Annotated[str, typer.Option(help="Size of every volume, e.g. 64M, 1G.")] = "64M",
+    volumes: Annotated[int, typer.Option(help="Volumes per site in one consistency group.")] = 1,
+    protect: Annotated[bool, typer.Option("--protect/--no-protect",
+                                          help="Fence: refuse writes once the sync copy fails [0040], [0068].")] = True,
+    coalesce: Annotated[bool, typer.Option(help="Coalesce repeated writes inside a shipped batch [0045].")] = False,
+    durable: Annotated[bool, typer.Option(help="fsync images, spool and state on every write.")] = False,
+    spool_capacity: Annotated[str, typer.Option(help="Entry log capacity before the async pair suspends.")] = "256M",
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Create a lab and run the Fig 3 initial set-up; every pair ends Duplex.
+
+    Example: vstore lab init /tmp/lab --mode mirror --size 64M
+    """
+    from vstore.lab import init_lab
+    with user_errors(), progress_bars(quiet) as progress:
+        steps = init_lab(lab, mode=mode, size=parse_size(size), volumes=volumes, protect=protect, coalesce=coalesce,
+                         durable=durable, spool_capacity=parse_size(spool_capacity), progress=progress)
+    for step in steps.steps:
+        out.print(f"  {step}", highlight=False)
+    out.print(f"lab [bold]{lab}[/] ready ({mode} mode)")
+
+
+# -- status ---------------------------------------------------------------------------------------
+def status_document(system: Any) -> dict:
+    from vstore.pairs import PairKind
+    from vstore.registry import split_ref
+    doc: dict = {"lab": str(system.lab_dir), "mode": system.topo.mode, "sites": {}, "pairs": []}
+    for site in SITE_NAMES:
+        doc["sites"][site] = {"up": system.network.site_up(site), "role": system.role(site),
+                              "present": system.present(site)}
+    doc["links"] = {name: name not in system.faults.links_down for name in LINK_NAMES}
+    try:
+        active = system.active_site
+        stats = system.entry_log.stats()
+    except TricopyError:
+        active, stats = None, None
+    for pair in system.registry:
+        waiting = {"entries_waiting": 0, "bytes_waiting": 0, "oldest_waiting_s": None}
+        if pair.kind == PairKind.ASYNC and stats is not None and split_ref(pair.source)[0] == active:
+            vid = system.async_program.volume_ids.get(split_ref(pair.source)[1])
+            per = stats.per_volume.get(vid) if hasattr(stats, "per_volume") else None
+            entries, nbytes = (per if per else (stats.entries, stats.bytes))
+            waiting = {"entries_waiting": entries, "bytes_waiting": nbytes,
+                       "oldest_waiting_s": (time.time_ns() - stats.oldest_timestamp_ns) / 1e9
+                       if stats.oldest_timestamp_ns and entries else None}
+        doc["pairs"].append({"name": pair.name, "source": pair.source, "target": pair.target,
+                             "kind": pair.kind.value, "state": pair.state.value, "reason": pair.reason,
+                             "failure": pair.failure, "recorded_blocks": pair.bitmap.count(), **waiting})
+    return doc
+
+
+STATE_STYLE = {"Duplex": "green", "Simplex": "dim", "Suspend": "red", "Suspending": "yellow",
+               "Duplex-Pending": "cyan", "Initial-Copying": "cyan"}
+
+
+@app.command()
+def status(lab: LabArg, as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False) -> None:
+    """Show sites, pairs and their states, and the entries waiting to be shipped.
+
+    Example: vstore status /tmp/lab --json
+    """
+    with user_errors(), open_system(lab) as system:
+        doc = status_document(system)
+    if as_json:
+        print(json.dumps(doc, indent=2))
+        return
+    sites = Table(title=f"lab {doc['lab']} ({doc['mode']} mode)")
+    for col in ("site", "up", "role"):
+        sites.add_column(col)
+    for name, s in doc["sites"].items():
+        sites.add_row(name, "[green]up[/]" if s["up"] else "[red]down[/]", s["role"])
+    out.print(sites)
+    pairs = Table(title="pairs")
+    for col in ("pair", "kind", "source -> target", "state", "entries", "bytes", "oldest", "reason"):
+        pairs.add_column(col)
+    for p in doc["pairs"]:
+        style = STATE_STYLE.get(p["state"], "")
+        oldest = f"{p['oldest_waiting_s']:.1f}s" if p["oldest_waiting_s"] is not None else "-"
+        pairs.add_row(p["name"], p["kind"], f"{p['source']} -> {p['target']}", f"[{style}]{p['state']}[/]",
+                      str(p["entries_waiting"]), format_size(p["bytes_waiting"]), oldest, p["reason"] or "")
+    out.print(pairs)
+    down = [name for name, up in doc["links"].items() if not up]
+    if down:
+        out.print(f"links down: {', '.join(down)}")
+
+
+# -- I/O ------------------------------------------------------------------------------------------
+def read_payload(file: Path | None, block_size: int, pad: bool) -> bytes:
+    if file is None:
+        data = sys.stdin.buffer.read()
+    elif not file.is_file():
+        raise TricopyError(f"{file}: no such file")
+    else:
+        data = file.read_bytes()
+    if not data:
+        raise TricopyError("nothing to write: the input is empty")
+    if len(data) % block_size:
+        if not pad:
+            raise TricopyError(f"the input is {len(data)} bytes, not a whole number of {block_size}-byte blocks; "
+                               "pass --pad to fill the last block with zeros")
+        data += bytes(block_size - len(data) % block_size)
+    return data
+
+
+@app.command()
+def write(
+    lab: LabArg,
+    lba: Annotated[int, typer.Option(help="First block to write.")],
+    volume: Annotated[str, typer.Option(help="Virtual volume: index (0) or name (A, A1...).")] = "0",
+    file: Annotated[Path | None, typer.Option(help="Read the data from this file (default: stdin).")] = None,
+    pad: Annotated[bool, typer.Option(help="Zero-fill the last partial block.")] = False,
+) -> None:
+    """Write blocks the way the application does: through the mirror program (mirror mode) or the
+    provider (provider mode). Returns only when the Sync site holds the write.
+
+    Example: head -c 8192 /dev/urandom | vstore write /tmp/lab --lba 10
+    """
+    with user_errors(), open_system(lab) as system:
+        try:
+            device = system.device(int(volume) if volume.isdigit() else volume)
+            data = read_payload(file, device.block_size, pad)
+            device.write(lba, data)
+            device.flush()
+        finally:
+            system.save()
+    out.print(f"wrote {len(data) // device.block_size} block(s) at {lba} to {device.name}", highlight=False)
+
+
+@app.command()
+def read(
+    lab: LabArg,
+    site: Annotated[str, typer.Option(help="primary, sync or async.")],
+    volume: Annotated[str, typer.Option(help="Volume at that site (A, B, C, D, A0...).")],
+    lba: Annotated[int, typer.Option(help="First block.")],
+    count: Annotated[int, typer.Option(help="Number of blocks.")] = 1,
+    output: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Read blocks of one site's volume (the raw replica, whatever its pair state).
+
+    Example: vstore read /tmp/lab --site sync --volume C --lba 10 --count 2 | xxd | head
+    """
+    with user_errors(), open_system(lab) as system:
+        if site not in SITE_NAMES:
+            raise TricopyError(f"unknown site {site!r}; use one of {', '.join(SITE_NAMES)}")
+        system.network.check(site, site)
+        data = system.storage(site).host_read(volume, lba, count)
+    if output:
+        output.write_bytes(data)
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+
+@app.command()
+def ship(
+    lab: LabArg,
+    max_entries: Annotated[int | None, typer.Option("--max", help="Ship at most N entries.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Send waiting entries to the Async site in order (it stores each batch, applies it, confirms).
+    A suspended async pair whose link works again is first resynced (Duplex-Pending).
+
+    Example: vstore ship /tmp/lab --max 10
+    """
+    with user_errors(), open_system(lab) as system:
+        try:
+            total = system.entry_log.stats().entries
+            with progress_bars(quiet or total < 1000) as progress:
+                report = system.shipper().ship(max_entries, progress=progress("shipping entries", total))
+        finally:
+            system.save()
+    if report.error:
+        die(f"cannot ship: {report.error}; the async pair is now suspended with positions recorded")
+    msg = f"shipped {report.entries} entries in {report.batches} batches ({report.blocks_sent} blocks sent"
+    if report.blocks_sent != report.blocks_written:
+        msg += f", {report.blocks_written} written: coalesced"
+    msg += ")"
+    if report.resynced_blocks:
+        msg += f"; resynced {report.resynced_blocks} recorded blocks first"
+    out.print(msg, highlight=False)
+
+
+# -- faults ---------------------------------------------------------------------------------------
+def parse_target(target: str) -> tuple[str, str]:
+    if target in SITE_NAMES:
+        return "site", target
+    if target in LINK_NAMES:
+        return "link", target
+    if target.startswith("volume:"):
+        ref = target.removeprefix("volume:")
+        site, _, vol = ref.rpartition(":")
+        return "volume", f"{site or 'primary'}:{vol}"
+    raise TricopyError(f"unknown target {target!r}: use a site ({', '.join(SITE_NAMES)}), a link "
+                       f"({', '.join(LINK_NAMES)}) or volume:NAME (e.g. volume:A)")
+
+
+@app.command()
+def fail(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or volume:NAME.")]) -> None:
+    """Inject a failure: a site goes down, a link is cut, or a volume fails.
+
+    Example: vstore fail /tmp/lab primary-sync
+    """
+    with user_errors(), open_system(lab) as system:
+        kind, name = parse_target(target)
+        system.faults.set(kind, name, True)
+        system.save_faults()
+    out.print(f"{kind} {name} failed")
+
+
+@app.command()
+def heal(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or volume:NAME.")],
+         quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False) -> None:
+    """Repair an injected failure, then resync the pairs it suspended (Duplex-Pending copies only the
+    recorded positions) and clear the mirror program's write inhibit.
+
+    Example: vstore heal /tmp/lab primary-sync
+    """
+    from vstore.procedures import resync_all
+    with user_errors(), open_system(lab) as system:
+        kind, name = parse_target(target)
+        system.faults.set(kind, name, False)
+        system.save_faults()
+        with progress_bars(quiet) as progress:
+            steps = resync_all(system, progress)
+        system.save()
+    out.print(f"{kind} {name} healed")
+    for step in steps.steps:
+        out.print(f"  {step}", highlight=False)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,81 @@
+"""Creating a lab: the on-disk layout of DESIGN.md "user surface", then the Fig 3 set-up.
+
+Keeps true: `init_lab` never overwrites anything — it refuses a directory that is not empty —
+and leaves either a complete lab whose pairs are all Duplex, or an error naming what failed.
+Layout (one volume; with N > 1 volumes A0.img, A1.img, ...):
+
+    LAB/topology.toml   LAB/lab.key (0600)
+    LAB/primary/  A.img [B.img] spool/ state.json
+    LAB/sync/     C.img state.json
+    LAB/async/    D.img recv/ state.json
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from vstore.blockdev import create_image
+from vstore.errors import TricopyError
+from vstore.mirror import Member, MirrorSettings
+from vstore.procedures import Progress, StepLog, initial_setup, no_progress
+from vstore.site import System, external_id, new_site_state
+from vstore.statefile import save_json_atomic
+from vstore.topology import TOPOLOGY_FILE, Topology, default_sites, validate
+
+SITE_LETTERS = {"primary": ("A", "B"), "sync": ("C",), "async": ("D",)}
+
+
+def write_key(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+
+
+def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes: int = 1, protect: bool = True,
+             coalesce: bool = False, durable: bool = False, block_size: int = 4096, base_port: int = 7401,
+             spool_capacity: int = 256 << 20, progress: Progress = no_progress) -> StepLog:
+    lab = Path(lab)
+    topo = Topology(name=lab.name or "lab", mode=mode, size=size, block_size=block_size, volumes=volumes,
+                    protect=protect, coalesce=coalesce, durable=durable, spool_capacity=spool_capacity,
+                    sites=default_sites(base_port))
+    validate(topo, "lab init")
+    if lab.exists() and (not lab.is_dir() or any(lab.iterdir())):
+        raise TricopyError(f"{lab} already exists and is not empty; choose a new directory (nothing was changed)")
+    lab.mkdir(parents=True, exist_ok=True)
+    (lab / TOPOLOGY_FILE).write_text(topo.to_toml())
+    write_key(lab / topo.key_file)
+    for site, letters in SITE_LETTERS.items():
+        site_dir = lab / site
+        site_dir.mkdir()
+        used = letters if (mode == "mirror" or site != "primary") else letters[:1]
+        vols: dict[str, dict] = {}
+        for letter in used:
+            for i in range(volumes):
+                name = topo.volume_name(letter, i)
+                create_image(site_dir / f"{name}.img", size, block_size)
+                vols[name] = {"file": f"{name}.img", "external_id": external_id(site, len(vols))}
+        host = primary_host(topo) if site == "primary" else None
+        role = site
+        save_json_atomic(site_dir / "state.json", new_site_state(site, role, vols, host), durable=durable)
+    (lab / "async" / "recv").mkdir()
+    (lab / "primary" / "spool").mkdir()
+    with System(lab) as system:
+        steps = initial_setup(system, progress)
+        system.save()
+    return steps
+
+
+def primary_host(topo: Topology) -> dict:
+    """The primary host's settings: the mirror group with A alone (Fig 3 start) or the provider."""
+    host: dict = {"mode": topo.mode, "spool_capacity": topo.spool_capacity}
+    if topo.mode == "mirror":
+        groups = {topo.volume_name("A", i): [Member(topo.volume_name("A", i), external_id("primary", i))]
+                  for i in range(topo.volumes)}
+        host["mirror"] = MirrorSettings(topo.protect, groups).to_dict()
+        host["async_volumes"] = {topo.volume_name("B", i): i for i in range(topo.volumes)}
+    else:
+        host["provider_volumes"] = topo.volume_names("A")
+        host["async_volumes"] = {topo.volume_name("A", i): i for i in range(topo.volumes)}
+    return host

@@ -1,0 +1,254 @@
+"""Three sites in one process: a lab directory opened as a running deployment (DESIGN.md
+"Sites and links", "user surface").
+
+Keeps true:
+- Each site's data lives only in its own directory (`LAB/<site>/`): its raw volume images, its
+  `state.json` (role, volumes with external ids, its copy of every pair it takes part in, and,
+  for the site whose host runs the application, the mirror settings or provider settings), the
+  primary host's entry spool (`spool/`) and the Async site's receive journal (`recv/`). Deleting
+  a site's directory is a real disaster: `System` runs on whatever survives.
+- A stored but unapplied batch at a receiving site is finished when the system opens, before any
+  of its volumes is used (invariant 2).
+- `save` writes each reachable site's state atomically; a pair's copy at a site that is down or
+  gone keeps its older version and loses to the newer copy when the site returns.
+- One command at a time works on a lab (an exclusive lock on `LAB/.lock`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from vstore.blockdev import BlockDevice, ImageDevice
+from vstore.entries import EntryLog, ReceiveJournal
+from vstore.errors import TricopyError
+from vstore.links import Faults, Network
+from vstore.mirror import MirrorProgram, MirrorSettings
+from vstore.pairs import PairKind
+from vstore.provider import Provider
+from vstore.registry import PairRegistry, split_ref
+from vstore.shipping import Receiver, Shipper
+from vstore.statefile import load_json, save_json_atomic
+from vstore.storage import AsyncCopyProgram, StorageSystem, Volume
+from vstore.topology import SITE_NAMES, Topology, load_topology
+
+log = logging.getLogger("vstore.site")
+
+STATE_FORMAT = "tricopy-site-state"
+STATE_VERSION = 1
+FAULTS_FILE = "faults.json"
+
+
+def external_id(site: str, index: int) -> str:
+    """An external identifier in the port+LUN style of [0031]."""
+    return f"{site}/port0/lun{index}"
+
+
+def new_site_state(site: str, role: str, volumes: dict[str, dict], host: dict | None = None) -> dict:
+    return {"format": STATE_FORMAT, "version": STATE_VERSION, "site": site, "role": role,
+            "volumes": volumes, "pairs": {}, "host": host}
+
+
+class System:
+    """A lab opened in one process: three storages, the network between them and the host."""
+
+    def __init__(self, lab_dir: Path, *, lock: bool = True) -> None:
+        self.lab_dir = Path(lab_dir)
+        self.topo: Topology = load_topology(self.lab_dir)
+        self._lock_fd = self._take_lock() if lock else None
+        self.faults = self._load_faults()
+        self.states: dict[str, dict] = {}
+        for site in SITE_NAMES:
+            path = self.site_dir(site) / "state.json"
+            if path.is_file():
+                state = load_json(path)
+                if state.get("format") != STATE_FORMAT:
+                    raise TricopyError(f"{path} is not a tricopy site state file")
+                self.states[site] = state
+        self.network = Network(self.faults, set(self.states))
+        self.registry = PairRegistry.merge_copies([s.get("pairs", {}) for s in self.states.values()])
+        self.storages: dict[str, StorageSystem] = {}
+        for site, state in self.states.items():
+            self.storages[site] = self._open_storage(site, state)
+        self._entry_log: EntryLog | None = None
+        self._program: AsyncCopyProgram | None = None
+        self._mirror: MirrorProgram | None = None
+        self._journals: dict[str, ReceiveJournal] = {}
+        for site in self.receiving_sites():
+            self.receiver(site).finish_stored()
+
+    # -- opening -----------------------------------------------------------------------------------
+    def _take_lock(self) -> int:
+        fd = os.open(self.lab_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return fd
+
+    def _load_faults(self) -> Faults:
+        path = self.lab_dir / FAULTS_FILE
+        return Faults.from_dict(load_json(path)) if path.is_file() else Faults()
+
+    def site_dir(self, site: str) -> Path:
+        return self.lab_dir / site
+
+    def _open_storage(self, site: str, state: dict) -> StorageSystem:
+        volumes = {}
+        for name, spec in state.get("volumes", {}).items():
+            device = ImageDevice(self.site_dir(site) / spec["file"], self.topo.block_size, durable=self.topo.durable)
+            volumes[name] = Volume(site, name, device, spec["external_id"])
+        return StorageSystem(site, volumes, self.registry, self.network, self.storage,
+                             fence_reject=self.topo.protect)
+
+    # -- look-ups ----------------------------------------------------------------------------------
+    def storage(self, site: str) -> StorageSystem:
+        if site not in self.storages:
+            raise TricopyError(f"site {site} has no state (its directory {self.site_dir(site)} is missing)")
+        return self.storages[site]
+
+    def present(self, site: str) -> bool:
+        return site in self.states
+
+    def role(self, site: str) -> str:
+        return self.states[site]["role"] if site in self.states else "lost"
+
+    @property
+    def active_site(self) -> str:
+        """The site whose host runs the application (role "primary")."""
+        for site, state in self.states.items():
+            if state.get("role") == "primary" and state.get("host"):
+                return site
+        raise TricopyError("no site runs the application: the primary is lost; run `vstore recover` or "
+                           "`vstore failover` first")
+
+    @property
+    def host(self) -> dict:
+        return self.states[self.active_site]["host"]
+
+    def receiving_sites(self) -> list[str]:
+        sites = {split_ref(p.target)[0] for p in self.registry if p.kind == PairKind.ASYNC}
+        return [s for s in SITE_NAMES if s in sites and s in self.states and self.network.site_up(s)]
+
+    # -- the async copy group ----------------------------------------------------------------------
+    @property
+    def entry_log(self) -> EntryLog:
+        if self._entry_log is None:
+            self._entry_log = EntryLog(self.site_dir(self.active_site) / "spool", durable=self.topo.durable,
+                                       capacity_bytes=self.host.get("spool_capacity", self.topo.spool_capacity),
+                                       block_size=self.topo.block_size)
+        return self._entry_log
+
+    @property
+    def async_program(self) -> AsyncCopyProgram:
+        if self._program is None:
+            site = self.active_site
+            ids = {name: int(vid) for name, vid in self.host["async_volumes"].items()}
+            self._program = AsyncCopyProgram(self.entry_log, self.registry, site, ids, self.topo.block_size)
+            if self.topo.mode == "mirror":
+                self.storage(site).async_program = self._program
+        return self._program
+
+    @property
+    def mirror(self) -> MirrorProgram:
+        if self._mirror is None:
+            if "mirror" not in self.host:
+                raise TricopyError("this lab runs in provider mode: it has no mirror program")
+            self._mirror = MirrorProgram(MirrorSettings.from_dict(self.host["mirror"]), self.storage(self.active_site))
+            self._mirror.async_program = self.async_program
+        return self._mirror
+
+    def async_target_site(self) -> str:
+        for pair in self.registry.group(PairKind.ASYNC, self.active_site):
+            return split_ref(pair.target)[0]
+        raise TricopyError("no async copy pair is set up from the site running the application")
+
+    def journal(self, site: str) -> ReceiveJournal:
+        if site not in self._journals:
+            self._journals[site] = ReceiveJournal(self.site_dir(site) / "recv", durable=self.topo.durable)
+        return self._journals[site]
+
+    def receiver(self, site: str) -> Receiver:
+        storage = self.storage(site)
+        targets = {}
+        for pair in self.registry:
+            if pair.kind == PairKind.ASYNC and split_ref(pair.target)[0] == site:
+                src_site, src_vol = split_ref(pair.source)
+                targets[self._volume_id(src_site, src_vol)] = split_ref(pair.target)[1]
+
+        def apply(volume_id: int, lba: int, data: bytes) -> None:
+            if volume_id not in targets:
+                raise TricopyError(f"entry for unknown volume id {volume_id} at site {site}")
+            storage.apply_copy(targets[volume_id], lba, data)
+
+        def flush() -> None:
+            for name in set(targets.values()):
+                storage.flush_volume(name)
+
+        return Receiver(self.journal(site), apply, flush)
+
+    def _volume_id(self, site: str, volume: str) -> int:
+        host = self.states.get(site, {}).get("host") or {}
+        ids = host.get("async_volumes") or {}
+        if volume in ids:
+            return int(ids[volume])
+        digits = "".join(ch for ch in volume if ch.isdigit())
+        return int(digits) if digits else 0
+
+    def shipper(self) -> Shipper:
+        target = self.async_target_site()
+        return Shipper(self.async_program, self.storage(self.active_site), self.network, target,
+                       lambda: self.receiver(target), coalescing=self.topo.coalesce)
+
+    # -- what the application writes to -------------------------------------------------------------
+    def virtual_volume_names(self) -> list[str]:
+        if self.topo.mode == "mirror":
+            return sorted(self.mirror.settings.groups)
+        return list(self.host["provider_volumes"])
+
+    def device(self, index: int | str = 0) -> BlockDevice:
+        """The application's view of virtual volume `index`: a mirror group or the provider."""
+        names = self.virtual_volume_names()
+        if isinstance(index, str) and index in names:
+            name = index
+        else:
+            try:
+                name = names[int(index)]
+            except (ValueError, IndexError):
+                raise TricopyError(f"no virtual volume {index!r}; this lab has {', '.join(names)} "
+                                   f"(or 0..{len(names) - 1})") from None
+        if self.topo.mode == "mirror":
+            self.async_program  # noqa: B018 - the storage's async program must be armed before writes
+            return self.mirror.group(name)
+        return Provider(self.storage(self.active_site), name, self.async_program)
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save(self) -> None:
+        if self._mirror is not None:
+            self.host["mirror"] = self._mirror.settings.to_dict()
+        for pair in self.registry:
+            self.registry.bump(pair)
+        for site, state in self.states.items():
+            if not self.network.site_up(site):
+                continue
+            state["pairs"] = self.registry.to_records(site)
+            save_json_atomic(self.site_dir(site) / "state.json", state, durable=self.topo.durable)
+
+    def save_faults(self) -> None:
+        save_json_atomic(self.lab_dir / FAULTS_FILE, self.faults.to_dict(), durable=False)
+
+    def close(self) -> None:
+        if self._entry_log is not None:
+            self._entry_log.close()
+        for storage in self.storages.values():
+            for vol in storage.volumes.values():
+                vol.device.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> System:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
