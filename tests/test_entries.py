@@ -485,3 +485,10 @@ def test_statefile_round_trip_and_errors(tmp_path: Path) -> None:
     path.write_text("[1]")
     with pytest.raises(FormatError, match="not an object"):
         load_json(path)
+
+
+def test_fast_encoder_matches_the_declaration():
+    from vstore.entries import Entry, encode_entry, encode_entry_reference
+    for n in (1, 3):
+        e = Entry(seq=7, timestamp_ns=123, volume_id=2, lba=99, block_count=n, payload=bytes(range(256)) * 16 * n)
+        assert encode_entry(e) == encode_entry_reference(e)

@@ -89,6 +89,8 @@ _ENTRY_HEADER = Struct(
     "block_size" / Int32ub,
 )
 ENTRY_HEADER_SIZE = _ENTRY_HEADER.sizeof()
+_ENTRY_HEADER_FAST = _ENTRY_HEADER.compile()
+_CRC_FIELD = Int32ub
 _CRC_SIZE = 4
 
 _ENTRY = Struct(
@@ -147,9 +149,19 @@ def encode_entry(e: Entry) -> bytes:
     header = dict(magic=ENTRY_MAGIC, version=ENTRY_VERSION, seq=e.seq, timestamp_ns=e.timestamp_ns,
                   volume_id=e.volume_id, lba=e.lba, block_count=e.block_count, block_size=e.block_size)
     try:
-        return _ENTRY.build(dict(body=dict(value=dict(header=header, payload=bytes(e.payload)))))
+        # The hot path: the same declaration (_ENTRY = header, payload, CRC32 over both), built
+        # with the compiled header; tests check it equals _ENTRY.build byte for byte.
+        body = _ENTRY_HEADER_FAST.build(header) + bytes(e.payload)
     except Exception as err:  # construct integer range errors: a caller bug
         raise ValueError(f"entry {e.seq} cannot be encoded: {err}") from None
+    return body + _CRC_FIELD.build(crc32(body))
+
+
+def encode_entry_reference(e: Entry) -> bytes:
+    """`encode_entry` through the full `_ENTRY` declaration (slow; the tests' reference)."""
+    header = dict(magic=ENTRY_MAGIC, version=ENTRY_VERSION, seq=e.seq, timestamp_ns=e.timestamp_ns,
+                  volume_id=e.volume_id, lba=e.lba, block_count=e.block_count, block_size=e.block_size)
+    return _ENTRY.build(dict(body=dict(value=dict(header=header, payload=bytes(e.payload)))))
 
 
 def decode_entry(buf: bytes | memoryview, offset: int = 0) -> tuple[Entry, int]:

@@ -116,11 +116,16 @@ class System:
     @property
     def active_site(self) -> str:
         """The site whose host runs the application (role "primary")."""
-        for site, state in self.states.items():
-            if state.get("role") == "primary" and state.get("host"):
-                return site
+        candidates = [(int(state["host"].get("epoch", 0)), site) for site, state in self.states.items()
+                      if state.get("role") == "primary" and state.get("host") and self.network.site_up(site)]
+        if candidates:
+            return max(candidates)[1]  # the newest promotion wins; an older one is a stale primary
         raise TricopyError("no site runs the application: the primary is lost; run `vstore recover` or "
                            "`vstore failover` first")
+
+    def next_epoch(self) -> int:
+        """The epoch for a new promotion: higher than any primary's so far."""
+        return 1 + max((int((s.get("host") or {}).get("epoch", 0)) for s in self.states.values()), default=0)
 
     @property
     def host(self) -> dict:

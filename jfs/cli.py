@@ -1,0 +1,261 @@
+"""`jfs`: the command line of the journaling file system (DESIGN.md "user surface", SPEC §8).
+
+Keeps true:
+- Every target goes through `open_target`, so image paths (and later `lab:LAB` targets) are
+  handled in one place.
+- A user mistake (missing image, not a jfs image, corrupt image, no space, no such file) prints
+  one sentence to stderr and exits non-zero; never a traceback.
+- `--json` prints exactly one JSON document on stdout with the keys of the JSON contract.
+- `fsck` exits with e2fsck's codes: 0 clean, 1 corrected, 4 left uncorrected, 8 operational error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from jfs.fs import FileSystem, open_image, probe_image
+from jfs.fs import mkfs as make_fs
+from jfs.fsck import EXIT_ERROR
+from jfs.fsck import fsck as run_fsck
+from jfs.recover import scan_log
+from vstore.blockdev import BlockDevice, ImageDevice, create_image
+from vstore.errors import FormatError, TricopyError
+from vstore.units import parse_size
+
+app = typer.Typer(help="jfs: a journaling file system in an image file whose metadata log names the "
+                       "files it touched. Example: jfs mkfs disk.img --size 16M && "
+                       "echo hi | jfs write disk.img /hello.txt",
+                  no_args_is_help=True, add_completion=False)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"jfs: {message}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def open_target(target: str, *, writable: bool) -> BlockDevice:
+    """The block device a TARGET names (an image path; `lab:` targets come later)."""
+    if target.startswith("lab:"):
+        raise TricopyError(f"{target}: lab targets are not supported by this jfs yet; use an image path")
+    return open_image(target, readonly=not writable)
+
+
+@contextmanager
+def errors(code: int = 1) -> Iterator[None]:
+    try:
+        yield
+    except TricopyError as exc:
+        fail(str(exc), code)
+    except OSError as exc:
+        fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "), code)
+
+
+@contextmanager
+def mounted(target: str, *, writable: bool) -> Iterator[FileSystem]:
+    with errors():
+        dev = open_target(target, writable=writable)
+        try:
+            fs = FileSystem.mount(dev, readonly=not writable)
+            yield fs
+            fs.unmount()
+        finally:
+            dev.close()
+
+
+@app.command()
+def mkfs(target: str = typer.Argument(..., help="image file to format"),
+         size: str | None = typer.Option(None, "--size", help="create the image with this size, e.g. 64M"),
+         block_size: int = typer.Option(4096, "--block-size", help="block size in bytes (2048-65536)"),
+         inodes: int | None = typer.Option(None, "--inodes", help="number of inodes"),
+         label: str = typer.Option("", "--label", help="volume label"),
+         uuid: str | None = typer.Option(None, "--uuid", help="volume UUID (random by default)"),
+         log_blocks: int | None = typer.Option(None, "--log-blocks", help="size of the metadata log"),
+         force: bool = typer.Option(False, "--force", help="overwrite an existing jfs")) -> None:
+    """Create a jfs on an image file. Example: jfs mkfs disk.img --size 16M --label data"""
+    with errors():
+        path = Path(target)
+        if target.startswith("lab:"):
+            open_target(target, writable=True)
+        if not path.exists():
+            if size is None:
+                fail(f"{target} does not exist; give --size (e.g. --size 16M) to create it")
+            create_image(path, parse_size(size), block_size)
+        else:
+            if size is not None and path.stat().st_size != parse_size(size):
+                fail(f"{target} exists with another size; remove it or drop --size")
+            try:
+                probe_image(path)
+                if not force:
+                    fail(f"{target} already holds a jfs; add --force to overwrite it")
+            except FormatError:
+                pass
+        dev = ImageDevice(path, block_size)
+        try:
+            make_fs(dev, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks)
+        finally:
+            dev.close()
+    out.print(f"created jfs on {target} ({path.stat().st_size} bytes, {block_size}-byte blocks)")
+
+
+@app.command()
+def write(target: str, path: str,
+          source: Path | None = typer.Option(None, "--from", help="read the content from this file")) -> None:
+    """Write a file (whole content, from stdin by default). Example: jfs write disk.img /a.txt --from a.txt"""
+    with errors():
+        data = source.read_bytes() if source is not None else sys.stdin.buffer.read()
+    with mounted(target, writable=True) as fs:
+        fs.write_file(path, data)
+
+
+@app.command()
+def read(target: str, path: str) -> None:
+    """Print a file's bytes to stdout. Example: jfs read disk.img /a.txt > a.txt"""
+    with mounted(target, writable=False) as fs:
+        data = fs.read(path)
+    sys.stdout.buffer.write(data)
+    sys.stdout.flush()
+
+
+@app.command()
+def ls(target: str, path: str = typer.Argument("/", help="directory to list")) -> None:
+    """List a directory as a table. Example: jfs ls disk.img /docs"""
+    with mounted(target, writable=False) as fs:
+        table = Table(title=f"{target}:{path}")
+        for col in ("name", "type", "size", "mode", "inode"):
+            table.add_column(col, justify="right" if col in ("size", "inode") else "left")
+        base = path.rstrip("/")
+        for name in fs.listdir(path):
+            st = fs.stat(f"{base}/{name}")
+            table.add_row(name + ("/" if st.type == "dir" else ""), st.type, str(st.size),
+                          oct(st.mode), str(st.ino))
+    out.print(table)
+
+
+@app.command()
+def mkdir(target: str, path: str,
+          parents: bool = typer.Option(False, "-p", "--parents", help="create missing parents too")) -> None:
+    """Create a directory. Example: jfs mkdir disk.img /docs -p"""
+    with mounted(target, writable=True) as fs:
+        if not parents:
+            fs.mkdir(path)
+            return
+        parts = [p for p in path.split("/") if p]
+        for i in range(1, len(parts) + 1):
+            sub = "/" + "/".join(parts[:i])
+            if not fs.exists(sub):
+                fs.mkdir(sub)
+
+
+def _remove_tree(fs: FileSystem, path: str) -> None:
+    for name in fs.listdir(path):
+        child = f"{path.rstrip('/')}/{name}"
+        if fs.stat(child).type == "dir":
+            _remove_tree(fs, child)
+        else:
+            fs.unlink(child)
+    fs.rmdir(path)
+
+
+@app.command()
+def rm(target: str, path: str,
+       recursive: bool = typer.Option(False, "-r", "--recursive", help="remove a directory tree")) -> None:
+    """Remove a file (or a directory tree with -r). Example: jfs rm disk.img /old -r"""
+    with mounted(target, writable=True) as fs:
+        if fs.stat(path).type == "dir":
+            if not recursive:
+                fail(f"{path} is a directory; use -r to remove it with its content")
+            _remove_tree(fs, path)
+        else:
+            fs.unlink(path)
+
+
+@app.command()
+def mv(target: str, old: str, new: str) -> None:
+    """Rename or move (replacing a file there). Example: jfs mv disk.img /a.txt /docs/a.txt"""
+    with mounted(target, writable=True) as fs:
+        fs.rename(old, new)
+
+
+@app.command()
+def stat(target: str, path: str,
+         as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
+    """Show a file's inode. Example: jfs stat disk.img /a.txt"""
+    with mounted(target, writable=False) as fs:
+        st = fs.stat(path)
+    fields = {"path": path, **st.__dict__}
+    if as_json:
+        out.print_json(json.dumps(fields))
+        return
+    table = Table(title=f"{target}:{path}", show_header=False)
+    for k, v in fields.items():
+        table.add_row(k, oct(v) if k == "mode" else str(v))
+    out.print(table)
+
+
+@app.command()
+def fsck(target: str,
+         no_change: bool = typer.Option(False, "-n", help="check only; never write"),
+         as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
+    """Check and repair (exit 0 clean, 1 corrected, 4 left uncorrected, 8 error). Example: jfs fsck disk.img -n"""
+    with errors(EXIT_ERROR):
+        dev = open_target(target, writable=not no_change)
+    try:
+        result = run_fsck(dev, repair=not no_change)
+    finally:
+        dev.close()
+    if as_json:
+        sys.stdout.write(result.dumps() + "\n")
+    else:
+        for p in result.problems:
+            mark = "fixed" if p.fixed else "NOT FIXED"
+            out.print(f"[{mark}] {p.code}: {p.message}", markup=False, highlight=False)
+        if result.replayed:
+            out.print(f"replayed {result.replayed} committed log transaction(s)")
+        out.print(f"{target}: " + {0: "clean", 1: "problems corrected", 4: "problems left uncorrected",
+                                   8: "operational error"}[result.exit_code])
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def log(target: str, as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
+    """Show the metadata log: which files each record touched. Example: jfs log disk.img --json"""
+    with errors():
+        dev = open_target(target, writable=False)
+        try:
+            scan = scan_log(dev)
+        finally:
+            dev.close()
+    records = [{"seq": r.seq, "inode": r.ino, "path": r.path, "op": r.op,
+                "blocks": [list(x) for x in r.ranges]} for r in scan.records]
+    if as_json:
+        sys.stdout.write(json.dumps({"records": records, "complete": scan.complete,
+                                     "problem": scan.problem}) + "\n")
+        return
+    table = Table(title=f"metadata log of {target}")
+    for col in ("seq", "inode", "path", "op", "blocks"):
+        table.add_column(col)
+    for r in records:
+        table.add_row(str(r["seq"]), str(r["inode"]), r["path"] or "?", r["op"],
+                      " ".join(f"{a}+{b}" for a, b in r["blocks"]))
+    out.print(table)
+    if not scan.complete:
+        err.print(f"jfs: the log is incomplete: {scan.problem}", markup=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

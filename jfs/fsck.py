@@ -1,0 +1,504 @@
+"""fsck: e2fsck-style check and repair of a jfs volume (SPEC §8; DESIGN.md "JFS").
+
+Keeps true:
+- Exit codes are e2fsck's: 0 clean, 1 problems found and all corrected, 4 problems left
+  uncorrected (always the case with `-n` when something is wrong), 8 operational error.
+- A committed log is replayed before anything is judged (a dirty log is not an error); with `-n`
+  the replay lives in memory and the device is never written.
+- Passes: 0 superblock (and its backup), 1 log area, 2 inodes and block ownership (bad and doubly
+  claimed blocks, corrupt pointer blocks), 3 directory entries, 4 connectivity to the root (orphans
+  go to /lost+found), 5 link counts, 6 bitmaps against what is reachable.
+- Repair only does what is safe: it drops what cannot be trusted (a corrupt pointer or directory
+  block, a bad entry, a second claim on a block) and rebuilds what is derived (bitmaps, link counts,
+  block counts, sizes of directories). A reset log is flagged "records lost" so the recovery scan
+  knows it cannot prove which files changed ([0171]).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from jfs import layout as L
+from jfs.fs import (
+    DirBlock,
+    Inode,
+    bitmap_images,
+    fresh_bitmaps,
+    read_superblock,
+    superblock_values,
+)
+from jfs.metalog import BlockView, LogHead, MetaLog, read_header, scan_ring
+from vstore.blockdev import BlockDevice
+from vstore.errors import FormatError, TricopyError
+
+EXIT_CLEAN, EXIT_FIXED, EXIT_UNFIXED, EXIT_ERROR = 0, 1, 4, 8
+LOST_FOUND = "lost+found"
+
+
+@dataclass
+class Problem:
+    code: str
+    message: str
+    fixed: bool
+
+
+@dataclass
+class FsckResult:
+    exit_code: int
+    problems: list[Problem] = field(default_factory=list)
+    replayed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"exit_code": self.exit_code, "problems": [asdict(p) for p in self.problems],
+                "replayed_transactions": self.replayed}
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())
+
+
+class _Abort(Exception):
+    """Checking cannot go on (e.g. no usable superblock)."""
+
+
+class Checker:
+    def __init__(self, device: BlockDevice, repair: bool) -> None:
+        self.device = device
+        self.repair = repair and not device.readonly
+        self.view = BlockView(device, readonly=not self.repair)
+        self.problems: list[Problem] = []
+        self.replayed = 0
+
+    def problem(self, code: str, message: str, fixable: bool = True) -> bool:
+        """Record a problem; returns True when it is to be fixed now."""
+        fixed = self.repair and fixable
+        self.problems.append(Problem(code, message, fixed))
+        return fixed
+
+    # -- pass 0: superblock ----------------------------------------------------------------------
+    def check_superblock(self) -> None:
+        dev = self.device
+        primary = backup = None
+        try:
+            primary = read_superblock(dev.read(0), "superblock")
+            L.Geometry.from_superblock(primary).check()
+        except FormatError:
+            primary = None
+        try:
+            backup = read_superblock(dev.read(dev.num_blocks - 1), "backup superblock")
+            L.Geometry.from_superblock(backup).check()
+        except FormatError:
+            backup = None
+        if primary is None and backup is None:
+            self.problem("superblock-corrupt", "neither the superblock nor its backup is valid", False)
+            raise _Abort
+        if primary is None:
+            assert backup is not None
+            self.sb = backup
+            if self.problem("superblock-corrupt", "the superblock (block 0) is corrupt; "
+                            "restored from the backup in the last block"):
+                self._write_sb(0, L.STATE_DIRTY)
+        else:
+            self.sb = primary
+        self.geo = L.Geometry.from_superblock(self.sb)
+        if self.sb.block_size != dev.block_size or self.sb.num_blocks != dev.num_blocks:
+            self.problem("geometry", "the superblock does not match the device size", False)
+            raise _Abort
+        if primary is not None and (backup is None or L.Geometry.from_superblock(backup) != self.geo
+                                    or backup.uuid != primary.uuid):
+            if self.problem("backup-superblock", "the backup superblock is missing or differs; "
+                            "rewritten from the superblock"):
+                self._write_sb(self.geo.backup_sb, L.STATE_CLEAN)
+
+    def _write_sb(self, lba: int, state: int) -> None:
+        sb = self.sb
+        vals = superblock_values(L.Geometry.from_superblock(sb), sb.uuid, sb.label, state,
+                                 sb.checkpoint_seq, sb.mkfs_time_ns)
+        self.view.write(lba, L.build_checked(L.Superblock, vals, sb.block_size))
+
+    # -- pass 1: log -----------------------------------------------------------------------------
+    def check_log(self) -> None:
+        geo, uuid = self.geo, self.sb.uuid
+        try:
+            head = read_header(self.view, geo)
+            if head.uuid != uuid:
+                raise FormatError("log header UUID differs from the superblock")
+        except FormatError as exc:
+            if self.problem("log-header-corrupt", f"{exc}; the log is reset"):
+                self._reset_log(1)
+            return
+        scan = scan_ring(self.view, geo, head)
+        pending = [t for t in scan.txns if t.seq > head.checkpoint_seq]
+        for t in pending:  # replay: a committed log is not an error
+            for lba, img in zip(t.homes, t.images, strict=True):
+                self.view.write(lba, img)
+        self.replayed = len(pending)
+        if pending:
+            last = pending[-1]
+            head.checkpoint_seq = last.seq
+            head.head_seq = last.seq + 1
+            head.head_off = (last.off + last.nblocks) % (geo.log_blocks - 1)
+            self.view.write(geo.log_start, head.build(geo.block_size))
+        if scan.problem and not head.flags & L.LOG_FLAG_RECORDS_LOST:
+            if self.problem("log-record-corrupt", f"{scan.problem}; the log is reset"):
+                self._reset_log(head.head_seq)
+
+    def _reset_log(self, seq: int) -> None:
+        geo = self.geo
+        MetaLog.format(self.device, geo, self.sb.uuid)
+        head = LogHead(self.sb.uuid, L.LOG_FLAG_RECORDS_LOST, seq, 0, seq, 0, seq - 1)
+        self.view.write(geo.log_start, head.build(geo.block_size))
+
+    # -- pass 2: inodes and block ownership ---------------------------------------------------------
+    def check_inodes(self) -> None:
+        geo = self.geo
+        self.inodes: dict[int, Inode] = {}
+        self.dirty_inodes: set[int] = set()
+        self.cleared: set[int] = set()
+        self.owner: dict[int, int] = {}
+        self.data: dict[int, list[int]] = {}
+        self.ptr_writes: dict[int, bytes] = {}
+        for blk in range(geo.itable_blocks):
+            raw = self.view.read(geo.itable_start + blk)
+            for slot in range(geo.inodes_per_block):
+                ino = blk * geo.inodes_per_block + slot
+                if ino >= geo.inode_count:
+                    break
+                chunk = raw[slot * L.INODE_SIZE:(slot + 1) * L.INODE_SIZE]
+                try:
+                    node = Inode.parse(ino, chunk)
+                except FormatError as exc:
+                    if self.problem("inode-corrupt", f"{exc.args[0].split(';')[0]}; the inode is cleared"):
+                        self.cleared.add(ino)
+                    continue
+                if node is None:
+                    continue
+                if ino == 0:
+                    if self.problem("inode-reserved", "reserved inode 0 is in use; cleared"):
+                        self.cleared.add(0)
+                    continue
+                self.inodes[ino] = node
+        root = self.inodes.get(L.ROOT_INO)
+        if root is None or root.type != L.TYPE_DIR:
+            if self.problem("root-missing", "the root directory inode is missing or not a directory; "
+                            "an empty root is created"):
+                now = self.sb.mkfs_time_ns
+                self.inodes[L.ROOT_INO] = Inode(L.ROOT_INO, L.TYPE_DIR, 0o755, 2, 1, 0, now, now, now)
+                self.dirty_inodes.add(L.ROOT_INO)
+            else:
+                raise _Abort
+        for ino in sorted(self.inodes):
+            self._walk(self.inodes[ino])
+
+    def _claim(self, node: Inode, lba: int, what: str) -> bool:
+        if not self.geo.data_start <= lba < self.geo.data_end:
+            self.problem("bad-block-pointer", f"inode {node.ino}: {what} {lba} is outside the data "
+                         "area; pointer dropped")
+            return False
+        if lba in self.owner:
+            self.problem("block-claimed-twice", f"inode {node.ino}: {what} {lba} is also claimed by "
+                         f"inode {self.owner[lba]}; the second claim is dropped")
+            return False
+        self.owner[lba] = node.ino
+        return True
+
+    def _ptr_block(self, node: Inode, lba: int, level: int) -> list[int] | None:
+        try:
+            v = L.parse_checked(L.ptr_block(self.geo.block_size), self.view.read(lba), f"pointer block {lba}")
+        except FormatError as exc:
+            self.problem("pointer-block-corrupt", f"inode {node.ino}: {exc.args[0].split(';')[0]}; "
+                         "the blocks under it are dropped")
+            return None
+        if v.level != level or v.owner != node.ino:
+            self.problem("pointer-block-owner", f"inode {node.ino}: pointer block {lba} belongs to "
+                         f"inode {v.owner} level {v.level}; dropped")
+            return None
+        return list(v.ptrs)
+
+    def _walk_ptrs(self, node: Inode, lba: int, level: int) -> tuple[int, list[int]]:
+        """Claim a pointer block and what it points to; returns (lba or 0 when dropped, data)."""
+        p = L.ptrs_per_block(self.geo.block_size)
+        if not self._claim(node, lba, "pointer block"):
+            return 0, [0] * (p if level == 1 else p * p)
+        ptrs = self._ptr_block(node, lba, level)
+        if ptrs is None:
+            del self.owner[lba]
+            return 0, [0] * (p if level == 1 else p * p)
+        changed = False
+        data: list[int] = []
+        for j, b in enumerate(ptrs):
+            if level == 1:
+                if b and not self._claim(node, b, "data block"):
+                    ptrs[j], changed = 0, True
+                data.append(ptrs[j])
+            else:
+                child, sub = self._walk_ptrs(node, b, 1) if b else (0, [0] * p)
+                if child != b:
+                    ptrs[j], changed = child, True
+                data += sub
+        if changed:
+            self.ptr_writes[lba] = L.build_checked(L.ptr_block(self.geo.block_size), dict(
+                level=level, reserved=0, owner=node.ino, ptrs=ptrs))
+        return lba, data
+
+    def _walk(self, node: Inode) -> None:
+        before = len(self.owner)
+        for i, b in enumerate(node.direct):
+            if b and not self._claim(node, b, "data block"):
+                node.direct[i] = 0
+                self.dirty_inodes.add(node.ino)
+        data = list(node.direct)
+        for attr, level in (("indirect", 1), ("dindirect", 2)):
+            lba = getattr(node, attr)
+            if lba:
+                new, sub = self._walk_ptrs(node, lba, level)
+                if new != lba:
+                    setattr(node, attr, new)
+                    self.dirty_inodes.add(node.ino)
+                data += sub
+        while data and not data[-1]:
+            data.pop()
+        self.data[node.ino] = data
+        owned = len(self.owner) - before
+        if node.nblocks != owned:
+            if self.problem("inode-block-count", f"inode {node.ino} says it owns {node.nblocks} blocks "
+                            f"but owns {owned}; corrected"):
+                node.nblocks = owned
+                self.dirty_inodes.add(node.ino)
+
+    # -- pass 3: directories ------------------------------------------------------------------------
+    def check_dirs(self) -> None:
+        bs = self.geo.block_size
+        self.dirs: dict[int, list[DirBlock]] = {}
+        self.dir_writes: dict[int, int] = {}  # lba -> owner
+        for ino, node in sorted(self.inodes.items()):
+            if node.type != L.TYPE_DIR:
+                continue
+            blocks: list[DirBlock] = []
+            data = self.data[ino]
+            if 0 in data:
+                self.problem("dir-hole", f"directory inode {ino} has a hole in its block list", False)
+            for lba in data:
+                if not lba:
+                    continue
+                try:
+                    v = L.parse_checked(L.dir_block(bs), self.view.read(lba), f"directory block {lba}")
+                    if v.owner != ino:
+                        raise FormatError(f"directory block {lba} belongs to inode {v.owner}")
+                    blocks.append(DirBlock(lba, {e.name: (e.ino, e.type) for e in v.entries}))
+                except FormatError as exc:
+                    if self.problem("dir-block-corrupt", f"directory inode {ino}: "
+                                    f"{exc.args[0].split(';')[0]}; its entries are dropped"):
+                        self.dir_writes[lba] = ino
+                    blocks.append(DirBlock(lba, {}))
+            self.dirs[ino] = blocks
+            if node.size != len(data) * bs:
+                if self.problem("dir-size", f"directory inode {ino} has size {node.size}, "
+                                f"expected {len(data) * bs}; corrected"):
+                    node.size = len(data) * bs
+                    self.dirty_inodes.add(ino)
+
+    # -- pass 4: connectivity --------------------------------------------------------------------
+    def check_tree(self) -> None:
+        self.links: dict[int, int] = {ino: 0 for ino in self.inodes}
+        self.subdirs: dict[int, int] = {ino: 0 for ino in self.inodes}
+        self.reached: set[int] = set()
+        self._visit(L.ROOT_INO, "")
+        unreached = [ino for ino in sorted(self.inodes) if ino not in self.reached]
+        named = {e[0] for ino in unreached if ino in self.dirs
+                 for b in self.dirs[ino] for e in b.entries.values()}
+        for ino in [i for i in unreached if i not in named] + [i for i in unreached if i in named]:
+            if ino in self.reached:
+                continue
+            if self.problem("unattached-inode", f"inode {ino} is not reachable from the root; "
+                            f"linked into /{LOST_FOUND}"):
+                lf = self._lost_found()
+                if lf is None:
+                    self.problems[-1].fixed = False
+                    continue
+                self._add_entry(lf, f"#{ino}", ino)
+                self.links[ino] += 1
+                if self.inodes[ino].type == L.TYPE_DIR:
+                    self.subdirs[lf] += 1
+                self._visit(ino, f"/{LOST_FOUND}/#{ino}")
+
+    def _visit(self, start: int, path: str) -> None:
+        stack = [(start, path)]
+        self.reached.add(start)
+        while stack:
+            ino, path = stack.pop()
+            for b in self.dirs.get(ino, []):
+                for name, (child, typ) in list(b.entries.items()):
+                    bad = self._bad_entry(name, child, typ)
+                    if bad is None and self.inodes[child].type == L.TYPE_DIR and child in self.reached:
+                        bad = "names a directory that is already linked elsewhere"
+                    if bad is not None:
+                        if self.problem("dir-entry-bad", f"{path}/{name}: {bad}; entry removed"):
+                            del b.entries[name]
+                            self.dir_writes[b.lba] = ino
+                        continue
+                    self.links[child] += 1
+                    if typ == L.TYPE_DIR:
+                        self.subdirs[ino] += 1
+                    if child not in self.reached:
+                        self.reached.add(child)
+                        if typ == L.TYPE_DIR:
+                            stack.append((child, f"{path}/{name}"))
+
+    def _bad_entry(self, name: str, child: int, typ: int) -> str | None:
+        if "/" in name or "\0" in name or name in ("", ".", ".."):
+            return "invalid name"
+        if child not in self.inodes or child == L.ROOT_INO:
+            return f"names inode {child}, which is not in use"
+        if self.inodes[child].type != typ:
+            return "file type differs from the inode's"
+        return None
+
+    def _free_block(self) -> int | None:
+        for lba in range(self.geo.data_start, self.geo.data_end):
+            if lba not in self.owner:
+                return lba
+        return None
+
+    def _lost_found(self) -> int | None:
+        root = self.dirs.setdefault(L.ROOT_INO, [])
+        for b in root:
+            hit = b.entries.get(LOST_FOUND)
+            if hit and hit[1] == L.TYPE_DIR:
+                return hit[0]
+        free = [i for i in range(2, self.geo.inode_count) if i not in self.inodes and i not in self.cleared]
+        if not free:
+            return None
+        ino, now = free[0], self.sb.mkfs_time_ns
+        self.inodes[ino] = Inode(ino, L.TYPE_DIR, 0o700, 2, 1, 0, now, now, now)
+        self.dirty_inodes.add(ino)
+        self.dirs[ino], self.data[ino] = [], []
+        self.links[ino], self.subdirs[ino] = 1, 0
+        self.reached.add(ino)
+        self._add_entry(L.ROOT_INO, LOST_FOUND, ino)
+        self.subdirs[L.ROOT_INO] += 1
+        return ino
+
+    def _add_entry(self, dir_ino: int, name: str, ino: int) -> None:
+        blocks = self.dirs[dir_ino]
+        cap = L.dir_capacity(self.geo.block_size)
+        target = next((b for b in blocks if b.used() + L.dir_entry_size(name) <= cap), None)
+        if target is None:
+            lba = self._free_block()
+            node = self.inodes[dir_ino]
+            if lba is None or len(self.data[dir_ino]) >= L.N_DIRECT:
+                raise _Abort
+            self.owner[lba] = dir_ino
+            target = DirBlock(lba, {})
+            blocks.append(target)
+            self.data[dir_ino].append(lba)
+            node.direct[len(self.data[dir_ino]) - 1] = lba
+            node.nblocks += 1
+            node.size = len(self.data[dir_ino]) * self.geo.block_size
+            self.dirty_inodes.add(dir_ino)
+        target.entries[name] = (ino, self.inodes[ino].type)
+        self.dir_writes[target.lba] = dir_ino
+
+    # -- pass 5: link counts ------------------------------------------------------------------------
+    def check_links(self) -> None:
+        for ino, node in sorted(self.inodes.items()):
+            if ino not in self.reached:
+                continue
+            want = 2 + self.subdirs[ino] if node.type == L.TYPE_DIR else self.links[ino]
+            if node.nlink != want:
+                if self.problem("link-count", f"inode {ino} has link count {node.nlink}, "
+                                f"expected {want}; corrected"):
+                    node.nlink = want
+                    self.dirty_inodes.add(ino)
+
+    # -- pass 6: bitmaps ------------------------------------------------------------------------------
+    def check_bitmaps(self) -> None:
+        geo = self.geo
+        keep = self.reached if self.repair else set(self.inodes)
+        ib, bb = fresh_bitmaps(geo)
+        for ino in keep:
+            ib[ino >> 3] |= 1 << (ino & 7)
+        for lba, ino in self.owner.items():
+            if ino in keep:
+                bb[lba >> 3] |= 1 << (lba & 7)
+        self.want_bitmaps = {}
+        for what, start, count, magic, want in (
+                ("inode", geo.ibitmap_start, geo.ibitmap_blocks, L.INODE_BITMAP_MAGIC, ib),
+                ("block", geo.bbitmap_start, geo.bbitmap_blocks, L.BLOCK_BITMAP_MAGIC, bb)):
+            images = bitmap_images(geo, bytes(want), magic)
+            bad = []
+            for k in range(count):
+                raw = self.view.read(start + k)
+                try:
+                    L.parse_checked(L.bitmap_block(geo.block_size, magic), raw, "bitmap")
+                except FormatError:
+                    self.problem(f"{what}-bitmap-corrupt", f"{what} bitmap block {start + k} is "
+                                 "corrupt; rebuilt")
+                    bad.append(k)
+                    continue
+                if raw[:len(images[k])] != images[k]:
+                    bad.append(k)
+            diff = [k for k in bad if not any(p.message.startswith(f"{what} bitmap block {start + k}")
+                                              for p in self.problems)]
+            if diff:
+                self.problem(f"{what}-bitmap-mismatch", f"the {what} bitmap differs from what is in "
+                             f"use in {len(diff)} block(s); rebuilt")
+            if self.repair:
+                for k in bad:
+                    self.view.write(start + k, images[k].ljust(geo.block_size, b"\0"))
+
+    # -- writing the repairs --------------------------------------------------------------------------
+    def write_repairs(self) -> None:
+        geo, bs = self.geo, self.geo.block_size
+        for lba, img in self.ptr_writes.items():
+            self.view.write(lba, img)
+        for lba, owner in self.dir_writes.items():
+            b = next(x for x in self.dirs[owner] if x.lba == lba)
+            self.view.write(lba, L.build_checked(L.dir_block(bs), dict(
+                count=len(b.entries), owner=owner,
+                entries=[dict(ino=i, type=t, name=n) for n, (i, t) in b.entries.items()])))
+        by_block: dict[int, list[int]] = {}
+        for ino in self.dirty_inodes | self.cleared | {i for i in self.inodes if i not in self.reached}:
+            by_block.setdefault(geo.inode_location(ino)[0], []).append(ino)
+        for blk, inos in by_block.items():
+            raw = bytearray(self.view.read(blk))
+            for ino in inos:
+                off = geo.inode_location(ino)[1]
+                node = self.inodes.get(ino)
+                keep = node is not None and ino in self.reached and ino not in self.cleared
+                raw[off:off + L.INODE_SIZE] = node.build() if keep and node else bytes(L.INODE_SIZE)
+            self.view.write(blk, bytes(raw))
+
+    def run(self) -> FsckResult:
+        try:
+            self.check_superblock()
+            self.check_log()
+            self.check_inodes()
+            self.check_dirs()
+            self.check_tree()
+            self.check_links()
+            if self.repair:
+                self.write_repairs()
+            self.check_bitmaps()
+            if self.repair:
+                self._write_sb(0, L.STATE_CLEAN if not self._unfixed() else L.STATE_DIRTY)
+                self.view.flush()
+        except _Abort:
+            pass
+        if not self.problems:
+            code = EXIT_CLEAN
+        else:
+            code = EXIT_UNFIXED if self._unfixed() else EXIT_FIXED
+        return FsckResult(code, self.problems, self.replayed)
+
+    def _unfixed(self) -> bool:
+        return any(not p.fixed for p in self.problems)
+
+
+def fsck(device: BlockDevice, *, repair: bool = False) -> FsckResult:
+    """Check (and with `repair`, fix) a jfs volume. Returns exit code and problems."""
+    try:
+        return Checker(device, repair).run()
+    except TricopyError as exc:
+        return FsckResult(EXIT_ERROR, [Problem("operational-error", str(exc), False)])

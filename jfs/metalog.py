@@ -1,0 +1,417 @@
+"""The metadata log: atomic transactions with per-file records, replay, and trimming.
+
+Implements SPEC §8 [0160] (metadata log area), [0161] (a file's metadata is logged between
+open-for-write and close: every jfs write commits a transaction with the file's record) and
+[0168]-[0170] (trimming). The model is xv6 log.c, plus records that name the files.
+
+Keeps true:
+- A transaction is descriptor block(s) (records + home addresses), the new images of the metadata
+  blocks it changes, and a commit block whose CRC covers all of them. It is committed exactly when
+  its commit block is on disk with a matching CRC; replay ignores an uncommitted or corrupt tail.
+- Ordering per transaction: file data (caller) -> flush -> log blocks -> flush (commit point) ->
+  home locations (checkpoint) -> flush -> log header with the new checkpoint sequence -> flush.
+  At most one committed transaction is ever not yet checkpointed, so a block freed by a
+  checkpointed transaction may be reused for file data without replay ever overwriting it.
+- Replay (mount) re-writes the images of transactions newer than the checkpoint sequence, in
+  order; doing it twice gives the same blocks (idempotent).
+- The ring never overwrites a live record: a transaction that does not fit after trimming fails
+  with `LogFull` before anything is written.
+- Trim rule ([0168]-[0170]): a record is deleted only when its transaction is checkpointed AND
+  (another record of the same inode remains OR `device.has_unshipped(that inode's data blocks)`
+  is False). Records are deleted oldest first, a whole transaction at a time (the log tail moves).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jfs.errors import LogFull
+from jfs.layout import (
+    LOG_FLAG_RECORDS_LOST,
+    TXN_HEAD_BYTES,
+    Commit,
+    Geometry,
+    LogHeader,
+    TxnBody,
+    TxnHead,
+    build_checked,
+    crc32,
+    parse,
+    parse_checked,
+)
+from vstore.blockdev import BlockDevice
+from vstore.errors import FormatError
+
+Ranges = list[tuple[int, int]]
+
+
+def merge_ranges(ranges: Iterable[tuple[int, int]]) -> Ranges:
+    """Sort and coalesce (first, count) ranges."""
+    out: Ranges = []
+    for first, count in sorted(r for r in ranges if r[1] > 0):
+        if out and first <= out[-1][0] + out[-1][1]:
+            last_first, last_count = out[-1]
+            out[-1] = (last_first, max(last_count, first + count - last_first))
+        else:
+            out.append((first, count))
+    return out
+
+
+def ranges_of(blocks: Iterable[int]) -> Ranges:
+    return merge_ranges((b, 1) for b in blocks if b)
+
+
+@dataclass
+class LogRecord:
+    """Which file (inode, path when known) an operation changed, and the data blocks it wrote."""
+
+    seq: int
+    ino: int
+    path: str | None
+    op: str
+    ranges: Ranges
+
+
+@dataclass
+class Txn:
+    """A committed transaction found in the ring."""
+
+    seq: int
+    off: int
+    nblocks: int
+    homes: list[int]
+    records: list[LogRecord]
+    images: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class LogHead:
+    """The log header's values (see FORMAT.md "Log header")."""
+
+    uuid: bytes
+    flags: int = 0
+    tail_seq: int = 1
+    tail_off: int = 0
+    head_seq: int = 1
+    head_off: int = 0
+    checkpoint_seq: int = 0
+
+    def build(self, block_size: int) -> bytes:
+        return build_checked(LogHeader, dict(
+            flags=self.flags, uuid=self.uuid, tail_seq=self.tail_seq, tail_off=self.tail_off,
+            head_seq=self.head_seq, head_off=self.head_off, checkpoint_seq=self.checkpoint_seq,
+        ), block_size)
+
+
+class BlockView:
+    """Reads and writes through to a device, or into an overlay when the device must not change
+    (read-only mount, `fsck -n`): replayed blocks then live only in memory."""
+
+    def __init__(self, device: BlockDevice, *, readonly: bool = False) -> None:
+        self.device = device
+        self.readonly = readonly or device.readonly
+        self.overlay: dict[int, bytes] = {}
+
+    def read(self, lba: int, count: int = 1) -> bytes:
+        if not self.overlay:
+            return self.device.read(lba, count)
+        bs = self.device.block_size
+        raw = bytearray(self.device.read(lba, count))
+        for i in range(count):
+            img = self.overlay.get(lba + i)
+            if img is not None:
+                raw[i * bs:(i + 1) * bs] = img
+        return bytes(raw)
+
+    def write(self, lba: int, data: bytes) -> None:
+        if self.readonly:
+            bs = self.device.block_size
+            for i in range(len(data) // bs):
+                self.overlay[lba + i] = bytes(data[i * bs:(i + 1) * bs])
+        else:
+            self.device.write(lba, data)
+
+    def flush(self) -> None:
+        if not self.readonly:
+            self.device.flush()
+
+
+# -- reading the log (shared by mount, fsck and the recovery scan) ------------------------------
+def read_header(view: BlockView, geo: Geometry) -> LogHead:
+    v = parse_checked(LogHeader, view.read(geo.log_start), f"log header (block {geo.log_start})")
+    ring = geo.log_blocks - 1
+    if v.tail_off >= ring or v.head_off >= ring or v.head_seq < v.tail_seq \
+            or not (v.tail_seq - 1 <= v.checkpoint_seq <= v.head_seq):
+        raise FormatError(f"log header (block {geo.log_start}) holds impossible positions; "
+                          "run 'jfs fsck' to check and repair")
+    return LogHead(v.uuid, v.flags, v.tail_seq, v.tail_off, v.head_seq, v.head_off, v.checkpoint_seq)
+
+
+def _read_ring(view: BlockView, geo: Geometry, off: int, count: int) -> bytes:
+    ring = geo.log_blocks - 1
+    out = bytearray()
+    while count:
+        n = min(count, ring - off)
+        out += view.read(geo.log_start + 1 + off, n)
+        count -= n
+        off = (off + n) % ring
+    return bytes(out)
+
+
+def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) -> Txn | None:
+    """The committed transaction `seq` at ring offset `off`, or None when there is none (end of
+    the log, torn or corrupt transaction)."""
+    bs, ring = geo.block_size, geo.log_blocks - 1
+    try:
+        head = parse_checked(TxnHead, _read_ring(view, geo, off, 1)[:TxnHead.sizeof()], "txn")
+    except FormatError:
+        return None
+    total = head.desc_blocks + head.meta_blocks + 1
+    if head.uuid != uuid or head.seq != seq or head.desc_blocks < 1 or total > ring:
+        return None
+    raw = _read_ring(view, geo, off, total)
+    try:
+        commit = parse_checked(Commit, raw[-bs:][:Commit.sizeof()], "commit")
+    except FormatError:
+        return None
+    if commit.uuid != uuid or commit.seq != seq or commit.total_blocks != total \
+            or commit.txn_crc != crc32(raw[:-bs]):
+        return None
+    desc_end = head.desc_blocks * bs
+    body_raw = raw[TXN_HEAD_BYTES:TXN_HEAD_BYTES + head.body_len]
+    if TXN_HEAD_BYTES + head.body_len > desc_end:
+        return None
+    try:
+        body = parse(TxnBody, body_raw, "txn body")
+    except FormatError:
+        return None
+    if len(body.homes) != head.meta_blocks:
+        return None
+    records = [LogRecord(seq, r.ino, r.path or None, str(r.op),
+                         [(x.first, x.count) for x in r.ranges]) for r in body.records]
+    images = [raw[desc_end + i * bs:desc_end + (i + 1) * bs] for i in range(head.meta_blocks)]
+    return Txn(seq, off, total, list(body.homes), records, images)
+
+
+@dataclass
+class RingScan:
+    head: LogHead
+    txns: list[Txn]
+    problem: str | None
+
+
+def scan_ring(view: BlockView, geo: Geometry, head: LogHead) -> RingScan:
+    """Every committed transaction from the tail on. `problem` names a checkpointed transaction
+    that is missing or corrupt (a hole in the middle of the log)."""
+    txns: list[Txn] = []
+    off, seq, ring = head.tail_off, head.tail_seq, geo.log_blocks - 1
+    used = 0
+    while used < ring:
+        txn = read_txn(view, geo, head.uuid, off, seq)
+        if txn is None:
+            break
+        txns.append(txn)
+        used += txn.nblocks
+        off = (off + txn.nblocks) % ring
+        seq += 1
+        if seq > head.head_seq:
+            break
+    problem = None
+    if seq < head.head_seq:
+        problem = (f"log transaction {seq} (ring offset {off}) is missing or corrupt although the "
+                   f"log header says transactions up to {head.head_seq - 1} are committed")
+    elif head.flags & LOG_FLAG_RECORDS_LOST:
+        problem = "log records were discarded by an earlier repair; the log cannot prove what changed"
+    return RingScan(head, txns, problem)
+
+
+# -- the live log ---------------------------------------------------------------------------------
+@dataclass
+class RecordSpec:
+    """A record to put in the next transaction."""
+
+    ino: int
+    path: str | None
+    op: str
+    ranges: Ranges
+
+
+class MetaLog:
+    """The metadata log of a mounted file system."""
+
+    def __init__(self, view: BlockView, geo: Geometry, head: LogHead, txns: list[Txn],
+                 data_ranges_of: Callable[[int], Ranges] | None = None) -> None:
+        self.view = view
+        self.geo = geo
+        self.head = head
+        self.txns = txns  # live (untrimmed) transactions, oldest first
+        self.data_ranges_of = data_ranges_of or (lambda ino: [])
+        self.wait_timeout = 0.0  # seconds to wait for shipping when the log is full
+        self.ring = geo.log_blocks - 1
+        for t in txns:
+            t.images = []
+
+    # -- set-up ------------------------------------------------------------------------------
+    @staticmethod
+    def format(device: BlockDevice, geo: Geometry, uuid: bytes) -> None:
+        """Write an empty log area (zeroed ring, fresh header)."""
+        bs = geo.block_size
+        chunk = 256
+        for lba in range(geo.log_start + 1, geo.log_start + geo.log_blocks, chunk):
+            n = min(chunk, geo.log_start + geo.log_blocks - lba)
+            device.write(lba, bytes(n * bs))
+        device.write(geo.log_start, LogHead(uuid).build(bs))
+
+    @classmethod
+    def open(cls, view: BlockView, geo: Geometry, uuid: bytes) -> MetaLog:
+        """Read the header, scan the ring and replay what is committed but not checkpointed."""
+        head = read_header(view, geo)
+        if head.uuid != uuid:
+            raise FormatError("the log area belongs to another file system (UUID differs); "
+                              "run 'jfs fsck' to check and repair")
+        scan = scan_ring(view, geo, head)
+        if scan.problem and not head.flags & LOG_FLAG_RECORDS_LOST:
+            raise FormatError(f"metadata log: {scan.problem}; run 'jfs fsck' to repair")
+        log = cls(view, geo, head, [])
+        log._replay(scan.txns)
+        log.txns = scan.txns
+        for t in log.txns:
+            t.images = []
+        return log
+
+    def _replay(self, txns: list[Txn]) -> None:
+        pending = [t for t in txns if t.seq > self.head.checkpoint_seq]
+        for t in pending:
+            for lba, img in zip(t.homes, t.images, strict=True):
+                self.view.write(lba, img)
+        if pending:
+            self.view.flush()
+            last = pending[-1]
+            self.head.checkpoint_seq = last.seq
+            self.head.head_seq = last.seq + 1
+            self.head.head_off = (last.off + last.nblocks) % self.ring
+            self._write_header()
+
+    def _write_header(self) -> None:
+        self.view.write(self.geo.log_start, self.head.build(self.geo.block_size))
+        self.view.flush()
+
+    # -- space ---------------------------------------------------------------------------------
+    def used(self) -> int:
+        return sum(t.nblocks for t in self.txns)
+
+    def free(self) -> int:
+        return self.ring - self.used()
+
+    def records(self) -> list[LogRecord]:
+        return [r for t in self.txns for r in t.records]
+
+    # -- commit ----------------------------------------------------------------------------------
+    def _encode(self, homes: dict[int, bytes], records: list[RecordSpec]) -> tuple[bytes, bytes, int]:
+        bs = self.geo.block_size
+        lbas = sorted(homes)
+        body = TxnBody.build(dict(homes=lbas, records=[
+            dict(ino=r.ino, op=r.op, path=r.path or "",
+                 ranges=[dict(first=f, count=c) for f, c in merge_ranges(r.ranges)])
+            for r in records]))
+        desc_blocks = -(-(TXN_HEAD_BYTES + len(body)) // bs)
+        head = build_checked(TxnHead, dict(desc_blocks=desc_blocks, uuid=self.head.uuid,
+                                           seq=self.head.head_seq, meta_blocks=len(lbas),
+                                           body_len=len(body)))
+        desc = (head + body).ljust(desc_blocks * bs, b"\0")
+        images = b"".join(homes[lba] for lba in lbas)
+        return desc, images, desc_blocks + len(lbas) + 1
+
+    def need(self, homes: dict[int, bytes], records: list[RecordSpec]) -> int:
+        return self._encode(homes, records)[2]
+
+    def reserve(self, nblocks: int) -> None:
+        """Make room for a transaction of `nblocks` (trimming, waiting up to `wait_timeout` for
+        shipping) or raise LogFull; nothing is written to the ring here."""
+        if nblocks > self.ring:
+            raise LogFull(f"this change needs {nblocks} log blocks but the metadata log has only "
+                          f"{self.ring}; re-create the file system with a larger log")
+        deadline = time.monotonic() + self.wait_timeout
+        while self.free() < nblocks:
+            self.trim()
+            if self.free() >= nblocks:
+                break
+            if time.monotonic() >= deadline:
+                raise LogFull("the metadata log is full and its records cannot be trimmed until the "
+                              "pending writes are shipped to the Async site; ship them and retry")
+            time.sleep(0.05)
+
+    def commit(self, homes: dict[int, bytes], records: list[RecordSpec],
+               write_data: Callable[[], None] | None = None) -> int:
+        """Commit one transaction; returns its sequence. `write_data` writes the file data that
+        the transaction makes visible (ordered mode: flushed before the log blocks)."""
+        desc, images, total = self._encode(homes, records)
+        self.reserve(total)
+        if write_data is not None:
+            write_data()
+            self.view.flush()
+        seq, off = self.head.head_seq, self.head.head_off
+        commit = build_checked(Commit, dict(reserved=0, uuid=self.head.uuid, seq=seq,
+                                            total_blocks=total, txn_crc=crc32(desc + images)),
+                               self.geo.block_size)
+        self._write_ring(off, desc + images + commit)
+        self.view.flush()  # commit point
+        for lba in sorted(homes):  # checkpoint
+            self.view.write(lba, homes[lba])
+        self.view.flush()
+        recs = [LogRecord(seq, r.ino, r.path, r.op, merge_ranges(r.ranges)) for r in records]
+        self.txns.append(Txn(seq, off, total, sorted(homes), recs))
+        self.head.checkpoint_seq = seq
+        self.head.head_seq = seq + 1
+        self.head.head_off = (off + total) % self.ring
+        self._write_header()
+        return seq
+
+    def _write_ring(self, off: int, data: bytes) -> None:
+        bs = self.geo.block_size
+        nblocks = len(data) // bs
+        i = 0
+        while i < nblocks:
+            n = min(nblocks - i, self.ring - off)
+            self.view.write(self.geo.log_start + 1 + off, data[i * bs:(i + n) * bs])
+            i += n
+            off = (off + n) % self.ring
+
+    # -- trimming [0168]-[0170] ------------------------------------------------------------------
+    def _deletable(self, rec: LogRecord, remaining: Counter[int]) -> bool:
+        if remaining[rec.ino] > 1:  # another record of the same file remains [0168]
+            return True
+        ranges = merge_ranges(list(rec.ranges) + list(self.data_ranges_of(rec.ino)))
+        return not ranges or not self.view.device.has_unshipped(ranges)  # [0169]
+
+    def trim(self) -> int:
+        """Delete every record the trim rule allows, oldest first; returns how many."""
+        remaining: Counter[int] = Counter(r.ino for r in self.records())
+        removed = 0
+        while self.txns and self.txns[0].seq <= self.head.checkpoint_seq:
+            txn = self.txns[0]
+            if not all(self._deletable(r, remaining) for r in txn.records):
+                break
+            for r in txn.records:
+                remaining[r.ino] -= 1
+            self.txns.pop(0)
+            removed += len(txn.records)
+            self.head.tail_seq = txn.seq + 1
+            self.head.tail_off = (txn.off + txn.nblocks) % self.ring
+        if not self.txns and self.head.flags & LOG_FLAG_RECORDS_LOST:
+            dev = self.view.device
+            if not dev.has_unshipped([(0, dev.num_blocks)]):
+                self.head.flags &= ~LOG_FLAG_RECORDS_LOST
+                self._write_header()
+                return removed
+        if removed:
+            self._write_header()
+        return removed
+
+
+def txn_summary(txn: Txn) -> dict[str, Any]:
+    return {"seq": txn.seq, "blocks": txn.nblocks, "records": len(txn.records)}
