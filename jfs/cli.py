@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from jfs.fs import FileSystem, open_image, probe_image
+from jfs.fs import FileSystem, open_image, probe_image, read_superblock
 from jfs.fs import mkfs as make_fs
 from jfs.fsck import EXIT_ERROR
 from jfs.fsck import fsck as run_fsck
@@ -45,9 +45,10 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 def open_target(target: str, *, writable: bool) -> BlockDevice:
-    """The block device a TARGET names (an image path; `lab:` targets come later)."""
+    """The block device a TARGET names: an image path, or `lab:LAB[@SITE]` (vstore.labdev)."""
     if target.startswith("lab:"):
-        raise TricopyError(f"{target}: lab targets are not supported by this jfs yet; use an image path")
+        from vstore.labdev import open_lab_target
+        return open_lab_target(target, writable=writable)
     return open_image(target, readonly=not writable)
 
 
@@ -82,11 +83,12 @@ def mkfs(target: str = typer.Argument(..., help="image file to format"),
          uuid: str | None = typer.Option(None, "--uuid", help="volume UUID (random by default)"),
          log_blocks: int | None = typer.Option(None, "--log-blocks", help="size of the metadata log"),
          force: bool = typer.Option(False, "--force", help="overwrite an existing jfs")) -> None:
-    """Create a jfs on an image file. Example: jfs mkfs disk.img --size 16M --label data"""
+    """Create a jfs on an image file or a lab volume (lab:LAB). Example: jfs mkfs disk.img --size 16M --label data"""
     with errors():
         path = Path(target)
         if target.startswith("lab:"):
-            open_target(target, writable=True)
+            mkfs_lab(target, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks, force=force)
+            return
         if not path.exists():
             if size is None:
                 fail(f"{target} does not exist; give --size (e.g. --size 16M) to create it")
@@ -106,6 +108,23 @@ def mkfs(target: str = typer.Argument(..., help="image file to format"),
         finally:
             dev.close()
     out.print(f"created jfs on {target} ({path.stat().st_size} bytes, {block_size}-byte blocks)")
+
+
+def mkfs_lab(target: str, *, label: str, uuid: str | None, inodes: int | None, log_blocks: int | None,
+             force: bool) -> None:
+    """mkfs on a lab's replicated volume: every block goes through the provider or mirror group."""
+    dev = open_target(target, writable=True)
+    try:
+        try:
+            read_superblock(dev.read(0))
+            if not force:
+                fail(f"{target} already holds a jfs; add --force to overwrite it")
+        except FormatError:
+            pass
+        make_fs(dev, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks)
+    finally:
+        dev.close()
+    out.print(f"created jfs on {target} ({dev.num_blocks * dev.block_size} bytes, {dev.block_size}-byte blocks)")
 
 
 @app.command()

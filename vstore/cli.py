@@ -309,6 +309,69 @@ def heal(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or 
         out.print(f"  {step}", highlight=False)
 
 
+# -- disaster recovery ----------------------------------------------------------------------------
+@app.command()
+def recover(
+    lab: LabArg,
+    to: Annotated[str, typer.Option("--to", help="sync: resume at the Sync site; async: resume at the Async site.")],
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Copy the whole volume instead of touched files.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Embodiment-4 recovery after losing the primary [0171]-[0173]: scan C's metadata log, copy only
+    the touched files (and differing metadata) C -> D, re-establish async copy, resume at the chosen site.
+    Falls back to a full copy, and says so, when the log cannot prove what changed.
+
+    Example: rm -rf /tmp/lab/primary && vstore recover /tmp/lab --to sync
+    """
+    from vstore.recovery import recover as run_recover
+    with user_errors(), open_system(lab) as system, progress_bars(quiet or as_json) as progress:
+        report, steps = run_recover(system, to, progress, full_copy=full)
+        system.save()
+    if as_json:
+        print(json.dumps(report.to_json(), indent=2))
+        return
+    for step in steps.steps:
+        out.print(f"  {step}", highlight=False)
+    ratio = report.full_copy_bytes / report.bytes_copied if report.bytes_copied else float("inf")
+    out.print(f"recovered to {to}: {report.touched_files} touched files, {report.blocks_copied} blocks "
+              f"({format_size(report.bytes_copied)}) copied instead of {format_size(report.full_copy_bytes)} "
+              f"({ratio:.0f}x less) in {report.seconds:.2f}s", highlight=False)
+    if report.fallback_full_copy:
+        err.print("[yellow]warning:[/] the metadata log could not prove what changed; a full copy was made: "
+                  + "; ".join(report.problems), highlight=False, soft_wrap=True)
+
+
+@app.command()
+def failover(
+    lab: LabArg,
+    to: Annotated[str, typer.Option("--to", help="sync (Fig 10) or async (Fig 13).")],
+    catch_up: Annotated[bool, typer.Option("--catch-up", help="Fig 14: make D equal to C first.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Move the application off a lost primary. `--to async` (Fig 13) makes D writable, replays the
+    file system log and checks it; `--to sync` (Fig 10) in provider mode is the touched-files recovery.
+
+    Example: rm -rf /tmp/lab/primary /tmp/lab/sync && vstore failover /tmp/lab --to async
+    """
+    from vstore.failover import failover_to_async
+    from vstore.recovery import recover as run_recover
+    with user_errors(), open_system(lab) as system, progress_bars(quiet) as progress:
+        if catch_up:
+            raise TricopyError("--catch-up (Fig 14) is not implemented yet (issue 5)")
+        if to == "async":
+            steps = failover_to_async(system)
+        elif to == "sync" and system.topo.mode == "provider":
+            steps = run_recover(system, "sync", progress)[1]
+        elif to == "sync":
+            raise TricopyError("failover --to sync in mirror mode is not implemented yet (issue 5)")
+        else:
+            raise TricopyError(f"--to must be sync or async, not {to!r}")
+        system.save()
+    for step in steps.steps:
+        out.print(f"  {step}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

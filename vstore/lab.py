@@ -62,7 +62,7 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
     (lab / "async" / "recv").mkdir()
     (lab / "primary" / "spool").mkdir()
     with System(lab) as system:
-        steps = initial_setup(system, progress)
+        steps = initial_setup(system, progress, fresh_targets=True)
         system.save()
     return steps
 

@@ -190,7 +190,8 @@ class MirrorGroup(BlockDevice):
 
     # -- Fig 6 -------------------------------------------------------------------------------------
     def add_member(self, volume: str, external_id: str, *, skip: Iterable[tuple[int, int]] = (),
-                   progress: Callable[[int], None] | None = None, chunk: int = 256) -> int:
+                   progress: Callable[[int], None] | None = None, chunk: int = 256,
+                   target_is_zero: bool = False) -> int:
         """Add `volume` to the group: not synced -> copy from a synced member -> synced."""
         storage = self.program.storage
         if any(m.volume == volume for m in self.members):
@@ -208,7 +209,9 @@ class MirrorGroup(BlockDevice):
             n = min(chunk, self.num_blocks - lba)
             wanted = [b for b in range(lba, lba + n) if b not in skipped]
             if wanted:
-                storage.host_write(volume, lba, storage.host_read(source.volume, lba, n))
+                data = storage.host_read(source.volume, lba, n)
+                if not (target_is_zero and data.count(0) == len(data)):  # a new all-zero member needs no zeros
+                    storage.host_write(volume, lba, data)
                 copied += n
             if progress:
                 progress(n)

@@ -40,7 +40,7 @@ class StepLog:
 
 
 def start_pair(system: System, pair: Pair, steps: StepLog, progress: Progress = no_progress, *,
-               initial_copy: bool = True) -> int:
+               initial_copy: bool = True, target_is_zero: bool = False) -> int:
     """Simplex -> Initial-Copying -> Duplex (or straight to Duplex without initial copy)."""
     if pair.state != PairState.SIMPLEX:
         raise TricopyError(f"pair {pair.name} is {pair.state.value}, not Simplex; it is already started")
@@ -52,7 +52,8 @@ def start_pair(system: System, pair: Pair, steps: StepLog, progress: Progress = 
         pair.transition(PairState.INITIAL_COPYING, "initial copy")
         steps.step(f"{pair.name}: Initial-Copying {pair.source} -> {pair.target}")
         advance = progress(f"initial copy {pair.name}", pair.num_blocks)
-        copied = system.storage(src_site).copy_to(src_vol, dst_site, dst_vol, [(0, pair.num_blocks)], advance)
+        copied = system.storage(src_site).copy_to(src_vol, dst_site, dst_vol, [(0, pair.num_blocks)], advance,
+                                                  target_is_zero=target_is_zero)
     if pair.kind == PairKind.ASYNC and src_site == system.active_site:
         system.journal(dst_site).set_applied_seq(system.entry_log.next_seq - 1)
     pair.transition(PairState.DUPLEX, None)
@@ -67,8 +68,9 @@ def new_pair(system: System, kind: PairKind, source: str, target: str) -> Pair:
     return system.registry.add(pair)
 
 
-def initial_setup(system: System, progress: Progress = no_progress) -> StepLog:
-    """Fig 3 [0075]-[0080]: from A alone to A->C sync and B->D (or provider A->D) async, all Duplex."""
+def initial_setup(system: System, progress: Progress = no_progress, *, fresh_targets: bool = False) -> StepLog:
+    """Fig 3 [0075]-[0080]: from A alone to A->C sync and B->D (or provider A->D) async, all Duplex.
+    `fresh_targets`: B, C and D were just created (all zero), so zero chunks of A need not travel."""
     steps = StepLog("Fig 3 initial set-up")
     topo = system.topo
     site = system.active_site
@@ -84,13 +86,13 @@ def initial_setup(system: System, progress: Progress = no_progress) -> StepLog:
             group = system.mirror.group(a)
             steps.step(f"Fig 6: add {b} to mirror group of virtual volume {a}")
             group.add_member(b, system.storage(site).volume(b).external_id,
-                             progress=progress(f"Fig 6 add {b}", group.num_blocks))
+                             progress=progress(f"Fig 6 add {b}", group.num_blocks), target_is_zero=fresh_targets)
             pairs.append(new_pair(system, PairKind.ASYNC, f"{site}:{b}", f"async:{d}"))
         else:
             pairs.append(new_pair(system, PairKind.ASYNC, f"{site}:{a}", f"async:{d}"))
         pairs.append(new_pair(system, PairKind.SYNC, f"{site}:{a}", f"sync:{c}"))
     for pair in sorted(pairs, key=lambda p: p.kind.value):
-        start_pair(system, pair, steps, progress)
+        start_pair(system, pair, steps, progress, target_is_zero=fresh_targets)
     steps.step("all pairs Duplex: initial set-up complete")
     return steps
 

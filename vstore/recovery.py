@@ -87,9 +87,13 @@ def differing(system: System, ranges: list[tuple[int, int]], c: str, d: str) -> 
     return merge(out)
 
 
-def plan_volume(system: System, c: str, d: str, report: RecoveryReport, steps: StepLog) -> list[tuple[int, int]]:
+def plan_volume(system: System, c: str, d: str, report: RecoveryReport, steps: StepLog, *,
+                full_copy: bool = False) -> list[tuple[int, int]]:
     """The block ranges of C to copy to D for one volume (touched files + differing metadata)."""
     device = system.storage("sync").volume(c).device
+    if full_copy:
+        steps.step(f"{c}: full copy requested; copying all of {c} -> {d}")
+        return [(0, device.num_blocks)]
     scan = scan_log(device)
     if not scan.complete:
         report.fallback_full_copy = True
@@ -105,7 +109,8 @@ def plan_volume(system: System, c: str, d: str, report: RecoveryReport, steps: S
     return merge(files + meta)
 
 
-def recover(system: System, to: str, progress: Progress = no_progress) -> tuple[RecoveryReport, StepLog]:
+def recover(system: System, to: str, progress: Progress = no_progress, *,
+            full_copy: bool = False) -> tuple[RecoveryReport, StepLog]:
     """[0171]-[0173]: scan C's metadata log, copy touched files C -> D, re-establish async copy."""
     started = time.monotonic()
     check_preconditions(system, to)
@@ -113,7 +118,7 @@ def recover(system: System, to: str, progress: Progress = no_progress) -> tuple[
     report = RecoveryReport(to=to)
     cs, ds = volumes_of(system, "sync"), volumes_of(system, "async")
     report.full_copy_bytes = sum(system.storage("sync").volume(c).device.size_bytes for c in cs)
-    plans = [(c, d, plan_volume(system, c, d, report, steps)) for c, d in zip(cs, ds, strict=True)]
+    plans = [(c, d, plan_volume(system, c, d, report, steps, full_copy=full_copy)) for c, d in zip(cs, ds, strict=True)]
     total = sum(n for _, _, ranges in plans for _, n in ranges)
     advance = progress("recovery copy C -> D", total)
     for c, d, ranges in plans:

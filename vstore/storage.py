@@ -157,8 +157,10 @@ class StorageSystem:
 
     # -- copies between sites -------------------------------------------------------------------
     def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
-                progress: Callable[[int], None] | None = None, chunk: int = 256) -> int:
-        """Copy block ranges of a local volume to a volume of another site; returns blocks copied."""
+                progress: Callable[[int], None] | None = None, chunk: int = 256, *,
+                target_is_zero: bool = False) -> int:
+        """Copy block ranges of a local volume to a volume of another site; returns blocks copied.
+        `target_is_zero` (a freshly created target): all-zero source chunks need not travel."""
         src = self._device(volume)
         self.network.check(self.site, dst_site)
         dst = self.peers(dst_site)
@@ -166,7 +168,9 @@ class StorageSystem:
         for first, count in ranges:
             for lba in range(first, first + count, chunk):
                 n = min(chunk, first + count - lba)
-                dst.apply_copy(dst_volume, lba, src.read(lba, n))
+                data = src.read(lba, n)
+                if not (target_is_zero and data.count(0) == len(data)):
+                    dst.apply_copy(dst_volume, lba, data)
                 copied += n
                 if progress:
                     progress(n)

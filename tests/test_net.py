@@ -1,0 +1,531 @@
+"""vstore.net: authenticated frames, handshake, RPC, and refusal of every kind of bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vstore import net
+from vstore.errors import FormatError, TricopyError
+
+KEY = bytes(range(32))
+OTHER_KEY = bytes(range(1, 33))
+HOST = "127.0.0.1"
+
+
+class ServerThread:
+    """A `net.serve` server on its own event loop thread, counting handler calls."""
+
+    def __init__(self, key: bytes = KEY, **kw) -> None:
+        self.calls = 0
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = self.run(net.serve(HOST, 0, key, self.handle, **kw))
+        self.port = net.bound_port(self.server)
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
+
+    async def handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+        self.calls += 1
+        if method == "echo":
+            return {"method": method, "args": args}, data
+        if method == "fail":
+            raise TricopyError(args["msg"])
+        if method == "crash":
+            raise RuntimeError("boom in handler")
+        if method == "sleep":
+            await asyncio.sleep(args["s"])
+            return {}, b""
+        if method == "big":
+            return {}, b"x" * args["n"]
+        raise TricopyError(f"unknown method {method}")
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self.server.close()
+            await self.server.wait_closed()
+
+        self.run(shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def server():
+    s = ServerThread(handshake_timeout=1.0)
+    yield s
+    s.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# raw-socket helpers (an attacker or a recorder of frames)
+# --------------------------------------------------------------------------------------------
+def raw_connect(port: int) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=5)
+    sock.settimeout(5)
+    return sock
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def read_frame(sock: socket.socket) -> bytes:
+    head = recv_exactly(sock, net.HEADER_SIZE)
+    header = net.parse_header(head, net.DEFAULT_MAX_PAYLOAD)
+    return head + recv_exactly(sock, header.length + net.MAC_SIZE)
+
+
+def handshake(sock: socket.socket, key: bytes = KEY) -> tuple[net.Session, bytes]:
+    nonce, hello = net.client_hello(key)
+    sock.sendall(hello)
+    return net.client_finish(key, nonce, read_frame(sock), net.DEFAULT_MAX_PAYLOAD), hello
+
+
+def request(session: net.Session, rid: int = 1, method: str = "echo") -> bytes:
+    return session.seal(rid, net.encode_request(method, {"rid": rid}, b"payload"))
+
+
+def assert_closed_by_server(sock: socket.socket) -> None:
+    """The server closes the connection (EOF or reset) without answering, within the timeout."""
+    try:
+        while True:
+            data = sock.recv(65536)
+            assert not data.startswith(net.FRAME_MAGIC), "server answered a bad frame"
+            if not data:
+                break
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+
+
+def send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def assert_still_serving(server: ServerThread) -> None:
+    before = server.calls
+    with net.Client(HOST, server.port, KEY) as c:
+        assert c.call("echo", {"ok": True}) == ({"method": "echo", "args": {"ok": True}}, b"")
+    assert server.calls == before + 1
+
+
+def warnings_text(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+# --------------------------------------------------------------------------------------------
+# RPC
+# --------------------------------------------------------------------------------------------
+def test_round_trip_json_and_binary(server):
+    args = {"a": [1, 2.5, None, "é"], "b": {"nested": True}}
+    rng = random.Random(1)
+    with net.Client(HOST, server.port, KEY) as c:
+        for size in (0, 1, 4096, 3 * 2**20 + 7):
+            data = rng.randbytes(size)
+            assert c.call("echo", args, data) == ({"method": "echo", "args": args}, data)
+        assert c.call("echo") == ({"method": "echo", "args": {}}, b"")
+
+
+def test_async_client_pipelines_with_window(server):
+    async def main() -> None:
+        client = await net.AsyncClient.connect(HOST, server.port, KEY, window=4)
+        async with client:
+            calls = [("echo", {"i": i}, bytes([i]) * 65536) for i in range(40)]
+            results = await client.call_many(calls)
+            assert [r[0]["args"]["i"] for r in results] == list(range(40))
+            assert all(r[1] == bytes([i]) * 65536 for i, r in enumerate(results))
+            assert await client.call("echo", {"x": 1}) == ({"method": "echo", "args": {"x": 1}}, b"")
+
+    asyncio.run(main())
+
+
+def test_handler_tricopy_error_becomes_remote_error(server):
+    with net.Client(HOST, server.port, KEY) as c:
+        with pytest.raises(net.RemoteError) as info:
+            c.call("fail", {"msg": "volume C is read-only; suspend the pair first"})
+        assert str(info.value) == "volume C is read-only; suspend the pair first"
+        assert info.value.kind == "TricopyError"
+        assert isinstance(info.value, TricopyError)
+        assert c.call("echo")[0]["method"] == "echo"  # same connection still usable
+
+
+def test_handler_crash_is_generic_error_and_logged(server, caplog):
+    with net.Client(HOST, server.port, KEY) as c:
+        with pytest.raises(net.RemoteError) as info:
+            c.call("crash")
+        assert "boom" not in str(info.value) and "internal" in str(info.value)
+        assert info.value.kind == "internal"
+        assert c.call("echo")[0]["method"] == "echo"
+    assert any(r.exc_info and "boom in handler" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_concurrent_clients(server):
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            with net.Client(HOST, server.port, KEY) as c:
+                for i in range(20):
+                    data = os.urandom(1000 + i)
+                    assert c.call("echo", {"n": n, "i": i}, data) == ({"method": "echo", "args": {"n": n, "i": i}}, data)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=20)
+    assert not errors
+    assert server.calls == 160
+
+
+def test_shared_sync_client_is_thread_safe(server):
+    with net.Client(HOST, server.port, KEY) as c:
+        def worker(n: int) -> None:
+            for i in range(20):
+                assert c.call("echo", {"n": n, "i": i})[0]["args"] == {"n": n, "i": i}
+
+        threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=20)
+    assert server.calls == 80
+
+
+def test_a_slow_connection_does_not_block_others(server):
+    async def main() -> None:
+        slow = await net.AsyncClient.connect(HOST, server.port, KEY)
+        fast = await net.AsyncClient.connect(HOST, server.port, KEY)
+        sleeper = asyncio.create_task(slow.call("sleep", {"s": 1.0}))
+        await asyncio.sleep(0.05)
+        t0 = time.monotonic()
+        await fast.call("echo")
+        assert time.monotonic() - t0 < 0.9
+        await sleeper
+        await slow.close()
+        await fast.close()
+
+    asyncio.run(main())
+
+
+def test_unreachable_site():
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port = s.getsockname()[1]
+    with pytest.raises(net.ConnectionFailed, match=f"cannot reach site at {HOST}:{port}"):
+        net.Client(HOST, port, KEY, timeout=2)
+
+    async def main() -> None:
+        with pytest.raises(net.ConnectionFailed, match=f"cannot reach site at {HOST}:{port}"):
+            await net.AsyncClient.connect(HOST, port, KEY, timeout=2)
+
+    asyncio.run(main())
+
+
+def test_call_timeout_closes_async_client(server):
+    async def main() -> None:
+        client = await net.AsyncClient.connect(HOST, server.port, KEY)
+        with pytest.raises(net.ConnectionFailed, match="no answer to 'sleep'"):
+            await client.call("sleep", {"s": 2}, timeout=0.2)
+        assert client.closed
+        with pytest.raises(net.ConnectionFailed):
+            await client.call("echo")
+        await client.close()
+
+    asyncio.run(main())
+
+
+def test_sync_client_timeout_then_reconnects(server):
+    with net.Client(HOST, server.port, KEY, timeout=0.3) as c:
+        with pytest.raises(net.ConnectionFailed, match="no answer"):
+            c.call("sleep", {"s": 1})
+        assert c.call("echo")[0]["method"] == "echo"
+
+
+def test_oversized_message_refused_before_sending():
+    s = ServerThread(max_payload=1 << 20)
+    try:
+        with net.Client(HOST, s.port, KEY, max_payload=1 << 20) as c:
+            with pytest.raises(TricopyError, match="exceeds"):
+                c.call("echo", {}, b"x" * (2 << 20))
+            with pytest.raises(net.RemoteError, match="exceeds"):
+                c.call("big", {"n": 2 << 20})
+            assert c.call("echo", {}, b"y" * 1000)[1] == b"y" * 1000
+    finally:
+        s.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# Security: every bad input closes that connection, never reaches the handler
+# --------------------------------------------------------------------------------------------
+def test_garbage_from_keyless_client(server, caplog):
+    sock = raw_connect(server.port)
+    send_quietly(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64))
+    assert_closed_by_server(sock)
+    assert server.calls == 0
+    assert f"closing connection from {HOST}:" in warnings_text(caplog)
+    assert "bad magic" in warnings_text(caplog)
+    assert_still_serving(server)
+
+
+def test_wrong_key_is_refused(server, caplog):
+    with pytest.raises(net.HandshakeFailed, match="lab key"):
+        net.Client(HOST, server.port, OTHER_KEY)
+
+    async def main() -> None:
+        with pytest.raises(net.HandshakeFailed):
+            await net.AsyncClient.connect(HOST, server.port, OTHER_KEY)
+
+    asyncio.run(main())
+    assert server.calls == 0
+    assert "failed authentication" in warnings_text(caplog)
+    assert_still_serving(server)
+
+
+def test_server_with_wrong_key_is_refused_by_client():
+    s = ServerThread(key=OTHER_KEY)
+    try:
+        with pytest.raises(net.HandshakeFailed):
+            net.Client(HOST, s.port, KEY)
+        assert s.calls == 0
+    finally:
+        s.stop()
+
+
+def test_frame_from_another_session_is_rejected(server):
+    a = raw_connect(server.port)
+    session_a, hello_a = handshake(a)
+    frame = request(session_a)
+    a.sendall(frame)
+    session_a.open(read_frame(a))
+    assert server.calls == 1
+
+    # Into a fresh, properly authenticated session: its key differs.
+    b = raw_connect(server.port)
+    handshake(b)
+    b.sendall(frame)
+    assert_closed_by_server(b)
+
+    # Replaying the whole recorded conversation (HELLO + request) byte for byte: the server's new
+    # nonce gives a new session key, so the recorded request no longer verifies.
+    c = raw_connect(server.port)
+    c.sendall(hello_a)
+    read_frame(c)  # WELCOME with a fresh nonce
+    c.sendall(frame)
+    assert_closed_by_server(c)
+    a.close()
+    assert server.calls == 1
+    assert_still_serving(server)
+
+
+def test_frame_replayed_in_same_session_is_rejected(server, caplog):
+    sock = raw_connect(server.port)
+    session, _ = handshake(sock)
+    frame = request(session)
+    sock.sendall(frame)
+    session.open(read_frame(sock))
+    sock.sendall(frame)
+    assert_closed_by_server(sock)
+    assert server.calls == 1
+    assert "replayed or reordered" in warnings_text(caplog)
+    assert_still_serving(server)
+
+
+def test_reordered_frames_are_rejected(server):
+    sock = raw_connect(server.port)
+    session, _ = handshake(sock)
+    first, second = request(session, 1), request(session, 2)
+    sock.sendall(second + first)
+    assert_closed_by_server(sock)
+    assert server.calls == 0
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("where", ["header", "payload", "mac"])
+def test_bit_flipped_frame_is_rejected(server, where):
+    sock = raw_connect(server.port)
+    session, _ = handshake(sock)
+    frame = bytearray(request(session))
+    index = {"header": net.HEADER_SIZE - 6, "payload": net.HEADER_SIZE + 3, "mac": len(frame) - 1}[where]
+    frame[index] ^= 0x10
+    send_quietly(sock, bytes(frame))
+    assert_closed_by_server(sock)
+    assert server.calls == 0
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("after_handshake", [False, True])
+def test_huge_length_rejected_from_header_alone(server, caplog, after_handshake):
+    sock = raw_connect(server.port)
+    if after_handshake:
+        handshake(sock)
+    header = net._HEADER.build({"version": net.FRAME_VERSION, "type": net.T_REQUEST, "flags": 0,
+                                "request_id": 1, "seq": 1, "length": 0xFFFFFFFF})
+    t0 = time.monotonic()
+    sock.sendall(header)  # and nothing more: the server must not wait for 4 GiB
+    assert_closed_by_server(sock)
+    assert time.monotonic() - t0 < 0.9  # well before the 1 s handshake timeout
+    assert server.calls == 0
+    assert "over the" in warnings_text(caplog)
+    assert_still_serving(server)
+
+
+def test_wrong_frame_version_is_rejected(server, caplog):
+    sock = raw_connect(server.port)
+    nonce, hello = net.client_hello(KEY)
+    bad = bytearray(hello)
+    bad[len(net.FRAME_MAGIC)] = net.FRAME_VERSION + 1
+    send_quietly(sock, bytes(bad))
+    assert_closed_by_server(sock)
+    assert "format version 2 is not supported" in warnings_text(caplog)
+    assert_still_serving(server)
+
+
+def test_request_before_handshake_is_rejected(server):
+    sock = raw_connect(server.port)
+    skey = net.session_key(KEY, b"\0" * 32, b"\0" * 32)
+    send_quietly(sock, net.build_frame(skey, net.T_REQUEST, 1, 1, net.encode_request("echo", {}, b"")))
+    assert_closed_by_server(sock)
+    assert server.calls == 0
+
+
+def test_plain_garbage_bytes(server):
+    rng = random.Random(7)
+    for size in (net.HEADER_SIZE, 100, 5000):
+        sock = raw_connect(server.port)
+        send_quietly(sock, rng.randbytes(size))
+        assert_closed_by_server(sock)
+    assert server.calls == 0
+    assert_still_serving(server)
+
+
+def test_handshake_timeout_closes_silent_connection(server, caplog):
+    sock = raw_connect(server.port)
+    t0 = time.monotonic()
+    sock.sendall(net.FRAME_MAGIC)  # a few bytes, then silence
+    assert_closed_by_server(sock)
+    assert 0.8 < time.monotonic() - t0 < 5
+    assert "no handshake within" in warnings_text(caplog)
+    assert_still_serving(server)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=300))
+def test_frame_parsing_of_arbitrary_bytes_only_raises_format_error(data):
+    session = net.Session(KEY, KEY, net.T_REQUEST, net.T_RESPONSE, 1 << 20)
+    for parse in (session.open, lambda raw: net.server_accept(KEY, raw, 1 << 20),
+                  lambda raw: net.client_finish(KEY, b"\0" * 32, raw, 1 << 20)):
+        with pytest.raises(FormatError):
+            parse(data)
+    for decode in (net.decode_request, net.decode_response):
+        try:
+            decode(data)
+        except (FormatError, net.RemoteError):
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------
+def test_load_key_permissions_and_content(tmp_path: Path):
+    path = tmp_path / "lab.key"
+    with pytest.raises(TricopyError, match="does not exist"):
+        net.load_key(path)
+    path.write_text(KEY.hex() + "\n")
+    path.chmod(0o644)
+    with pytest.raises(TricopyError, match=f"chmod 600 {path}"):
+        net.load_key(path)
+    path.chmod(0o600)
+    assert net.load_key(path) == KEY
+    path.write_text("zz" * 32)
+    with pytest.raises(TricopyError, match="not hold a hex key"):
+        net.load_key(path)
+    path.write_text("ab" * 16)
+    with pytest.raises(TricopyError, match="at least 32 bytes"):
+        net.load_key(path)
+
+
+def test_create_key(tmp_path: Path):
+    path = tmp_path / "new.key"
+    key = net.create_key(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert net.load_key(path) == key and len(key) == 32
+    with pytest.raises(FileExistsError):
+        net.create_key(path)
+
+
+def test_short_key_refused_in_api():
+    with pytest.raises(TricopyError, match="at least 32 bytes"):
+        net.Client(HOST, 1, b"short")
+
+
+# --------------------------------------------------------------------------------------------
+# TLS
+# --------------------------------------------------------------------------------------------
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    x509 = pytest.importorskip("cryptography.x509", reason="the cryptography package is not installed")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tricopy-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pkey.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(pkey, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "site.crt", tmp_path / "site.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_round_trip(tmp_path: Path):
+    cert, pkey = _self_signed(tmp_path)
+    server_ctx, client_ctx = net.make_ssl_contexts(cert, pkey, cert)
+    s = ServerThread(ssl_context=server_ctx)
+    try:
+        with net.Client(HOST, s.port, KEY, ssl_context=client_ctx) as c:
+            assert c.call("echo", {"tls": 1}, b"z" * 100000) == ({"method": "echo", "args": {"tls": 1}}, b"z" * 100000)
+
+        async def main() -> None:
+            async with await net.AsyncClient.connect(HOST, s.port, KEY, ssl_context=client_ctx) as ac:
+                assert (await ac.call("echo", {"a": 1}))[0]["args"] == {"a": 1}
+
+        asyncio.run(main())
+        with pytest.raises(net.ConnectionFailed):  # a plain-TCP client cannot talk to a TLS site
+            net.Client(HOST, s.port, KEY, timeout=2)
+    finally:
+        s.stop()
