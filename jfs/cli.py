@@ -272,6 +272,49 @@ def log(target: str, as_json: bool = typer.Option(False, "--json", help="one JSO
         err.print(f"jfs: the log is incomplete: {scan.problem}", markup=False)
 
 
+@app.command()
+def mount(target: str = typer.Argument(..., help="image file, lab:LAB, or lab:LAB@sync|@async (read-only)"),
+          mountpoint: Path = typer.Argument(..., help="an empty directory"),
+          foreground: bool = typer.Option(False, "--foreground", "-f",
+                                          help="serve in this process until unmounted (Ctrl-C unmounts)"),
+          durable: bool = typer.Option(False, "--durable",
+                                       help="image targets: fsync the image at every flush point")) -> None:
+    """Mount a jfs through FUSE; returns once the mount is live. Example: jfs mount disk.img /mnt/disk"""
+    from jfs import fuse
+
+    with errors():
+        why = fuse.fuse_available()
+        if why is not None:
+            fail(why)
+        fuse.check_mountpoint(mountpoint)
+        mountpoint = mountpoint.resolve()
+        target = fuse.absolute_target(target)  # libfuse changes the directory to /
+        writable = not (target.startswith("lab:") and "@" in target)
+        if not foreground:
+            dev = open_target(target, writable=False)  # fail here, in the caller, on a bad target
+            dev.close()
+            fuse.start_background(fuse.foreground_argv(target, str(mountpoint), durable=durable), mountpoint)
+            out.print(f"mounted {target} at {mountpoint}; unmount with: jfs umount {mountpoint}")
+            return
+        if target.startswith("lab:"):
+            dev = open_target(target, writable=writable)
+        else:
+            dev = open_image(target, readonly=not writable, durable=durable)
+        try:
+            fuse.serve(dev, mountpoint, readonly=not writable, state=fuse.state_path(mountpoint))
+        finally:
+            dev.close()
+
+
+@app.command()
+def umount(mountpoint: Path = typer.Argument(..., help="where a jfs is mounted")) -> None:
+    """Unmount a jfs mount and wait until its volume is clean. Example: jfs umount /mnt/disk"""
+    from jfs import fuse
+
+    with errors():
+        out.print(fuse.unmount(mountpoint))
+
+
 def main() -> None:
     app()
 

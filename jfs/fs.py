@@ -998,6 +998,13 @@ class FileSystem:
             raise NotADirectory(f"{path} is not a directory")
         return sorted(self._entries(ino))
 
+    def scandir(self, path: str = "/") -> list[tuple[str, int, str]]:
+        """(name, inode, "file"|"dir") of every entry of a directory, sorted by name."""
+        ino = self.lookup(path)
+        if self.inode(ino).type != L.TYPE_DIR:
+            raise NotADirectory(f"{path} is not a directory")
+        return [(n, i, TYPE_NAMES[t]) for n, (i, t) in sorted(self._entries(ino).items())]
+
     def stat(self, path: str) -> StatResult:
         node = self.inode(self.lookup(path))
         return StatResult(node.ino, TYPE_NAMES[node.type], node.mode, node.nlink, node.size,

@@ -58,6 +58,10 @@ class ServerThread:
         async def shutdown() -> None:
             self.server.close()
             await self.server.wait_closed()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         self.run(shutdown())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -165,6 +169,18 @@ def test_async_client_pipelines_with_window(server):
     asyncio.run(main())
 
 
+def test_call_many_stops_at_first_failure(server):
+    async def main() -> None:
+        async with await net.AsyncClient.connect(HOST, server.port, KEY, window=2) as client:
+            calls = [("echo", {}, b"")] * 3 + [("fail", {"msg": "stop here"}, b"")] + [("echo", {}, b"")] * 20
+            with pytest.raises(net.RemoteError, match="stop here"):
+                await client.call_many(calls)
+            assert server.calls <= 4 + 2  # at most a window's worth sent after the failing call
+            assert (await client.call_many([]) == [])
+
+    asyncio.run(main())
+
+
 def test_handler_tricopy_error_becomes_remote_error(server):
     with net.Client(HOST, server.port, KEY) as c:
         with pytest.raises(net.RemoteError) as info:
@@ -193,7 +209,8 @@ def test_concurrent_clients(server):
             with net.Client(HOST, server.port, KEY) as c:
                 for i in range(20):
                     data = os.urandom(1000 + i)
-                    assert c.call("echo", {"n": n, "i": i}, data) == ({"method": "echo", "args": {"n": n, "i": i}}, data)
+                    expected = ({"method": "echo", "args": {"n": n, "i": i}}, data)
+                    assert c.call("echo", {"n": n, "i": i}, data) == expected
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -498,7 +515,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
     pkey = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tricopy-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pkey.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))

@@ -345,31 +345,65 @@ def recover(
 @app.command()
 def failover(
     lab: LabArg,
-    to: Annotated[str, typer.Option("--to", help="sync (Fig 10) or async (Fig 13).")],
-    catch_up: Annotated[bool, typer.Option("--catch-up", help="Fig 14: make D equal to C first.")] = False,
+    to: Annotated[str, typer.Option("--to", help="sync (Fig 10) or async (Fig 13; Fig 14 with --catch-up).")],
+    catch_up: Annotated[bool, typer.Option("--catch-up", help="Fig 14: make D equal to C first, then async "
+                                                               "D -> C.")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
-    """Move the application off a lost primary. `--to async` (Fig 13) makes D writable, replays the
-    file system log and checks it; `--to sync` (Fig 10) in provider mode is the touched-files recovery.
+    """Move the application off a lost primary. `--to sync` (Fig 10): C becomes writable and async copy
+    C -> D starts (provider mode: touched-files copy; mirror mode: full copy). `--to async` (Fig 13):
+    D becomes writable, the file system log is replayed and checked. `--to async --catch-up` (Fig 14):
+    D is first made equal to C, then D -> C async copy starts.
 
-    Example: rm -rf /tmp/lab/primary /tmp/lab/sync && vstore failover /tmp/lab --to async
+    Example: rm -rf /tmp/lab/primary && vstore failover /tmp/lab --to sync
     """
-    from vstore.failover import failover_to_async
-    from vstore.recovery import recover as run_recover
+    from vstore import failover as fo
     with user_errors(), open_system(lab) as system, progress_bars(quiet) as progress:
-        if catch_up:
-            raise TricopyError("--catch-up (Fig 14) is not implemented yet (issue 5)")
-        if to == "async":
-            steps = failover_to_async(system)
-        elif to == "sync" and system.topo.mode == "provider":
-            steps = run_recover(system, "sync", progress)[1]
-        elif to == "sync":
-            raise TricopyError("failover --to sync in mirror mode is not implemented yet (issue 5)")
+        if to == "sync":
+            if catch_up:
+                raise TricopyError("--catch-up goes with --to async (Fig 14)")
+            steps = fo.fig10_failover_to_sync(system, progress)
+        elif to == "async":
+            steps = (fo.fig14_failover_to_async_catch_up if catch_up else fo.fig13_failover_to_async)(system, progress)
         else:
             raise TricopyError(f"--to must be sync or async, not {to!r}")
         system.save()
     for step in steps.steps:
         out.print(f"  {step}", highlight=False)
+
+
+@app.command()
+def failback(
+    lab: LabArg,
+    sync_first: Annotated[bool, typer.Option("--sync-first/--async-first",
+                                             help="From the Sync site: Fig 11 / Fig 12. From the Async site: "
+                                                  "Fig 16 / Fig 15.")] = True,
+    discard_site: Annotated[str | None, typer.Option("--discard-site", help="After a split brain: the site "
+                                                                           "whose independent writes are thrown "
+                                                                           "away.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Return the application to the primary site and restore A->C sync, B->D (provider: A->D) async,
+    every pair Duplex. The primary directory may be gone or empty (fresh images are made) or hold
+    its old images. Stops on split brain unless --discard-site names the side to discard.
+
+    Example: vstore failback /tmp/lab --sync-first
+    """
+    from vstore.failback import failback as run_failback
+    with user_errors(), open_system(lab) as system, progress_bars(quiet) as progress:
+        steps = run_failback(system, sync_first=sync_first, progress=progress, discard_site=discard_site)
+        system.save()
+    for step in steps.steps:
+        out.print(f"  {step}", highlight=False)
+
+
+def _register_extensions() -> None:
+    from vstore import dashboard, verify
+    dashboard.register(app)
+    verify.register(app)
+
+
+_register_extensions()
 
 
 def main() -> None:  # pragma: no cover - console entry

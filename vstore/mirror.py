@@ -26,6 +26,7 @@ from enum import StrEnum
 
 from vstore.blockdev import BlockDevice
 from vstore.errors import TricopyError
+from vstore.links import VolumeFailed
 from vstore.storage import AsyncCopyProgram, StorageSystem, WriteInhibited
 
 log = logging.getLogger("vstore.mirror")
@@ -86,6 +87,8 @@ class MirrorProgram:
         self.settings = settings
         self.storage = storage
         self.async_program: AsyncCopyProgram | None = None  # set when a member is an async source
+        # called after a write that a member refused because its volume failed (Fig 17)
+        self.on_volume_failed: Callable[[Member, int, bytes], object] | None = None
 
     def group(self, virtual_volume: str) -> MirrorGroup:
         if virtual_volume not in self.settings.groups:
@@ -142,6 +145,7 @@ class MirrorGroup(BlockDevice):
                     f"({inhibited.reason}); heal the link and resync first"
                 )
         written: list[Member] = []
+        volume_failed: Member | None = None
         for member in self.members:  # steps 911-917
             if member.failure != FailureState.NORMAL:
                 continue
@@ -156,8 +160,12 @@ class MirrorGroup(BlockDevice):
             except TricopyError as exc:
                 member.failure, member.reason = FailureState.FAILED, str(exc)
                 log.warning("%s: member %s failed: %s", self.name, member.volume, exc)
+                if isinstance(exc, VolumeFailed):
+                    volume_failed = member
         if not written:  # steps 919-923
             raise MirrorWriteFailed(f"write to {self.name} failed on every member")
+        if volume_failed is not None and self.program.on_volume_failed is not None:
+            self.program.on_volume_failed(volume_failed, lba, data)  # Fig 17 keeps the Sync site lossless
 
     def _undo(self, inhibited: Member, written: list[Member], lba: int, count: int) -> None:
         """Steps 918-920: restore the range on already-written members from the inhibited one."""

@@ -44,6 +44,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,7 +194,7 @@ def _check_key(key: bytes) -> bytes:
 
 
 def _mac(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
+    return hmac.digest(key, data, hashlib.sha256)
 
 
 def _hello_key(lab_key: bytes) -> bytes:
@@ -489,6 +490,18 @@ def _unreachable(host: str, port: int, reason: object) -> ConnectionFailed:
     return ConnectionFailed(f"cannot reach site at {host}:{port} ({reason})")
 
 
+def _handshake_error(host: str, port: int, e: Exception) -> Exception:
+    """What a failed handshake means to the caller: no answer, a broken link, or a refusal."""
+    if isinstance(e, TimeoutError):
+        return _unreachable(host, port, "no answer to the handshake")
+    if isinstance(e, EOFError | FormatError):  # the site hung up on our HELLO, or its WELCOME is bad
+        return HandshakeFailed(f"cannot reach site at {host}:{port} (handshake failed: {e}; "
+                               "is the lab key the same on both sites?)")
+    if isinstance(e, OSError):
+        return _unreachable(host, port, str(e) or type(e).__name__)
+    return e
+
+
 class AsyncClient:
     """An authenticated connection to one site; calls may be pipelined up to `window` in flight."""
 
@@ -519,12 +532,8 @@ class AsyncClient:
             session = await asyncio.wait_for(cls._handshake(reader, writer, key, max_payload), timeout)
         except BaseException as e:
             writer.close()
-            if isinstance(e, TimeoutError):
-                raise _unreachable(host, port, "no answer to the handshake") from None
-            if isinstance(e, OSError | EOFError | asyncio.IncompleteReadError | FormatError):
-                reason = str(e) or type(e).__name__
-                raise HandshakeFailed(f"cannot reach site at {host}:{port} (handshake failed: {reason}; "
-                                      "is the lab key the same on both sites?)") from None
+            if isinstance(e, Exception):
+                raise _handshake_error(host, port, e) from None
             raise
         return cls(reader, writer, session, (host, port), timeout, window)
 
@@ -549,13 +558,13 @@ class AsyncClient:
             self._failure = _unreachable(host, port, reason)
             for fut in self._pending.values():
                 if not fut.done():
-                    fut.set_exception(self._failure)
+                    fut.set_exception(ConnectionFailed(*self._failure.args))
                     fut.exception()  # mark retrieved: a caller that gave up must not log a warning
             self._pending.clear()
             self._writer.close()
             if self._reader_task is not asyncio.current_task():
                 self._reader_task.cancel()
-        return self._failure
+        return ConnectionFailed(*self._failure.args)
 
     async def _read_loop(self) -> None:
         try:
@@ -578,7 +587,7 @@ class AsyncClient:
     async def _send(self, method: str, args: dict | None, data: bytes) -> asyncio.Future[bytes]:
         """Send one request now; returns a future of the raw response payload."""
         if self._failure is not None:
-            raise self._failure
+            raise ConnectionFailed(*self._failure.args)
         payload = encode_request(method, args, data)
         async with self._send_lock:
             rid = self._next_id
@@ -611,16 +620,46 @@ class AsyncClient:
             return await self._await(fut, method, self.timeout if timeout is None else timeout)
 
     async def call_many(self, calls: Iterable[tuple[str, dict | None, bytes]]) -> list[tuple[dict, bytes]]:
-        """Run calls in order with up to `window` in flight; results in the same order.
+        """Send calls in order with at most `window` in flight; returns their results in order.
 
-        The first failure is raised after the calls already sent have been answered or failed.
+        On the first failure no further call is sent; the calls already in flight are awaited,
+        then that first failure is raised.
         """
-        tasks = [asyncio.ensure_future(self.call(m, a, d)) for m, a, d in calls]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return results  # type: ignore[return-value]
+        results: list[tuple[dict, bytes]] = []
+        in_flight: deque[tuple[str, asyncio.Future[bytes]]] = deque()
+        failure: BaseException | None = None
+
+        async def settle_oldest() -> None:
+            nonlocal failure
+            method, fut = in_flight.popleft()
+            try:
+                results.append(await self._await(fut, method, self.timeout))
+            except Exception as e:
+                failure = failure or e
+            finally:
+                self._window.release()
+
+        try:
+            for method, args, data in calls:
+                while in_flight and self._window.locked():
+                    await settle_oldest()
+                await self._window.acquire()
+                try:
+                    in_flight.append((method, await self._send(method, args, data)))
+                except BaseException:
+                    self._window.release()
+                    raise
+                while in_flight and in_flight[0][1].done():
+                    await settle_oldest()
+                if failure is not None:
+                    break
+        except Exception as e:
+            failure = failure or e
+        while in_flight:
+            await settle_oldest()
+        if failure is not None:
+            raise failure
+        return results
 
     async def close(self) -> None:
         """Close the connection; pending calls fail with ConnectionFailed."""
@@ -693,10 +732,7 @@ class Client:
             self._session = client_finish(self._key, nonce, self._read_raw(deadline), self.max_payload)
         except (OSError, EOFError, FormatError) as e:
             self._drop()
-            if isinstance(e, TimeoutError):
-                raise _unreachable(self.host, self.port, "no answer to the handshake") from None
-            raise HandshakeFailed(f"cannot reach site at {self.host}:{self.port} (handshake failed: {e}; "
-                                  f"is the lab key the same on both sites?)") from None
+            raise _handshake_error(self.host, self.port, e) from None
 
     def _drop(self) -> None:
         if self._sock is not None:

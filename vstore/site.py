@@ -27,7 +27,7 @@ from vstore.entries import EntryLog, ReceiveJournal
 from vstore.errors import TricopyError
 from vstore.links import Faults, Network
 from vstore.mirror import MirrorProgram, MirrorSettings
-from vstore.pairs import PairKind
+from vstore.pairs import PairKind, PairState
 from vstore.provider import Provider
 from vstore.registry import PairRegistry, split_ref
 from vstore.shipping import Receiver, Shipper
@@ -69,18 +69,42 @@ class System:
                     raise TricopyError(f"{path} is not a tricopy site state file")
                 self.states[site] = state
         self.network = Network(self.faults, set(self.states))
-        self.registry = PairRegistry.merge_copies([s.get("pairs", {}) for s in self.states.values()])
+        self.registry = self._merge_pairs()
         self.storages: dict[str, StorageSystem] = {}
         for site, state in self.states.items():
             self.storages[site] = self._open_storage(site, state)
         self._entry_log: EntryLog | None = None
         self._program: AsyncCopyProgram | None = None
         self._mirror: MirrorProgram | None = None
+        self._mirror_site = ""
         self._journals: dict[str, ReceiveJournal] = {}
         for site in self.receiving_sites():
             self.receiver(site).finish_stored()
 
     # -- opening -----------------------------------------------------------------------------------
+    @property
+    def lab_epoch(self) -> int:
+        """The newest promotion epoch any present site has seen."""
+        return max([int(st.get("epoch", 0)) for st in self.states.values()]
+                   + [int((st.get("host") or {}).get("epoch", 0)) for st in self.states.values()], default=0)
+
+    def stale(self, site: str) -> bool:
+        """A site that missed a promotion (it was down or gone): its view of the pairs is old."""
+        return site in self.states and int(self.states[site].get("epoch", 0)) < self.lab_epoch
+
+    def _merge_pairs(self) -> PairRegistry:
+        """Pairs as the freshest sites know them; a stale site's copy counts only for pairs no fresh
+        site takes part in (so a pair deleted by a failover does not come back with the old site)."""
+        fresh = [site for site in self.states if not self.stale(site)]
+        copies = [self.states[site].get("pairs", {}) for site in fresh]
+        for site in self.states:
+            if site in fresh:
+                continue
+            copies.append({name: rec for name, rec in self.states[site].get("pairs", {}).items()
+                           if not any(ref.split(":")[0] in fresh
+                                      for ref in (rec["pair"]["source"], rec["pair"]["target"]))})
+        return PairRegistry.merge_copies(copies)
+
     def _take_lock(self) -> int:
         fd = os.open(self.lab_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -101,6 +125,12 @@ class System:
         return StorageSystem(site, volumes, self.registry, self.network, self.storage,
                              fence_reject=self.topo.protect)
 
+    def add_site(self, site: str, state: dict) -> None:
+        """A site directory that (re)appeared while the system is open (failback restores it)."""
+        self.states[site] = state
+        self.network.present.add(site)
+        self.storages[site] = self._open_storage(site, state)
+
     # -- look-ups ----------------------------------------------------------------------------------
     def storage(self, site: str) -> StorageSystem:
         if site not in self.storages:
@@ -111,7 +141,10 @@ class System:
         return site in self.states
 
     def role(self, site: str) -> str:
-        return self.states[site]["role"] if site in self.states else "lost"
+        if site not in self.states:
+            return "lost"
+        role = self.states[site]["role"]
+        return f"stale-{role}" if role == "primary" and self.stale(site) else role
 
     @property
     def active_site(self) -> str:
@@ -159,8 +192,11 @@ class System:
         if self._mirror is None:
             if "mirror" not in self.host:
                 raise TricopyError("this lab runs in provider mode: it has no mirror program")
+            self._mirror_site = self.active_site
             self._mirror = MirrorProgram(MirrorSettings.from_dict(self.host["mirror"]), self.storage(self.active_site))
             self._mirror.async_program = self.async_program
+            from vstore.failover import fig17_switch_sync_source  # procedures sit above the system
+            self._mirror.on_volume_failed = lambda member, lba, data: fig17_switch_sync_source(self, member, lba, data)
         return self._mirror
 
     def async_target_site(self) -> str:
@@ -229,15 +265,39 @@ class System:
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self) -> None:
-        if self._mirror is not None:
-            self.host["mirror"] = self._mirror.settings.to_dict()
+        if self._mirror is not None and (self.states.get(self._mirror_site) or {}).get("host"):
+            self.states[self._mirror_site]["host"]["mirror"] = self._mirror.settings.to_dict()
         for pair in self.registry:
             self.registry.bump(pair)
+        self._count_writes()
+        epoch = self.lab_epoch
         for site, state in self.states.items():
             if not self.network.site_up(site):
                 continue
+            state["epoch"] = epoch
             state["pairs"] = self.registry.to_records(site)
             save_json_atomic(self.site_dir(site) / "state.json", state, durable=self.topo.durable)
+
+    def _count_writes(self) -> None:
+        """Host writes per site, and how many of each source's writes its targets have seen: the
+        evidence split-brain detection compares (a returning site's writes nobody else has)."""
+        for site, storage in self.storages.items():
+            state = self.states[site]
+            state["write_count"] = int(state.get("write_count", 0)) + storage.host_writes
+            storage.host_writes = 0
+        for pair in self.registry:
+            src, dst = split_ref(pair.source)[0], split_ref(pair.target)[0]
+            if pair.state != PairState.DUPLEX or src not in self.states or dst not in self.states:
+                continue
+            if pair.kind == PairKind.ASYNC and (src != self._active_or_none() or self.entry_log.stats().entries):
+                continue
+            self.states[dst].setdefault("seen_writes", {})[src] = self.states[src]["write_count"]
+
+    def _active_or_none(self) -> str | None:
+        try:
+            return self.active_site
+        except TricopyError:
+            return None
 
     def save_faults(self) -> None:
         save_json_atomic(self.lab_dir / FAULTS_FILE, self.faults.to_dict(), durable=False)

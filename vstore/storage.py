@@ -65,6 +65,7 @@ class StorageSystem:
         self.peers = peers
         self.fence_reject = fence_reject
         self.async_program: AsyncCopyProgram | None = None  # embodiment 1: the storage makes the entries
+        self.host_writes = 0  # acknowledged host writes since the system was opened
 
     # -- volumes -------------------------------------------------------------------------------
     def volume(self, name: str) -> Volume:
@@ -100,6 +101,7 @@ class StorageSystem:
         if self.async_program is not None:
             self.async_program.record(volume, lba, data)
         device.write(lba, data)
+        self.host_writes += 1
 
     # -- sync copy program ---------------------------------------------------------------------
     def group_fenced(self) -> Pair | None:
@@ -176,6 +178,22 @@ class StorageSystem:
                     progress(n)
         dst.flush_volume(dst_volume)
         return copied
+
+    def snapshot(self, volume: str, name: str, chunk: int = 256) -> None:
+        """A point-in-time copy of a volume as `<name>.img` beside it (sparse where it is zero)."""
+        vol = self.volume(volume)
+        src = self._device(volume)
+        path = vol.device.path.with_name(f"{name}.img") if hasattr(vol.device, "path") else None
+        if path is None:
+            raise TricopyError(f"{vol.ref} is not an image file; cannot snapshot it")
+        with open(path, "wb") as out:
+            out.truncate(src.size_bytes)
+            for lba in range(0, src.num_blocks, chunk):
+                n = min(chunk, src.num_blocks - lba)
+                data = src.read(lba, n)
+                if data.count(0) != len(data):
+                    out.seek(lba * src.block_size)
+                    out.write(data)
 
     def flush_volume(self, volume: str) -> None:
         self._device(volume).flush()

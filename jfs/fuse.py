@@ -1,0 +1,536 @@
+"""`jfs mount`: a jfs volume as a real directory through FUSE (libfuse 3 via mfusepy); SPEC §8.
+
+Programs (`cp -a`, `tar`, `rsync`, `git`, `sqlite3`) run on the mount; every change they make is a
+`jfs.fs.FileSystem` operation, so it is one committed metadata-log transaction whose record names
+the file ([0160], [0161]), and on `lab:LAB` every block goes through the provider (sync copy to C,
+an entry for D).
+
+Keeps true:
+- Each FUSE request is one or more complete jfs operations; nothing half-done reaches the volume.
+  A failed operation returns the errno its `TricopyError` carries (ENOENT, EEXIST, ENOTEMPTY,
+  ENOSPC, ENAMETOOLONG, EISDIR, ENOTDIR, EINVAL, EFBIG, EROFS); a full metadata log (`LogFull`,
+  entries not yet shipped, [0169]) is reported as ENOSPC; anything unexpected as EIO.
+- Writes are group-committed per open file: consecutive `write` requests are gathered (up to
+  `BUFFER_BYTES`) and committed as one `fs.write` transaction at the latest on flush (every
+  close()), fsync, release, or before any request that could observe or rename them (read,
+  truncate, setattr, unlink, rmdir, rename, statfs). `getattr` reports the gathered size.
+  A commit that fails at close() or fsync() returns its errno there; before the gathered bytes
+  could exceed the free blocks, the write commits at once so ENOSPC surfaces on write().
+- `fsync` commits the file's gathered writes and then calls `fs.fsync(path)`, which flushes
+  through the device (the provider's `flush()` on `lab:LAB`; an fsync of the image file when the
+  image is mounted `durable`) before it returns.
+- Unmount (`jfs umount`, `fusermount3 -u`) and SIGTERM/SIGINT/SIGHUP end the FUSE loop; then
+  gathered writes are committed, the superblock is marked clean and the device closed (on
+  `lab:LAB` that saves the lab state). SIGKILL leaves a dirty volume whose committed log is
+  replayed at the next mount; every write whose fsync returned is in it.
+- jfs stores no owners: every file belongs to the mounting user, and chown is accepted and
+  ignored (like vfat's `quiet`). There are no symlinks, hard links, device nodes or xattrs
+  (those requests fail with ENOSYS / EOPNOTSUPP).
+- A background mount (`jfs mount` without `--foreground`) re-runs itself with `--foreground` in a
+  new session and returns once the mountpoint is live. The mount process keeps a small state
+  file (pid, target, log) in `$XDG_RUNTIME_DIR/jfs-mounts` (or the temp directory), never in a lab
+  or image directory; `jfs umount` unmounts and waits for that process to exit, so when it
+  returns the volume is clean.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import stat as statmod
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from jfs import layout as L
+from jfs.errors import LogFull
+from jfs.fs import FileSystem
+from vstore.blockdev import BlockDevice
+from vstore.errors import TricopyError
+
+try:  # mfusepy loads libfuse at import time: keep `import jfs.fuse` usable without it
+    import mfusepy
+    from mfusepy import FuseOSError, Operations
+
+    FUSE_IMPORT_ERROR: str | None = None
+except (ImportError, OSError) as _exc:  # pragma: no cover - depends on the machine
+    mfusepy = None  # type: ignore[assignment]
+    FUSE_IMPORT_ERROR = f"mfusepy cannot load libfuse 3 ({_exc}); install the `fuse3` system package " \
+                        "and `pip install mfusepy`"
+
+    class FuseOSError(OSError):  # type: ignore[no-redef]
+        def __init__(self, err: int) -> None:
+            super().__init__(err, os.strerror(err))
+
+    class Operations:  # type: ignore[no-redef]
+        pass
+
+log = logging.getLogger("jfs.fuse")
+
+BUFFER_BYTES = 4 << 20  # per open file: gathered writes are committed at this size
+TOTAL_BUFFER_BYTES = 64 << 20  # all files together
+MAX_WRITE = 1 << 20  # largest FUSE write request asked of the kernel
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+READY_TIMEOUT = 30.0
+EXIT_TIMEOUT = 120.0
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fuse_available() -> str | None:
+    """None when mounting can work here, else one sentence saying why not."""
+    if FUSE_IMPORT_ERROR is not None:
+        return FUSE_IMPORT_ERROR
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse is missing; load the fuse kernel module (modprobe fuse) or run where FUSE is allowed"
+    return None
+
+
+def errno_of(exc: BaseException) -> int:
+    """The POSIX error a FUSE request returns for `exc`."""
+    if isinstance(exc, LogFull):
+        return errno.ENOSPC
+    if isinstance(exc, TricopyError):
+        code = getattr(exc, "errno", None)
+        return code if isinstance(code, int) and code > 0 else errno.EIO
+    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
+        return exc.errno
+    return errno.EIO
+
+
+def _request(method: F) -> F:
+    """One FUSE request: serialized, and every error turned into its errno."""
+
+    @functools.wraps(method)
+    def wrapper(self: JfsOperations, *args: Any) -> Any:
+        with self._mutex:
+            try:
+                return method(self, *args)
+            except FuseOSError:
+                raise
+            except (TricopyError, OSError) as exc:
+                code = errno_of(exc)
+                if code in (errno.EIO, errno.ENOSPC) and method.__name__ != "getattr":
+                    log.warning("%s%r: %s", method.__name__, args[:1], exc)
+                raise FuseOSError(code) from None
+            except Exception:
+                log.exception("%s%r failed unexpectedly", method.__name__, args[:1])
+                raise FuseOSError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@dataclass
+class _Pending:
+    """Consecutive writes to one file not yet committed."""
+
+    offset: int
+    chunks: list[bytes] = field(default_factory=list)
+    size: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+class JfsOperations(Operations):
+    """The FUSE operations of a mounted jfs (paths as libfuse gives them: '/a/b')."""
+
+    use_ns = True  # times in nanoseconds (mfusepy)
+
+    def __init__(self, fs: FileSystem, *, buffer_bytes: int = BUFFER_BYTES) -> None:
+        self.fs = fs
+        self._mutex = threading.RLock()
+        self.buffer_bytes = buffer_bytes
+        self.pending: dict[str, _Pending] = {}
+        self.pending_total = 0
+        self.next_fh = 1
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.started = False  # the kernel connection was set up (libfuse called init)
+
+    # -- gathered writes ------------------------------------------------------------------------
+    def commit(self, path: str) -> None:
+        """Commit `path`'s gathered writes as one transaction (dropped if it fails)."""
+        p = self.pending.pop(path, None)
+        if p is None:
+            return
+        self.pending_total -= p.size
+        self.fs.write(path, p.offset, b"".join(p.chunks))
+
+    def commit_all(self) -> None:
+        first: BaseException | None = None
+        for path in list(self.pending):
+            try:
+                self.commit(path)
+            except (TricopyError, OSError) as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    # -- attributes -----------------------------------------------------------------------------
+    @_request
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        st = self.fs.stat(path)
+        size = st.size
+        p = self.pending.get(path)
+        if p is not None:
+            size = max(size, p.end)
+        kind = statmod.S_IFDIR if st.type == "dir" else statmod.S_IFREG
+        return {
+            "st_mode": kind | st.mode, "st_ino": st.ino, "st_nlink": st.nlink, "st_size": size,
+            "st_uid": self.uid, "st_gid": self.gid,
+            "st_atime": st.atime_ns, "st_mtime": st.mtime_ns, "st_ctime": st.ctime_ns,
+            "st_blocks": st.blocks * self.fs.bs // 512, "st_blksize": self.fs.bs,
+        }
+
+    @_request
+    def chmod(self, path: str, mode: int) -> int:
+        self.commit(path)
+        self.fs.chmod(path, mode & 0o7777)
+        return 0
+
+    @_request
+    def chown(self, path: str, uid: int, gid: int) -> int:
+        self.fs.lookup(path)  # owners are not stored: accepted and ignored
+        return 0
+
+    @_request
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
+        self.commit(path)
+        now = time.time_ns()
+        if times is None:
+            atime, mtime = now, now
+        else:
+            st = self.fs.stat(path)
+            atime, mtime = (self._time(t, now, old) for t, old in zip(times, (st.atime_ns, st.mtime_ns),
+                                                                       strict=True))
+        self.fs.utimens(path, atime, mtime)
+        return 0
+
+    @staticmethod
+    def _time(value: int, now: int, old: int) -> int:
+        if value == UTIME_NOW:
+            return now
+        if value == UTIME_OMIT:
+            return old
+        return int(value)
+
+    @_request
+    def statfs(self, path: str) -> dict[str, int]:
+        self.commit_all()
+        s = self.fs.statfs()
+        return {"f_bsize": s.block_size, "f_frsize": s.block_size, "f_blocks": s.blocks,
+                "f_bfree": s.blocks_free, "f_bavail": s.blocks_free, "f_files": s.inodes,
+                "f_ffree": s.inodes_free, "f_favail": s.inodes_free, "f_namemax": s.name_max}
+
+    # -- directories ----------------------------------------------------------------------------
+    @_request
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        parts = [x for x in path.split("/") if x]
+        here = self.fs.lookup(path)
+        up = self.fs.lookup("/" + "/".join(parts[:-1]))
+        out = [(".", {"st_ino": here, "st_mode": statmod.S_IFDIR}, 0),
+               ("..", {"st_ino": up, "st_mode": statmod.S_IFDIR}, 0)]
+        for name, ino, kind in self.fs.scandir(path):
+            mode = statmod.S_IFDIR if kind == "dir" else statmod.S_IFREG
+            out.append((name, {"st_ino": ino, "st_mode": mode}, 0))
+        return out
+
+    @_request
+    def mkdir(self, path: str, mode: int) -> int:
+        self.fs.mkdir(path, mode & 0o7777)
+        return 0
+
+    @_request
+    def rmdir(self, path: str) -> int:
+        self.commit_all()
+        self.fs.rmdir(path)
+        return 0
+
+    @_request
+    def unlink(self, path: str) -> int:
+        self.commit_all()
+        self.fs.unlink(path)
+        return 0
+
+    @_request
+    def rename(self, old: str, new: str) -> int:
+        self.commit_all()
+        self.fs.rename(old, new)
+        return 0
+
+    @_request
+    def fsyncdir(self, path: str, datasync: int, fh: int) -> int:
+        self.commit_all()
+        self.fs.fsync(path)
+        return 0
+
+    # -- files ----------------------------------------------------------------------------------
+    def _new_fh(self) -> int:
+        self.next_fh += 1
+        return self.next_fh
+
+    @_request
+    def create(self, path: str, mode: int, flags: int = 0) -> int:
+        self.fs.create(path, mode & 0o7777)
+        return self._new_fh()
+
+    @_request
+    def open(self, path: str, flags: int) -> int:
+        st = self.fs.stat(path)
+        if st.type == "dir" and flags & (os.O_WRONLY | os.O_RDWR):
+            raise FuseOSError(errno.EISDIR)
+        return self._new_fh()
+
+    @_request
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        self.commit(path)
+        return self.fs.read(path, offset, size)
+
+    @_request
+    def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
+        if offset + len(data) > L.max_file_blocks(self.fs.bs) * self.fs.bs:
+            raise FuseOSError(errno.EFBIG)
+        p = self.pending.get(path)
+        if p is not None and offset != p.end:
+            self.commit(path)
+            p = None
+        if p is None:
+            p = self.pending[path] = _Pending(offset)
+        p.chunks.append(data)
+        p.size += len(data)
+        self.pending_total += len(data)
+        room = (self.fs.bbits.nfree - 64) * self.fs.bs
+        if p.size >= self.buffer_bytes or self.pending_total >= min(TOTAL_BUFFER_BYTES, room):
+            if self.pending_total >= TOTAL_BUFFER_BYTES:
+                self.commit_all()
+            else:
+                self.commit(path)
+        return len(data)
+
+    @_request
+    def truncate(self, path: str, length: int, fh: int | None = None) -> int:
+        self.commit(path)
+        self.fs.truncate(path, length)
+        return 0
+
+    @_request
+    def flush(self, path: str, fh: int) -> int:
+        self.commit(path)
+        return 0
+
+    @_request
+    def fsync(self, path: str, datasync: int, fh: int) -> int:
+        self.commit(path)
+        self.fs.fsync(path)
+        return 0
+
+    @_request
+    def release(self, path: str, fh: int) -> int:
+        self.commit(path)
+        return 0
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """Ask the kernel for large write requests (fewer round trips per MiB)."""
+        self.started = True
+        if conn is not None and hasattr(conn, "max_write"):
+            conn.max_write = max(int(conn.max_write), MAX_WRITE)
+
+    def destroy(self, path: str) -> None:
+        with self._mutex:
+            try:
+                self.commit_all()
+            except (TricopyError, OSError) as exc:
+                log.error("writes gathered at unmount could not be committed: %s", exc)
+
+
+if mfusepy is not None:
+    class _Fuse(mfusepy.FUSE):
+        """mfusepy's FUSE, except that rename flags (RENAME_NOREPLACE / RENAME_EXCHANGE), which
+        mfusepy would drop, are refused with EINVAL so callers fall back to a plain rename."""
+
+        def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+            if flags:
+                return -errno.EINVAL
+            return super().rename_fuse_3(old, new, flags)
+
+
+# -- running a mount ------------------------------------------------------------------------------
+def _fsname(name: str) -> str:
+    return "jfs:" + "".join(c if c.isalnum() or c in "/._-@:" else "_" for c in name)[-200:]
+
+
+def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False,
+          state: Path | None = None) -> None:
+    """Mount the jfs on `device` at `mountpoint` and serve it until unmounted or signalled, then
+    leave the volume clean. The caller closes `device`."""
+    why = fuse_available()
+    if why is not None:
+        raise TricopyError(why)
+    mp = Path(mountpoint)
+    check_mountpoint(mp)
+    fs = FileSystem.mount(device, readonly=readonly)
+    ops = JfsOperations(fs)
+    try:
+        if state is not None:
+            write_state(state, {"pid": os.getpid(), "target": device.name, "mountpoint": str(mp.resolve())})
+        opts: dict[str, Any] = dict(foreground=True, nothreads=True, fsname=_fsname(device.name),
+                                    subtype="jfs", use_ino=True)
+        if readonly:
+            opts["ro"] = True
+        try:
+            _Fuse(ops, str(mp), **opts)
+        except RuntimeError as exc:
+            if ops.started:  # the loop ended by a signal (SIGTERM/SIGINT/SIGHUP): a normal unmount
+                log.info("FUSE loop ended (%s); unmounting", exc)
+                return
+            raise TricopyError(f"libfuse could not mount {mp} (error {exc}); check that it is an empty "
+                               "directory that is not mounted already") from None
+    finally:
+        with ops._mutex:
+            try:
+                ops.commit_all()
+            finally:
+                fs.unmount()
+                if state is not None:
+                    state.unlink(missing_ok=True)
+
+
+def check_mountpoint(mp: Path) -> None:
+    if not mp.is_dir():
+        raise TricopyError(f"{mp} is not a directory; create it first (mkdir -p {mp})")
+    if is_mounted(mp):
+        raise TricopyError(f"{mp} is already a mount point; unmount it first (jfs umount {mp})")
+
+
+def _unescape(field_: str) -> str:
+    return field_.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+
+
+def is_mounted(mp: Path) -> bool:
+    """Whether `mp` is a mount point (read from /proc/self/mountinfo: never touches the mount)."""
+    real = os.path.realpath(mp)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            return any(_unescape(line.split()[4]) == real for line in f if len(line.split()) > 4)
+    except OSError:
+        return os.path.ismount(mp)
+
+
+def state_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    d = Path(base) / "jfs-mounts"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return d
+
+
+def state_path(mp: str | Path) -> Path:
+    key = hashlib.sha256(os.path.realpath(mp).encode()).hexdigest()[:16]
+    return state_dir() / f"{key}.json"
+
+
+def write_state(path: Path, values: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(values))
+    tmp.replace(path)
+
+
+def read_state(mp: str | Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(state_path(mp).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except OSError:
+        return False
+
+
+def start_background(argv: list[str], mountpoint: Path, *, timeout: float = READY_TIMEOUT) -> int:
+    """Run `argv` (a foreground mount) in a new session; return its pid once `mountpoint` is
+    live. Raises TricopyError with the mount process's last message if it stops first."""
+    logfile = state_path(mountpoint).with_suffix(".log")
+    with open(logfile, "wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while not is_mounted(mountpoint):
+        if proc.poll() is not None:
+            lines = [x for x in logfile.read_text(errors="replace").splitlines() if x.strip()]
+            raise TricopyError(lines[-1].removeprefix("jfs: ") if lines else
+                               f"the mount process exited with status {proc.returncode}")
+        if time.monotonic() > deadline:
+            proc.send_signal(signal.SIGTERM)
+            raise TricopyError(f"{mountpoint} did not become a mount point within {timeout:.0f} s; "
+                               f"see {logfile}")
+        time.sleep(0.02)
+    return proc.pid
+
+
+def unmount(mountpoint: str | Path, *, timeout: float = EXIT_TIMEOUT) -> str:
+    """Unmount a jfs mount and wait until its process has exited (volume clean); returns a note."""
+    mp = Path(mountpoint)
+    st = read_state(mp)
+    if not is_mounted(mp):
+        if st is not None and pid_alive(int(st["pid"])):
+            raise TricopyError(f"{mp} is not mounted but its mount process {st['pid']} is still running; "
+                               "wait for it or stop it with kill -TERM")
+        state_path(mp).unlink(missing_ok=True)
+        raise TricopyError(f"{mp} is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", str(mp)] if tool else ["umount", str(mp)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        msg = (res.stderr or res.stdout).strip().splitlines()
+        detail = msg[-1] if msg else f"{cmd[0]} exited with {res.returncode}"
+        raise TricopyError(f"could not unmount {mp}: {detail} (close the files open there and retry)")
+    if st is None:
+        return f"unmounted {mp}"
+    pid = int(st["pid"])
+    deadline = time.monotonic() + timeout
+    while pid_alive(pid):
+        if time.monotonic() > deadline:
+            raise TricopyError(f"{mp} is unmounted but its mount process {pid} has not exited within "
+                               f"{timeout:.0f} s; the volume is marked clean only when it exits")
+        time.sleep(0.02)
+    path = state_path(mp)
+    if path.exists():  # the process died without cleaning up (killed): the log replays at next mount
+        path.unlink(missing_ok=True)
+        return f"unmounted {mp}; its mount process had stopped, the next mount replays the log"
+    path.with_suffix(".log").unlink(missing_ok=True)  # kept only when something went wrong
+    return f"unmounted {mp} ({st.get('target', 'jfs')} is clean)"
+
+
+def absolute_target(target: str) -> str:
+    """TARGET with an absolute path (the mount process runs with / as its working directory)."""
+    if target.startswith("lab:"):
+        lab, at, site = target.removeprefix("lab:").partition("@")
+        return f"lab:{os.path.abspath(lab)}{at}{site}" if lab else target
+    return os.path.abspath(target)
+
+
+def foreground_argv(target: str, mountpoint: str, *, durable: bool) -> list[str]:
+    argv = [sys.executable, "-m", "jfs.cli", "mount", target, mountpoint, "--foreground"]
+    return [*argv, "--durable"] if durable else argv

@@ -1,0 +1,266 @@
+"""Failover and failback (issue 5): Figs 10-17 in both modes, precondition refusals, split brain,
+and procedures interrupted after each step and run again."""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.labutil import BS
+from vstore import failback as fb
+from vstore import failover as fo
+from vstore.errors import TricopyError
+from vstore.lab import init_lab
+from vstore.pairs import PairState
+from vstore.procedures import StepLog
+from vstore.site import System
+
+NBLOCKS = 64
+SIZE = NBLOCKS * BS
+
+
+class Model:
+    """The primary as the application sees it: every acknowledged write, and each prefix."""
+
+    def __init__(self) -> None:
+        self.image = bytearray(SIZE)
+        self.prefixes = {hashlib.sha256(self.image).hexdigest()}
+
+    def write(self, system: System, rng: random.Random, n: int) -> None:
+        dev = system.device(0)
+        for _ in range(n):
+            lba, count = rng.randrange(NBLOCKS - 3), rng.randint(1, 3)
+            data = rng.randbytes(count * BS)
+            dev.write(lba, data)
+            self.image[lba * BS:(lba + count) * BS] = data
+            self.prefixes.add(hashlib.sha256(self.image).hexdigest())
+
+    def is_prefix(self, data: bytes) -> bool:
+        return hashlib.sha256(data).hexdigest() in self.prefixes
+
+
+def img(lab: Path, site: str, vol: str) -> bytes:
+    return (lab / site / f"{vol}.img").read_bytes()
+
+
+def new_lab(tmp_path: Path, mode: str, **kw) -> tuple[Path, Model, random.Random]:
+    lab = tmp_path / "lab"
+    init_lab(lab, mode=mode, size=SIZE, **kw)
+    model, rng = Model(), random.Random(hash((mode, tmp_path.name)) & 0xFFFF)
+    with System(lab) as system:
+        model.write(system, rng, 20)
+        system.shipper().ship(7)  # some entries shipped, some in flight
+        model.write(system, rng, 5)
+        system.save()
+    return lab, model, rng
+
+
+def run(lab: Path, procedure, *args, **kw):
+    with System(lab) as system:
+        steps = procedure(system, *args, **kw)
+        system.save()
+    return steps
+
+
+def write_at_new_primary(lab: Path, model: Model, rng: random.Random) -> None:
+    with System(lab) as system:
+        model.write(system, rng, 10)
+        system.shipper().ship()
+        system.save()
+
+
+def assert_original_layout(lab: Path, mode: str, model: Model) -> None:
+    vols = [("primary", "A"), ("sync", "C"), ("async", "D")] + ([("primary", "B")] if mode == "mirror" else [])
+    for site, vol in vols:
+        assert img(lab, site, vol) == bytes(model.image), f"{site}:{vol} differs from the acknowledged writes"
+    with System(lab) as system:
+        states = {p.name: p.state for p in system.registry}
+        assert system.active_site == "primary"
+    expected = {"A->C", "B->D"} if mode == "mirror" else {"A->C", "A->D"}
+    assert set(states) == expected and set(states.values()) == {PairState.DUPLEX}
+    # and the restored layout replicates again
+    with System(lab) as system:
+        rng = random.Random(99)
+        model.write(system, rng, 5)
+        system.shipper().ship()
+        system.save()
+    assert img(lab, "primary", "A") == img(lab, "sync", "C") == img(lab, "async", "D") == bytes(model.image)
+
+
+MODES = ["mirror", "provider"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sync_first,old_images", [(True, False), (False, True)])
+def test_fig10_then_fig11_or_fig12(tmp_path, mode, sync_first, old_images):
+    lab, model, rng = new_lab(tmp_path, mode)
+    if old_images:
+        with System(lab) as system:
+            system.faults.set("site", "primary", True)
+            system.save_faults()
+    else:
+        shutil.rmtree(lab / "primary")
+    steps = run(lab, fo.fig10_failover_to_sync)
+    assert steps.steps and img(lab, "sync", "C") == bytes(model.image)  # nothing acknowledged lost at Sync
+    assert img(lab, "async", "D") == img(lab, "sync", "C")  # resynced, C -> D Duplex
+    write_at_new_primary(lab, model, rng)
+    assert img(lab, "async", "D") == bytes(model.image)
+    if old_images:
+        r = pytest.raises(TricopyError, run, lab, fb.failback, sync_first=sync_first)
+        assert "still down" in str(r.value)
+        with System(lab) as system:
+            system.faults.set("site", "primary", False)
+            system.save_faults()
+    run(lab, fb.failback, sync_first=sync_first)
+    assert_original_layout(lab, mode, model)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sync_first", [True, False])
+def test_fig13_double_failure_then_fig15_or_fig16(tmp_path, mode, sync_first):
+    lab, model, rng = new_lab(tmp_path, mode)
+    shutil.rmtree(lab / "primary")
+    shutil.rmtree(lab / "sync")
+    run(lab, fo.fig13_failover_to_async)
+    assert model.is_prefix(img(lab, "async", "D")), "D is not a prefix of the acknowledged writes"
+    d_now = img(lab, "async", "D")
+    model.image[:] = d_now  # the application resumes from D's data
+    with System(lab) as system:
+        model.write(system, rng, 10)
+        system.save()
+    run(lab, fb.failback, sync_first=sync_first)
+    assert_original_layout(lab, mode, model)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("sync_first", [True, False])
+def test_fig14_catch_up_then_failback(tmp_path, mode, sync_first):
+    lab, model, rng = new_lab(tmp_path, mode)
+    shutil.rmtree(lab / "primary")
+    run(lab, fo.fig14_failover_to_async_catch_up)
+    assert img(lab, "async", "D") == img(lab, "sync", "C") == bytes(model.image)
+    write_at_new_primary(lab, model, rng)  # D -> C async
+    assert img(lab, "sync", "C") == bytes(model.image)
+    run(lab, fb.failback, sync_first=sync_first)
+    assert_original_layout(lab, mode, model)
+
+
+def test_fig17_volume_a_failure_keeps_sync_lossless(tmp_path):
+    lab, model, rng = new_lab(tmp_path, "mirror", protect=False)
+    with System(lab) as system:
+        system.faults.set("volume", "primary:A", True)
+        system.save_faults()
+        model.write(system, rng, 6)  # the first write meets the failed A
+        names = {p.name: p.state for p in system.registry}
+        system.save()
+    assert names == {"B->C": PairState.DUPLEX}
+    assert img(lab, "sync", "C") == img(lab, "primary", "B") == bytes(model.image)
+    assert (lab / "async" / "D.backup-before-fig17.img").exists()  # [0126] safeguard
+
+
+def test_preconditions_refuse_without_changing_state(tmp_path):
+    lab, model, rng = new_lab(tmp_path, "mirror")
+    snapshot = {p: p.read_bytes() for p in lab.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(TricopyError, match="primary site is up"):
+        run(lab, fo.fig10_failover_to_sync)
+    with pytest.raises(TricopyError, match="already runs the application at the primary|nothing to fail back"):
+        run(lab, fb.failback)
+    shutil.rmtree(lab / "primary")
+    snapshot = {p: v for p, v in snapshot.items() if p.exists()}
+    with System(lab) as system:
+        system.faults.set("link", "sync-async", True)
+        system.save_faults()
+    snapshot[lab / "faults.json"] = (lab / "faults.json").read_bytes()
+    with pytest.raises(TricopyError, match="sync-async"):
+        run(lab, fo.fig14_failover_to_async_catch_up)
+    after = {p: p.read_bytes() for p in lab.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert after == snapshot
+
+
+def test_split_brain_is_detected_and_discard_site_resolves_it(tmp_path):
+    lab, model, rng = new_lab(tmp_path, "mirror", protect=False)
+    with System(lab) as system:  # the sync link breaks; the primary goes on writing (no protection)
+        system.faults.set("link", "primary-sync", True)
+        system.save_faults()
+        old_primary = Model()
+        old_primary.image[:] = model.image
+        old_primary.write(system, random.Random(1), 3)
+        system.save()
+        system.faults.set("site", "primary", True)  # then the operator believes it dead
+        system.save_faults()
+    run(lab, fo.fig10_failover_to_sync)
+    write_at_new_primary(lab, model, rng)
+    with System(lab) as system:  # the old primary comes back with its own writes
+        system.faults.set("site", "primary", False)
+        system.faults.set("link", "primary-sync", False)
+        system.save_faults()
+    with pytest.raises(fb.SplitBrain) as err:
+        run(lab, fb.failback)
+    msg = str(err.value)
+    assert "primary holds 6 volume write(s)" in msg  # 3 writes, each to A and B
+    assert "sync took 10 volume write(s)" in msg and "(blocks A " in msg
+    assert img(lab, "primary", "A") == bytes(old_primary.image)  # nothing changed
+    shutil.copytree(lab, tmp_path / "keep-old")
+    run(lab, fb.failback, discard_site="primary")
+    assert_original_layout(lab, "mirror", model)
+    run(tmp_path / "keep-old", fb.failback, discard_site="sync")
+    assert_original_layout(tmp_path / "keep-old", "mirror", old_primary)
+
+
+class InjectedCrash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("scenario", ["fig10+fig11", "fig13+fig15", "fig14+fig16", "fig10+fig12"])
+def test_interrupted_procedures_can_be_rerun(tmp_path, monkeypatch, scenario):
+    mode = "mirror"
+    lab0, model, rng = new_lab(tmp_path, mode)
+    shutil.rmtree(lab0 / "primary")
+    first, second = scenario.split("+")
+    if first == "fig13":
+        shutil.rmtree(lab0 / "sync")
+    over = {"fig10": fo.fig10_failover_to_sync, "fig13": fo.fig13_failover_to_async,
+            "fig14": fo.fig14_failover_to_async_catch_up}[first]
+    back = {"fig11": dict(sync_first=True), "fig12": dict(sync_first=False), "fig15": dict(sync_first=False),
+            "fig16": dict(sync_first=True)}[second]
+    real_step = StepLog.step
+    for phase in ("over", "back"):
+        k = 0
+        while True:
+            lab = tmp_path / f"{phase}-{k}"
+            shutil.copytree(lab0, lab)
+            calls = {"n": 0}
+
+            def crashing(self, text, k=k, calls=calls):
+                real_step(self, text)
+                calls["n"] += 1
+                if calls["n"] > k:
+                    raise InjectedCrash(f"after step {k}")
+
+            monkeypatch.setattr(StepLog, "step", crashing)
+            try:
+                run(lab, over) if phase == "over" else run(lab, fb.failback, **back)
+                crashed = False
+            except InjectedCrash:
+                crashed = True
+            monkeypatch.setattr(StepLog, "step", real_step)
+            if crashed:  # run it again, uninterrupted: it completes
+                run(lab, over) if phase == "over" else run(lab, fb.failback, **back)
+            if phase == "over":
+                if first != "fig13":
+                    assert img(lab, "sync", "C") == bytes(model.image)
+            else:
+                expected = Model()
+                expected.image[:] = img(lab0, "async" if first != "fig10" else "sync",
+                                        "D" if first != "fig10" else "C")
+                assert_original_layout(lab, mode, expected)
+            shutil.rmtree(lab)
+            if not crashed:
+                break
+            k += 1
+        if phase == "over":
+            run(lab0, over)

@@ -1,0 +1,289 @@
+"""tools.faults.proxy: forwarding, delay, bandwidth, drop, cut, restore, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tools.faults.proxy import FaultProxy, ProxyCore, ProxyError, control_command, parse_address
+from vstore import net
+
+KEY = bytes(range(32))
+HOST = "127.0.0.1"
+
+
+class EchoServer:
+    """A blocking TCP echo server on a thread (one thread per connection)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server((HOST, 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(data)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept() on Linux
+        except OSError:
+            pass
+        self.sock.close()
+        self.thread.join(timeout=5)
+
+
+class RpcServer:
+    """A `net.serve` site on its own loop thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(net.serve(HOST, 0, KEY, self.handle), self.loop).result(10)
+        self.port = net.bound_port(self.server)
+
+    async def handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+        return {"method": method, "args": args}, data
+
+    def stop(self) -> None:
+        async def shutdown() -> None:
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(echo):
+    p = FaultProxy(("127.0.0.1", 0), (HOST, echo.port)).start()
+    yield p
+    p.stop()
+
+
+def connect(port: int) -> socket.socket:
+    sock = socket.create_connection((HOST, port), timeout=5)
+    sock.settimeout(5)
+    return sock
+
+
+def round_trip(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    buf = b""
+    while len(buf) < len(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError
+        buf += chunk
+    return buf
+
+
+def is_closed(sock: socket.socket) -> bool:
+    """True if the peer closed or reset the connection (read returns EOF or an error)."""
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_forwarding(proxy):
+    with connect(proxy.port) as sock:
+        for size in (1, 1000, 300_000):
+            data = bytes(i % 251 for i in range(size))
+            assert round_trip(sock, data) == data
+    stats = proxy.stats()
+    assert stats["mode"] == "forward" and stats["connections"] == 1
+    assert stats["bytes_up"] >= 301_001
+
+
+def test_rpc_through_proxy():
+    site = RpcServer()
+    try:
+        with FaultProxy(target=(HOST, site.port)) as p, net.Client(HOST, p.port, KEY) as c:
+            assert c.call("echo", {"a": 1}, b"x" * 100_000) == ({"method": "echo", "args": {"a": 1}}, b"x" * 100_000)
+    finally:
+        site.stop()
+
+
+def test_delay_adds_latency(proxy):
+    with connect(proxy.port) as sock:
+        round_trip(sock, b"warm")
+        proxy.set_delay(50)
+        t0 = time.monotonic()
+        assert round_trip(sock, b"ping") == b"ping"
+        elapsed = time.monotonic() - t0
+    assert elapsed >= 2 * 0.050 * 0.9  # one-way delay each way; lower bound only
+    assert proxy.stats()["delay_ms"] == 50
+
+
+def test_delay_preserves_order(proxy):
+    proxy.set_delay(5)
+    with connect(proxy.port) as sock:
+        data = b"".join(i.to_bytes(4, "big") for i in range(20000))
+        assert round_trip(sock, data) == data
+
+
+def test_bandwidth_limit(proxy):
+    proxy.set_bandwidth(200_000)
+    with connect(proxy.port) as sock:
+        t0 = time.monotonic()
+        data = b"b" * 100_000
+        assert round_trip(sock, data) == data
+        elapsed = time.monotonic() - t0
+    assert elapsed >= 0.4  # 100 kB at 200 kB/s each way; lower bound only
+    proxy.set_bandwidth(None)
+    assert proxy.stats()["bandwidth"] is None
+
+
+def test_cut_closes_and_refuses_until_restore(proxy):
+    sock = connect(proxy.port)
+    assert round_trip(sock, b"hi") == b"hi"
+    proxy.cut()
+    assert is_closed(sock)
+    sock.close()
+    try:  # the connect itself may succeed or be reset; either way nothing gets through
+        refused = connect(proxy.port)
+    except (ConnectionResetError, ConnectionRefusedError):
+        pass
+    else:
+        assert is_closed(refused)
+        refused.close()
+    assert proxy.stats()["mode"] == "cut" and proxy.stats()["open_connections"] == 0
+    proxy.restore()
+    with connect(proxy.port) as again:
+        assert round_trip(again, b"back") == b"back"
+
+
+def test_drop_black_holes_then_restore(proxy):
+    sock = connect(proxy.port)
+    proxy.drop()
+    sock.sendall(b"into the void")
+    sock.settimeout(0.3)
+    with pytest.raises(TimeoutError):
+        sock.recv(100)
+    assert not is_closed(sock)  # still open: a black hole, not a close
+    assert proxy.stats()["bytes_dropped"] >= len(b"into the void")
+    proxy.restore()
+    sock.settimeout(5)
+    assert round_trip(sock, b"after") == b"after"
+    sock.close()
+
+
+def test_rpc_drop_times_out_and_restore_recovers():
+    site = RpcServer()
+    try:
+        with FaultProxy(target=(HOST, site.port)) as p, net.Client(HOST, p.port, KEY, timeout=0.5) as c:
+            assert c.call("echo")[0]["method"] == "echo"
+            p.drop()
+            with pytest.raises(net.ConnectionFailed, match="no answer"):
+                c.call("echo")
+            p.restore()
+            assert c.call("echo", {"n": 2})[0]["args"] == {"n": 2}  # reconnects
+            p.cut()
+            with pytest.raises(net.ConnectionFailed):
+                c.call("echo")
+            p.restore()
+            assert c.call("echo", {"n": 3})[0]["args"] == {"n": 3}
+    finally:
+        site.stop()
+
+
+@pytest.mark.parametrize("listen,target", [
+    (("0.0.0.0", 0), (HOST, 1)),
+    ((HOST, 0), ("10.1.2.3", 80)),
+    ((HOST, 0), ("example.com", 80)),
+])
+def test_refuses_non_loopback(listen, target):
+    with pytest.raises(ProxyError, match="not loopback"):
+        FaultProxy(listen, target)
+
+
+def test_parse_address():
+    assert parse_address("127.0.0.1:5000", "x") == ("127.0.0.1", 5000)
+    assert parse_address("[::1]:7", "x") == ("::1", 7)
+    with pytest.raises(ProxyError, match="not loopback"):
+        parse_address("192.168.1.1:80", "target")
+    with pytest.raises(ProxyError, match="must look like"):
+        parse_address("127.0.0.1", "target")
+
+
+def test_control_commands():
+    core = ProxyCore((HOST, 0), (HOST, 1))
+    assert control_command(core, "delay 30") == "ok delay 30 ms" and core.delay_ms == 30
+    assert control_command(core, "bandwidth 1000000") == "ok bandwidth 1000000"
+    assert control_command(core, "bandwidth off") == "ok bandwidth unlimited"
+    assert control_command(core, "drop") == "ok drop" and core.dropping
+    assert json.loads(control_command(core, "stats"))["mode"] == "drop"
+    assert control_command(core, "restore") == "ok restore" and not core.dropping
+    assert control_command(core, "delay -1").startswith("error")
+    assert control_command(core, "explode").startswith("error unknown command")
+
+
+def test_cli_with_control_port(echo):
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind((HOST, 0))
+            ports.append(s.getsockname()[1])
+    listen, control = ports
+    proc = subprocess.Popen([sys.executable, "-m", "tools.faults.proxy", "--listen", f"{HOST}:{listen}",
+                             "--target", f"{HOST}:{echo.port}", "--control", f"{HOST}:{control}"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("fault proxy")
+        assert proc.stdout.readline().startswith("control on")
+        with connect(listen) as data_sock, connect(control) as ctl:
+            assert round_trip(data_sock, b"x") == b"x"
+            f = ctl.makefile("rw")
+            f.write("delay 20\ncut\nstats\n")
+            f.flush()
+            assert f.readline().strip() == "ok delay 20 ms"
+            assert f.readline().strip() == "ok cut"
+            assert json.loads(f.readline())["mode"] == "cut"
+            assert is_closed(data_sock)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_cli_refuses_non_loopback():
+    out = subprocess.run([sys.executable, "-m", "tools.faults.proxy", "--listen", "0.0.0.0:0",
+                          "--target", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "not loopback" in out.stderr
