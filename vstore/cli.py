@@ -236,13 +236,39 @@ def read(
 def ship(
     lab: LabArg,
     max_entries: Annotated[int | None, typer.Option("--max", help="Ship at most N entries.")] = None,
+    follow: Annotated[bool, typer.Option("--follow", help="Keep shipping as new entries arrive (watchdog "
+                                                           "on the spool) until Ctrl-C or --duration.")] = False,
+    period: Annotated[float | None, typer.Option("--period", help="With --follow: ship only every S seconds "
+                                                                  "(the periodic copy of the prior art).")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", help="With --follow: stop after S seconds.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Send waiting entries to the Async site in order (it stores each batch, applies it, confirms).
     A suspended async pair whose link works again is first resynced (Duplex-Pending).
 
-    Example: vstore ship /tmp/lab --max 10
+    Example: vstore ship /tmp/lab --max 10      (or: vstore ship /tmp/lab --follow --period 10)
     """
+    if follow:
+        from vstore.follow import follow as run_follow
+
+        def report_round(r: Any) -> None:
+            if r.error:
+                err.print(f"[yellow]ship:[/] {r.error}", highlight=False)
+            elif r.entries and not quiet:
+                out.print(f"shipped {r.entries} entries", highlight=False)
+
+        with user_errors():
+            if period is not None and period <= 0:
+                raise TricopyError("--period must be a positive number of seconds")
+            try:
+                total = run_follow(lab, period=period, duration=duration, on_round=report_round)
+            except KeyboardInterrupt:
+                total = -1
+        if total >= 0:
+            out.print(f"follow ended: {total} entries shipped", highlight=False)
+        return
+    if period is not None or duration is not None:
+        die("--period and --duration go with --follow")
     with user_errors(), open_system(lab) as system:
         try:
             total = system.entry_log.stats().entries
