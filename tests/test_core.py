@@ -32,8 +32,9 @@ def cut(system, link):
     system.faults.set("link", link, True)
 
 
-def test_fence_with_protection_rejects_and_changes_nothing(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror", protect=True)
+@pytest.mark.parametrize("durable", [False, True])  # durable labs fsync C and the entry log
+def test_fence_with_protection_rejects_and_changes_nothing(tmp_path, durable):
+    lab = make_lab(tmp_path, mode="mirror", protect=True, durable=durable)
     with open_lab(lab) as system:
         dev = system.device(0)
         dev.write(0, blocks(1))
@@ -74,9 +75,10 @@ def test_protection_off_records_positions_and_duplex_pending_copies_exactly_them
         system.save()
 
 
-def test_mirror_without_protection_succeeds_on_b_alone(tmp_path):
+@pytest.mark.parametrize("durable", [False, True])
+def test_mirror_without_protection_succeeds_on_b_alone(tmp_path, durable):
     """[0068]: the storage fences A, the mirror program has no protection -> B alone takes it."""
-    lab = make_lab(tmp_path, mode="mirror", protect=True)
+    lab = make_lab(tmp_path, mode="mirror", protect=True, durable=durable)
     with open_lab(lab) as system:
         system.mirror.settings.protect = False
         dev = system.device(0)
@@ -88,8 +90,9 @@ def test_mirror_without_protection_succeeds_on_b_alone(tmp_path):
         assert image(lab, "primary", "A")[7 * BS:8 * BS] == bytes(BS)
 
 
-def test_fig9_undo_restores_b_from_inhibited_a(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror", protect=True)
+@pytest.mark.parametrize("durable", [False, True])
+def test_fig9_undo_restores_b_from_inhibited_a(tmp_path, durable):
+    lab = make_lab(tmp_path, mode="mirror", protect=True, durable=durable)
     with open_lab(lab) as system:
         group = system.mirror.settings.groups["A"]
         group.reverse()  # write B first, then A: "any order" (Fig 4)

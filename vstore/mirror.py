@@ -47,6 +47,10 @@ class MirrorWriteFailed(TricopyError):
     """No member of the mirror group accepted the write."""
 
 
+class WriteNotIssued(TricopyError):
+    """A member the Fig 9 loop did not reach because an earlier one was write-inhibited."""
+
+
 @dataclass
 class Member:
     volume: str  # volume name at the host's storage
@@ -136,36 +140,55 @@ class MirrorGroup(BlockDevice):
 
     # -- Fig 9 -------------------------------------------------------------------------------------
     def _write(self, lba: int, data: bytes) -> None:
-        storage = self.program.storage
         if self.protect:  # steps 906-910
-            inhibited = self.program.inhibited_member()
-            if inhibited is not None:
+            blocked = self.program.inhibited_member()
+            if blocked is not None:
                 raise WriteInhibited(
-                    f"write refused: member {inhibited.volume} is write-inhibited by failure Suspend "
-                    f"({inhibited.reason}); heal the link and resync first"
+                    f"write refused: member {blocked.volume} is write-inhibited by failure Suspend "
+                    f"({blocked.reason}); heal the link and resync first"
                 )
-        written: list[Member] = []
+        targets = [m for m in self.members if m.failure == FailureState.NORMAL]
+        outcomes = self._issue(targets, lba, data)  # steps 911-915
+        written = [m for m, outcome in zip(targets, outcomes, strict=True) if outcome is None]
+        inhibited: tuple[Member, WriteInhibited] | None = None
         volume_failed: Member | None = None
-        for member in self.members:  # steps 911-917
-            if member.failure != FailureState.NORMAL:
+        for member, outcome in zip(targets, outcomes, strict=True):  # steps 916-917
+            if outcome is None or isinstance(outcome, WriteNotIssued):
                 continue
-            try:
-                storage.host_write(member.volume, lba, data)
-                written.append(member)
-            except WriteInhibited as exc:
-                member.failure, member.reason = FailureState.INHIBITED, str(exc)
-                if self.protect:
-                    self._undo(member, written, lba, len(data) // self.block_size)
-                    raise
-            except TricopyError as exc:
-                member.failure, member.reason = FailureState.FAILED, str(exc)
-                log.warning("%s: member %s failed: %s", self.name, member.volume, exc)
-                if isinstance(exc, VolumeFailed):
-                    volume_failed = member
+            if isinstance(outcome, WriteInhibited):
+                member.failure, member.reason = FailureState.INHIBITED, str(outcome)
+                inhibited = inhibited or (member, outcome)
+                continue
+            member.failure, member.reason = FailureState.FAILED, str(outcome)
+            log.warning("%s: member %s failed: %s", self.name, member.volume, outcome)
+            if isinstance(outcome, VolumeFailed):
+                volume_failed = member
+        if inhibited is not None and self.protect:  # steps 918-921
+            self._undo(inhibited[0], written, lba, len(data) // self.block_size)
+            raise inhibited[1]
         if not written:  # steps 919-923
             raise MirrorWriteFailed(f"write to {self.name} failed on every member")
         if volume_failed is not None and self.program.on_volume_failed is not None:
             self.program.on_volume_failed(volume_failed, lba, data)  # Fig 17 keeps the Sync site lossless
+
+    def _issue(self, targets: list[Member], lba: int, data: bytes) -> list[TricopyError | None]:
+        """Write the target members in order; the outcome per member (None = written). Members are
+        written one after the other, never concurrently: a member written before another one's
+        write inhibit would make an entry for a write that is then refused (and undone), and the
+        Async site must never see a write that was not acknowledged."""
+        storage = self.program.storage
+        outcomes: list[TricopyError | None] = []
+        for member in targets:
+            try:
+                storage.host_write(member.volume, lba, data)
+                outcomes.append(None)
+            except TricopyError as exc:
+                outcomes.append(exc)
+                if isinstance(exc, WriteInhibited) and self.protect:
+                    outcomes += [WriteNotIssued("not issued: an earlier member was write-inhibited")] * (
+                        len(targets) - len(outcomes))
+                    break
+        return outcomes
 
     def _undo(self, inhibited: Member, written: list[Member], lba: int, count: int) -> None:
         """Steps 918-920: restore the range on already-written members from the inhibited one."""
