@@ -66,12 +66,13 @@ def make_primary(system: System, site: str, volumes: list[str], steps: StepLog, 
                  async_volumes: list[str] | None = None) -> None:
     """Site `site`'s host runs the application on `volumes`: through its provider (provider mode) or
     a mirror group per virtual volume holding that one volume (mirror mode; Fig 6 adds members)."""
+    epoch = system.next_epoch()
     for other, state in system.states.items():
         if other != site and state.get("role") == "primary":
             state["role"], state["host"] = "standby", None
     state = system.states[site]
     topo = system.topo
-    host: dict = {"mode": topo.mode, "epoch": system.next_epoch(), "spool_capacity": topo.spool_capacity,
+    host: dict = {"mode": topo.mode, "epoch": epoch, "spool_capacity": topo.spool_capacity,
                   "async_volumes": {v: i for i, v in enumerate(async_volumes or volumes)},
                   "write_count_at_promotion": int(state.get("write_count", 0))}
     if topo.mode == "provider":

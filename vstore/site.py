@@ -158,7 +158,7 @@ class System:
 
     def next_epoch(self) -> int:
         """The epoch for a new promotion: higher than any primary's so far."""
-        return 1 + max((int((s.get("host") or {}).get("epoch", 0)) for s in self.states.values()), default=0)
+        return 1 + self.lab_epoch
 
     @property
     def host(self) -> dict:
