@@ -9,6 +9,7 @@ of the DESIGN.md "JSON contract"; long copies show a rich progress bar unless `-
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -33,6 +34,17 @@ app.add_typer(lab_app, name="lab")
 
 out = Console()
 err = Console(stderr=True)
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every procedure step and pair state "
+                                                                  "change to stderr.")] = False,
+) -> None:
+    """tricopy: three-site remote copy. Warnings (pair failures, suspended copies) go to stderr."""
+    from rich.logging import RichHandler
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False, show_time=verbose)], force=True)
 
 LabArg = Annotated[Path, typer.Argument(help="The lab directory.", show_default=False)]
 

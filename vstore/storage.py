@@ -154,8 +154,7 @@ class StorageSystem:
         if pair.kind == PairKind.ASYNC and pair.state == PairState.DUPLEX:
             pair.transition(PairState.SUSPENDING, reason, failure=True)
         fence = " writes fenced" if self.fence_reject and pair.kind == PairKind.SYNC else " positions recorded"
-        pair.transition(PairState.SUSPEND, f"{reason};{fence}", failure=True)
-        log.warning("pair %s: failure Suspend (%s)", pair.name, reason)
+        pair.transition(PairState.SUSPEND, f"{reason};{fence}", failure=True)  # logged by the pair
 
     # -- copies between sites -------------------------------------------------------------------
     def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
