@@ -170,6 +170,20 @@ def prologue(system: System, name: str, needs_talk: list[tuple[str, str]], disca
     return steps, False
 
 
+def resume_async_first(system: System, first: str, steps: StepLog, progress: Progress, *,
+                       c_needs_copy: bool) -> StepLog:
+    """Figs 12 and 15 end alike: the primary's `first` volume (B, or A in provider mode) already
+    equals D: async first -> D without initial copy, restart, add A (Fig 6), sync A -> C."""
+    primary_host(system, first, steps)
+    start_pairs(system, PairKind.ASYNC, "primary", first, "async", "D", steps, progress, initial_copy=False)
+    steps.step("restart the application at the primary site")
+    if system.topo.mode == "mirror":
+        add_members(system, "A", steps, progress)
+    start_pairs(system, PairKind.SYNC, "primary", "A", "sync", "C", steps, progress, initial_copy=c_needs_copy)
+    steps.step("original layout restored: every pair Duplex")
+    return steps
+
+
 def ship_all(system: System, steps: StepLog) -> None:
     """Confirm the async copy is complete: ship every waiting entry (Fig 12 / Fig 16)."""
     report = system.shipper().ship()
@@ -223,14 +237,7 @@ def fig12_failback_async_first(system: System, progress: Progress = no_progress,
     drop_pairs_between(system, "sync", "async", steps)
     first = original_async_letter(system)  # B in mirror mode, A in provider mode
     copy_site(system, "sync", "primary", first, steps, progress)
-    primary_host(system, first, steps)
-    start_pairs(system, PairKind.ASYNC, "primary", first, "async", "D", steps, progress, initial_copy=False)
-    steps.step("restart the application at the primary site")
-    if system.topo.mode == "mirror":
-        add_members(system, "A", steps, progress)
-    start_pairs(system, PairKind.SYNC, "primary", "A", "sync", "C", steps, progress, initial_copy=False)
-    steps.step("original layout restored: every pair Duplex")
-    return steps
+    return resume_async_first(system, first, steps, progress, c_needs_copy=False)
 
 
 def fig15_failback_from_async(system: System, progress: Progress = no_progress,
@@ -249,14 +256,7 @@ def fig15_failback_from_async(system: System, progress: Progress = no_progress,
     steps.step("stop the application at the Async site")
     for pair in d_to_b:
         drop_pair(system, pair, steps)
-    primary_host(system, first, steps)
-    start_pairs(system, PairKind.ASYNC, "primary", first, "async", "D", steps, progress, initial_copy=False)
-    steps.step("restart the application at the primary site")
-    if system.topo.mode == "mirror":
-        add_members(system, "A", steps, progress)
-    start_pairs(system, PairKind.SYNC, "primary", "A", "sync", "C", steps, progress, initial_copy=True)
-    steps.step("original layout restored: every pair Duplex")
-    return steps
+    return resume_async_first(system, first, steps, progress, c_needs_copy=True)
 
 
 def fig16_failback_from_async_sync_first(system: System, progress: Progress = no_progress,

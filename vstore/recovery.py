@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from jfs.metalog import merge_ranges
 from jfs.recover import metadata_ranges, scan_log
 from vstore.errors import TricopyError
 from vstore.procedures import Progress, StepLog, no_progress
@@ -47,17 +48,6 @@ class RecoveryReport:
         return asdict(self)
 
 
-def merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for first, count in sorted(ranges):
-        if out and first <= out[-1][0] + out[-1][1]:
-            last_first, last_count = out[-1]
-            out[-1] = (last_first, max(last_count, first + count - last_first))
-        else:
-            out.append((first, count))
-    return out
-
-
 def differing(system: System, ranges: list[tuple[int, int]], src: tuple[str, str],
               dst: tuple[str, str]) -> list[tuple[int, int]]:
     """The sub-ranges whose blocks differ between two volumes (metadata is small: compare it)."""
@@ -71,7 +61,7 @@ def differing(system: System, ranges: list[tuple[int, int]], src: tuple[str, str
                 continue
             bs = len(a) // n
             out += [(lba + i, 1) for i in range(n) if a[i * bs:(i + 1) * bs] != b[i * bs:(i + 1) * bs]]
-    return merge(out)
+    return merge_ranges(out)
 
 
 def plan_volume(system: System, src: tuple[str, str], dst: tuple[str, str], report: RecoveryReport,
@@ -95,11 +85,11 @@ def plan_volume(system: System, src: tuple[str, str], dst: tuple[str, str], repo
         return whole
     report.touched_files += len(scan.files)
     report.paths += [f.path or f"inode {f.inode}" for f in scan.files]
-    files = merge([r for f in scan.files for r in f.blocks])
-    meta = differing(system, merge(list(metadata_ranges(device))), src, dst)
+    files = merge_ranges([r for f in scan.files for r in f.blocks])
+    meta = differing(system, merge_ranges(list(metadata_ranges(device))), src, dst)
     steps.step(f"{src[1]}: metadata log names {len(scan.files)} touched files ({sum(n for _, n in files)} "
                f"blocks); {sum(n for _, n in meta)} metadata blocks differ")
-    return merge(files + meta)
+    return merge_ranges(files + meta)
 
 
 def equalise(system: System, src_site: str, dst_site: str, steps: StepLog, progress: Progress = no_progress, *,
