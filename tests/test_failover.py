@@ -215,9 +215,9 @@ class InjectedCrash(Exception):
     pass
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scenario", ["fig10+fig11", "fig13+fig15", "fig14+fig16", "fig10+fig12"])
-def test_interrupted_procedures_can_be_rerun(tmp_path, monkeypatch, scenario):
-    mode = "mirror"
+def test_interrupted_procedures_can_be_rerun(tmp_path, monkeypatch, scenario, mode):
     lab0, model, rng = new_lab(tmp_path, mode)
     shutil.rmtree(lab0 / "primary")
     first, second = scenario.split("+")

@@ -73,6 +73,8 @@ def progress_bars(quiet: bool) -> Iterator[Callable[[str, int], Callable[[int], 
                TimeRemainingColumn())
     with Progress(*columns, console=err, transient=False) as bars:
         def factory(description: str, total: int) -> Callable[[int], None]:
+            if total <= 0:  # nothing to copy: no empty bar
+                return lambda n: None
             task = bars.add_task(description, total=total)
             return lambda n: bars.advance(task, n)
         yield factory

@@ -135,7 +135,8 @@ def resync_all(system: System, progress: Progress = no_progress) -> StepLog:
     if any(p.state == PairState.SUSPEND for p in async_pairs):
         target = system.async_target_site()
         if system.network.can_talk(active, target):
-            copied = system.shipper().resync(progress(f"resync async group {active}", 0))
+            recorded = sum(p.bitmap.count() for p in async_pairs)
+            copied = system.shipper().resync(progress(f"resync async group {active}", recorded))
             steps.step(f"async group {active}: resynced {copied} recorded blocks, Duplex")
     if system.topo.mode == "mirror":
         for volume in system.mirror.refresh():
