@@ -20,11 +20,12 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from jfs.fs import FileSystem, open_image, probe_image, read_superblock
 from jfs.fs import mkfs as make_fs
-from jfs.fsck import EXIT_ERROR
+from jfs.fsck import EXIT_ERROR, Checker
 from jfs.fsck import fsck as run_fsck
 from jfs.recover import scan_log
 from vstore.blockdev import BlockDevice, ImageDevice, create_image
@@ -225,12 +226,27 @@ def stat(target: str, path: str,
 @app.command()
 def fsck(target: str,
          no_change: bool = typer.Option(False, "-n", help="check only; never write"),
-         as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
+         as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout"),
+         quiet: bool = typer.Option(False, "--quiet", help="no progress display")) -> None:
     """Check and repair (exit 0 clean, 1 corrected, 4 left uncorrected, 8 error). Example: jfs fsck disk.img -n"""
     with errors(EXIT_ERROR):
         dev = open_target(target, writable=not no_change)
     try:
-        result = run_fsck(dev, repair=not no_change)
+        if as_json or quiet:
+            result = run_fsck(dev, repair=not no_change)
+        else:
+            with Progress(TextColumn("fsck {task.description}"), BarColumn(), MofNCompleteColumn(),
+                          console=err, transient=True) as bars:
+                task = bars.add_task("", total=len(Checker.PASSES))
+
+                started: list[str] = []
+
+                def on_pass(name: str) -> None:
+                    bars.update(task, description=name, completed=len(started))
+                    started.append(name)
+
+                result = run_fsck(dev, repair=not no_change, on_pass=on_pass)
+                bars.update(task, completed=len(Checker.PASSES))
     finally:
         dev.close()
     if as_json:

@@ -17,6 +17,7 @@ Keeps true:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -470,17 +471,18 @@ class Checker:
                 raw[off:off + L.INODE_SIZE] = node.build() if keep and node else bytes(L.INODE_SIZE)
             self.view.write(blk, bytes(raw))
 
-    def run(self) -> FsckResult:
+    PASSES = ("superblock", "log", "inodes and block ownership", "directory entries", "connectivity",
+              "link counts", "bitmaps")
+
+    def run(self, on_pass: Callable[[str], None] = lambda name: None) -> FsckResult:
+        passes = [self.check_superblock, self.check_log, self.check_inodes, self.check_dirs, self.check_tree,
+                  self.check_links, self.check_bitmaps]
         try:
-            self.check_superblock()
-            self.check_log()
-            self.check_inodes()
-            self.check_dirs()
-            self.check_tree()
-            self.check_links()
-            if self.repair:
-                self.write_repairs()
-            self.check_bitmaps()
+            for name, check in zip(self.PASSES, passes, strict=True):
+                on_pass(name)
+                if check == self.check_bitmaps and self.repair:
+                    self.write_repairs()
+                check()
             if self.repair:
                 self._write_sb(0, L.STATE_CLEAN if not self._unfixed() else L.STATE_DIRTY)
                 self.view.flush()
@@ -496,9 +498,11 @@ class Checker:
         return any(not p.fixed for p in self.problems)
 
 
-def fsck(device: BlockDevice, *, repair: bool = False) -> FsckResult:
-    """Check (and with `repair`, fix) a jfs volume. Returns exit code and problems."""
+def fsck(device: BlockDevice, *, repair: bool = False,
+         on_pass: Callable[[str], None] = lambda name: None) -> FsckResult:
+    """Check (and with `repair`, fix) a jfs volume. Returns exit code and problems. `on_pass` is
+    told the name of each pass as it starts (progress display)."""
     try:
-        return Checker(device, repair).run()
+        return Checker(device, repair).run(on_pass)
     except TricopyError as exc:
         return FsckResult(EXIT_ERROR, [Problem("operational-error", str(exc), False)])
