@@ -182,3 +182,20 @@ def test_state_persists_across_commands(tmp_path):
         pair = system.registry.get("A->C")
         assert pair.state == PairState.SUSPEND and pair.bitmap.count() == 1
         assert system.entry_log.stats().entries == 1
+
+
+def test_one_inhibited_a_fences_every_a_of_the_consistency_group(tmp_path):
+    """[0127]-[0128]: with two virtual volumes, a failure Suspend of A0->C0 (C0 failed) refuses
+    writes to A1 too, so the set of volumes stays consistent."""
+    lab = make_lab(tmp_path, mode="mirror", volumes=2, protect=True)
+    with open_lab(lab) as system:
+        system.device(1).write(0, blocks(1))
+        system.faults.set("volume", "sync:C0", True)
+        with pytest.raises(WriteInhibited):
+            system.device(0).write(0, blocks(2))
+        assert system.registry.get("A0->C0").state == PairState.SUSPEND
+        assert system.registry.get("A1->C1").state == PairState.DUPLEX
+        before = image(lab, "primary", "A1"), image(lab, "primary", "B1"), image(lab, "sync", "C1")
+        with pytest.raises(WriteInhibited):
+            system.device(1).write(3, blocks(3))
+        assert (image(lab, "primary", "A1"), image(lab, "primary", "B1"), image(lab, "sync", "C1")) == before
