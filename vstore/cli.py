@@ -81,9 +81,13 @@ def progress_bars(quiet: bool) -> Iterator[Callable[[str, int], Callable[[int], 
 
 
 def open_system(lab: Path) -> Any:
+    from vstore.daemon import is_up
     from vstore.site import System
     if not lab.is_dir():
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
+    if is_up(lab):
+        raise TricopyError(f"the daemons of {lab} are running and own its files; this command works on a lab "
+                           f"that is down: run `vstore lab down {lab}` first")
     return System(lab)
 
 
@@ -100,6 +104,8 @@ def lab_init(
     coalesce: Annotated[bool, typer.Option(help="Coalesce repeated writes inside a shipped batch [0045].")] = False,
     durable: Annotated[bool, typer.Option(help="fsync images, spool and state on every write.")] = False,
     spool_capacity: Annotated[str, typer.Option(help="Entry log capacity before the async pair suspends.")] = "256M",
+    base_port: Annotated[int, typer.Option(help="TCP port of the primary's daemon; sync and async use the next "
+                                                "two (127.0.0.1).")] = 7401,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Create a lab and run the Fig 3 initial set-up; every pair ends Duplex.
@@ -109,10 +115,61 @@ def lab_init(
     from vstore.lab import init_lab
     with user_errors(), progress_bars(quiet) as progress:
         steps = init_lab(lab, mode=mode, size=parse_size(size), volumes=volumes, protect=protect, coalesce=coalesce,
-                         durable=durable, spool_capacity=parse_size(spool_capacity), progress=progress)
+                         durable=durable, spool_capacity=parse_size(spool_capacity), base_port=base_port,
+                         progress=progress)
     for step in steps.steps:
         out.print(f"  {step}", highlight=False)
     out.print(f"lab [bold]{lab}[/] ready ({mode} mode)")
+
+
+@lab_app.command("up")
+def lab_up_cmd(lab: LabArg) -> None:
+    """Start the three site daemons on 127.0.0.1 (ports in topology.toml) in the background; pid and
+    log files go to LAB/run/. While a lab is up, vstore and jfs commands talk to the daemons.
+
+    Example: vstore lab up /tmp/lab
+    """
+    from vstore.daemon import lab_up
+    with user_errors():
+        pids = lab_up(lab)
+    for site, pid in pids.items():
+        out.print(f"site {site}: daemon pid {pid}", highlight=False)
+
+
+@lab_app.command("down")
+def lab_down_cmd(lab: LabArg) -> None:
+    """Stop the lab's site daemons cleanly (SIGTERM, then wait).
+
+    Example: vstore lab down /tmp/lab
+    """
+    from vstore.daemon import lab_down
+    with user_errors():
+        stopped = lab_down(lab)
+    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@app.command()
+def serve(
+    site: Annotated[str, typer.Option(help="primary, sync or async.")],
+    config: Annotated[Path, typer.Option(help="The lab's topology.toml.")],
+) -> None:
+    """Run one site's daemon in the foreground (what `vstore lab up` starts three of).
+
+    Example: vstore serve --site sync --config /tmp/lab/topology.toml
+    """
+    import asyncio
+
+    from vstore.daemon import SiteDaemon
+    logging.getLogger().setLevel(logging.INFO)
+    with user_errors():
+        daemon = SiteDaemon(config.parent, site)
+    asyncio.run(daemon.run(ready=config.parent / "run" / f"{site}.pid"))
+
+
+def daemon_client(lab: Path) -> Any:
+    """The coordinating daemon's client when the lab is up, else None (commands open the files)."""
+    from vstore.daemon import coordinator, is_up
+    return coordinator(lab) if lab.is_dir() and is_up(lab) else None
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -154,8 +211,13 @@ def status(lab: LabArg, as_json: Annotated[bool, typer.Option("--json", help="On
 
     Example: vstore status /tmp/lab --json
     """
-    with user_errors(), open_system(lab) as system:
-        doc = status_document(system)
+    with user_errors():
+        client = daemon_client(lab)
+        if client is not None:
+            doc = client.call("status")[0]["status"]
+        else:
+            with open_system(lab) as system:
+                doc = status_document(system)
     if as_json:
         print(json.dumps(doc, indent=2))
         return
@@ -210,15 +272,25 @@ def write(
 
     Example: head -c 8192 /dev/urandom | vstore write /tmp/lab --lba 10
     """
-    with user_errors(), open_system(lab) as system:
-        try:
-            device = system.device(int(volume) if volume.isdigit() else volume)
-            data = read_payload(file, device.block_size, pad)
-            device.write(lba, data)
-            device.flush()
-        finally:
-            system.save()
-    out.print(f"wrote {len(data) // device.block_size} block(s) at {lba} to {device.name}", highlight=False)
+    with user_errors():
+        client = daemon_client(lab)
+        if client is not None:
+            vol = int(volume) if volume.isdigit() else volume
+            info = client.call("app.info", {"volume": vol})[0]
+            data = read_payload(file, info["block_size"], pad)
+            client.call("app.write", {"volume": vol, "lba": lba}, data)
+            name, block_size = info["name"], info["block_size"]
+        else:
+            with open_system(lab) as system:
+                try:
+                    device = system.device(int(volume) if volume.isdigit() else volume)
+                    data = read_payload(file, device.block_size, pad)
+                    device.write(lba, data)
+                    device.flush()
+                finally:
+                    system.save()
+                name, block_size = device.name, device.block_size
+    out.print(f"wrote {len(data) // block_size} block(s) at {lba} to {name}", highlight=False)
 
 
 @app.command()
@@ -234,11 +306,21 @@ def read(
 
     Example: vstore read /tmp/lab --site sync --volume C --lba 10 --count 2 | xxd | head
     """
-    with user_errors(), open_system(lab) as system:
+    with user_errors():
         if site not in SITE_NAMES:
             raise TricopyError(f"unknown site {site!r}; use one of {', '.join(SITE_NAMES)}")
-        system.network.check(site, site)
-        data = system.storage(site).host_read(volume, lba, count)
+        from vstore.daemon import is_up
+        if is_up(lab):
+            from vstore.daemon import clients
+            from vstore.net import load_key
+            from vstore.topology import load_topology
+            topo = load_topology(lab)
+            with clients(lab, topo, load_key(lab / topo.key_file))[site] as client:
+                data = client.call("vol.read", {"volume": volume, "lba": lba, "count": count})[1]
+        else:
+            with open_system(lab) as system:
+                system.network.check(site, site)
+                data = system.storage(site).host_read(volume, lba, count)
     if output:
         output.write_bytes(data)
     else:
@@ -283,6 +365,16 @@ def ship(
         return
     if period is not None or duration is not None:
         die("--period and --duration go with --follow")
+    with user_errors():
+        client = daemon_client(lab)
+    if client is not None:
+        with user_errors():
+            r = client.call("ship", {"max": max_entries})[0]
+        if r["error"]:
+            die(f"cannot ship: {r['error']}")
+        out.print(f"shipped {r['entries']} entries in {r['batches']} batches ({r['blocks_sent']} blocks sent)",
+                  highlight=False)
+        return
     with user_errors(), open_system(lab) as system:
         try:
             total = system.entry_log.stats().entries
@@ -321,11 +413,23 @@ def fail(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or 
 
     Example: vstore fail /tmp/lab primary-sync
     """
-    with user_errors(), open_system(lab) as system:
+    with user_errors():
         kind, name = parse_target(target)
-        system.faults.set(kind, name, True)
-        system.save_faults()
+        edit_faults(lab, kind, name, broken=True)
     out.print(f"{kind} {name} failed")
+
+
+def edit_faults(lab: Path, kind: str, name: str, *, broken: bool) -> None:
+    """Change LAB/faults.json (the lab's simulation control; daemons read it on every request)."""
+    from vstore.links import Faults
+    from vstore.site import FAULTS_FILE
+    from vstore.statefile import load_json, save_json_atomic
+    from vstore.topology import load_topology
+    load_topology(lab)  # a clear error for a directory that is not a lab
+    path = lab / FAULTS_FILE
+    faults = Faults.from_dict(load_json(path)) if path.is_file() else Faults()
+    faults.set(kind, name, broken)
+    save_json_atomic(path, faults.to_dict(), durable=False)
 
 
 @app.command()
@@ -337,15 +441,18 @@ def heal(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or 
     Example: vstore heal /tmp/lab primary-sync
     """
     from vstore.procedures import resync_all
-    with user_errors(), open_system(lab) as system:
+    with user_errors():
         kind, name = parse_target(target)
-        system.faults.set(kind, name, False)
-        system.save_faults()
-        with progress_bars(quiet) as progress:
-            steps = resync_all(system, progress)
-        system.save()
+        edit_faults(lab, kind, name, broken=False)
+        client = daemon_client(lab)
+        if client is not None:
+            lines = client.call("resync")[0]["steps"]
+        else:
+            with open_system(lab) as system, progress_bars(quiet) as progress:
+                lines = resync_all(system, progress).steps
+                system.save()
     out.print(f"{kind} {name} healed")
-    for step in steps.steps:
+    for step in lines:
         out.print(f"  {step}", highlight=False)
 
 

@@ -90,7 +90,11 @@ def snapshot_of(system: Any) -> dict:
 
 def collect(lab: Path) -> dict:
     """Open the lab just long enough to take one snapshot; raises TricopyError for a bad lab."""
-    from vstore.cli import open_system
+    from vstore.cli import daemon_client, open_system
+    client = daemon_client(Path(lab))
+    if client is not None:  # the daemons own the files: ask the coordinating one
+        with client:
+            return client.call("snapshot")[0]["snapshot"]
     with open_system(Path(lab)) as system:
         return snapshot_of(system)
 

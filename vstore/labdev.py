@@ -67,10 +67,39 @@ class LabDevice(BlockDevice):
             self.system = None  # type: ignore[assignment]
 
 
-def open_lab_target(target: str, *, writable: bool) -> LabDevice:
+def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target: str) -> BlockDevice:
+    """While the lab is up: the application's volume via the coordinating daemon, or a replica
+    read block by block from its site's daemon."""
+    from vstore.daemon import clients, coordinator
+    from vstore.net import load_key
+    from vstore.remote import AppDevice, RemoteDevice
+    from vstore.topology import load_topology
+    client = coordinator(lab)
+    device = AppDevice(client, 0, readonly=not writable)
+    active = device.active
+    if site is None or site == active:
+        return device
+    device.close()
+    if writable:
+        raise TricopyError(f"{target} is a read-only replica: the application runs at {active}")
+    topo = load_topology(lab)
+    replica = clients(lab, topo, load_key(lab / topo.key_file))[site]
+    state = replica.call("state.get")[0]["state"] or {}
+    volume = next((v for v in sorted(state.get("volumes", {})) if v[0] in "CD" or site == "primary"), None)
+    if volume is None:
+        raise TricopyError(f"site {site} has no volume to read")
+    remote = RemoteDevice(replica, site, volume, topo.block_size, topo.num_blocks)
+    remote.readonly = True
+    return remote
+
+
+def open_lab_target(target: str, *, writable: bool) -> BlockDevice:
     lab, site = parse_lab_target(target)
     if not lab.is_dir():
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
+    from vstore.daemon import is_up
+    if is_up(lab):
+        return open_through_daemons(lab, site, writable=writable, target=target)
     system = System(lab)
     try:
         try:

@@ -69,9 +69,10 @@ class Network:
     def __init__(self, faults: Faults, present: set[str]) -> None:
         self.faults = faults
         self.present = present
+        self.unreachable: set[str] = set()  # daemons that did not answer
 
     def site_up(self, site: str) -> bool:
-        return site in self.present and site not in self.faults.sites_down
+        return site in self.present and site not in self.faults.sites_down and site not in self.unreachable
 
     def link_up(self, a: str, b: str) -> bool:
         return link_name(a, b) not in self.faults.links_down

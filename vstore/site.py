@@ -55,25 +55,30 @@ def new_site_state(site: str, role: str, volumes: dict[str, dict], host: dict | 
 class System:
     """A lab opened in one process: three storages, the network between them and the host."""
 
-    def __init__(self, lab_dir: Path, *, lock: bool = True) -> None:
+    def __init__(self, lab_dir: Path, *, lock: bool = True, local: str | None = None,
+                 peers: dict[str, Any] | None = None, entry_log: EntryLog | None = None) -> None:
+        """In one process (default) every site is opened from its directory. A site daemon passes
+        `local` (its own site) and `peers` (RPC clients of the other sites' daemons): the other
+        sites' state, volumes and receive journals are then reached over the network."""
         self.lab_dir = Path(lab_dir)
         self.topo: Topology = load_topology(self.lab_dir)
+        self.local, self.peers = local, peers or {}
         self._lock_fd = self._take_lock() if lock else None
         self.faults = self._load_faults()
         self.states: dict[str, dict] = {}
+        unreachable: set[str] = set()
         for site in SITE_NAMES:
-            path = self.site_dir(site) / "state.json"
-            if path.is_file():
-                state = load_json(path)
-                if state.get("format") != STATE_FORMAT:
-                    raise TricopyError(f"{path} is not a tricopy site state file")
+            state = self._load_state(site, unreachable)
+            if state is not None:
                 self.states[site] = state
-        self.network = Network(self.faults, set(self.states))
+        self.network = Network(self.faults, set(self.states) | unreachable)
+        self.network.unreachable = unreachable
         self.registry = self._merge_pairs()
         self.storages: dict[str, StorageSystem] = {}
         for site, state in self.states.items():
             self.storages[site] = self._open_storage(site, state)
-        self._entry_log: EntryLog | None = None
+        self._entry_log: EntryLog | None = entry_log
+        self.keep_entry_log = entry_log is not None  # a daemon keeps its spool open across requests
         self._program: AsyncCopyProgram | None = None
         self._mirror: MirrorProgram | None = None
         self._mirror_site = ""
@@ -82,6 +87,26 @@ class System:
             self.receiver(site).finish_stored()
 
     # -- opening -----------------------------------------------------------------------------------
+    def remote(self, site: str) -> bool:
+        return site in self.peers and site != self.local
+
+    def _load_state(self, site: str, unreachable: set[str]) -> dict | None:
+        if self.remote(site):
+            from vstore.net import ConnectionFailed
+            try:
+                state = self.peers[site].call("state.get")[0].get("state")
+            except ConnectionFailed:
+                unreachable.add(site)
+                return None
+        else:
+            path = self.site_dir(site) / "state.json"
+            if not path.is_file():
+                return None
+            state = load_json(path)
+        if state is not None and state.get("format") != STATE_FORMAT:
+            raise TricopyError(f"site {site}: not a tricopy site state")
+        return state
+
     @property
     def lab_epoch(self) -> int:
         """The newest promotion epoch any present site has seen."""
@@ -118,6 +143,10 @@ class System:
         return self.lab_dir / site
 
     def _open_storage(self, site: str, state: dict) -> StorageSystem:
+        if self.remote(site):
+            from vstore.remote import RemoteStorage
+            return RemoteStorage(site, self.peers[site], state.get("volumes", {}), self.topo.block_size,  # type: ignore[return-value]
+                                 self.topo.num_blocks, self.storage)
         volumes = {}
         for name, spec in state.get("volumes", {}).items():
             device = ImageDevice(self.site_dir(site) / spec["file"], self.topo.block_size, durable=self.topo.durable)
@@ -205,17 +234,28 @@ class System:
         raise TricopyError("no async copy pair is set up from the site running the application")
 
     def journal(self, site: str) -> ReceiveJournal:
+        if self.remote(site):
+            from vstore.remote import RemoteJournal
+            return RemoteJournal(self.peers[site])  # type: ignore[return-value]
         if site not in self._journals:
             self._journals[site] = ReceiveJournal(self.site_dir(site) / "recv", durable=self.topo.durable)
         return self._journals[site]
 
-    def receiver(self, site: str) -> Receiver:
-        storage = self.storage(site)
+    def receive_targets(self, site: str) -> dict[int, str]:
+        """Entry volume id -> the volume at `site` that receives it."""
         targets = {}
         for pair in self.registry:
             if pair.kind == PairKind.ASYNC and split_ref(pair.target)[0] == site:
                 src_site, src_vol = split_ref(pair.source)
                 targets[self._volume_id(src_site, src_vol)] = split_ref(pair.target)[1]
+        return targets
+
+    def receiver(self, site: str) -> Receiver:
+        targets = self.receive_targets(site)
+        if self.remote(site):
+            from vstore.remote import RemoteReceiver
+            return RemoteReceiver(self.peers[site], targets)  # type: ignore[return-value]
+        storage = self.storage(site)
 
         def apply(volume_id: int, lba: int, data: bytes) -> None:
             if volume_id not in targets:
@@ -276,7 +316,10 @@ class System:
                 continue
             state["epoch"] = epoch
             state["pairs"] = self.registry.to_records(site)
-            save_json_atomic(self.site_dir(site) / "state.json", state, durable=self.topo.durable)
+            if self.remote(site):
+                self.peers[site].call("state.put", {"state": state})
+            else:
+                save_json_atomic(self.site_dir(site) / "state.json", state, durable=self.topo.durable)
 
     def _count_writes(self) -> None:
         """Host writes per site, and how many of each source's writes its targets have seen: the
@@ -303,7 +346,7 @@ class System:
         save_json_atomic(self.lab_dir / FAULTS_FILE, self.faults.to_dict(), durable=False)
 
     def close(self) -> None:
-        if self._entry_log is not None:
+        if self._entry_log is not None and not self.keep_entry_log:
             self._entry_log.close()
         for storage in self.storages.values():
             for vol in storage.volumes.values():

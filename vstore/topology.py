@@ -42,6 +42,13 @@ class Topology:
     spool_capacity: int = 256 << 20
     key_file: str = "lab.key"
     sites: dict[str, SiteSpec] = field(default_factory=dict)
+    links: dict[str, SiteSpec] = field(default_factory=dict)  # "primary-sync" -> where to connect instead
+
+    def peer_address(self, from_site: str, to_site: str) -> SiteSpec:
+        """Where `from_site` connects to reach `to_site`: the site itself, or a fault proxy that
+        topology.toml places on that link ([links."primary-sync"] via = "127.0.0.1:PORT")."""
+        first, second = sorted((from_site, to_site), key=SITE_NAMES.index)
+        return self.links.get(f"{first}-{second}", self.sites[to_site])
 
     @property
     def num_blocks(self) -> int:
@@ -88,11 +95,17 @@ def load_topology(lab: Path) -> Topology:
             durable=bool(lab_doc.get("durable", False)),
             spool_capacity=int(lab_doc.get("spool_capacity", 256 << 20)),
             key_file=str(lab_doc.get("key_file", "lab.key")), sites=sites,
+            links={name: _via(name, spec) for name, spec in doc.get("links", {}).items()},
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise TricopyError(f"{path} is not a valid topology file ({exc}); fix it or re-create the lab") from None
     validate(topo, path)
     return topo
+
+
+def _via(link: str, spec: dict) -> SiteSpec:
+    host, _, port = str(spec["via"]).rpartition(":")
+    return SiteSpec(link, host or "127.0.0.1", int(port))
 
 
 def validate(topo: Topology, where: Path | str = "topology") -> None:

@@ -143,9 +143,15 @@ def register(app: typer.Typer) -> None:
 
         Example: vstore verify /tmp/lab --pair B->D --json
         """
-        from vstore.cli import open_system, user_errors
-        with user_errors(), open_system(lab) as system:
-            results = verify(system, pair)
+        from vstore.cli import daemon_client, open_system, user_errors
+        with user_errors():
+            client = daemon_client(lab)
+            if client is not None:  # online, while the daemons run: the coordinating one compares
+                with client:
+                    results = client.call("verify", {"pair": pair})[0]["pairs"]
+            else:
+                with open_system(lab) as system:
+                    results = verify(system, pair)
         code = exit_code(results)
         if as_json:
             print(json.dumps({"pairs": results}, indent=2))
