@@ -28,3 +28,12 @@ def blocks(seed: int, count: int = 1) -> bytes:
 
 def open_lab(lab: Path) -> System:
     return System(lab)
+
+
+def invoke(app, *args, ok: bool = True, input=None):
+    """Run a typer app through CliRunner; with `ok`, assert it succeeded (showing its output)."""
+    from typer.testing import CliRunner
+    result = CliRunner().invoke(app, [str(a) for a in args], input=input)
+    if ok:
+        assert result.exit_code == 0, result.output + str(result.exception)
+    return result

@@ -12,10 +12,9 @@ import socket
 import time
 
 import pytest
-from typer.testing import CliRunner
 
 from jfs.cli import app as jfs_app
-from tests.labutil import BS, blocks, image
+from tests.labutil import BS, blocks, image, invoke
 from tools.faults.killer import free_base_port, run_once
 from tools.faults.proxy import FaultProxy
 from vstore.cli import app as vstore_app
@@ -25,21 +24,13 @@ from vstore.net import load_key
 from vstore.remote import Peer
 from vstore.topology import load_topology
 
-runner = CliRunner()
-
 
 def vstore(*args, ok=True, input=None):
-    r = runner.invoke(vstore_app, [str(a) for a in args], input=input)
-    if ok:
-        assert r.exit_code == 0, r.output + str(r.exception)
-    return r
+    return invoke(vstore_app, *args, ok=ok, input=input)
 
 
 def jfs(*args, ok=True, input=None):
-    r = runner.invoke(jfs_app, [str(a) for a in args], input=input)
-    if ok:
-        assert r.exit_code == 0, r.output + str(r.exception)
-    return r
+    return invoke(jfs_app, *args, ok=ok, input=input)
 
 
 @pytest.fixture

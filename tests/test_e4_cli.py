@@ -6,26 +6,17 @@ from __future__ import annotations
 import json
 import shutil
 
-from typer.testing import CliRunner
-
 from jfs.cli import app as jfs_app
+from tests.labutil import invoke
 from vstore.cli import app as vstore_app
-
-runner = CliRunner()
 
 
 def vstore(*args, ok=True, input=None):
-    r = runner.invoke(vstore_app, [str(a) for a in args], input=input)
-    if ok:
-        assert r.exit_code == 0, r.output + str(r.exception)
-    return r
+    return invoke(vstore_app, *args, ok=ok, input=input)
 
 
 def jfs(*args, ok=True, input=None):
-    r = runner.invoke(jfs_app, [str(a) for a in args], input=input)
-    if ok:
-        assert r.exit_code == 0, r.output + str(r.exception)
-    return r
+    return invoke(jfs_app, *args, ok=ok, input=input)
 
 
 def test_provider_lab_recover_to_sync_with_primary_deleted(tmp_path):

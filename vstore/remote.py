@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 
 from vstore.blockdev import BlockDevice
-from vstore.entries import Entry, decode_batch, encode_batch
+from vstore.entries import Entry, encode_batch
 from vstore.errors import TricopyError
 from vstore.net import Client
 from vstore.storage import Volume
@@ -156,9 +156,6 @@ class RemoteReceiver:
     def finish_stored(self) -> int:
         return int(self.client.call("journal.finish", {"targets": self.targets})[0]["applied"])
 
-
-def batch_entries(data: bytes) -> list[Entry]:
-    return decode_batch(data)
 
 
 class AppDevice(BlockDevice):
