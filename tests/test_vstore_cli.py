@@ -98,3 +98,14 @@ def test_console_script_runs_as_a_process(tmp_path):
     r = subprocess.run([sys.executable, "-m", "vstore.cli", "status", str(lab), "--json"], capture_output=True,
                        text=True)
     assert json.loads(r.stdout)["pairs"][0]["state"] == "Duplex"
+
+
+def test_status_counts_waiting_entries_per_volume(tmp_path):
+    lab = tmp_path / "lab"
+    run("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--volumes", "2", "--quiet")
+    run("write", lab, "--volume", "0", "--lba", 1, input=blocks(1, 2))
+    run("write", lab, "--volume", "0", "--lba", 5, input=blocks(2, 1))
+    run("write", lab, "--volume", "1", "--lba", 5, input=blocks(3, 1))
+    pairs = {p["name"]: p for p in json.loads(run("status", lab, "--json").stdout)["pairs"]}
+    assert pairs["B0->D0"]["entries_waiting"] == 2 and pairs["B1->D1"]["entries_waiting"] == 1
+    assert pairs["B0->D0"]["bytes_waiting"] > 3 * BS and BS < pairs["B1->D1"]["bytes_waiting"] < 2 * BS

@@ -174,6 +174,9 @@ def daemon_client(lab: Path) -> Any:
 
 # -- status ---------------------------------------------------------------------------------------
 def status_document(system: Any) -> dict:
+    """The `vstore status --json` document; waiting entries are counted per async pair (volume),
+    the oldest age is the consistency group's."""
+    from vstore.entries import entry_size
     from vstore.pairs import PairKind
     from vstore.registry import split_ref
     doc: dict = {"lab": str(system.lab_dir), "mode": system.topo.mode, "sites": {}, "pairs": []}
@@ -184,14 +187,18 @@ def status_document(system: Any) -> dict:
     try:
         active = system.active_site
         stats = system.entry_log.stats()
+        per_volume: dict[int, list[int]] = {}  # entry volume id -> [entries, bytes] waiting
+        for vid, _lba, count in system.entry_log.pending_positions():
+            waiting_here = per_volume.setdefault(vid, [0, 0])
+            waiting_here[0] += 1
+            waiting_here[1] += entry_size(count, system.topo.block_size)
     except TricopyError:
-        active, stats = None, None
+        active, stats, per_volume = None, None, {}
     for pair in system.registry:
         waiting = {"entries_waiting": 0, "bytes_waiting": 0, "oldest_waiting_s": None}
         if pair.kind == PairKind.ASYNC and stats is not None and split_ref(pair.source)[0] == active:
             vid = system.async_program.volume_ids.get(split_ref(pair.source)[1])
-            per = stats.per_volume.get(vid) if hasattr(stats, "per_volume") else None
-            entries, nbytes = (per if per else (stats.entries, stats.bytes))
+            entries, nbytes = per_volume.get(vid, [0, 0])
             waiting = {"entries_waiting": entries, "bytes_waiting": nbytes,
                        "oldest_waiting_s": (time.time_ns() - stats.oldest_timestamp_ns) / 1e9
                        if stats.oldest_timestamp_ns and entries else None}
