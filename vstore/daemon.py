@@ -295,14 +295,27 @@ def pid_file(lab: Path, site: str) -> Path:
     return lab / RUN_DIR / f"{site}.pid"
 
 
-def running_pid(lab: Path, site: str) -> int | None:
-    path = pid_file(lab, site)
+def alive(pid: int) -> bool:
+    """True while process `pid` runs. A daemon started by this process (`lab up` inside a test or
+    the demo) is our child: once it exits it stays a zombie until reaped, so reap it here."""
     try:
-        pid = int(path.read_text().strip())
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child
+    try:
         os.kill(pid, 0)
-        return pid
+        return True
+    except OSError:
+        return False
+
+
+def running_pid(lab: Path, site: str) -> int | None:
+    try:
+        pid = int(pid_file(lab, site).read_text().strip())
     except (OSError, ValueError):
         return None
+    return pid if alive(pid) else None
 
 
 def is_up(lab: Path) -> bool:
@@ -348,13 +361,13 @@ def stop_site(lab: Path, site: str, timeout: float = 10.0) -> bool:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if not alive(pid):
             break
-        time.sleep(0.05)
+        time.sleep(0.02)
     else:
+        log.warning("the %s daemon (pid %d) did not stop within %.0fs: killing it", site, pid, timeout)
         os.kill(pid, signal.SIGKILL)
+        alive(pid)
     pid_file(lab, site).unlink(missing_ok=True)
     return True
 

@@ -490,6 +490,18 @@ def _unreachable(host: str, port: int, reason: object) -> ConnectionFailed:
     return ConnectionFailed(f"cannot reach site at {host}:{port} ({reason})")
 
 
+def _is_self_connected(sock: socket.socket | None) -> bool:
+    """True for a loopback socket connected to itself (TCP simultaneous open: with nobody listening
+    on a port inside the ephemeral range, the kernel may pick that very port as the source port).
+    Such a socket talks to itself and holds the port the site's daemon needs to restart."""
+    if sock is None:
+        return False
+    try:
+        return sock.getsockname() == sock.getpeername()
+    except OSError:
+        return False
+
+
 def _handshake_error(host: str, port: int, e: Exception) -> Exception:
     """What a failed handshake means to the caller: no answer, a broken link, or a refusal."""
     if isinstance(e, TimeoutError):
@@ -528,6 +540,9 @@ class AsyncClient:
                 asyncio.open_connection(host, port, ssl=ssl_context, limit=2 ** 20), timeout)
         except (OSError, TimeoutError, ssl.SSLError) as e:
             raise _unreachable(host, port, str(e) or type(e).__name__) from None
+        if _is_self_connected(writer.get_extra_info("socket")):
+            writer.close()
+            raise _unreachable(host, port, "nobody listens (the connection reached itself)")
         try:
             session = await asyncio.wait_for(cls._handshake(reader, writer, key, max_payload), timeout)
         except BaseException as e:
@@ -720,6 +735,9 @@ class Client:
         deadline = time.monotonic() + self.timeout
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            if _is_self_connected(sock):
+                sock.close()
+                raise ConnectionRefusedError("nobody listens (the connection reached itself)")
             if self._ssl is not None:
                 sock = self._ssl.wrap_socket(sock, server_hostname=self.host)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -26,10 +26,21 @@ from pathlib import Path
 BS = 4096
 
 
+def ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_base_port() -> int:
-    """Three consecutive free loopback ports (best effort)."""
+    """Three consecutive free loopback ports (best effort), below the kernel's ephemeral range: a
+    daemon port inside that range can be taken as the source port of a connection to itself (TCP
+    simultaneous open) while the daemon is down, which makes the restarted daemon's bind fail."""
+    high = max(ephemeral_low() - 3, 12000)
     for _ in range(50):
-        base = random.randrange(20000, 60000)
+        base = random.randrange(10000, high)
         socks = []
         try:
             for p in range(base, base + 3):
