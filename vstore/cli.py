@@ -91,6 +91,12 @@ def open_system(lab: Path) -> Any:
     return System(lab)
 
 
+def quiesced_lab(lab: Path) -> Any:
+    """Disaster procedures run with the lab's daemons stopped and start them again afterwards."""
+    from vstore.daemon import quiesced
+    return quiesced(lab, say=lambda text: err.print(f"[dim]{text}[/]", highlight=False))
+
+
 # -- lab ------------------------------------------------------------------------------------------
 @lab_app.command("init")
 def lab_init(
@@ -479,7 +485,7 @@ def recover(
     Example: rm -rf /tmp/lab/primary && vstore recover /tmp/lab --to sync
     """
     from vstore.recovery import recover as run_recover
-    with user_errors(), open_system(lab) as system, progress_bars(quiet or as_json) as progress:
+    with user_errors(), quiesced_lab(lab), open_system(lab) as system, progress_bars(quiet or as_json) as progress:
         report, steps = run_recover(system, to, progress, full_copy=full)
         system.save()
     if as_json:
@@ -512,7 +518,7 @@ def failover(
     Example: rm -rf /tmp/lab/primary && vstore failover /tmp/lab --to sync
     """
     from vstore import failover as fo
-    with user_errors(), open_system(lab) as system, progress_bars(quiet) as progress:
+    with user_errors(), quiesced_lab(lab), open_system(lab) as system, progress_bars(quiet) as progress:
         if to == "sync":
             if catch_up:
                 raise TricopyError("--catch-up goes with --to async (Fig 14)")
@@ -544,7 +550,7 @@ def failback(
     Example: vstore failback /tmp/lab --sync-first
     """
     from vstore.failback import failback as run_failback
-    with user_errors(), open_system(lab) as system, progress_bars(quiet) as progress:
+    with user_errors(), quiesced_lab(lab), open_system(lab) as system, progress_bars(quiet) as progress:
         steps = run_failback(system, sync_first=sync_first, progress=progress, discard_site=discard_site)
         system.save()
     for step in steps.steps:

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -374,6 +375,24 @@ def stop_site(lab: Path, site: str, timeout: float = 10.0) -> bool:
 
 def lab_down(lab: Path) -> list[str]:
     return [site for site in SITE_NAMES if stop_site(lab, site)]
+
+
+@contextlib.contextmanager
+def quiesced(lab: Path, say: Any = None) -> Iterator[list[str]]:
+    """Run a disaster procedure (failover, failback, recovery) with the lab's daemons stopped, then
+    start the daemons of every site that exists afterwards (with their new roles). The procedures
+    create, copy and re-role whole site directories, which no daemon may serve meanwhile. Yields the
+    sites whose daemons were stopped (empty when the lab was down, and then nothing is started)."""
+    stopped = lab_down(lab) if is_up(lab) else []
+    if stopped and say:
+        say(f"stopped the daemons of {', '.join(stopped)} for the procedure")
+    try:
+        yield stopped
+    finally:
+        if stopped:
+            started = lab_up(lab)
+            if say:
+                say(f"started the daemons of {', '.join(started)} again")
 
 
 def coordinator(lab: Path) -> Peer:
