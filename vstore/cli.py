@@ -172,6 +172,27 @@ def serve(
     asyncio.run(daemon.run(ready=config.parent / "run" / f"{site}.pid"))
 
 
+@app.command()
+def shipper(
+    site: Annotated[str, typer.Option(help="The site running the application (whose spool is shipped).")],
+    config: Annotated[Path, typer.Option(help="The lab's topology.toml.")],
+) -> None:
+    """Run the shipping process in the foreground (what `vstore lab up` starts next to the daemon of
+    the site running the application): follows that site's spool and sends acknowledged entries,
+    in order, to the Async site; resumes from the Async site's applied entry after any restart.
+
+    Example: vstore shipper --site primary --config /tmp/lab/topology.toml
+    """
+    import asyncio
+
+    from vstore.daemon import SHIPPER
+    from vstore.shipper import Shipper
+    logging.getLogger().setLevel(logging.INFO)
+    with user_errors():
+        process = Shipper(config.parent, site)
+    asyncio.run(process.run(ready=config.parent / "run" / f"{SHIPPER}.pid"))
+
+
 def daemon_client(lab: Path) -> Any:
     """The coordinating daemon's client when the lab is up, else None (commands open the files)."""
     from vstore.daemon import coordinator, is_up
@@ -252,6 +273,13 @@ def status(lab: LabArg, as_json: Annotated[bool, typer.Option("--json", help="On
     down = [name for name, up in doc["links"].items() if not up]
     if down:
         out.print(f"links down: {', '.join(down)}")
+    shipping = doc.get("shipping")
+    if shipping:
+        last = f"{shipping['last_confirm_s']:.1f}s ago" if shipping["last_confirm_s"] is not None else "never"
+        rate = f"{shipping['entries_per_s']:.0f} entries/s, {format_size(int(shipping['bytes_per_s']))}/s"
+        pid = f" (pid {shipping['pid']})" if shipping["pid"] else ""
+        out.print(f"shipper process: {shipping['process']}{pid}, sending {rate}; last confirmed batch {last}",
+                  highlight=False)
 
 
 # -- I/O ------------------------------------------------------------------------------------------
@@ -385,8 +413,12 @@ def ship(
             r = client.call("ship", {"max": max_entries})[0]
         if r["error"]:
             die(f"cannot ship: {r['error']}")
-        out.print(f"shipped {r['entries']} entries in {r['batches']} batches ({r['blocks_sent']} blocks sent)",
-                  highlight=False)
+        if r["batches"] is None:  # the shipper process ships; the daemon waited until it caught up
+            out.print(f"the shipper process shipped {r['entries']} entries meanwhile; nothing is waiting",
+                      highlight=False)
+        else:
+            out.print(f"shipped {r['entries']} entries in {r['batches']} batches ({r['blocks_sent']} blocks sent)",
+                      highlight=False)
         return
     with user_errors(), open_system(lab) as system:
         try:

@@ -9,10 +9,12 @@ Keeps true:
   writes to the consistency group are sequenced in one place. A coordinating request (an
   application write, status, ship) opens a `System` for the moment of the request, with the other
   sites reached through `vstore.remote`, and saves it before answering.
-- The daemon of the site running the application keeps a shipper thread: woken by watchdog events
-  on its spool directory (and once a second), it ships waiting entries; an unreachable Async site
-  leaves the entries waiting, and shipping resumes from the Async site's applied sequence when it
-  answers again, with no gap and no entry applied twice (the journal refuses both).
+- Shipping is its own process (`vstore shipper`, vstore/shipper.py), started by `lab up` next to
+  the daemon of the site running the application. That daemon owns the spool: it appends entries
+  (under the site lock, durable before the ack), answers `spool.acked` (the last acknowledged
+  entry: the shipper never sends past it) and `spool.plan`, and trims on `spool.confirm` once the
+  Async site has applied a batch. Pair-state work (a Suspended async group's Duplex-Pending
+  resync) stays in this daemon: the shipper asks for it with `ship {"in_process": true}`.
 - The key file must be private (mode 0600) or the daemon refuses to start.
 """
 
@@ -37,11 +39,13 @@ from vstore.entries import EntryLog, ReceiveJournal, decode_batch
 from vstore.errors import TricopyError
 from vstore.net import ConnectionFailed, load_key, serve
 from vstore.remote import Peer
+from vstore.shipping import DEFAULT_BATCH_ENTRIES
 from vstore.statefile import load_json, save_json_atomic
 from vstore.topology import SITE_NAMES, Topology, load_topology
 
 log = logging.getLogger("vstore.daemon")
 RUN_DIR = "run"
+SHIPPER = "shipper"  # the shipping process's name in LAB/run (pid and log files)
 
 
 def clients(lab: Path, topo: Topology, key: bytes, *, timeout: float = 10.0) -> dict[str, Peer]:
@@ -63,8 +67,7 @@ class SiteDaemon:
                 self.peers[name] = Peer(spec.host, spec.port, self.key, timeout=5.0)
         self.lock = threading.RLock()
         self.entry_log: EntryLog | None = None
-        self.wake = threading.Event()
-        self.stop = threading.Event()
+        self.ship_stats: dict = {}
         self.devices: dict[str, ImageDevice] = {}
 
     @property
@@ -100,8 +103,8 @@ class SiteDaemon:
             self.device(volume).flush()
 
     # -- coordination ---------------------------------------------------------------------------
-    def system(self) -> Any:
-        from vstore.site import System
+    def spool(self) -> EntryLog | None:
+        """The entry log, open while this site runs the application (else None)."""
         state = self.state()
         host = (state or {}).get("host") or {}
         if state and state.get("role") == "primary" and host:
@@ -109,9 +112,92 @@ class SiteDaemon:
                 self.entry_log = EntryLog(self.site_dir / "spool", durable=self.topo.durable,
                                           capacity_bytes=host.get("spool_capacity", self.topo.spool_capacity),
                                           block_size=self.topo.block_size)
-        return System(self.lab, lock=False, local=self.site, peers=self.peers, entry_log=self.entry_log)
+        return self.entry_log
+
+    def system(self) -> Any:
+        from vstore.site import System
+        return System(self.lab, lock=False, local=self.site, peers=self.peers, entry_log=self.spool())
+
+    def async_group_duplex(self, state: dict) -> bool:
+        """Every async pair from this site is Duplex (read from the local state file)."""
+        pairs = [doc["pair"] for doc in state.get("pairs", {}).values()]
+        mine = [p for p in pairs if p.get("kind") == "async" and str(p.get("source", "")).startswith(f"{self.site}:")]
+        return bool(mine) and all(p.get("state") == "Duplex" for p in mine)
+
+    def spool_acked(self) -> dict:
+        """What the shipper may send: entries confirmed_seq+1 .. acked (all acknowledged: appends
+        happen under the site lock, which this answer also holds)."""
+        state = self.state() or {}
+        spool = self.spool()
+        if spool is None:
+            return {"active": False}
+        faults = self.lab / "faults.json"  # `vstore fail/heal` change it: the shipper re-plans
+        return {"active": True, "acked": spool.next_seq - 1, "confirmed": spool.confirmed_seq,
+                "duplex": self.async_group_duplex(state),
+                "version": faults.stat().st_mtime_ns if faults.is_file() else 0}
+
+    def spool_plan(self) -> dict:
+        """Where and how to ship: the Async site's address (through a fault proxy if the link has
+        one), which volume each entry volume id lands on, batching, and whether a fault blocks it."""
+        from vstore.links import link_name
+        answer = self.spool_acked()
+        if not answer["active"]:
+            return answer
+        with self.system() as system:
+            target = system.async_target_site()
+            faults = system.faults
+            blocked = None
+            if target in faults.sites_down:
+                blocked = f"site {target} is down"
+            elif link_name(self.site, target) in faults.links_down:
+                blocked = f"link {link_name(self.site, target)} is down"
+            spec = self.topo.peer_address(self.site, target)
+            return {**answer, "target_site": target, "address": [spec.host, spec.port],
+                    "targets": {str(k): v for k, v in system.receive_targets(target).items()},
+                    "coalescing": self.topo.coalesce, "batch_entries": DEFAULT_BATCH_ENTRIES, "blocked": blocked}
+
+    def spool_confirm(self, seq: int, stats: dict) -> dict:
+        spool = self.spool()
+        if spool is None:
+            raise TricopyError(f"site {self.site} does not run the application: no spool to confirm")
+        if spool.confirmed_seq < seq < spool.next_seq:
+            spool.confirm(seq)
+        self.ship_stats = {**stats, "confirmed_seq": spool.confirmed_seq, "time": time.time()}
+        return {"confirmed": spool.confirmed_seq}
+
+    def shipping_status(self) -> dict:
+        """The shipper process as status shows it: running or not, send rate, last confirmation."""
+        pid = running_pid(self.lab, SHIPPER)
+        doc: dict = {"process": "running" if pid else "stopped", "pid": pid,
+                     "entries_per_s": 0.0, "bytes_per_s": 0.0, "last_confirm_s": None}
+        if self.ship_stats:
+            doc.update({k: self.ship_stats.get(k, 0.0) for k in ("entries_per_s", "bytes_per_s")})
+            doc["last_confirm_s"] = round(time.time() - self.ship_stats["time"], 3)
+        return doc
+
+    def wait_drained(self, timeout: float) -> dict:
+        """`vstore ship` while a shipper process runs: wait (without the site lock) until it has
+        shipped everything acknowledged so far."""
+        with self.lock:
+            start = self.spool_acked()
+        if not start.get("active"):
+            raise TricopyError(f"site {self.site} does not run the application: nothing to ship")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                now = self.spool_acked()
+            if now["confirmed"] >= start["acked"]:
+                return {"entries": now["confirmed"] - start["confirmed"], "batches": None, "error": None,
+                        "blocks_sent": None, "blocks_written": None, "resynced_blocks": 0}
+            time.sleep(0.02)
+        return {"entries": now["confirmed"] - start["confirmed"], "batches": None, "blocks_sent": None,
+                "blocks_written": None, "resynced_blocks": 0,
+                "error": f"the shipper process has not shipped entries up to {start['acked']} within {timeout:.0f}s "
+                         f"(confirmed {now['confirmed']}); see {self.lab / RUN_DIR}/{SHIPPER}.log"}
 
     def handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+        if method == "ship" and not args.get("in_process") and running_pid(self.lab, SHIPPER):
+            return self.wait_drained(float(args.get("timeout", 60.0))), b""
         with self.lock:
             return self._handle(method, args, data)
 
@@ -146,6 +232,12 @@ class SiteDaemon:
             return {"applied": self._finish(journal, args["targets"])}, b""
         if method == "journal.finish":
             return {"applied": self._finish(self.journal(), args["targets"])}, b""
+        if method == "spool.acked":
+            return self.spool_acked(), b""
+        if method == "spool.plan":
+            return self.spool_plan(), b""
+        if method == "spool.confirm":
+            return self.spool_confirm(int(args["seq"]), dict(args.get("stats") or {})), b""
         return self._coordinate(method, args, data)
 
     def save_targets(self, targets: dict[str, str]) -> None:
@@ -182,7 +274,6 @@ class SiteDaemon:
                     dev = system.device(args.get("volume", 0))
                     dev.write(int(args["lba"]), data)
                     dev.flush()
-                    self.wake.set()
                     return {}, b""
                 if method == "app.read":
                     return {}, system.device(args.get("volume", 0)).read(int(args["lba"]), int(args["count"]))
@@ -191,7 +282,10 @@ class SiteDaemon:
                     return {"answer": dev.has_unshipped([tuple(r) for r in args["ranges"]])}, b""
                 if method == "status":
                     from vstore.cli import status_document
-                    return {"status": status_document(system)}, b""
+                    doc = status_document(system)
+                    if system.entry_log is not None:
+                        doc["shipping"] = self.shipping_status()
+                    return {"status": doc}, b""
                 if method == "snapshot":
                     from vstore.dashboard import snapshot_of
                     return {"snapshot": snapshot_of(system)}, b""
@@ -211,51 +305,6 @@ class SiteDaemon:
                 if changes:
                     system.save()
 
-    # -- the shipper ----------------------------------------------------------------------------
-    def ship_loop(self) -> None:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
-        daemon = self
-
-        class Wake(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                daemon.wake.set()
-
-        observer = None
-        spool = self.site_dir / "spool"
-        if spool.is_dir():
-            observer = Observer()
-            observer.schedule(Wake(), str(spool), recursive=False)
-            observer.start()
-        try:
-            while not self.stop.is_set():
-                self.wake.wait(1.0)
-                self.wake.clear()
-                self.ship_once()
-        finally:
-            if observer is not None:
-                observer.stop()
-                observer.join()
-
-    def ship_once(self) -> None:
-        with self.lock:
-            state = self.state()
-            if not state or state.get("role") != "primary" or not state.get("host"):
-                return
-            try:
-                with self.system() as system:
-                    if system.entry_log.stats().entries == 0 and not any(
-                            p.state.value == "Suspend" for p in system.async_program.pairs()):
-                        return
-                    target = system.async_target_site()
-                    if not system.network.site_up(target):
-                        return  # entries wait; shipping resumes when the Async site answers
-                    system.shipper().ship()
-                    system.save()
-            except (ConnectionFailed, TricopyError) as exc:
-                log.warning("shipper: %s (entries keep waiting)", exc)
-
     # -- running --------------------------------------------------------------------------------
     async def run(self, ready: Path | None = None) -> None:
         spec = self.topo.sites[self.site]
@@ -266,8 +315,6 @@ class SiteDaemon:
             return await asyncio.to_thread(self.handle, method, args, data)
 
         server = await serve(spec.host, spec.port, self.key, handler)
-        shipper = threading.Thread(target=self.ship_loop, name="shipper", daemon=True)
-        shipper.start()
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -276,14 +323,11 @@ class SiteDaemon:
         if ready is not None:
             ready.write_text(str(os.getpid()))
         await done.wait()
-        self.stop.set()
-        self.wake.set()
         server.close()
         for peer in self.peers.values():  # peers hold connections to each other: drop ours
             peer.close()
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 0.3)
-        shipper.join(5)
         with self.lock:
             if self.entry_log is not None:
                 self.entry_log.close()
@@ -319,45 +363,74 @@ def running_pid(lab: Path, site: str) -> int | None:
     return pid if alive(pid) else None
 
 
+PROCESSES = (*SITE_NAMES, SHIPPER)
+
+
 def is_up(lab: Path) -> bool:
-    """A lab is up when any of its site daemons is running."""
-    return (lab / RUN_DIR).is_dir() and any(running_pid(lab, s) for s in SITE_NAMES)
+    """A lab is up when any of its daemons (sites or shipper) is running."""
+    return (lab / RUN_DIR).is_dir() and any(running_pid(lab, name) for name in PROCESSES)
 
 
-def start_site(lab: Path, site: str, timeout: float = 15.0) -> int:
+def application_site(lab: Path) -> str | None:
+    """The site whose host runs the application, from the site directories present here (the
+    newest promotion wins, as in `System.active_site`)."""
+    found = []
+    for site in SITE_NAMES:
+        path = lab / site / "state.json"
+        if path.is_file():
+            state = load_json(path)
+            if state.get("role") == "primary" and state.get("host"):
+                found.append((int(state["host"].get("epoch", 0)), site))
+    return max(found)[1] if found else None
+
+
+def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
+    """Start a site's daemon (`name` = primary, sync or async) or the shipper process (`name` =
+    "shipper", for the site running the application) in the background; return its pid."""
     (lab / RUN_DIR).mkdir(exist_ok=True)
-    pid = running_pid(lab, site)
+    pid = running_pid(lab, name)
     if pid:
         return pid
-    ready = pid_file(lab, site)
+    config = str(lab / "topology.toml")
+    if name == SHIPPER:
+        site = application_site(lab)
+        if site is None:
+            raise TricopyError(f"no site of {lab} runs the application: there is nothing to ship")
+        argv = ["shipper", "--site", site, "--config", config]
+    else:
+        argv = ["serve", "--site", name, "--config", config]
+    ready = pid_file(lab, name)
     ready.unlink(missing_ok=True)
-    logf = open(lab / RUN_DIR / f"{site}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli", "serve", "--site", site, "--config",
-                             str(lab / "topology.toml")], stdout=logf, stderr=logf, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    logf = open(lab / RUN_DIR / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli", *argv], stdout=logf, stderr=logf,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
     logf.close()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            tail = (lab / RUN_DIR / f"{site}.log").read_text()[-400:]
-            raise TricopyError(f"the {site} daemon exited at start: {tail.strip().splitlines()[-1] if tail else ''}")
+            tail = (lab / RUN_DIR / f"{name}.log").read_text()[-400:]
+            raise TricopyError(f"the {name} daemon exited at start: {tail.strip().splitlines()[-1] if tail else ''}")
         if ready.exists() and ready.read_text().strip():
             return proc.pid
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.kill()
-    raise TricopyError(f"the {site} daemon did not come up within {timeout:.0f}s; see {lab / RUN_DIR}/{site}.log")
+    raise TricopyError(f"the {name} daemon did not come up within {timeout:.0f}s; see {lab / RUN_DIR}/{name}.log")
 
 
 def lab_up(lab: Path) -> dict[str, int]:
+    """Start the daemon of every site present, then the shipper of the site running the application."""
     topo = load_topology(lab)
     load_key(lab / topo.key_file)  # refuse a bad key before starting anything
-    return {site: start_site(lab, site) for site in SITE_NAMES if (lab / site).is_dir()}
+    started = {site: start_site(lab, site) for site in SITE_NAMES if (lab / site).is_dir()}
+    if application_site(lab) in started:
+        started[SHIPPER] = start_site(lab, SHIPPER)
+    return started
 
 
-def stop_site(lab: Path, site: str, timeout: float = 10.0) -> bool:
-    pid = running_pid(lab, site)
+def stop_site(lab: Path, name: str, timeout: float = 10.0) -> bool:
+    pid = running_pid(lab, name)
     if pid is None:
-        pid_file(lab, site).unlink(missing_ok=True)
+        pid_file(lab, name).unlink(missing_ok=True)
         return False
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
@@ -366,15 +439,16 @@ def stop_site(lab: Path, site: str, timeout: float = 10.0) -> bool:
             break
         time.sleep(0.02)
     else:
-        log.warning("the %s daemon (pid %d) did not stop within %.0fs: killing it", site, pid, timeout)
+        log.warning("the %s daemon (pid %d) did not stop within %.0fs: killing it", name, pid, timeout)
         os.kill(pid, signal.SIGKILL)
         alive(pid)
-    pid_file(lab, site).unlink(missing_ok=True)
+    pid_file(lab, name).unlink(missing_ok=True)
     return True
 
 
 def lab_down(lab: Path) -> list[str]:
-    return [site for site in SITE_NAMES if stop_site(lab, site)]
+    """Stop the shipper, then the site daemons; returns the names of those that were running."""
+    return [name for name in (SHIPPER, *SITE_NAMES) if stop_site(lab, name)]
 
 
 @contextlib.contextmanager

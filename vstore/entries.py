@@ -37,6 +37,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from construct import (
     Bytes,
@@ -184,6 +185,15 @@ def decode_entry(buf: bytes | memoryview, offset: int = 0) -> tuple[Entry, int]:
     return entry, end
 
 
+def parse_entry_header(raw: bytes, where: str) -> Any:
+    """The header of an entry (to find its length without reading its payload)."""
+    hdr = parse_checked(_ENTRY_HEADER, raw[:ENTRY_HEADER_SIZE], where)
+    check_version(hdr.version, ENTRY_VERSION, where)
+    if hdr.block_count == 0 or hdr.block_size == 0:
+        raise FormatError(f"{where}: block count and block size must be positive (header damaged)")
+    return hdr
+
+
 def _check_consecutive(seqs: Sequence[int], what: str) -> None:
     for prev, cur in zip(seqs, seqs[1:], strict=False):
         if cur != prev + 1:
@@ -303,6 +313,16 @@ _SEGMENT_RE = re.compile(r"^seg-(\d{20})\.log$")
 _CONFIRMED_FILE = "confirmed.json"
 
 
+def segment_files(spool_dir: Path) -> list[tuple[int, Path]]:
+    """(first sequence number, path) of every segment file of a spool, in order."""
+    found = []
+    for path in spool_dir.iterdir():
+        m = _SEGMENT_RE.match(path.name)
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
 def segment_name(first_seq: int) -> str:
     return f"seg-{first_seq:020d}.log"
 
@@ -349,12 +369,7 @@ class EntryLog:
         return value
 
     def _segment_files(self) -> list[tuple[int, Path]]:
-        found = []
-        for path in self.spool_dir.iterdir():
-            m = _SEGMENT_RE.match(path.name)
-            if m:
-                found.append((int(m.group(1)), path))
-        return sorted(found)
+        return segment_files(self.spool_dir)
 
     def _recover(self) -> int:
         """Load every segment; return the highest sequence number ever used."""

@@ -1,6 +1,8 @@
 """SIGKILL harness for the site daemons (issue 6): a writer sends writes to distinct blocks through
-the daemons while one daemon (primary, sync or async), chosen at random, is killed at a random
-moment and restarted; then the lab is checked:
+the daemons while one process, chosen at random, is killed at a random moment and restarted: a
+site daemon (primary, sync or async), the shipper process, or the writing host process itself (a
+separate writer process, SIGKILLed mid-stream; the harness then carries on writing). Then the lab
+is checked:
 
 - no acknowledged write is missing at C (the Sync site);
 - D (the Async site) is always the primary after a prefix of the acknowledged writes;
@@ -19,9 +21,13 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+VICTIMS = ("primary", "sync", "async", "shipper", "host")
 
 BS = 4096
 
@@ -80,28 +86,66 @@ def assert_prefix(d: list[bytes], acked: list[int], in_doubt: list[int], victim:
         assert not missing, f"D holds write {last} but not earlier acknowledged {missing} (victim {victim})"
 
 
-def run_once(root: Path, rng: random.Random, writes: int = 60) -> str:
-    from vstore.daemon import lab_down, lab_up, running_pid, start_site
-    from vstore.lab import init_lab
+def primary_peer(lab: Path):  # noqa: ANN201 - vstore.remote.Peer, imported late
     from vstore.net import load_key
     from vstore.remote import Peer
     from vstore.topology import load_topology
+    topo = load_topology(lab)
+    return Peer(topo.sites["primary"].host, topo.sites["primary"].port, load_key(lab / topo.key_file), timeout=10)
+
+
+def writer(lab: Path, first: int, count: int) -> None:
+    """The writing host as its own process: write blocks first..first+count-1 in order through the
+    primary's daemon, printing each index once its write is acknowledged."""
+    with primary_peer(lab) as primary:
+        for i in range(first, first + count):
+            primary.call("app.write", {"volume": 0, "lba": i}, block(i))
+            print(i, flush=True)
+
+
+def kill_host_writer(lab: Path, rng: random.Random, first: int, count: int) -> tuple[list[int], int]:
+    """Start a writer process and SIGKILL it at a random moment. Returns the writes it saw
+    acknowledged and the next index it would have written (possibly in flight at the kill)."""
+    proc = subprocess.Popen([sys.executable, "-m", "tools.faults.killer", "--writer", str(lab), "--first",
+                             str(first), "--count", str(count)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    wanted = rng.randrange(1, count)
+    acked: list[int] = []
+    for line in proc.stdout:
+        acked.append(int(line))
+        if len(acked) >= wanted:
+            break
+    time.sleep(rng.random() * 0.005)  # the next write is somewhere on its way
+    proc.kill()
+    rest, _ = proc.communicate()
+    acked += [int(x) for x in rest.split()]
+    return acked, first + len(acked)
+
+
+def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | None = None) -> str:
+    from vstore.daemon import lab_down, lab_up, running_pid, start_site
+    from vstore.lab import init_lab
 
     lab = root / f"lab{rng.randrange(10**9)}"
     init_lab(lab, mode=rng.choice(["provider", "mirror"]), size=256 * BS, base_port=free_base_port())
     lab_up(lab)
-    topo = load_topology(lab)
-    key = load_key(lab / topo.key_file)
-    victim = rng.choice(["primary", "sync", "async"])
-    kill_at = rng.randrange(5, writes - 5)
+    victim = victim or rng.choice(VICTIMS)
+    kill_at = rng.randrange(5, writes - 10)
     acked: list[int] = []
     in_doubt: list[int] = []
-    primary = Peer(topo.sites["primary"].host, topo.sites["primary"].port, key, timeout=10)
+    primary = primary_peer(lab)
     try:
-        for i in range(writes):
+        i = 0
+        while i < writes:
+            if i == kill_at and victim == "host":
+                got, i = kill_host_writer(lab, rng, i, 8)
+                acked += got
+                in_doubt.append(i)  # maybe written, maybe not: never written again
+                i += 1
+                continue
             if i == kill_at:
                 pid = running_pid(lab, victim)
-                assert pid is not None
+                assert pid is not None, f"{victim} is not running"
                 os.kill(pid, signal.SIGKILL)
                 time.sleep(rng.random() * 0.2)
                 (lab / "run" / f"{victim}.pid").unlink(missing_ok=True)
@@ -114,13 +158,13 @@ def run_once(root: Path, rng: random.Random, writes: int = 60) -> str:
                 acked.append(i)
             except Exception:  # noqa: BLE001 - the write is in doubt: the daemon died or fenced it
                 in_doubt.append(i)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:  # shipping resumes by itself
+            i += 1
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # shipping resumes by itself (the shipper process)
             status = primary.call("status")[0]["status"]
             if all(p["entries_waiting"] == 0 and p["state"] == "Duplex" for p in status["pairs"]):
                 break
-            primary.call("ship")
-            time.sleep(0.1)
+            time.sleep(0.05)
     finally:
         primary.close()
         lab_down(lab)
@@ -140,7 +184,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=100)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--writer", type=Path, help=argparse.SUPPRESS)  # the writing host process (internal)
+    ap.add_argument("--first", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.writer:
+        writer(args.writer, args.first, args.count)
+        return
     rng = random.Random(args.seed)
     victims: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
