@@ -18,7 +18,7 @@ def test_quick_run_prints_the_three_parts(capsys):
         assert part in out, out
     number = r"(\d+(?:\.\d+)?)"
     assert re.search(rf"raw TCP, 1 MiB sendall\s+{number} MB/s", out), out
-    assert re.search(rf"shipping throughput\s+{number} MB/s\s+{number}x raw", out), out
+    assert re.search(rf"shipping throughput \(from ready\)\s+{number} MB/s\s+{number}x raw", out), out
     assert re.search(r"goal \(b\) >= 0.6x \(a\) raw TCP: (met|NOT met)", out), out
     for row in ("proxy RTT: raw TCP", "proxy RTT: RPC ping to sync", "app -> primary daemon hop",
                 "local 4 KiB write", "sync write: app.write"):

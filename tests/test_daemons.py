@@ -18,9 +18,9 @@ from tests.labutil import BS, blocks, image, invoke
 from tools.faults.killer import VICTIMS, free_base_port, run_once
 from tools.faults.proxy import FaultProxy
 from vstore.cli import app as vstore_app
-from vstore.daemon import lab_down, lab_up, running_pid, start_site, stop_site
+from vstore.daemon import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
 from vstore.lab import init_lab
-from vstore.net import load_key
+from vstore.net import ConnectionFailed, load_key
 from vstore.remote import Peer
 from vstore.topology import load_topology
 
@@ -173,6 +173,25 @@ def test_sync_link_cut_through_the_proxy_fences_writes(lab_factory):
         lab_down(lab)
     assert image(lab, "sync", "C") == image(lab, "async", "D")
     assert image(lab, "sync", "C")[9 * BS:10 * BS] == bytes(BS)
+
+
+def test_tls_lab(lab_factory):
+    """`lab init --tls`: every daemon serves TLS only; the CLI, the daemons and the shipper use it."""
+    lab = lab_factory(mode="mirror", tls=True)
+    assert (lab / "tls" / "key.pem").stat().st_mode & 0o777 == 0o600
+    vstore("lab", "up", lab)
+    for i in range(5):
+        vstore("write", lab, "--lba", i, input=blocks(i))
+    wait_shipped(lab)
+    assert image(lab, "async", "D") == image(lab, "primary", "B")
+    assert image(lab, "sync", "C") == image(lab, "primary", "A")
+    topo = load_topology(lab)
+    plain = Peer(topo.sites["sync"].host, topo.sites["sync"].port, load_key(lab / topo.key_file), timeout=5)
+    with pytest.raises(ConnectionFailed):  # the right key without TLS is not enough
+        plain.call("ping")
+    plain.close()
+    with site_peer(lab, "sync") as peer:
+        assert peer.call("ping")[0]["site"] == "sync"
 
 
 def test_bad_clients_are_refused_and_the_daemon_keeps_serving(lab_factory):

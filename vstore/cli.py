@@ -112,6 +112,8 @@ def lab_init(
     spool_capacity: Annotated[str, typer.Option(help="Entry log capacity before the async pair suspends.")] = "256M",
     base_port: Annotated[int, typer.Option(help="TCP port of the primary's daemon; sync and async use the next "
                                                 "two (127.0.0.1).")] = 7401,
+    tls: Annotated[bool, typer.Option("--tls/--no-tls", help="Daemons talk TLS (a lab CA and certificate are made "
+                                                             "in LAB/tls; topology.toml [tls] names them).")] = False,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
     """Create a lab and run the Fig 3 initial set-up; every pair ends Duplex.
@@ -122,7 +124,7 @@ def lab_init(
     with user_errors(), progress_bars(quiet) as progress:
         steps = init_lab(lab, mode=mode, size=parse_size(size), volumes=volumes, protect=protect, coalesce=coalesce,
                          durable=durable, spool_capacity=parse_size(spool_capacity), base_port=base_port,
-                         progress=progress)
+                         tls=tls, progress=progress)
     for step in steps.steps:
         out.print(f"  {step}", highlight=False)
     out.print(f"lab [bold]{lab}[/] ready ({mode} mode)")
@@ -130,16 +132,18 @@ def lab_init(
 
 @lab_app.command("up")
 def lab_up_cmd(lab: LabArg) -> None:
-    """Start the three site daemons on 127.0.0.1 (ports in topology.toml) in the background; pid and
-    log files go to LAB/run/. While a lab is up, vstore and jfs commands talk to the daemons.
+    """Start the three site daemons on 127.0.0.1 (ports in topology.toml) and the shipper process of
+    the site running the application, in the background; pid and log files go to LAB/run/. While a
+    lab is up, vstore and jfs commands talk to the daemons.
 
     Example: vstore lab up /tmp/lab
     """
-    from vstore.daemon import lab_up
+    from vstore.daemon import SHIPPER, lab_up
     with user_errors():
         pids = lab_up(lab)
-    for site, pid in pids.items():
-        out.print(f"site {site}: daemon pid {pid}", highlight=False)
+    for name, pid in pids.items():
+        what = "shipper process" if name == SHIPPER else f"site {name} daemon"
+        out.print(f"{what}: pid {pid} (log {lab / 'run' / name}.log)", highlight=False)
 
 
 @lab_app.command("down")
@@ -590,9 +594,10 @@ def failback(
 
 
 def _register_extensions() -> None:
-    from vstore import dashboard, verify
+    from vstore import dashboard, demo, verify
     dashboard.register(app)
     verify.register(app)
+    demo.register(app)
 
 
 _register_extensions()

@@ -41,6 +41,8 @@ from vstore.net import ConnectionFailed, load_key, serve
 from vstore.remote import Peer
 from vstore.shipping import DEFAULT_BATCH_ENTRIES
 from vstore.statefile import load_json, save_json_atomic
+from vstore.tls import client_context
+from vstore.tls import contexts as tls_contexts
 from vstore.topology import SITE_NAMES, Topology, load_topology
 
 log = logging.getLogger("vstore.daemon")
@@ -49,7 +51,17 @@ SHIPPER = "shipper"  # the shipping process's name in LAB/run (pid and log files
 
 
 def clients(lab: Path, topo: Topology, key: bytes, *, timeout: float = 10.0) -> dict[str, Peer]:
-    return {name: Peer(spec.host, spec.port, key, timeout=timeout) for name, spec in topo.sites.items()}
+    tls = client_context(lab, topo)
+    return {name: Peer(spec.host, spec.port, key, timeout=timeout, ssl_context=tls)
+            for name, spec in topo.sites.items()}
+
+
+def site_peer(lab: Path, site: str, *, timeout: float = 10.0) -> Peer:
+    """A client of one site's daemon, with the lab's key (and TLS when the lab has it)."""
+    topo = load_topology(lab)
+    spec = topo.sites[site]
+    return Peer(spec.host, spec.port, load_key(lab / topo.key_file), timeout=timeout,
+                ssl_context=client_context(lab, topo))
 
 
 class SiteDaemon:
@@ -60,11 +72,12 @@ class SiteDaemon:
         self.site = site
         self.topo = load_topology(lab)
         self.key = load_key(lab / self.topo.key_file)
+        self.server_tls, self.client_tls = tls_contexts(lab, self.topo)
         self.peers = {}
         for name in SITE_NAMES:
             if name != site:
                 spec = self.topo.peer_address(site, name)  # maybe through a fault proxy on the link
-                self.peers[name] = Peer(spec.host, spec.port, self.key, timeout=5.0)
+                self.peers[name] = Peer(spec.host, spec.port, self.key, timeout=5.0, ssl_context=self.client_tls)
         self.lock = threading.RLock()
         self.entry_log: EntryLog | None = None
         self.ship_stats: dict = {}
@@ -314,7 +327,7 @@ class SiteDaemon:
         async def handler(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
             return await asyncio.to_thread(self.handle, method, args, data)
 
-        server = await serve(spec.host, spec.port, self.key, handler)
+        server = await serve(spec.host, spec.port, self.key, handler, ssl_context=self.server_tls)
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -484,5 +497,5 @@ def coordinator(lab: Path) -> Peer:
         if topo.sites[active]:
             spec = topo.sites[active]
             client.close()
-            return Peer(spec.host, spec.port, key)
+            return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo))
     raise TricopyError(f"no daemon of lab {lab} answers; start them with `vstore lab up {lab}`")

@@ -35,7 +35,7 @@ def write_key(path: Path) -> None:
 
 def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes: int = 1, protect: bool = True,
              coalesce: bool = False, durable: bool = False, block_size: int = 4096, base_port: int = 7401,
-             spool_capacity: int = 256 << 20, progress: Progress = no_progress) -> StepLog:
+             spool_capacity: int = 256 << 20, tls: bool = False, progress: Progress = no_progress) -> StepLog:
     lab = Path(lab)
     topo = Topology(name=lab.name or "lab", mode=mode, size=size, block_size=block_size, volumes=volumes,
                     protect=protect, coalesce=coalesce, durable=durable, spool_capacity=spool_capacity,
@@ -44,6 +44,11 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
     if lab.exists() and (not lab.is_dir() or any(lab.iterdir())):
         raise TricopyError(f"{lab} already exists and is not empty; choose a new directory (nothing was changed)")
     lab.mkdir(parents=True, exist_ok=True)
+    if tls:
+        from dataclasses import replace
+
+        from vstore.tls import create_lab_certificates
+        topo = replace(topo, tls=create_lab_certificates(lab, sorted({s.host for s in topo.sites.values()})))
     (lab / TOPOLOGY_FILE).write_text(topo.to_toml())
     write_key(lab / topo.key_file)
     for site, letters in SITE_LETTERS.items():

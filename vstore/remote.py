@@ -10,6 +10,7 @@ already turn into failure Suspend.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable, Iterable, Sequence
 
@@ -26,15 +27,18 @@ class Peer:
     """An RPC client that connects on first use (a daemon may start before its peers) and again
     after a failed call; calls are never retried."""
 
-    def __init__(self, host: str, port: int, key: bytes, *, timeout: float = 10.0) -> None:
+    def __init__(self, host: str, port: int, key: bytes, *, timeout: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host, self.port, self.key, self.timeout = host, port, key, timeout
+        self.ssl_context = ssl_context
         self._client: Peer | None = None
         self._lock = threading.Lock()
 
     def call(self, method: str, args: dict | None = None, data: bytes = b"") -> tuple[dict, bytes]:
         with self._lock:
             if self._client is None:
-                self._client = Client(self.host, self.port, self.key, timeout=self.timeout)
+                self._client = Client(self.host, self.port, self.key, timeout=self.timeout,
+                                      ssl_context=self.ssl_context)
             client = self._client
         return client.call(method, args, data)
 

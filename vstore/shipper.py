@@ -43,6 +43,7 @@ from vstore.entries import (
 from vstore.errors import FormatError, TricopyError
 from vstore.net import AsyncClient, ConnectionFailed, RemoteError, load_key
 from vstore.shipping import coalesce
+from vstore.tls import client_context
 from vstore.topology import SITE_NAMES, load_topology
 
 log = logging.getLogger("vstore.shipper")
@@ -165,6 +166,7 @@ class Shipper:
         self.lab, self.site = lab, site
         self.topo = load_topology(lab)
         self.key = load_key(lab / self.topo.key_file)
+        self.tls = client_context(lab, self.topo)
         self.spool_dir = lab / site / "spool"
         self.reader = SpoolReader(self.spool_dir)
         self.meter = RateMeter()
@@ -182,7 +184,7 @@ class Shipper:
             await self.delegate(daemon, plan)
             return
         host, port = plan["address"]
-        remote = await AsyncClient.connect(host, port, self.key, window=WINDOW, timeout=30.0)
+        remote = await AsyncClient.connect(host, port, self.key, window=WINDOW, timeout=30.0, ssl_context=self.tls)
         try:
             await self.stream(daemon, remote, plan)
         finally:
@@ -271,7 +273,8 @@ class Shipper:
         try:
             while not self.stopping:
                 try:
-                    async with await AsyncClient.connect(spec.host, spec.port, self.key, timeout=30.0) as daemon:
+                    async with await AsyncClient.connect(spec.host, spec.port, self.key, timeout=30.0,
+                                                         ssl_context=self.tls) as daemon:
                         while not self.stopping:
                             await self.session(daemon)
                             backoff = 0.1

@@ -43,6 +43,7 @@ class Topology:
     key_file: str = "lab.key"
     sites: dict[str, SiteSpec] = field(default_factory=dict)
     links: dict[str, SiteSpec] = field(default_factory=dict)  # "primary-sync" -> where to connect instead
+    tls: dict[str, str] | None = None  # [tls] cert, key, ca (paths relative to the lab); None = plain TCP
 
     def peer_address(self, from_site: str, to_site: str) -> SiteSpec:
         """Where `from_site` connects to reach `to_site`: the site itself, or a fault proxy that
@@ -70,6 +71,8 @@ class Topology:
             },
             "sites": {s.name: {"host": s.host, "port": s.port} for s in self.sites.values()},
         }
+        if self.tls:
+            doc["tls"] = dict(self.tls)
         return "# tricopy lab topology (see README). Edit only while the lab is down.\n" + tomli_w.dumps(doc)
 
 
@@ -96,11 +99,19 @@ def load_topology(lab: Path) -> Topology:
             spool_capacity=int(lab_doc.get("spool_capacity", 256 << 20)),
             key_file=str(lab_doc.get("key_file", "lab.key")), sites=sites,
             links={name: _via(name, spec) for name, spec in doc.get("links", {}).items()},
+            tls=_tls(doc["tls"]) if "tls" in doc else None,
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise TricopyError(f"{path} is not a valid topology file ({exc}); fix it or re-create the lab") from None
     validate(topo, path)
     return topo
+
+
+def _tls(spec: dict) -> dict[str, str]:
+    missing = [name for name in ("cert", "key", "ca") if not isinstance(spec.get(name), str)]
+    if missing:
+        raise ValueError(f"[tls] needs cert, key and ca file paths; missing {', '.join(missing)}")
+    return {name: spec[name] for name in ("cert", "key", "ca")}
 
 
 def _via(link: str, spec: dict) -> SiteSpec:

@@ -3,11 +3,13 @@
 (a) Raw loopback TCP throughput between two processes (1 MiB `sendall`s into a sink process); for
     context, the authenticated RPC of `vstore.net` alone into a sink process that discards the data
     (64 KiB calls, 8 in flight).
-(b) Async shipping throughput with real daemons: a provider-mode lab is brought up (`lab_up`), its
-    shipping is paused, `--writes` application writes of 64 KiB (16 blocks) go to the primary
-    daemon (`app.write`) and pile up in the spool, then shipping is resumed and timed until the
-    Async site has applied every entry (its daemon's `journal.applied`, polled every 5 ms).
-    Throughput = writes x 64 KiB / elapsed.  Goal: (b) >= 0.6x (a) raw TCP.
+(b) Async shipping throughput with real daemons: a provider-mode lab is brought up (`lab_up`: three
+    site daemons and the shipper process), the shipper process is stopped, `--writes` application
+    writes of 64 KiB (16 blocks) go to the primary daemon (`app.write`) and pile up in the spool,
+    then the shipper is started and timed until the Async site has applied every entry (its
+    daemon's `journal.applied`, polled every 5 ms). Throughput = writes x 64 KiB / elapsed, timed
+    from the moment the shipper process is ready (its start-up is shown apart, and a second figure
+    counts it). Goal: (b) >= 0.6x (a) raw TCP.
 (c) Sync write latency: a second provider-mode lab whose primary-sync link goes through the fault
     proxy (`tools/faults/proxy.py`) with 1 ms delay in each direction. `--samples` 4 KiB
     application writes to the primary daemon, each acknowledged only once C has it through the
@@ -42,7 +44,7 @@ from tools.faults.killer import free_base_port
 from tools.faults.proxy import FaultProxy
 from vstore import net
 from vstore.blockdev import ImageDevice, create_image
-from vstore.daemon import lab_down, lab_up, running_pid, start_site, stop_site
+from vstore.daemon import SHIPPER, lab_down, lab_up, running_pid, start_site, stop_site
 from vstore.lab import init_lab
 from vstore.net import load_key
 from vstore.remote import Peer
@@ -80,17 +82,12 @@ def _stop(proc: mp.Process) -> None:
 
 
 @contextlib.contextmanager
-def running_lab(root: Path, name: str, *, size: int, durable: bool, spool_capacity: int = 256 << 20,
-                links: dict[str, int] | None = None) -> Iterator[tuple[Path, Topology, bytes]]:
-    """A provider-mode lab with its daemons up (links routed through the given proxy ports); the
-    daemons are stopped on the way out, whatever happened."""
+def running_lab(root: Path, name: str, *, size: int, durable: bool,
+                spool_capacity: int = 256 << 20) -> Iterator[tuple[Path, Topology, bytes]]:
+    """A provider-mode lab with its daemons (and shipper process) up; stopped on the way out."""
     lab = root / name
     init_lab(lab, mode="provider", size=size, durable=durable, spool_capacity=spool_capacity,
              base_port=free_base_port())
-    if links:
-        with open(lab / "topology.toml", "a") as f:
-            for link, port in links.items():
-                f.write(f'\n[links.{link}]\nvia = "{HOST}:{port}"\n')
     try:
         lab_up(lab)
         topo = load_topology(lab)
@@ -167,58 +164,30 @@ def bench_rpc(total: int, chunk_size: int, window: int) -> float:
 
 
 # -- (b) shipping throughput -----------------------------------------------------------------------------
-class ShipByRequest:
-    """Pause: the Async daemon is stopped (the primary daemon's shipper thread leaves entries waiting
-    while the Async site does not answer). Resume: the Async daemon is started again, then one
-    `ship` request to the primary daemon ships everything waiting (the shipper thread may take the
-    work instead; either way the timing ends when the Async site has applied the last entry)."""
-
-    how = "`ship` request to the primary daemon (shipper thread in the primary daemon)"
-
-    def __init__(self, lab: Path, primary: Peer) -> None:
-        self.lab, self.primary = lab, primary
-
-    def pause(self) -> None:
-        stop_site(self.lab, "async")
-
-    def resume(self) -> None:
-        start_site(self.lab, "async")
-
-    def go(self) -> None:
-        self.primary.call("ship")
-
-
-class ShipperProcess:
-    """Pause: the lab's shipper process is stopped. Resume/go: it is started."""
-
-    how = "shipper process stopped, then started (`stop_site`/`start_site` \"shipper\")"
-
-    def __init__(self, lab: Path, primary: Peer) -> None:
-        self.lab = lab
-
-    def pause(self) -> None:
-        stop_site(self.lab, "shipper")
-
-    def resume(self) -> None:
-        pass
-
-    def go(self) -> None:
-        start_site(self.lab, "shipper")
-
-
 @dataclass
 class ShipResult:
     writes: int
-    seconds: float
-    mbs: float
-    how: str
-    write_seconds: float
-    go_seconds: float  # time spent inside `go` (process start-up, or the whole `ship` request)
+    write_seconds: float  # the writes into the spool, shipping stopped
+    startup_seconds: float  # `start_site(lab, "shipper")` until the process is ready
+    seconds: float  # from the shipper being ready until the Async site applied the last entry
+    shipped: int  # entries applied in `seconds` (all of them unless some went before `ready`)
+
+    @property
+    def mbs(self) -> float:
+        return self.shipped * SHIP_WRITE / self.seconds / 1e6
+
+    @property
+    def mbs_with_startup(self) -> float:
+        return self.writes * SHIP_WRITE / (self.seconds + self.startup_seconds) / 1e6
+
+
+def applied_seq(async_peer: Peer) -> int:
+    return int(async_peer.call("journal.applied")[0]["applied_seq"])
 
 
 def wait_applied(async_peer: Peer, target: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while int(async_peer.call("journal.applied")[0]["applied_seq"]) < target:
+    while applied_seq(async_peer) < target:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the Async site did not apply up to entry {target} within {timeout:.0f}s")
         time.sleep(POLL_S)
@@ -230,35 +199,36 @@ def waiting_entries(primary: Peer) -> int:
 
 
 def bench_shipping(root: Path, writes: int, durable: bool) -> ShipResult:
+    """Stop the lab's shipper process, write into the spool, start the shipper and time it."""
     slots = min(writes, 1024)  # at most a 64 MiB volume; later writes wrap around (no coalescing)
     per = SHIP_WRITE // BS
     spool = max(256 << 20, writes * (SHIP_WRITE + 4096) * 2)
     with running_lab(root, "ship", size=slots * SHIP_WRITE, durable=durable, spool_capacity=spool) as (lab, topo, key):
-        with peer(topo, key, "primary") as primary:
-            gate = (ShipperProcess if running_pid(lab, "shipper") else ShipByRequest)(lab, primary)
-            with peer(topo, key, "async") as async_peer:
-                base = int(async_peer.call("journal.applied")[0]["applied_seq"])
-            gate.pause()
+        if not running_pid(lab, SHIPPER):
+            raise RuntimeError(f"lab up started no {SHIPPER} process")
+        with peer(topo, key, "primary") as primary, peer(topo, key, "async") as async_peer:
+            base = applied_seq(async_peer)
+            stop_site(lab, SHIPPER)
             data = [random.Random(i).randbytes(SHIP_WRITE) for i in range(min(writes, 16))]
             t0 = time.perf_counter()
             for i in range(writes):
                 primary.call("app.write", {"volume": 0, "lba": (i % slots) * per}, data[i % len(data)])
             write_seconds = time.perf_counter() - t0
             waiting = waiting_entries(primary)
-            if waiting != writes:
-                raise RuntimeError(f"{waiting} entries waiting after {writes} writes with shipping paused")
-            gate.resume()
-            with peer(topo, key, "async") as async_peer:  # connected (handshake done) before the clock starts
-                if (applied := int(async_peer.call("journal.applied")[0]["applied_seq"])) != base:
-                    raise RuntimeError(f"the Async site applied entries {base + 1}..{applied} with shipping paused")
-                t0 = time.perf_counter()
-                gate.go()
-                go_seconds = time.perf_counter() - t0
-                wait_applied(async_peer, base + waiting, timeout=300)
-                elapsed = time.perf_counter() - t0
-            if (left := waiting_entries(primary)) != 0:
-                raise RuntimeError(f"{left} entries still waiting after the Async site applied them all")
-    return ShipResult(writes, elapsed, writes * SHIP_WRITE / elapsed / 1e6, gate.how, write_seconds, go_seconds)
+            if waiting != writes or applied_seq(async_peer) != base:
+                raise RuntimeError(f"{waiting} entries waiting after {writes} writes with the shipper stopped")
+            t0 = time.perf_counter()
+            start_site(lab, SHIPPER)
+            t_ready = time.perf_counter()
+            early = applied_seq(async_peer) - base  # applied before the process reported ready (normally 0)
+            wait_applied(async_peer, base + waiting, timeout=300)
+            done = time.perf_counter()
+            deadline = time.monotonic() + 30  # the shipper confirms a batch to the primary after it was applied
+            while (left := waiting_entries(primary)) != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{left} entries not confirmed 30 s after the Async site applied them all")
+                time.sleep(POLL_S)
+    return ShipResult(writes, write_seconds, t_ready - t0, done - t_ready, writes - early)
 
 
 # -- (c) sync write latency through the proxy -----------------------------------------------------------
@@ -294,13 +264,16 @@ def time_calls(call: Callable[[int], object], samples: int) -> list[float]:
     return out
 
 
-def raw_proxy_rtt(samples: int) -> list[float]:
+def raw_rtts(samples: int) -> tuple[list[float], list[float]]:
+    """Raw TCP round trips (4 KiB request, 1-byte reply) to an echo process: (direct, via a proxy
+    with DELAY_MS each way)."""
     proc, port = _start(_echo, BS)
     proxy = FaultProxy(listen=(HOST, 0), target=(HOST, port), delay_ms=DELAY_MS).start()
-    try:
-        with socket.create_connection((HOST, proxy.port)) as sock:
+    request = b"e" * BS
+
+    def measure(target: int) -> list[float]:
+        with socket.create_connection((HOST, target)) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            request = b"e" * BS
 
             def call(_: int) -> None:
                 sock.sendall(request)
@@ -308,6 +281,9 @@ def raw_proxy_rtt(samples: int) -> list[float]:
                     raise RuntimeError("echo process closed the connection")
 
             return time_calls(call, samples)
+
+    try:
+        return measure(port), measure(proxy.port)
     finally:
         proxy.stop()
         _stop(proc)
@@ -331,6 +307,7 @@ def local_write(root: Path, samples: int, durable: bool) -> list[float]:
 
 @dataclass
 class LatencyResult:
+    raw_direct: list[float]
     raw_rtt: list[float]
     ping_proxy: list[float]
     ping_primary: list[float]
@@ -339,14 +316,12 @@ class LatencyResult:
 
 
 def bench_latency(root: Path, samples: int, durable: bool) -> LatencyResult:
-    raw_rtt = raw_proxy_rtt(samples)
+    raw_direct, raw_rtt = raw_rtts(samples)
     local = local_write(root, samples, durable)
     proxy: FaultProxy | None = None
-    lab_root = root / "latency"
-    lab_root.mkdir()
     # The sync daemon's port is only known once the lab exists: create the lab, then the proxy,
     # then route the link through it before the daemons start.
-    lab = lab_root / "lab"
+    lab = root / "latency"
     init_lab(lab, mode="provider", size=16 << 20, durable=durable, base_port=free_base_port())
     topo = load_topology(lab)
     try:
@@ -367,7 +342,7 @@ def bench_latency(root: Path, samples: int, durable: bool) -> LatencyResult:
         lab_down(lab)
         if proxy is not None:
             proxy.stop()
-    return LatencyResult(raw_rtt, ping_proxy, ping_primary, local, sync_write)
+    return LatencyResult(raw_direct, raw_rtt, ping_proxy, ping_primary, local, sync_write)
 
 
 # -- report ------------------------------------------------------------------------------------------------
@@ -378,20 +353,24 @@ def report(args: argparse.Namespace, raw: float, rpc: float, ship: ShipResult, l
     lines.append(f"    raw TCP, 1 MiB sendall                       {raw:10.1f} MB/s")
     lines.append(f"    RPC alone, 64 KiB calls, window 8 (context)  {rpc:10.1f} MB/s   {rpc / raw:.3f}x raw")
     lines.append("")
-    lines.append(f"(b) async shipping, {ship.writes} x 64 KiB writes waiting in the spool, then shipped")
-    lines.append(f"    method: {ship.how}")
-    lines.append(f"    writes into the spool (shipping paused)      {ship.write_seconds:10.2f} s "
+    lines.append(f"(b) async shipping, {ship.writes} x 64 KiB writes waiting in the spool, then the shipper "
+                 "process started")
+    lines.append(f"    writes into the spool (shipper stopped)      {ship.write_seconds:10.2f} s "
                  f"({ship.writes / ship.write_seconds:.0f} writes/s)")
-    lines.append(f"    shipped and applied at the Async site        {ship.seconds:10.2f} s "
-                 f"(of which {ship.go_seconds:.2f} s in the start call)")
+    lines.append(f"    shipper process start-up (until ready)       {ship.startup_seconds:10.2f} s")
+    lines.append(f"    ready -> Async site applied the last entry   {ship.seconds:10.2f} s "
+                 f"({ship.shipped} entries)")
     ratio = ship.mbs / raw
-    lines.append(f"    shipping throughput                          {ship.mbs:10.1f} MB/s   {ratio:.3f}x raw")
+    lines.append(f"    shipping throughput (from ready)             {ship.mbs:10.1f} MB/s   {ratio:.3f}x raw")
+    lines.append(f"    same, counting the process start-up          {ship.mbs_with_startup:10.1f} MB/s   "
+                 f"{ship.mbs_with_startup / raw:.3f}x raw")
     verdict = "met" if ratio >= 0.6 else f"NOT met ({ratio:.3f}x; {0.6 * raw - ship.mbs:.1f} MB/s short)"
     lines.append(f"    goal (b) >= 0.6x (a) raw TCP: {verdict}")
     lines.append("")
     lines.append(f"(c) 4 KiB sync write latency, primary-sync link through the fault proxy at {DELAY_MS:g} ms "
                  f"each way, {len(lat.sync_write)} samples (shipping running)")
     rows = [
+        ("raw TCP 4 KiB -> 1 B, direct (no proxy)", lat.raw_direct),
         ("proxy RTT: raw TCP 4 KiB -> 1 B, via proxy", lat.raw_rtt),
         ("proxy RTT: RPC ping to sync, via proxy", lat.ping_proxy),
         ("app -> primary daemon hop: RPC ping", lat.ping_primary),

@@ -87,11 +87,8 @@ def assert_prefix(d: list[bytes], acked: list[int], in_doubt: list[int], victim:
 
 
 def primary_peer(lab: Path):  # noqa: ANN201 - vstore.remote.Peer, imported late
-    from vstore.net import load_key
-    from vstore.remote import Peer
-    from vstore.topology import load_topology
-    topo = load_topology(lab)
-    return Peer(topo.sites["primary"].host, topo.sites["primary"].port, load_key(lab / topo.key_file), timeout=10)
+    from vstore.daemon import site_peer
+    return site_peer(lab, "primary")
 
 
 def writer(lab: Path, first: int, count: int) -> None:
