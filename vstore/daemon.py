@@ -36,7 +36,8 @@ from typing import Any
 
 from vstore.blockdev import ImageDevice
 from vstore.entries import EntryLog, ReceiveJournal, decode_batch
-from vstore.errors import TricopyError
+from vstore.errors import FormatError, TricopyError
+from vstore.intent import WriteIntent
 from vstore.net import ConnectionFailed, load_key, serve
 from vstore.remote import Peer
 from vstore.shipping import DEFAULT_BATCH_ENTRIES
@@ -81,6 +82,8 @@ class SiteDaemon:
         self.lock = threading.RLock()
         self.entry_log: EntryLog | None = None
         self.ship_stats: dict = {}
+        self.intent: WriteIntent | None = None
+        self.redo_needed = True  # until the record has been checked once, at start-up
         self.devices: dict[str, ImageDevice] = {}
 
     @property
@@ -136,6 +139,45 @@ class SiteDaemon:
         pairs = [doc["pair"] for doc in state.get("pairs", {}).values()]
         mine = [p for p in pairs if p.get("kind") == "async" and str(p.get("source", "")).startswith(f"{self.site}:")]
         return bool(mine) and all(p.get("state") == "Duplex" for p in mine)
+
+    def write_intent(self) -> WriteIntent:
+        if self.intent is None:
+            self.intent = WriteIntent(self.site_dir, durable=self.topo.durable)
+        return self.intent
+
+    def redo_in_doubt_write(self, system: Any) -> None:
+        """After an unclean stop: re-drive the write that was in progress (vstore/intent.py), so it
+        is present on every copy or on none. Raises (and keeps the record) while that fails. The
+        record names the last write begun; only at start-up is it in doubt (`redo_needed`)."""
+        state = self.state() or {}
+        if state.get("role") != "primary" or not state.get("host"):
+            self.redo_needed = False
+            return
+        try:
+            intent = self.write_intent().pending()
+        except FormatError as exc:
+            log.error("%s; cannot tell which write was in progress at the last crash: run `vstore verify`", exc)
+            self.write_intent().clear()
+            self.redo_needed = False
+            return
+        if intent is None:
+            self.redo_needed = False
+            return
+        dev = system.device(intent.volume)
+        dev.write(intent.lba, dev.read(intent.lba, intent.count))
+        dev.flush()
+        system.save()
+        self.write_intent().clear()
+        self.redo_needed = False
+        log.warning("re-drove the write in progress at the last crash (volume %s, blocks %d..%d) to every copy",
+                    intent.volume, intent.lba, intent.lba + intent.count - 1)
+
+    def redo_at_start(self) -> None:
+        try:
+            with self.lock, self.system() as system:
+                self.redo_in_doubt_write(system)
+        except (ConnectionFailed, TricopyError) as exc:
+            log.warning("the write in progress at the last crash is re-driven before the next write: %s", exc)
 
     def spool_acked(self) -> dict:
         """What the shipper may send: entries confirmed_seq+1 .. acked (all acknowledged: appends
@@ -284,7 +326,13 @@ class SiteDaemon:
                     return {"block_size": dev.block_size, "num_blocks": dev.num_blocks, "name": dev.name,
                             "active": system.active_site}, b""
                 if method == "app.write":
-                    dev = system.device(args.get("volume", 0))
+                    volume = args.get("volume", 0)
+                    dev = system.device(volume)
+                    count = dev.check_payload(data)
+                    dev.check_range(int(args["lba"]), count)
+                    if self.redo_needed:
+                        self.redo_in_doubt_write(system)
+                    self.write_intent().mark(str(volume), int(args["lba"]), count)
                     dev.write(int(args["lba"]), data)
                     dev.flush()
                     return {}, b""
@@ -323,6 +371,7 @@ class SiteDaemon:
         spec = self.topo.sites[self.site]
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack to the log
         self.finish_at_start()
+        self.redo_at_start()
 
         async def handler(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
             return await asyncio.to_thread(self.handle, method, args, data)
@@ -342,6 +391,9 @@ class SiteDaemon:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 0.3)
         with self.lock:
+            if self.intent is not None:
+                self.intent.clear()  # a clean stop: no write in progress
+                self.intent.close()
             if self.entry_log is not None:
                 self.entry_log.close()
             for dev in self.devices.values():

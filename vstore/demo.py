@@ -25,6 +25,7 @@ Keeps true:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -115,16 +116,22 @@ def free_base_port(count: int = 4) -> int:
 
 
 class FarLink:
-    """A loopback TCP relay that makes a site far away: each chunk is held `delay_s` before it is
-    forwarded, each direction is paced to `bandwidth` bytes/s (None: unlimited), and at most about
-    one bandwidth-delay product per direction is "on the wire" (the reader waits beyond that)."""
+    """A loopback TCP relay that puts a site far away, for the connections made to it (here: from the
+    primary host to the Async site). Each direction of each connection is a link of `bandwidth`
+    bytes/s (a token bucket with a 16 KiB burst; None: unlimited) whose bytes then spend `delay_s`
+    on the wire. At most about `wire_bytes` wait per direction; beyond that the relay stops reading,
+    so TCP pushes back on the sender as a full link would.
+
+    `sever()` is the sending site's loss: bytes it had not yet transmitted are gone (including
+    whatever its kernel still flushes afterwards), bytes already on the wire still arrive."""
 
     def __init__(self, listen_port: int, target_port: int, *, delay_s: float, bandwidth: int | None) -> None:
         self.listen_port, self.target_port = listen_port, target_port
         self.delay_s, self.bandwidth = delay_s, bandwidth
-        rate = bandwidth or 64 << 20
-        self.wire_bytes = max(256 << 10, int(rate * max(delay_s, 0.01)))
+        self.burst = 16 << 10
+        self.wire_bytes = max(256 << 10, int((bandwidth or 64 << 20) * max(delay_s, 0.01)))
         self.stopping = threading.Event()
+        self.severed = threading.Event()
         self.sockets: set[socket.socket] = set()
         self.pipes: list[_Pipe] = []
         self.lock = threading.Lock()
@@ -154,28 +161,38 @@ class FarLink:
                 continue
             except OSError:
                 return
+            if self.severed.is_set():
+                conn.close()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
             except OSError:
                 conn.close()
                 continue
-            conn.settimeout(None)
-            upstream.settimeout(None)
             for s in (conn, upstream):
+                s.settimeout(None)
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.lock:
                 self.sockets |= {conn, upstream}
-                pair = [_Pipe(self, conn, upstream), _Pipe(self, upstream, conn)]
+                pair = [_Pipe(self, conn, upstream, outbound=True), _Pipe(self, upstream, conn, outbound=False)]
                 self.pipes += pair
             for pipe in pair:
                 pipe.start()
+
+    def sever(self) -> None:
+        self.severed.set()
+        with self.lock:
+            pipes = list(self.pipes)
+        for pipe in pipes:
+            if pipe.outbound:
+                pipe.drop_unsent()
 
     def idle(self) -> bool:
         with self.lock:
             return all(p.queued == 0 for p in self.pipes)
 
     def drain(self, timeout: float) -> None:
-        """Let the bytes already on the wire arrive (as they would after the sender died)."""
+        """Wait until every byte still on the wire has arrived (or `timeout`)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not self.idle():
             time.sleep(0.02)
@@ -186,70 +203,101 @@ class FarLink:
             self.server.close()
         with self.lock:
             for s in self.sockets:
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 s.close()
             self.sockets.clear()
+            pipes = list(self.pipes)
+        for pipe in pipes:
+            pipe.drop_unsent()
 
 
 class _Pipe:
-    """One direction of one relayed connection."""
+    """One direction of one relayed connection: reader -> (bandwidth) -> wire (delay) -> delivery."""
 
-    def __init__(self, link: FarLink, src: socket.socket, dst: socket.socket) -> None:
-        self.link, self.src, self.dst = link, src, dst
-        self.chunks: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
-        self.queued = 0
+    def __init__(self, link: FarLink, src: socket.socket, dst: socket.socket, *, outbound: bool) -> None:
+        self.link, self.src, self.dst, self.outbound = link, src, dst, outbound
+        self.unsent: queue.Queue[bytes | None] = queue.Queue()
+        self.wire: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+        self.queued = 0  # bytes read and not yet delivered
         self.room = threading.Condition()
 
     def start(self) -> None:
-        threading.Thread(target=self._read, daemon=True).start()
-        threading.Thread(target=self._write, daemon=True).start()
+        for target in (self._read, self._transmit, self._deliver):
+            threading.Thread(target=target, daemon=True).start()
+
+    def _done(self, n: int) -> None:
+        with self.room:
+            self.queued -= n
+            self.room.notify_all()
+
+    def _lost(self) -> bool:
+        return self.outbound and self.link.severed.is_set()
+
+    def drop_unsent(self) -> None:
+        while True:
+            try:
+                chunk = self.unsent.get_nowait()
+            except queue.Empty:
+                return
+            if chunk is None:
+                self.unsent.put(None)
+                return
+            self._done(len(chunk))
 
     def _read(self) -> None:
-        try:
-            while True:
-                chunk = self.src.recv(64 << 10)
-                if not chunk:
-                    break
+        with contextlib.suppress(OSError):
+            while chunk := self.src.recv(64 << 10):
+                if self._lost() or self.link.stopping.is_set():
+                    continue  # the sender is gone: what its kernel still flushes never left its site
                 with self.room:
                     self.room.wait_for(lambda: self.queued < self.link.wire_bytes or self.link.stopping.is_set())
                     self.queued += len(chunk)
-                self.chunks.put((time.monotonic() + self.link.delay_s, chunk))
-        except OSError:
-            pass
-        self.chunks.put(None)
+                self.unsent.put(chunk)
+        self.unsent.put(None)
 
-    def _write(self) -> None:
-        bandwidth = self.link.bandwidth
-        next_send = 0.0
-        try:
-            while (item := self.chunks.get()) is not None:
-                due, chunk = item
+    def _transmit(self) -> None:
+        bandwidth, burst = self.link.bandwidth, self.link.burst
+        tokens, refilled = float(burst), time.monotonic()
+        while (chunk := self.unsent.get()) is not None:
+            if self._lost():
+                self._done(len(chunk))
+                continue
+            step = burst if bandwidth else len(chunk)
+            for i in range(0, len(chunk), step):
+                piece = chunk[i:i + step]
+                if bandwidth:  # token bucket: `burst` bytes at once, `bandwidth` bytes/s sustained
+                    now = time.monotonic()
+                    tokens = min(float(burst), tokens + (now - refilled) * bandwidth)
+                    refilled = now
+                    if tokens < len(piece):
+                        time.sleep((len(piece) - tokens) / bandwidth)
+                        tokens, refilled = float(len(piece)), time.monotonic()
+                    tokens -= len(piece)
+                if self._lost():
+                    self._done(len(chunk) - i)
+                    break
+                self.wire.put((time.monotonic() + self.link.delay_s, piece))
+        self.wire.put(None)
+
+    def _deliver(self) -> None:
+        delivering = True
+        while (item := self.wire.get()) is not None:
+            due, piece = item
+            if delivering:
                 time.sleep(max(0.0, due - time.monotonic()))
-                step = max(1024, bandwidth // 50) if bandwidth else len(chunk)
-                for i in range(0, len(chunk), step):
-                    piece = chunk[i:i + step]
-                    if bandwidth:
-                        next_send = max(next_send, time.monotonic())
-                        time.sleep(max(0.0, next_send - time.monotonic()))
-                        next_send += len(piece) / bandwidth
-                    self.dst.sendall(piece)
-                with self.room:
-                    self.queued -= len(chunk)
-                    self.room.notify_all()
-        except OSError:
-            pass
-        finally:
-            with self.room:
-                self.queued = 0
-                self.room.notify_all()
-            for s in (self.src, self.dst):
                 try:
-                    s.shutdown(socket.SHUT_RDWR)
+                    self.dst.sendall(piece)
                 except OSError:
-                    pass
+                    delivering = False  # nobody to deliver to any more: the rest only counts as done
+                    self._shut()
+            self._done(len(piece))
+        self._shut()
+
+    def _shut(self) -> None:
+        for s in (self.src, self.dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
 
 
 # -- the demo ---------------------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class StorageSystem:
                 return
             except (LinkDown, SiteDown, VolumeFailed) as exc:
                 self.failure_suspend(pair, str(exc))
+                pair.record_write(lba, count)  # the target may or may not hold it: resync rewrites it
                 if self.fence_reject:
                     raise WriteInhibited(
                         f"write to {pair.source} rejected: {exc}; pair {pair.name} is now in failure Suspend "

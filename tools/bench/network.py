@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import random
 import socket
 import tempfile
@@ -171,6 +172,7 @@ class ShipResult:
     startup_seconds: float  # `start_site(lab, "shipper")` until the process is ready
     seconds: float  # from the shipper being ready until the Async site applied the last entry
     shipped: int  # entries applied in `seconds` (all of them unless some went before `ready`)
+    cpu: dict[str, float]  # CPU seconds each process used from `ready` to the end (Linux /proc)
 
     @property
     def mbs(self) -> float:
@@ -179,6 +181,15 @@ class ShipResult:
     @property
     def mbs_with_startup(self) -> float:
         return self.writes * SHIP_WRITE / (self.seconds + self.startup_seconds) / 1e6
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time of process `pid` (NaN where /proc is not available)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def applied_seq(async_peer: Peer) -> int:
@@ -220,15 +231,18 @@ def bench_shipping(root: Path, writes: int, durable: bool) -> ShipResult:
             t0 = time.perf_counter()
             start_site(lab, SHIPPER)
             t_ready = time.perf_counter()
+            pids = {name: running_pid(lab, name) for name in (SHIPPER, "primary", "async")}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
             early = applied_seq(async_peer) - base  # applied before the process reported ready (normally 0)
             wait_applied(async_peer, base + waiting, timeout=300)
             done = time.perf_counter()
+            cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
             deadline = time.monotonic() + 30  # the shipper confirms a batch to the primary after it was applied
             while (left := waiting_entries(primary)) != 0:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{left} entries not confirmed 30 s after the Async site applied them all")
                 time.sleep(POLL_S)
-    return ShipResult(writes, write_seconds, t_ready - t0, done - t_ready, writes - early)
+    return ShipResult(writes, write_seconds, t_ready - t0, done - t_ready, writes - early, cpu)
 
 
 # -- (c) sync write latency through the proxy -----------------------------------------------------------
@@ -360,6 +374,8 @@ def report(args: argparse.Namespace, raw: float, rpc: float, ship: ShipResult, l
     lines.append(f"    shipper process start-up (until ready)       {ship.startup_seconds:10.2f} s")
     lines.append(f"    ready -> Async site applied the last entry   {ship.seconds:10.2f} s "
                  f"({ship.shipped} entries)")
+    cpu = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in ship.cpu.items())
+    lines.append(f"    CPU used meanwhile: {cpu} (of {ship.seconds:.2f} s wall, 2 cores shared)")
     ratio = ship.mbs / raw
     lines.append(f"    shipping throughput (from ready)             {ship.mbs:10.1f} MB/s   {ratio:.3f}x raw")
     lines.append(f"    same, counting the process start-up          {ship.mbs_with_startup:10.1f} MB/s   "

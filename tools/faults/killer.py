@@ -8,8 +8,9 @@ is checked:
 - D (the Async site) is always the primary after a prefix of the acknowledged writes;
 - after the restart, shipping resumes with no gap and no entry applied twice (every acknowledged
   write reaches D; the receive journal refuses gaps and duplicates);
-- a write in progress at the kill is either fully present or absent (never torn). Such an in-doubt
-  write may end on C and not on D (the primary died between its two copies; see ARCHITECTURE.md).
+- a write in progress at the kill is either fully present or absent (never torn), and the same on
+  A, C and D once the lab has settled (a restarted primary re-drives it: vstore/intent.py);
+- at the end A, C and D are identical.
 
 Usage: python -m tools.faults.killer [--runs 100] [--seed 1]
 """
@@ -24,8 +25,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 VICTIMS = ("primary", "sync", "async", "shipper", "host")
 
@@ -119,18 +123,55 @@ def kill_host_writer(lab: Path, rng: random.Random, first: int, count: int) -> t
     return acked, first + len(acked)
 
 
+class DaemonKiller(threading.Thread):
+    """SIGKILLs `victim` once `acked()` reaches `after` writes, plus a random few milliseconds, so
+    the kill lands while a write is in flight (inside the daemon's write path, between its copies)."""
+
+    def __init__(self, lab: Path, victim: str, after: int, delay_s: float, acked: Callable[[], int]) -> None:
+        super().__init__(daemon=True)
+        self.lab, self.victim, self.after, self.delay_s, self.acked = lab, victim, after, delay_s, acked
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        from vstore.daemon import running_pid
+        while self.acked() < self.after:
+            time.sleep(0.0005)
+        time.sleep(self.delay_s)
+        pid = running_pid(self.lab, self.victim)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        self.done.set()
+
+
+def restart(lab: Path, victim: str, primary: Any) -> None:
+    """Start the killed process again (a restarted Async site first finishes its stored batch; a
+    restarted primary re-drives the write in progress at the kill)."""
+    from vstore.daemon import running_pid, start_site
+    running_pid(lab, victim)  # reaps it
+    (lab / "run" / f"{victim}.pid").unlink(missing_ok=True)
+    start_site(lab, victim)
+    if victim == "sync":  # the fenced pair returns by resync (what `vstore heal` does)
+        primary.call("resync")
+
+
 def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | None = None) -> str:
-    from vstore.daemon import lab_down, lab_up, running_pid, start_site
+    from vstore.daemon import lab_down, lab_up
     from vstore.lab import init_lab
 
     lab = root / f"lab{rng.randrange(10**9)}"
-    init_lab(lab, mode=rng.choice(["provider", "mirror"]), size=256 * BS, base_port=free_base_port())
+    mode = rng.choice(["provider", "mirror"])
+    init_lab(lab, mode=mode, size=256 * BS, base_port=free_base_port())
     lab_up(lab)
     victim = victim or rng.choice(VICTIMS)
     kill_at = rng.randrange(5, writes - 10)
     acked: list[int] = []
     in_doubt: list[int] = []
     primary = primary_peer(lab)
+    killer = None
+    if victim != "host":
+        killer = DaemonKiller(lab, victim, kill_at, rng.random() * 0.006, lambda: len(acked) + len(in_doubt))
+        killer.start()
+    restarted = False
     try:
         i = 0
         while i < writes:
@@ -140,22 +181,22 @@ def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | Non
                 in_doubt.append(i)  # maybe written, maybe not: never written again
                 i += 1
                 continue
-            if i == kill_at:
-                pid = running_pid(lab, victim)
-                assert pid is not None, f"{victim} is not running"
-                os.kill(pid, signal.SIGKILL)
-                time.sleep(rng.random() * 0.2)
-                (lab / "run" / f"{victim}.pid").unlink(missing_ok=True)
-                start_site(lab, victim)  # a restarted Async site first finishes its stored batch
-                assert_prefix(read_volume(lab, "async", "D", writes), acked, in_doubt + [i], victim)
-                if victim == "sync":  # the fenced pair returns by resync (what `vstore heal` does)
-                    primary.call("resync")
+            if killer is not None and killer.done.is_set() and not restarted:
+                restart(lab, victim, primary)
+                restarted = True
+                assert_prefix(read_volume(lab, "async", "D", writes), acked, in_doubt, victim)
             try:
                 primary.call("app.write", {"volume": 0, "lba": i}, block(i))
                 acked.append(i)
             except Exception:  # noqa: BLE001 - the write is in doubt: the daemon died or fenced it
                 in_doubt.append(i)
+                if killer is not None:
+                    killer.done.wait(10)
             i += 1
+        if killer is not None:
+            killer.join(10)
+            if not restarted:
+                restart(lab, victim, primary)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # shipping resumes by itself (the shipper process)
             status = primary.call("status")[0]["status"]
@@ -174,6 +215,14 @@ def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | Non
     assert_prefix(d, acked, in_doubt, victim)
     lost = [i for i in acked if d[i] != block(i)]
     assert not lost, f"shipping did not resume: acknowledged writes {lost} never reached D (victim {victim})"
+    volumes = [("primary", "A"), ("sync", "C"), ("async", "D")] + ([("primary", "B")] if mode == "mirror" else [])
+    copies = {f"{site}:{vol}": read_volume(lab, site, vol, writes) for site, vol in volumes}
+    for i in in_doubt:  # whole or absent, and the same everywhere (vstore/intent.py)
+        seen = {name: "present" if blocks[i] == block(i) else "absent" for name, blocks in copies.items()}
+        assert len(set(seen.values())) == 1, f"write {i} in progress at the kill differs between copies: {seen} " \
+                                             f"(victim {victim})"
+    differ = [name for name, blocks in copies.items() if blocks != copies["primary:A"]]
+    assert not differ, f"{', '.join(differ)} differ from A after the lab settled (victim {victim})"
     return victim
 
 
