@@ -19,6 +19,7 @@ from tools.faults.killer import VICTIMS, free_base_port, run_once
 from tools.faults.proxy import FaultProxy
 from vstore.cli import app as vstore_app
 from vstore.daemon import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
+from vstore.intent import WriteIntent
 from vstore.lab import init_lab
 from vstore.net import ConnectionFailed, load_key
 from vstore.remote import Peer
@@ -107,6 +108,37 @@ def test_sigkill_at_random_moments(tmp_path, run):
     duplicate, and the write in progress at the kill is whole or absent."""
     victim = VICTIMS[run % len(VICTIMS)]
     assert run_once(tmp_path, random.Random(1000 + run), writes=30, victim=victim) == victim
+
+
+@pytest.mark.parametrize(("mode", "landed_on"), [("provider", ["sync/C"]), ("provider", ["primary/A", "sync/C"]),
+                                                  ("mirror", ["primary/A", "sync/C"])])
+def test_restarted_primary_redrives_the_write_in_progress(lab_factory, mode, landed_on):
+    """A primary killed inside a write leaves it on some copies only (here: written straight into
+    the images, with the write-intent record naming it). The restarted daemon re-drives it: the
+    write ends present everywhere or absent everywhere, and A, C and D (and B) are equal again."""
+    lab = lab_factory(mode=mode)
+    lab_up(lab)
+    for i in range(4):
+        vstore("write", lab, "--lba", i, input=blocks(i))
+    wait_shipped(lab)
+    lab_down(lab)
+    for where in landed_on:  # the in-doubt write of block 7
+        with open(lab / f"{where}.img", "r+b") as f:
+            f.seek(7 * BS)
+            f.write(blocks(77))
+    intent = WriteIntent(lab / "primary", durable=False)
+    intent.mark("0", 7, 1)
+    intent.close()
+    lab_up(lab)
+    wait_shipped(lab)
+    lab_down(lab)
+    copies = {v: image(lab, site, v) for site, v in (("primary", "A"), ("sync", "C"), ("async", "D"))}
+    if mode == "mirror":
+        copies["B"] = image(lab, "primary", "B")
+    expected = blocks(77) if "primary/A" in landed_on else bytes(BS)
+    assert {name: c[7 * BS:8 * BS] == expected for name, c in copies.items()} == dict.fromkeys(copies, True)
+    assert len(set(copies.values())) == 1
+    assert "re-drove the write in progress" in (lab / "run" / "primary.log").read_text()
 
 
 def test_shipper_is_its_own_process_and_resumes_after_restart(lab_factory):

@@ -173,11 +173,22 @@ class SiteDaemon:
                     intent.volume, intent.lba, intent.lba + intent.count - 1)
 
     def redo_at_start(self) -> None:
+        state = self.state() or {}
+        if state.get("role") != "primary" or not state.get("host"):
+            self.redo_needed = False  # this site does not run the application
+            return
         try:
             with self.lock, self.system() as system:
                 self.redo_in_doubt_write(system)
         except (ConnectionFailed, TricopyError) as exc:
             log.warning("the write in progress at the last crash is re-driven before the next write: %s", exc)
+
+    async def retry_redo(self) -> None:
+        """Until the in-doubt write is re-driven (its peers may start after this daemon)."""
+        while self.redo_needed:
+            await asyncio.sleep(0.5)
+            if self.redo_needed:
+                await asyncio.to_thread(self.redo_at_start)
 
     def spool_acked(self) -> dict:
         """What the shipper may send: entries confirmed_seq+1 .. acked (all acknowledged: appends
@@ -372,6 +383,7 @@ class SiteDaemon:
         faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack to the log
         self.finish_at_start()
         self.redo_at_start()
+        retry = asyncio.create_task(self.retry_redo())
 
         async def handler(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
             return await asyncio.to_thread(self.handle, method, args, data)
@@ -385,6 +397,7 @@ class SiteDaemon:
         if ready is not None:
             ready.write_text(str(os.getpid()))
         await done.wait()
+        retry.cancel()
         server.close()
         for peer in self.peers.values():  # peers hold connections to each other: drop ours
             peer.close()
@@ -486,7 +499,8 @@ def lab_up(lab: Path) -> dict[str, int]:
     """Start the daemon of every site present, then the shipper of the site running the application."""
     topo = load_topology(lab)
     load_key(lab / topo.key_file)  # refuse a bad key before starting anything
-    started = {site: start_site(lab, site) for site in SITE_NAMES if (lab / site).is_dir()}
+    order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == application_site(lab))
+    started = {site: start_site(lab, site) for site in order}  # the application's site last
     if application_site(lab) in started:
         started[SHIPPER] = start_site(lab, SHIPPER)
     return started
