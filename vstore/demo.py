@@ -1,11 +1,17 @@
 """`vstore demo LAB`: the whole story in one command (issue "vstore demo LAB"; SPEC §1 [0013]-[0015],
 §4 and §8 [0171]-[0173]; DESIGN invariants 1 and 2).
 
-Creates a provider-mode lab (embodiment 4), brings its daemons up with the Async site "far away"
-(a small delaying, bandwidth-limited loopback relay on the primary-async link), writes files through
-jfs on `lab:LAB` with a live progress bar, kills every process of the primary host with SIGKILL,
-deletes the primary site's directory (the site is lost), recovers at the Sync site
-(`vstore.recovery.recover`, touched files only) and reports what was lost.
+Creates a provider-mode lab (embodiment 4), brings its daemons up with the Async site behind a far
+link (a loopback relay on the primary-async link: limited bandwidth, optional delay), writes files
+through jfs on `lab:LAB` with a live progress bar, kills every process of the primary host with
+SIGKILL and deletes the primary site's directory (the site is lost), recovers at the Sync site
+(`vstore.recovery.recover`: touched files only) and reports what was lost.
+
+The far link's bandwidth is by default "auto": unlimited while the file system is made, then set to
+85% of the rate at which the first files' entries crossed it, so the burst of writes outruns the
+link a little, as a burst does on a WAN sized for the average load. (A fixed delay would be more
+natural, but every application write also waits for a few requests to the Async site's daemon, so a
+delay slows the writes as much as the shipping and nothing stays in flight.)
 
 Keeps true:
 - It never touches an existing lab: LAB must not exist or be an empty directory (one-sentence
@@ -16,6 +22,8 @@ Keeps true:
   missing or different in the Async site's image D after the kill and before recovery, read
   read-only with jfs (invariant 2: D is a prefix, so these are the newest files); it may be empty
   when shipping caught up, and the output says so.
+- The kill is one moment for the whole primary site: the relay first severs the primary's end
+  (bytes not yet transmitted are lost, bytes already on the wire arrive), then SIGKILL.
 - File contents are a pure function of the file's path and size (`content_for`), so anyone can
   recompute them; the JSON also carries each file's SHA-256.
 - When the demo ends, successfully or not, nothing it started is left half-running: the relay is
@@ -37,20 +45,14 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vstore.errors import TricopyError
@@ -62,6 +64,9 @@ DEMO_DIR = "/demo"
 PRIMARY_HOST_PROCESSES = ("primary", "shipper")  # the primary host's daemon and its shipper process
 TRIM_EVERY_S = 1.0  # the application's file system trims its metadata log this often [0168]-[0170]
 CATCH_UP_TIMEOUT_S = 30.0
+LOG_FULL_WAIT_S = 120.0
+AUTO_FRACTION = 0.85
+MIN_BANDWIDTH = 16 << 10
 
 
 # -- content ----------------------------------------------------------------------------------------
@@ -118,9 +123,10 @@ def free_base_port(count: int = 4) -> int:
 class FarLink:
     """A loopback TCP relay that puts a site far away, for the connections made to it (here: from the
     primary host to the Async site). Each direction of each connection is a link of `bandwidth`
-    bytes/s (a token bucket with a 16 KiB burst; None: unlimited) whose bytes then spend `delay_s`
-    on the wire. At most about `wire_bytes` wait per direction; beyond that the relay stops reading,
-    so TCP pushes back on the sender as a full link would.
+    bytes/s (a token bucket with a 16 KiB burst; None: unlimited; may be changed while running)
+    whose bytes then spend `delay_s` on the wire. At most `wire_bytes` wait per direction; beyond
+    that the relay stops reading, so TCP pushes back on the sender as a full link would.
+    `sent_out` counts the bytes transmitted towards the target.
 
     `sever()` is the sending site's loss: bytes it had not yet transmitted are gone (including
     whatever its kernel still flushes afterwards), bytes already on the wire still arrive."""
@@ -129,7 +135,8 @@ class FarLink:
         self.listen_port, self.target_port = listen_port, target_port
         self.delay_s, self.bandwidth = delay_s, bandwidth
         self.burst = 16 << 10
-        self.wire_bytes = max(256 << 10, int((bandwidth or 64 << 20) * max(delay_s, 0.01)))
+        self.wire_bytes = 256 << 10
+        self.sent_out = 0
         self.stopping = threading.Event()
         self.severed = threading.Event()
         self.sockets: set[socket.socket] = set()
@@ -257,12 +264,13 @@ class _Pipe:
         self.unsent.put(None)
 
     def _transmit(self) -> None:
-        bandwidth, burst = self.link.bandwidth, self.link.burst
+        burst = self.link.burst
         tokens, refilled = float(burst), time.monotonic()
         while (chunk := self.unsent.get()) is not None:
             if self._lost():
                 self._done(len(chunk))
                 continue
+            bandwidth = self.link.bandwidth
             step = burst if bandwidth else len(chunk)
             for i in range(0, len(chunk), step):
                 piece = chunk[i:i + step]
@@ -277,6 +285,8 @@ class _Pipe:
                 if self._lost():
                     self._done(len(chunk) - i)
                     break
+                if self.outbound:
+                    self.link.sent_out += len(piece)  # one transmitting thread per pipe; a statistic
                 self.wire.put((time.monotonic() + self.link.delay_s, piece))
         self.wire.put(None)
 
@@ -307,8 +317,9 @@ class DemoOptions:
     file_size: int = 8192
     size: int = 64 << 20
     base_port: int | None = None
-    async_delay_ms: float = 30.0
-    async_bandwidth: int | None = 512 << 10
+    async_delay_ms: float = 0.0
+    async_bandwidth: int | None = None  # bytes/s; None: unlimited (or auto)
+    auto_bandwidth: float | None = AUTO_FRACTION  # set the bandwidth to this share of the measured rate
     keep_up: bool = True
 
 
@@ -322,6 +333,8 @@ class DemoResult:
     recovery: dict = field(default_factory=dict)
     missing_at_new_primary: list[str] = field(default_factory=list)
     killed: dict[str, int] = field(default_factory=dict)
+    async_link: dict = field(default_factory=dict)
+    async_applied_seq: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     daemons: str = "down"
     seconds: float = 0.0
@@ -331,9 +344,10 @@ class DemoResult:
         return {"lab": self.lab, "files_written": len(self.files),
                 "bytes_written": sum(f["bytes"] for f in self.files), "files": self.files,
                 "lost_at_sync": self.lost_at_sync, "in_flight_at_async": self.in_flight_at_async,
-                "async_note": self.async_note, "recovery": self.recovery,
-                "new_primary": "sync", "missing_at_new_primary": self.missing_at_new_primary,
-                "killed": self.killed, "daemons": self.daemons, "timings": self.timings,
+                "async_note": self.async_note, "async_applied_seq": self.async_applied_seq,
+                "recovery": self.recovery, "new_primary": "sync",
+                "missing_at_new_primary": self.missing_at_new_primary, "killed": self.killed,
+                "async_link": self.async_link, "daemons": self.daemons, "timings": self.timings,
                 "options": self.options, "seconds": round(self.seconds, 3)}
 
 
@@ -352,9 +366,9 @@ class Ui:
     def progress(self) -> Progress | None:
         if self.quiet or self.as_json:
             return None
-        return Progress(TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("{task.fields[files]}/{task.fields[total_files]} files"), DownloadColumn(),
-                        TransferSpeedColumn(), TextColumn("{task.fields[backlog]}"), TimeElapsedColumn(),
+        return Progress(TextColumn("{task.description}"), BarColumn(bar_width=30),
+                        TextColumn("{task.fields[files]}/{task.fields[total_files]} files, {task.fields[written]}"),
+                        TimeElapsedColumn(), TextColumn("[yellow]{task.fields[backlog]}"),
                         console=Console(stderr=True), transient=False)
 
 
@@ -380,7 +394,7 @@ def check_options(opts: DemoOptions) -> None:
 
 
 def far_link_wanted(opts: DemoOptions) -> bool:
-    return opts.async_delay_ms > 0 or opts.async_bandwidth is not None
+    return opts.async_delay_ms > 0 or opts.async_bandwidth is not None or opts.auto_bandwidth is not None
 
 
 def kill_primary_host(lab: Path) -> dict[str, int]:
@@ -400,7 +414,7 @@ def kill_primary_host(lab: Path) -> dict[str, int]:
     return killed
 
 
-def compare_files(image: Path, files: list[dict], sizes: dict[str, int]) -> tuple[list[str], str | None]:
+def compare_files(image: Path, files: list[dict]) -> tuple[list[str], str | None]:
     """The files of `files` whose content in the jfs on `image` (opened read-only, log replayed in
     memory) is missing or differs from `content_for`; plus a note when the image has no jfs at all."""
     from jfs.fs import FileSystem, open_image
@@ -416,7 +430,7 @@ def compare_files(image: Path, files: list[dict], sizes: dict[str, int]) -> tupl
         bad = []
         for f in files:
             try:
-                same = fs.read(f["path"]) == content_for(f["path"], sizes[f["path"]])
+                same = fs.read(f["path"]) == content_for(f["path"], f["bytes"])
             except TricopyError:
                 same = False
             if not same:
@@ -424,6 +438,27 @@ def compare_files(image: Path, files: list[dict], sizes: dict[str, int]) -> tupl
         return bad, None
     finally:
         device.close()
+
+
+def settled_applied_seq(lab: Path, timeout: float = 3.0) -> int | None:
+    """The Async site's last applied entry once it stopped changing (it finishes what arrived)."""
+    from vstore.daemon import clients
+    from vstore.net import load_key
+    from vstore.topology import load_topology
+    topo = load_topology(lab)
+    last: int | None = None
+    deadline = time.monotonic() + timeout
+    with clients(lab, topo, load_key(lab / topo.key_file))["async"] as client:
+        while time.monotonic() < deadline:
+            try:
+                seq = int(client.call("journal.applied")[0]["applied_seq"])
+            except TricopyError:
+                return last
+            if seq == last:
+                return seq
+            last = seq
+            time.sleep(0.15)
+    return last
 
 
 def async_backlog(lab: Path) -> int | None:
@@ -450,7 +485,8 @@ class BacklogWatcher:
     """Polls the Async backlog once a second in the background for the progress bar."""
 
     def __init__(self, lab: Path) -> None:
-        self.lab, self.value, self.stop = lab, None, threading.Event()
+        self.lab, self.stop = lab, threading.Event()
+        self.value: int | None = None
         self.thread = threading.Thread(target=self._run, name="backlog", daemon=True)
 
     def _run(self) -> None:
@@ -458,49 +494,64 @@ class BacklogWatcher:
             self.value = async_backlog(self.lab)
 
     def text(self) -> str:
-        return "" if self.value is None else f"{self.value} entries waiting for Async"
+        return "" if self.value is None else f"{self.value} entries to ship"
 
 
-def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult) -> None:
+def calibration_files(files: int) -> int:
+    """How many of the files are written over an unlimited link to measure the entry rate (auto)."""
+    return max(1, min(20, files // 5))
+
+
+def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult, link: FarLink | None) -> None:
     """mkfs and the files, through the primary's daemon; a file counts once `write_file` returned
-    (every block of it acknowledged, so the Sync site has it)."""
+    (every block of it acknowledged, so the Sync site has it). The file system stays mounted: the
+    application is still running when the primary dies."""
     from jfs.fs import FileSystem, mkfs
     from vstore.labdev import open_lab_target
     device = open_lab_target(f"lab:{lab}", writable=True)
     try:
         mkfs(device, label="demo")
         fs = FileSystem.mount(device)
+        fs.log.wait_timeout = LOG_FULL_WAIT_S  # a full metadata log waits for shipping instead of failing
         fs.mkdir(DEMO_DIR)
         caught_up = wait_for_async(lab, CATCH_UP_TIMEOUT_S)
         fs.trim()
         ui.step("mkfs", f"jfs on lab:{lab} with {DEMO_DIR}/; the Async site "
                 + ("has it" if caught_up else f"has not caught up after {CATCH_UP_TIMEOUT_S:.0f}s (going on)"))
-        total = opts.files * opts.file_size
+        auto = link is not None and opts.auto_bandwidth is not None
+        calibrate = calibration_files(opts.files) if auto else 0
         bars = ui.progress()
         watcher = BacklogWatcher(lab)
         watcher.thread.start()
-        last_trim = time.monotonic()
+        last_trim = measured_from = time.monotonic()
+        sent_before = link.sent_out if link is not None else 0
         try:
             task = None
             if bars is not None:
                 bars.start()
-                task = bars.add_task("writing (acked by Sync)", total=total, files=0, total_files=opts.files,
-                                     backlog="")
+                task = bars.add_task("writing", total=opts.files * opts.file_size, files=0,
+                                     total_files=opts.files, written=format_size(0), backlog="")
             for i in range(opts.files):
                 path = file_path(i)
                 data = content_for(path, opts.file_size)
                 fs.write_file(path, data)
                 result.files.append({"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+                if auto and i + 1 == calibrate and link is not None and opts.auto_bandwidth is not None:
+                    rate = (link.sent_out - sent_before) / max(time.monotonic() - measured_from, 1e-3)
+                    link.bandwidth = max(MIN_BANDWIDTH, int(rate * opts.auto_bandwidth))
+                    result.async_link["bandwidth"] = link.bandwidth
+                    log.info("far link: %d B/s measured over %d files; bandwidth set to %d B/s", rate, calibrate,
+                             link.bandwidth)
                 if time.monotonic() - last_trim >= TRIM_EVERY_S:
                     fs.trim()
                     last_trim = time.monotonic()
                 if bars is not None and task is not None:
-                    bars.update(task, advance=len(data), files=i + 1, backlog=watcher.text())
+                    bars.update(task, advance=len(data), files=i + 1, backlog=watcher.text(),
+                                written=format_size((i + 1) * opts.file_size))
         finally:
             watcher.stop.set()
             if bars is not None:
                 bars.stop()
-        # the application is still running (file system mounted, dirty) when the primary dies
     finally:
         device.close()
 
@@ -533,7 +584,40 @@ def recover_at_sync(lab: Path, ui: Ui) -> dict:
     return report.to_json()
 
 
+@contextlib.contextmanager
+def interruptible() -> Iterator[threading.Event]:
+    """Ctrl-C and SIGTERM unwind as KeyboardInterrupt, so the demo still stops the daemons and the
+    relay it started; the event records that the user asked to stop (a clean-up step may turn the
+    interrupt into another error on its way out)."""
+    asked = threading.Event()
+
+    def interrupt(signum: int, frame: Any) -> None:
+        asked.set()
+        raise KeyboardInterrupt
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield asked
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class DemoInterrupted(Exception):
+    """The user stopped the demo (Ctrl-C or SIGTERM) after the lab was created."""
+
+
 def run_demo(lab: Path, opts: DemoOptions, ui: Ui) -> DemoResult:
+    with interruptible() as asked:
+        return _run_demo(lab, opts, ui, asked)
+
+
+def _run_demo(lab: Path, opts: DemoOptions, ui: Ui, asked: threading.Event) -> DemoResult:
     from vstore.daemon import is_up, lab_down, lab_up
     from vstore.lab import init_lab
     started = time.monotonic()
@@ -542,8 +626,7 @@ def run_demo(lab: Path, opts: DemoOptions, ui: Ui) -> DemoResult:
     base_port = opts.base_port if opts.base_port is not None else free_base_port(4)
     result = DemoResult(lab=str(lab), options={
         "files": opts.files, "file_size": opts.file_size, "size": opts.size, "base_port": base_port,
-        "async_delay_ms": opts.async_delay_ms, "async_bandwidth": opts.async_bandwidth, "keep_up": opts.keep_up})
-    sizes = {file_path(i): opts.file_size for i in range(opts.files)}
+        "keep_up": opts.keep_up})
     mark = time.monotonic()
 
     stage = "init"
@@ -566,35 +649,47 @@ def run_demo(lab: Path, opts: DemoOptions, ui: Ui) -> DemoResult:
             link = FarLink(base_port + 3, base_port + 2, delay_s=opts.async_delay_ms / 1000,
                            bandwidth=opts.async_bandwidth).start()
             topology.write_text(plain_topology + f'\n[links.primary-async]\nvia = "127.0.0.1:{base_port + 3}"\n')
+        result.async_link = {"relay": link is not None, "delay_ms": opts.async_delay_ms,
+                             "bandwidth": opts.async_bandwidth, "auto": opts.auto_bandwidth is not None}
         lab_up(lab)
         timed("up", "write")
         if link is None:
-            far = "the Async site is near (no emulated distance)"
+            far = "the Async site is near (no emulated far link)"
         else:
-            rate = f"{format_size(opts.async_bandwidth)}/s" if opts.async_bandwidth else "unlimited bandwidth"
-            far = f"the Async site is far: {opts.async_delay_ms:g} ms each way, {rate}"
+            if opts.auto_bandwidth is not None:
+                rate = (f"bandwidth {opts.auto_bandwidth:.0%} of the entry rate measured over the first "
+                        f"{calibration_files(opts.files)} file(s)")
+            else:
+                rate = f"{format_size(opts.async_bandwidth)}/s" if opts.async_bandwidth else "unlimited bandwidth"
+            far = f"the Async site is far: {rate}" + (f", {opts.async_delay_ms:g} ms each way"
+                                                       if opts.async_delay_ms else "")
         ui.step("up", f"daemons of primary, sync and async running; {far}")
 
-        write_files(lab, opts, ui, result)
+        write_files(lab, opts, ui, result, link)
         timed("write", "kill")
+        linked = (f"; the far link ran at {format_size(result.async_link['bandwidth'])}/s"
+                  if result.async_link.get("bandwidth") else "")
         ui.step("writing", f"{len(result.files)} files ({format_size(opts.files * opts.file_size)}) written "
-                f"through jfs on lab:{lab} and acknowledged (each one only after the Sync site had it)")
+                f"through jfs on lab:{lab} and acknowledged, each only once the Sync site had it{linked}")
 
+        if link is not None:
+            link.sever()  # the primary site's end of its far link goes with it
         result.killed = kill_primary_host(lab)
         timed("kill", "check")
-        ui.step("kill", "SIGKILL " + ", ".join(f"{n} (pid {p})" for n, p in result.killed.items())
-                + "; the primary site is lost")
+        victims = ", ".join(f"{n} (pid {p})" for n, p in result.killed.items()) or "nothing (no process was running)"
+        ui.step("kill", f"SIGKILL {victims}; the primary site is lost")
         if link is not None:
-            link.drain(timeout=2 * opts.async_delay_ms / 1000 + 2.0)  # what was on the wire still arrives
+            link.drain(timeout=opts.async_delay_ms / 1000 + 2.0)  # what was already on the wire still arrives
             link.stop()
             link = None
+        result.async_applied_seq = settled_applied_seq(lab)
         lab_down(lab)  # the survivors, so that their images can be read as they are
         topology.write_text(plain_topology)  # no relay any more
         shutil.rmtree(lab / "primary")
-        result.lost_at_sync, _ = compare_files(lab / "sync" / "C.img", result.files, sizes)
-        result.in_flight_at_async, result.async_note = compare_files(lab / "async" / "D.img", result.files, sizes)
+        result.lost_at_sync, _ = compare_files(lab / "sync" / "C.img", result.files)
+        result.in_flight_at_async, result.async_note = compare_files(lab / "async" / "D.img", result.files)
         timed("check", "recover")
-        ui.step("report", f"Sync site: {len(result.files) - len(result.lost_at_sync)} of {len(result.files)} "
+        ui.step("check", f"Sync site: {len(result.files) - len(result.lost_at_sync)} of {len(result.files)} "
                 f"files intact; Async site: {len(result.in_flight_at_async)} file(s) were still in flight")
 
         result.recovery = recover_at_sync(lab, ui)
@@ -606,18 +701,23 @@ def run_demo(lab: Path, opts: DemoOptions, ui: Ui) -> DemoResult:
         if opts.keep_up:
             lab_up(lab)
             result.daemons = "up"
-        result.missing_at_new_primary = read_back(lab, result.files, sizes)
+        result.missing_at_new_primary = read_back(lab, result.files)
         timed("verify", "done")
         ui.step("verify", f"{len(result.files) - len(result.missing_at_new_primary)} of {len(result.files)} "
                 f"acknowledged files read back from the new primary (lab:{lab}, now the Sync site)")
     except BaseException as exc:
-        log.warning("demo stopped at step %s: %s; stopping what it started", stage, exc)
+        interrupted = asked.is_set() or isinstance(exc, KeyboardInterrupt)
+        if not interrupted:
+            log.warning("demo stopped at step %s: %s; stopping what it started", stage, exc)
         if link is not None:
             link.stop()
         if lab.is_dir() and is_up(lab):
             lab_down(lab)
         if topology.is_file() and topology.read_text() != plain_topology:
             topology.write_text(plain_topology)
+        if interrupted:
+            raise DemoInterrupted(f"interrupted at step {stage!r}; the lab in {lab} is left with its daemons "
+                                  "stopped") from None
         if isinstance(exc, TricopyError):
             raise TricopyError(f"the demo stopped at step {stage!r}: {exc} (the lab in {lab} is left with its "
                                "daemons stopped)") from None
@@ -626,7 +726,7 @@ def run_demo(lab: Path, opts: DemoOptions, ui: Ui) -> DemoResult:
     return result
 
 
-def read_back(lab: Path, files: list[dict], sizes: dict[str, int]) -> list[str]:
+def read_back(lab: Path, files: list[dict]) -> list[str]:
     """Acknowledged files that the application (now at the Sync site) cannot read back intact."""
     from jfs.fs import FileSystem
     from vstore.labdev import open_lab_target
@@ -636,7 +736,7 @@ def read_back(lab: Path, files: list[dict], sizes: dict[str, int]) -> list[str]:
         missing = []
         for f in files:
             try:
-                ok = fs.read(f["path"]) == content_for(f["path"], sizes[f["path"]])
+                ok = fs.read(f["path"]) == content_for(f["path"], f["bytes"])
             except TricopyError:
                 ok = False
             if not ok:
@@ -662,9 +762,14 @@ def print_report(result: DemoResult, console: Console) -> None:
     table.add_row("lost at Sync (C)", "[green]nothing[/]: every acknowledged file read back identical from C"
                   if not result.lost_at_sync else f"[bold red]{len(result.lost_at_sync)} files:[/] "
                   f"{listing(result.lost_at_sync)}")
+    written = [f["path"] for f in result.files]
     if result.in_flight_at_async:
         count = len(result.in_flight_at_async)
-        inflight = f"[yellow]{count} files[/] (the newest): {listing(result.in_flight_at_async)}"
+        if result.in_flight_at_async == written[-count:]:
+            names = [p.removeprefix(DEMO_DIR + "/") for p in result.in_flight_at_async]
+            inflight = f"[yellow]{count} files[/], the newest: {names[0]}" + (f" to {names[-1]}" if count > 1 else "")
+        else:
+            inflight = f"[yellow]{count} files[/]: {listing(result.in_flight_at_async)}"
     else:
         inflight = "[green]none[/]: shipping had caught up with every acknowledged file when the primary died"
     if result.async_note:
@@ -680,8 +785,8 @@ def print_report(result: DemoResult, console: Console) -> None:
                   if not result.missing_at_new_primary else
                   f"[bold red]{len(result.missing_at_new_primary)} files unreadable:[/] "
                   f"{listing(result.missing_at_new_primary)}"))
-    table.add_row("daemons", "running (sync is the primary, async copy to async)" if result.daemons == "up"
-                  else "stopped")
+    table.add_row("daemons", "running: the Sync site runs the application, async copy C -> D"
+                  if result.daemons == "up" else "stopped (`vstore lab up` starts them with the new roles)")
     table.add_row("took", f"{result.seconds:.1f}s")
     console.print(table)
     lab = result.lab
@@ -703,10 +808,14 @@ def register(app: typer.Typer) -> None:
         base_port: Annotated[int | None, typer.Option("--base-port", help="TCP port of the primary's daemon; sync, "
                                                       "async and the far-link relay use the next three "
                                                       "(default: free ports below the ephemeral range).")] = None,
-        async_delay: Annotated[float, typer.Option("--async-delay", help="One-way delay (ms) of the emulated "
-                                                   "primary -> async link.")] = 30.0,
-        async_bandwidth: Annotated[str, typer.Option("--async-bandwidth", help="Bandwidth of that link per second "
-                                                     "(e.g. 512K); 0 = unlimited.")] = "512K",
+        async_bandwidth: Annotated[str, typer.Option("--async-bandwidth", help="Bandwidth of the primary -> "
+                                                     "async link per second: auto (85% of the rate the first "
+                                                     "files need, so the Async site falls behind during the "
+                                                     "writes), a size such as 256K, or 0 for unlimited.")
+                                   ] = "auto",
+        async_delay: Annotated[float, typer.Option("--async-delay", help="One-way delay (ms) added on that link "
+                                                   "(each write also exchanges state with the Async site's "
+                                                   "daemon, so a delay slows the writes too).")] = 0.0,
         keep_up: Annotated[bool, typer.Option("--keep-up/--down", help="Leave the daemons running at the end "
                                               "(default; stop them with `vstore lab down LAB`), or stop them.")] = True,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (steps go to stderr).")
@@ -714,11 +823,11 @@ def register(app: typer.Typer) -> None:
         quiet: Annotated[bool, typer.Option("--quiet", help="No step lines and no progress bars.")] = False,
     ) -> None:
         """The whole story in one command: create a provider-mode lab (embodiment 4) in LAB, start its
-        daemons with the Async site far away (a loopback relay adds delay and limits bandwidth on the
-        primary -> async link), write files through jfs with a live progress bar (each one acknowledged
-        only once the Sync site has it), kill the primary host's processes with SIGKILL and delete
-        LAB/primary (the site is lost), and recover at the Sync site, which copies only the touched files
-        to the Async site and becomes the primary.
+        daemons with the Async site far away (a loopback relay limits the bandwidth of the primary ->
+        async link), write files through jfs with a live progress bar (each one acknowledged only once
+        the Sync site has it), kill the primary host's processes with SIGKILL and delete LAB/primary (the
+        site is lost), and recover at the Sync site, which copies only the touched files to the Async
+        site and becomes the primary.
 
         The report says what was lost, measured, not assumed: at the Sync site nothing (every acknowledged
         file is read back from C and compared); at the Async site the files still in flight when the
@@ -726,16 +835,23 @@ def register(app: typer.Typer) -> None:
         acknowledged file is read back from the new primary. Exit 1 if anything acknowledged was lost at
         the Sync site or is unreadable at the new primary.
 
+        With the defaults it takes about ten seconds. The lab stays for exploring (`jfs ls lab:LAB /demo`,
+        `vstore status LAB`, `vstore failback LAB`); remove it with `vstore lab down LAB && rm -rf LAB`.
+
         Example: vstore demo /tmp/demo --files 200   (afterwards: jfs ls lab:/tmp/demo /demo)
         """
         from vstore.cli import die, user_errors
         ui = Ui(quiet=quiet, as_json=as_json)
         with user_errors():
-            bandwidth = None if async_bandwidth.strip() in ("0", "off", "none") else parse_size(async_bandwidth)
+            choice = async_bandwidth.strip().lower()
+            bandwidth = None if choice in ("auto", "0", "off", "none") else parse_size(async_bandwidth)
             opts = DemoOptions(files=files, file_size=parse_size(file_size), size=parse_size(size),
                                base_port=base_port, async_delay_ms=async_delay, async_bandwidth=bandwidth,
-                               keep_up=keep_up)
-            result = run_demo(lab, opts, ui)
+                               auto_bandwidth=AUTO_FRACTION if choice == "auto" else None, keep_up=keep_up)
+            try:
+                result = run_demo(lab, opts, ui)
+            except DemoInterrupted as exc:
+                die(str(exc), 130)
         if as_json:
             print(json.dumps(result.to_json(), indent=2))
         else:

@@ -1,0 +1,100 @@
+"""`vstore demo LAB` (issue "vstore demo LAB"): real daemons on 127.0.0.1 in a tmp directory. Nothing
+acknowledged is lost at the Sync site, what the Async site misses is a suffix of the written files
+(D is a prefix, invariant 2), every acknowledged file reads back from the new primary with the
+content the demo wrote, and the demo never overwrites an existing directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from jfs.cli import app as jfs_app
+from tests.labutil import invoke
+from vstore.cli import app as vstore_app
+from vstore.daemon import lab_down, running_pid
+from vstore.demo import PRIMARY_HOST_PROCESSES, content_for
+from vstore.topology import SITE_NAMES
+
+PROCESSES = (*SITE_NAMES, *PRIMARY_HOST_PROCESSES)
+
+
+@pytest.fixture
+def demo_lab(tmp_path):
+    lab = tmp_path / "demo"
+    yield lab
+    if (lab / "topology.toml").is_file():
+        lab_down(lab)
+
+
+def nothing_running(lab) -> bool:
+    return all(running_pid(lab, name) is None for name in PROCESSES)
+
+
+def test_demo_loses_nothing_at_sync_and_recovers_there(demo_lab):
+    doc = json.loads(invoke(vstore_app, "demo", demo_lab, "--files", 12, "--file-size", "6000", "--size", "8M",
+                            "--json").stdout)
+    assert doc["lab"] == str(demo_lab) and doc["files_written"] == 12 and doc["seconds"] > 0
+    paths = [f["path"] for f in doc["files"]]
+    assert len(set(paths)) == 12
+    for f in doc["files"]:
+        assert f["bytes"] == 6000
+        assert f["sha256"] == hashlib.sha256(content_for(f["path"], f["bytes"])).hexdigest()
+    assert doc["lost_at_sync"] == []
+    in_flight = doc["in_flight_at_async"]
+    assert set(in_flight) <= set(paths)
+    assert in_flight == paths[len(paths) - len(in_flight):]  # D holds a prefix: only the newest can be missing
+    recovery = doc["recovery"]
+    for key in ("to", "touched_files", "blocks_copied", "bytes_copied", "full_copy_bytes", "fallback_full_copy",
+                "seconds"):
+        assert key in recovery
+    assert recovery["to"] == "sync" and not recovery["fallback_full_copy"]
+    assert recovery["bytes_copied"] < recovery["full_copy_bytes"]
+    assert doc["missing_at_new_primary"] == [] and doc["daemons"] == "up"
+    assert set(doc["killed"]) <= set(PRIMARY_HOST_PROCESSES) and "primary" in doc["killed"]
+
+    assert not (demo_lab / "primary").exists()  # the primary site is lost
+    assert "links" not in (demo_lab / "topology.toml").read_text()  # no route through the demo's relay
+    assert running_pid(demo_lab, "sync") and running_pid(demo_lab, "async")
+    status = json.loads(invoke(vstore_app, "status", demo_lab, "--json").stdout)
+    assert status["sites"]["sync"]["role"] == "primary"
+    assert {p["name"]: p["state"] for p in status["pairs"]} == {"C->D": "Duplex"}
+    for f in doc["files"]:  # through the new primary, as a user would
+        assert invoke(jfs_app, "read", f"lab:{demo_lab}", f["path"]).stdout_bytes == content_for(f["path"], f["bytes"])
+
+    invoke(vstore_app, "lab", "down", demo_lab)
+    assert nothing_running(demo_lab)
+
+
+def test_demo_down_prints_the_report_and_stops_the_daemons(demo_lab):
+    out = invoke(vstore_app, "demo", demo_lab, "--files", 3, "--size", "8M", "--async-bandwidth", "0", "--down",
+                 "--quiet").stdout
+    assert "lost at Sync (C)" in out and "nothing" in out and "in flight at Async (D)" in out
+    assert "recovery at Sync" in out and "every acknowledged file readable" in out
+    assert nothing_running(demo_lab)
+    assert invoke(jfs_app, "read", f"lab:{demo_lab}", "/demo/file-00002.txt").stdout_bytes == \
+        content_for("/demo/file-00002.txt", 8192)
+
+
+def test_demo_refuses_an_existing_directory(tmp_path):
+    lab = tmp_path / "busy"
+    lab.mkdir()
+    (lab / "keep.txt").write_text("mine")
+    result = invoke(vstore_app, "demo", lab, "--files", 2, ok=False)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert "already exists and is not empty" in result.output and "Traceback" not in result.output
+    assert [p.name for p in lab.iterdir()] == ["keep.txt"] and (lab / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--files", 0), "--files must be at least 1"),
+    (("--files", 5000, "--size", "8M"), "do not fit"),
+    (("--file-size", "lots"), "cannot read size"),
+    (("--base-port", 80), "--base-port must be between"),
+])
+def test_demo_user_mistakes_are_one_sentence(tmp_path, args, message):
+    lab = tmp_path / "new"
+    result = invoke(vstore_app, "demo", lab, *args, ok=False)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not lab.exists()
