@@ -207,6 +207,16 @@ def test_sync_link_cut_through_the_proxy_fences_writes(lab_factory):
     assert image(lab, "sync", "C")[9 * BS:10 * BS] == bytes(BS)
 
 
+def test_a_link_proxy_is_used_only_towards_the_site_it_forwards_to(lab_factory):
+    lab = lab_factory(mode="provider")
+    with open(lab / "topology.toml", "a") as f:
+        f.write('\n[links.primary-sync]\nvia = "127.0.0.1:9"\n')
+    topo = load_topology(lab)
+    assert topo.peer_address("primary", "sync").port == 9
+    assert topo.peer_address("sync", "primary") == topo.sites["primary"]
+    assert topo.peer_address("primary", "async") == topo.sites["async"]
+
+
 def test_tls_lab(lab_factory):
     """`lab init --tls`: every daemon serves TLS only; the CLI, the daemons and the shipper use it."""
     lab = lab_factory(mode="mirror", tls=True)

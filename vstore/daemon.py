@@ -83,6 +83,8 @@ class SiteDaemon:
         self.entry_log: EntryLog | None = None
         self.ship_stats: dict = {}
         self.intent: WriteIntent | None = None
+        self._system: Any = None
+        self._system_version = 0
         self.redo_needed = True  # until the record has been checked once, at start-up
         self.devices: dict[str, ImageDevice] = {}
 
@@ -130,9 +132,35 @@ class SiteDaemon:
                                           block_size=self.topo.block_size)
         return self.entry_log
 
-    def system(self) -> Any:
+    def system(self) -> contextlib.AbstractContextManager[Any]:
+        """The lab as this site sees it, for one request. The `System` is kept between requests
+        (loading it costs a state request to every peer) while every peer answered when it was
+        loaded and faults.json has not changed; a request that fails drops it, so the next one
+        reloads every site's state from its owner."""
         from vstore.site import System
-        return System(self.lab, lock=False, local=self.site, peers=self.peers, entry_log=self.spool())
+        faults = self.lab / "faults.json"
+        version = faults.stat().st_mtime_ns if faults.is_file() else 0
+        cached = self._system
+        if cached is None or self._system_version != version or cached.network.unreachable \
+                or cached.entry_log_given is not self.spool():
+            self.drop_system()
+            cached = self._system = System(self.lab, lock=False, local=self.site, peers=self.peers,
+                                           entry_log=self.spool())
+            self._system_version = version
+        return self._borrow(cached)
+
+    @contextlib.contextmanager
+    def _borrow(self, system: Any) -> Iterator[Any]:
+        try:
+            yield system
+        except BaseException:
+            self.drop_system()
+            raise
+
+    def drop_system(self) -> None:
+        if self._system is not None:
+            self._system.close()
+            self._system = None
 
     def async_group_duplex(self, state: dict) -> bool:
         """Every async pair from this site is Duplex (read from the local state file)."""
@@ -404,6 +432,7 @@ class SiteDaemon:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 0.3)
         with self.lock:
+            self.drop_system()
             if self.intent is not None:
                 self.intent.clear()  # a clean stop: no write in progress
                 self.intent.close()

@@ -708,6 +708,7 @@ class Client:
         self._sock: socket.socket | None = None
         self._session: Session | None = None
         self._next_id = 1
+        self._posted: deque[tuple[int, str]] = deque()
         with self._lock:
             self._connect()
 
@@ -757,18 +758,53 @@ class Client:
             with contextlib.suppress(OSError):
                 self._sock.close()
         self._sock, self._session = None, None
+        self._posted.clear()
 
-    def _exchange(self, payload: bytes) -> bytes:
+    def _send(self, payload: bytes) -> int:
         assert self._sock is not None and self._session is not None
-        deadline = time.monotonic() + self.timeout
         rid = self._next_id
         self._next_id = rid % 0xFFFFFFFF + 1
         self._sock.settimeout(self.timeout)
         self._sock.sendall(self._session.seal(rid, payload))
+        return rid
+
+    def _answer(self, rid: int, deadline: float) -> bytes:
+        assert self._session is not None
         frame = self._session.open(self._read_raw(deadline))
         if frame.request_id != rid:
             raise AuthError(f"response to request {frame.request_id} where {rid} was expected")
         return frame.payload
+
+    def _settle_posted(self, deadline: float) -> None:
+        """Read the answers to posted requests (the site answers in order)."""
+        while self._posted:
+            rid, method = self._posted[0]
+            answer = self._answer(rid, deadline)
+            self._posted.popleft()
+            try:
+                decode_response(answer)
+            except RemoteError as e:
+                log.warning("net: posted request %r refused by %s:%d: %s", method, self.host, self.port, e)
+
+    def _exchange(self, payload: bytes) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        rid = self._send(payload)
+        self._settle_posted(deadline)
+        return self._answer(rid, deadline)
+
+    def post(self, method: str, args: dict | None = None, data: bytes = b"") -> None:
+        """Send a request without waiting for its answer (read before the next call's answer). For
+        updates whose answer nobody waits on; once sent, the site serves it even if this process
+        dies at once. ConnectionFailed if it cannot be sent."""
+        payload = encode_request(method, args, data)
+        with self._lock:
+            if self._sock is None:
+                self._connect()
+            try:
+                self._posted.append((self._send(payload), method))
+            except (OSError, FormatError) as e:
+                self._drop()
+                raise _unreachable(self.host, self.port, e) from None
 
     # -- API
     def call(self, method: str, args: dict | None = None, data: bytes = b"") -> tuple[dict, bytes]:
@@ -785,6 +821,9 @@ class Client:
             except (OSError, EOFError, FormatError) as e:
                 self._drop()
                 raise _unreachable(self.host, self.port, e) from None
+            except BaseException:  # e.g. KeyboardInterrupt mid-frame: the stream is out of step
+                self._drop()
+                raise
         return decode_response(answer)
 
     def close(self) -> None:

@@ -179,9 +179,14 @@ class PositionBitmap:
         self._bits = bytearray(merged.to_bytes(len(self._bits), "little"))
 
     def to_bytes(self) -> bytes:
-        body = dict(magic=BITMAP_MAGIC, version=BITMAP_VERSION, num_blocks=self.num_blocks,
-                    zbits=zlib.compress(bytes(self._bits)))
-        return _BITMAP.build(dict(body=dict(value=body)))
+        bits = bytes(self._bits)
+        cached = getattr(self, "_encoded", None)  # saved on every write: encode only what changed
+        if cached is not None and cached[0] == bits:
+            return cached[1]
+        body = dict(magic=BITMAP_MAGIC, version=BITMAP_VERSION, num_blocks=self.num_blocks, zbits=zlib.compress(bits))
+        encoded = _BITMAP.build(dict(body=dict(value=body)))
+        self._encoded = (bits, encoded)
+        return encoded
 
     @classmethod
     def from_bytes(cls, data: bytes) -> PositionBitmap:

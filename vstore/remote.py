@@ -42,6 +42,15 @@ class Peer:
             client = self._client
         return client.call(method, args, data)
 
+    def post(self, method: str, args: dict | None = None, data: bytes = b"") -> None:
+        """Send without waiting for the answer (`Client.post`)."""
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.host, self.port, self.key, timeout=self.timeout,
+                                      ssl_context=self.ssl_context)
+            client = self._client
+        client.post(method, args, data)
+
     def close(self) -> None:
         with self._lock:
             if self._client is not None:

@@ -17,6 +17,7 @@ Keeps true:
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 from pathlib import Path
@@ -25,7 +26,7 @@ from typing import Any
 from vstore.blockdev import BlockDevice, ImageDevice
 from vstore.entries import EntryLog, ReceiveJournal
 from vstore.errors import TricopyError
-from vstore.links import Faults, Network
+from vstore.links import Faults, Network, SiteDown
 from vstore.mirror import MirrorProgram, MirrorSettings
 from vstore.pairs import PairKind, PairState
 from vstore.provider import Provider
@@ -74,10 +75,13 @@ class System:
         self.network = Network(self.faults, set(self.states) | unreachable)
         self.network.unreachable = unreachable
         self.registry = self._merge_pairs()
+        self._saved_pairs = {pair.name: pair.to_dict() for pair in self.registry}
+        self._put_states: dict[str, str] = {}
         self.storages: dict[str, StorageSystem] = {}
         for site, state in self.states.items():
             self.storages[site] = self._open_storage(site, state)
         self._entry_log: EntryLog | None = entry_log
+        self.entry_log_given = entry_log
         self.keep_entry_log = entry_log is not None  # a daemon keeps its spool open across requests
         self._program: AsyncCopyProgram | None = None
         self._mirror: MirrorProgram | None = None
@@ -308,7 +312,10 @@ class System:
         if self._mirror is not None and (self.states.get(self._mirror_site) or {}).get("host"):
             self.states[self._mirror_site]["host"]["mirror"] = self._mirror.settings.to_dict()
         for pair in self.registry:
-            self.registry.bump(pair)
+            now = pair.to_dict()
+            if self._saved_pairs.get(pair.name) != now:  # a changed pair's copies become the newest
+                self.registry.bump(pair)
+                self._saved_pairs[pair.name] = now
         self._count_writes()
         epoch = self.lab_epoch
         for site, state in self.states.items():
@@ -317,7 +324,17 @@ class System:
             state["epoch"] = epoch
             state["pairs"] = self.registry.to_records(site)
             if self.remote(site):
-                self.peers[site].call("state.put", {"state": state})
+                # Only what changed travels, and without waiting for the answer: the site applies
+                # its state updates in order, before any later request on the same connection.
+                doc = json.dumps(state, sort_keys=True)
+                if self._put_states.get(site) != doc:
+                    try:
+                        self.peers[site].post("state.put", {"state": state})
+                    except SiteDown as exc:  # as if it had been unreachable when the lab was opened
+                        log.warning("site %s did not get its state update: %s", site, exc)
+                        self.network.unreachable.add(site)
+                        continue
+                    self._put_states[site] = doc
             else:
                 save_json_atomic(self.site_dir(site) / "state.json", state, durable=self.topo.durable)
 

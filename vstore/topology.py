@@ -47,8 +47,12 @@ class Topology:
 
     def peer_address(self, from_site: str, to_site: str) -> SiteSpec:
         """Where `from_site` connects to reach `to_site`: the site itself, or a fault proxy that
-        topology.toml places on that link ([links."primary-sync"] via = "127.0.0.1:PORT")."""
+        topology.toml places on that link ([links."primary-sync"] via = "127.0.0.1:PORT"). A proxy
+        forwards to one address: the link's second site (sync for primary-sync, async for
+        primary-async and sync-async), so only connections towards that site go through it."""
         first, second = sorted((from_site, to_site), key=SITE_NAMES.index)
+        if to_site != second:
+            return self.sites[to_site]
         return self.links.get(f"{first}-{second}", self.sites[to_site])
 
     @property
