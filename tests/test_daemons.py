@@ -15,12 +15,12 @@ import pytest
 
 from jfs.cli import app as jfs_app
 from tests.labutil import BS, blocks, image, invoke
-from tools.faults.killer import VICTIMS, free_base_port, run_once
+from tools.faults.killer import VICTIMS, run_once
 from tools.faults.proxy import FaultProxy
 from vstore.cli import app as vstore_app
 from vstore.daemon import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
 from vstore.intent import WriteIntent
-from vstore.lab import init_lab
+from vstore.lab import free_base_port, init_lab
 from vstore.net import ConnectionFailed, load_key
 from vstore.remote import Peer
 from vstore.topology import load_topology

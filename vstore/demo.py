@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import queue
-import random
 import shutil
 import signal
 import socket
@@ -56,6 +55,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from vstore.errors import TricopyError
+from vstore.lab import free_base_port
 from vstore.units import format_size, parse_size
 
 log = logging.getLogger("vstore.demo")
@@ -86,40 +86,6 @@ def content_for(path: str, size: int) -> bytes:
 
 
 # -- ports and the far link -------------------------------------------------------------------------
-def ephemeral_low() -> int:
-    """The first port the kernel hands out to outgoing connections."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def ports_free(base: int, count: int) -> bool:
-    socks = []
-    try:
-        for port in range(base, base + count):
-            s = socket.socket()
-            socks.append(s)
-            s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        for s in socks:
-            s.close()
-
-
-def free_base_port(count: int = 4) -> int:
-    """`count` consecutive free loopback ports below the kernel's ephemeral range (a daemon port
-    inside it can be taken as the source port of some outgoing connection while the daemon is down)."""
-    high = max(ephemeral_low() - count, 12000)
-    for _ in range(100):
-        base = random.randrange(10000, high)
-        if ports_free(base, count):
-            return base
-    raise TricopyError("found no free loopback ports for the lab; pass --base-port")
-
-
 class FarLink:
     """A loopback TCP relay that puts a site far away, for the connections made to it (here: from the
     primary host to the Async site). Each direction of each connection is a link of `bandwidth`

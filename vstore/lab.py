@@ -13,7 +13,9 @@ Layout (one volume; with N > 1 volumes A0.img, A1.img, ...):
 from __future__ import annotations
 
 import os
+import random
 import secrets
+import socket
 from pathlib import Path
 
 from vstore.blockdev import create_image
@@ -25,6 +27,41 @@ from vstore.statefile import save_json_atomic
 from vstore.topology import TOPOLOGY_FILE, Topology, default_sites, validate
 
 SITE_LETTERS = {"primary": ("A", "B"), "sync": ("C",), "async": ("D",)}
+
+
+def ephemeral_low() -> int:
+    """The first port the kernel hands out to outgoing connections."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def ports_free(base: int, count: int) -> bool:
+    socks = []
+    try:
+        for port in range(base, base + count):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_base_port(count: int = 3) -> int:
+    """`count` consecutive free loopback ports (best effort), below the kernel's ephemeral range: a
+    daemon port inside that range can be taken as the source port of a connection to itself (TCP
+    simultaneous open) while the daemon is down, which makes the restarted daemon's bind fail."""
+    high = max(ephemeral_low() - count, 12000)
+    for _ in range(100):
+        base = random.randrange(10000, high)
+        if ports_free(base, count):
+            return base
+    raise TricopyError("found no free loopback ports for the lab; pass --base-port")
 
 
 def write_key(path: Path) -> None:

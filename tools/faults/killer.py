@@ -21,7 +21,6 @@ import argparse
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,39 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vstore.lab import free_base_port
+
 VICTIMS = ("primary", "sync", "async", "shipper", "host")
 
 BS = 4096
-
-
-def ephemeral_low() -> int:
-    """The first port the kernel hands out to outgoing connections."""
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 32768
-
-
-def free_base_port() -> int:
-    """Three consecutive free loopback ports (best effort), below the kernel's ephemeral range: a
-    daemon port inside that range can be taken as the source port of a connection to itself (TCP
-    simultaneous open) while the daemon is down, which makes the restarted daemon's bind fail."""
-    high = max(ephemeral_low() - 3, 12000)
-    for _ in range(50):
-        base = random.randrange(10000, high)
-        socks = []
-        try:
-            for p in range(base, base + 3):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free ports")
 
 
 def block(i: int) -> bytes:
