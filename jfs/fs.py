@@ -51,6 +51,9 @@ from vstore.errors import BlockDeviceError, FormatError
 _NOT_FULL = re.compile(b"[^\xff]")
 TYPE_NAMES = {L.TYPE_FILE: "file", L.TYPE_DIR: "dir"}
 
+# A full metadata log waits this long for the shipper to confirm entries (lab up) before LogFull.
+LOG_FULL_WAIT_S = 60.0
+
 
 # -- small in-memory structures -----------------------------------------------------------------
 class Bitmap:
@@ -391,6 +394,8 @@ class FileSystem:
                               f"{device.block_size}; open it with jfs.fs.open_image")
         L.Geometry.from_superblock(sb).check()
         fs = cls(device, BlockView(device, readonly=readonly), sb)
+        if device.shipped_in_background:
+            fs.log.wait_timeout = LOG_FULL_WAIT_S
         if not fs.readonly:
             fs._write_superblock(L.STATE_DIRTY)
         return fs

@@ -9,6 +9,7 @@ import os
 import random
 import signal
 import socket
+import threading
 import time
 
 import pytest
@@ -161,6 +162,41 @@ def test_shipper_is_its_own_process_and_resumes_after_restart(lab_factory):
     assert "nothing is waiting" in r.stdout
     text = vstore("status", lab).stdout
     assert "shipper process: running" in text
+
+
+def test_jfs_waits_for_the_shipper_when_its_metadata_log_is_full(lab_factory):
+    """Through the daemons, a file system whose metadata log is full of records it may not trim yet
+    (their blocks are not shipped) waits for the shipper process instead of failing."""
+    from jfs.fs import FileSystem
+    from vstore.labdev import open_lab_target
+    lab = lab_factory(mode="provider")
+    lab_up(lab)
+    jfs("mkfs", f"lab:{lab}")
+    wait_shipped(lab)
+    stop_site(lab, "shipper")
+    outcome: dict = {}
+
+    def write_files() -> None:
+        try:
+            dev = open_lab_target(f"lab:{lab}", writable=True)
+            fs = FileSystem.mount(dev)
+            for i in range(30):
+                fs.write_file(f"/f{i}", f"file {i}\n".encode())
+            fs.unmount()
+            dev.close()
+            outcome["ok"] = True
+        except Exception as exc:  # noqa: BLE001 - reported to the test thread
+            outcome["error"] = exc
+
+    writer = threading.Thread(target=write_files)
+    writer.start()
+    writer.join(3)
+    assert writer.is_alive() and not outcome, f"the writer should be waiting for shipping: {outcome}"
+    start_site(lab, "shipper")
+    writer.join(60)
+    assert outcome == {"ok": True}
+    wait_shipped(lab)
+    assert jfs("read", f"lab:{lab}@async", "/f29").stdout == "file 29\n"
 
 
 def test_recover_with_the_lab_up_stops_and_restarts_the_daemons(lab_factory):

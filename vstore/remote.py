@@ -181,6 +181,7 @@ class AppDevice(BlockDevice):
         self.client, self.volume, self.readonly, self.active = client, volume, readonly, str(info["active"])
         self.block_size, self.num_blocks = int(info["block_size"]), int(info["num_blocks"])
         self.name = f"{info['name']} (via the {info['active']} daemon)"
+        self.shipped_in_background = True
 
     def _read(self, lba: int, count: int) -> bytes:
         return self.client.call("app.read", {"volume": self.volume, "lba": lba, "count": count})[1]
