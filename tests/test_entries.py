@@ -26,7 +26,9 @@ from vstore.entries import (
     decode_batch,
     decode_batch_full,
     decode_entry,
+    decode_entry_reference,
     encode_batch,
+    encode_batch_raw,
     encode_entry,
     entry_size,
 )
@@ -69,6 +71,41 @@ def test_entry_round_trip(seq: int, ts: int, vol: int, lba: int, count: int) -> 
     decoded, end = decode_entry(data, 4)
     assert decoded == e
     assert end == len(data) - 4
+
+
+@given(seq=st.integers(1, 2**40), count=st.integers(1, 3), damage=st.lists(
+    st.tuples(st.integers(0, 10**6), st.integers(1, 255)), max_size=3))
+@settings(max_examples=200)
+def test_fast_entry_decode_agrees_with_the_declaration(seq: int, count: int, damage: list) -> None:
+    """`decode_entry` (compiled header, CRC over the body) accepts and refuses exactly what a parse
+    through the `_ENTRY` declaration does, and decodes the same entry."""
+    raw = bytearray(encode_entry(Entry(seq, 5, 1, seq % 1000, count, block(seq, count))))
+    for pos, xor in damage:
+        raw[pos % len(raw)] ^= xor
+
+    def outcome(decode):  # noqa: ANN001, ANN202
+        try:
+            return decode(bytes(raw))
+        except FormatError:
+            return "refused"
+
+    assert outcome(lambda b: decode_entry(b)[0]) == outcome(decode_entry_reference)
+
+
+def test_store_encoded_keeps_the_received_bytes(tmp_path: Path) -> None:
+    entries = make_entries(1, 5)
+    data = encode_batch_raw([encode_entry(e) for e in entries], 1, 5, coalesced=False)
+    assert data == encode_batch(entries)
+    j = ReceiveJournal(tmp_path / "recv", durable=False)
+    batch = decode_batch_full(data)
+    j.store_encoded(batch, data)
+    assert (tmp_path / "recv").joinpath("batch.bin").read_bytes() == data
+    with pytest.raises(TricopyError, match="not applied yet"):
+        j.store_encoded(batch, data)
+    j.mark_applied(batch.last_seq)
+    assert j.applied_seq == 5 and j.stored() is None
+    with pytest.raises(FormatError, match="gap or duplicate"):
+        j.store_encoded(batch, data)
 
 
 def test_every_flipped_bit_in_an_entry_is_refused() -> None:

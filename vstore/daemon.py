@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from vstore.blockdev import ImageDevice
-from vstore.entries import EntryLog, ReceiveJournal, decode_batch
+from vstore.entries import EntryLog, ReceiveJournal, decode_batch_full
 from vstore.errors import FormatError, TricopyError
 from vstore.intent import WriteIntent
 from vstore.net import ConnectionFailed, load_key, serve
@@ -98,6 +98,8 @@ class SiteDaemon:
         return load_json(path) if path.is_file() else None
 
     def device(self, volume: str) -> ImageDevice:
+        if volume in self.devices:  # volumes change only while the daemons are down (procedures)
+            return self.devices[volume]
         state = self.state()
         if state is None or volume not in state.get("volumes", {}):
             raise TricopyError(f"site {self.site} has no volume {volume!r}")
@@ -319,11 +321,17 @@ class SiteDaemon:
         if method == "journal.set_applied":
             self.journal().set_applied_seq(int(args["seq"]))
             return {}, b""
-        if method == "journal.receive":
+        if method == "journal.receive":  # store, apply, record: the batch is decoded once
             journal = self.journal()
             self.save_targets(args["targets"])
-            journal.store(decode_batch(data), first_seq=int(args["first_seq"]), last_seq=int(args["last_seq"]))
-            return {"applied": self._finish(journal, args["targets"])}, b""
+            batch = decode_batch_full(data)
+            if (batch.first_seq, batch.last_seq) != (int(args["first_seq"]), int(args["last_seq"])):
+                raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
+                                  f"{args['first_seq']}..{args['last_seq']}")
+            journal.store_encoded(batch, data)
+            self.apply_batch(batch.entries, args["targets"])
+            journal.mark_applied(batch.last_seq)
+            return {"applied": len(batch.entries)}, b""
         if method == "journal.finish":
             return {"applied": self._finish(self.journal(), args["targets"])}, b""
         if method == "spool.acked":
@@ -432,6 +440,9 @@ class SiteDaemon:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(server.wait_closed(), 0.3)
         with self.lock:
+            if self._system is not None:  # other sites get the latest write-count evidence
+                with contextlib.suppress(ConnectionFailed, TricopyError):
+                    self._system.save(all_evidence=True)
             self.drop_system()
             if self.intent is not None:
                 self.intent.clear()  # a clean stop: no write in progress

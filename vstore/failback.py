@@ -48,6 +48,7 @@ def split_brain_evidence(system: System) -> tuple[int, int, str]:
         return 0, 0, active
     seen = max((int(st.get("seen_writes", {}).get("primary", 0)) for site, st in system.states.items()
                 if site != "primary"), default=0)
+    seen = max(seen, int(returning.get("mirrored_writes", 0)))  # its own record of what reached C
     unseen = max(0, int(returning.get("write_count", 0)) - seen)
     host = system.states[active]["host"]
     since = int(system.states[active].get("write_count", 0)) - int(host.get("write_count_at_promotion", 0))

@@ -27,6 +27,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from vstore.entries import (
     ENTRY_HEADER_SIZE,
     Entry,
     decode_entry,
-    encode_batch,
+    encode_batch_raw,
     entry_size,
     parse_entry_header,
     segment_files,
@@ -99,38 +100,38 @@ class SpoolReader:
         self._next += 1
         return header.seq
 
-    def _read_one(self) -> Entry | None:
+    def _read_one(self) -> tuple[Entry, bytes] | None:
         assert self._fd is not None
         header = self._header_at()
         if header is None:
             return None
         length = entry_size(header.block_count, header.block_size)
         raw = os.pread(self._fd, length, self._offset)
-        entry, _ = decode_entry(raw)
+        entry, _ = decode_entry(raw)  # checks the entry's CRC: a damaged spool is never shipped
         if entry.seq != self._next:
             raise FormatError(f"{self.spool_dir}: entry {entry.seq} found where {self._next} was expected")
         self._offset += length
         self._next += 1
-        return entry
+        return entry, raw
 
-    def read(self, after: int, upto: int, max_bytes: int = READ_BYTES) -> list[Entry]:
-        """Entries after+1 .. upto (at most about `max_bytes`), in order."""
-        out: list[Entry] = []
+    def read(self, after: int, upto: int, max_bytes: int = READ_BYTES) -> list[tuple[Entry, bytes]]:
+        """Entries after+1 .. upto (at most about `max_bytes`), in order, each with its encoded bytes."""
+        out: list[tuple[Entry, bytes]] = []
         size = 0
         if after >= upto:
             return out
         if self._fd is None or self._next != after + 1:
             self._seek(after + 1)
         while self._next <= upto and size < max_bytes:
-            entry = self._read_one()
-            if entry is None:  # the rest is in the next segment
+            found = self._read_one()
+            if found is None:  # the rest is in the next segment
                 path = self.spool_dir / segment_name(self._next)
                 if not path.is_file():
                     raise FormatError(f"{self.spool_dir}: acknowledged entry {self._next} is in no segment")
                 self._open(self._next, path)
                 continue
-            out.append(entry)
-            size += len(entry.payload)
+            out.append(found)
+            size += len(found[1])
         return out
 
 
@@ -220,20 +221,24 @@ class Shipper:
                 await self.sleep(1.0)
                 continue
             await self.send(remote, entries, plan)
-            sent = entries[-1].seq
-            self.meter.add(len(entries), sum(len(e.payload) for e in entries))
+            sent = entries[-1][0].seq
+            self.meter.add(len(entries), sum(len(raw) for _, raw in entries))
             await daemon.call("spool.confirm", {"seq": sent, "stats": self.meter.rates()})
 
-    async def send(self, remote: AsyncClient, entries: list[Entry], plan: dict) -> None:
+    async def send(self, remote: AsyncClient, entries: list[tuple[Entry, bytes]], plan: dict) -> None:
+        """Batches of `batch_entries`, built from the entries' bytes as the spool holds them."""
         step = int(plan["batch_entries"])
-        calls = []
-        for start in range(0, len(entries), step):
-            batch = entries[start:start + step]
-            to_send = coalesce(batch) if plan["coalescing"] else batch
-            args = {"first_seq": batch[0].seq, "last_seq": batch[-1].seq, "targets": plan["targets"]}
-            calls.append(("journal.receive", args, encode_batch(to_send, first_seq=batch[0].seq,
-                                                                last_seq=batch[-1].seq)))
-        await remote.call_many(calls)
+
+        def calls() -> Iterator[tuple[str, dict, bytes]]:  # built as the window lets them go
+            for start in range(0, len(entries), step):
+                batch = entries[start:start + step]
+                first, last = batch[0][0].seq, batch[-1][0].seq
+                raw = dict((e.seq, data) for e, data in batch)
+                kept = coalesce([e for e, _ in batch]) if plan["coalescing"] else [e for e, _ in batch]
+                data = encode_batch_raw([raw[e.seq] for e in kept], first, last, coalesced=len(kept) != len(batch))
+                yield "journal.receive", {"first_seq": first, "last_seq": last, "targets": plan["targets"]}, data
+
+        await remote.call_many(calls())
 
     async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):

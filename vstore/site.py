@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ log = logging.getLogger("vstore.site")
 STATE_FORMAT = "tricopy-site-state"
 STATE_VERSION = 1
 FAULTS_FILE = "faults.json"
+EVIDENCE_EVERY_S = 1.0  # how often another site's copy of the write-count evidence is refreshed
 
 
 def external_id(site: str, index: int) -> str:
@@ -76,7 +78,7 @@ class System:
         self.network.unreachable = unreachable
         self.registry = self._merge_pairs()
         self._saved_pairs = {pair.name: pair.to_dict() for pair in self.registry}
-        self._put_states: dict[str, str] = {}
+        self._put_states: dict[str, tuple[str, float]] = {}
         self.storages: dict[str, StorageSystem] = {}
         for site, state in self.states.items():
             self.storages[site] = self._open_storage(site, state)
@@ -308,7 +310,7 @@ class System:
         return Provider(self.storage(self.active_site), name, self.async_program)
 
     # -- persistence ---------------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, *, all_evidence: bool = False) -> None:
         if self._mirror is not None and (self.states.get(self._mirror_site) or {}).get("host"):
             self.states[self._mirror_site]["host"]["mirror"] = self._mirror.settings.to_dict()
         for pair in self.registry:
@@ -325,16 +327,19 @@ class System:
             state["pairs"] = self.registry.to_records(site)
             if self.remote(site):
                 # Only what changed travels, and without waiting for the answer: the site applies
-                # its state updates in order, before any later request on the same connection.
-                doc = json.dumps(state, sort_keys=True)
-                if self._put_states.get(site) != doc:
+                # its state updates in order, before any later request on the same connection. A
+                # change of the write-count evidence alone travels at most once a second (the
+                # source's own `mirrored_writes` is saved with every write; see failback).
+                doc = json.dumps({k: v for k, v in state.items() if k != "seen_writes"}, sort_keys=True)
+                last_doc, last_time = self._put_states.get(site, ("", 0.0))
+                if last_doc != doc or all_evidence or time.monotonic() - last_time >= EVIDENCE_EVERY_S:
                     try:
                         self.peers[site].post("state.put", {"state": state})
                     except SiteDown as exc:  # as if it had been unreachable when the lab was opened
                         log.warning("site %s did not get its state update: %s", site, exc)
                         self.network.unreachable.add(site)
                         continue
-                    self._put_states[site] = doc
+                    self._put_states[site] = (doc, time.monotonic())
             else:
                 save_json_atomic(self.site_dir(site) / "state.json", state, durable=self.topo.durable)
 
@@ -349,6 +354,8 @@ class System:
             src, dst = split_ref(pair.source)[0], split_ref(pair.target)[0]
             if pair.state != PairState.DUPLEX or src not in self.states or dst not in self.states:
                 continue
+            if pair.kind == PairKind.SYNC:  # the source's own record: every write so far is on dst too
+                self.states[src]["mirrored_writes"] = self.states[src]["write_count"]
             if pair.kind == PairKind.ASYNC and (src != self._active_or_none() or self.entry_log.stats().entries):
                 continue
             self.states[dst].setdefault("seen_writes", {})[src] = self.states[src]["write_count"]
