@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 
 import pytest
 
@@ -15,6 +16,7 @@ from tests.labutil import invoke
 from vstore.cli import app as vstore_app
 from vstore.daemon import lab_down, running_pid
 from vstore.demo import PRIMARY_HOST_PROCESSES, content_for
+from vstore.lab import free_base_port
 from vstore.topology import SITE_NAMES
 
 PROCESSES = (*SITE_NAMES, *PRIMARY_HOST_PROCESSES)
@@ -98,3 +100,14 @@ def test_demo_user_mistakes_are_one_sentence(tmp_path, args, message):
     result = invoke(vstore_app, "demo", lab, *args, ok=False)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not lab.exists()
+
+
+def test_demo_far_link_port_in_use_stops_cleanly(tmp_path):
+    base = free_base_port(4)
+    lab = tmp_path / "busy-port"
+    with socket.create_server(("127.0.0.1", base + 3)):  # where the far link would listen
+        result = invoke(vstore_app, "demo", lab, "--files", 2, "--size", "8M", "--base-port", base, ok=False)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"far link on port {base + 3}" in result.output and "choose another --base-port" in result.output
+    assert nothing_running(lab)
+    assert "links" not in (lab / "topology.toml").read_text()

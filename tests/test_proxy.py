@@ -1,8 +1,10 @@
-"""tools.faults.proxy: forwarding, delay, bandwidth, drop, cut, restore, loopback only."""
+"""vstore.linkproxy through tools.faults.proxy: forwarding, delay, bandwidth (also changed while running),
+drop, cut, sever, restore, the bounded wire (backpressure), idle/drain, loopback only."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import subprocess
@@ -14,13 +16,14 @@ import pytest
 
 from tools.faults.proxy import FaultProxy, ProxyCore, ProxyError, control_command, parse_address
 from vstore import net
+from vstore.linkproxy import BURST, CHUNK, LinkProxy
 
 KEY = bytes(range(32))
 HOST = "127.0.0.1"
 
 
-class EchoServer:
-    """A blocking TCP echo server on a thread (one thread per connection)."""
+class TcpServer:
+    """A blocking TCP server on a thread, one thread per connection passing what it reads to `received`."""
 
     def __init__(self) -> None:
         self.sock = socket.create_server((HOST, 0))
@@ -34,16 +37,22 @@ class EchoServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+            self.opened(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
-    @staticmethod
-    def _echo(conn: socket.socket) -> None:
+    def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
                 while data := conn.recv(65536):
-                    conn.sendall(data)
+                    self.received(conn, data)
             except OSError:
                 pass
+
+    def opened(self, conn: socket.socket) -> None:
+        """A new connection (called in accept order)."""
+
+    def received(self, conn: socket.socket, data: bytes) -> None:
+        raise NotImplementedError
 
     def stop(self) -> None:
         try:
@@ -52,6 +61,34 @@ class EchoServer:
             pass
         self.sock.close()
         self.thread.join(timeout=5)
+
+
+class EchoServer(TcpServer):
+    def received(self, conn: socket.socket, data: bytes) -> None:
+        conn.sendall(data)
+
+
+class SinkServer(TcpServer):
+    """Keeps every byte received, per connection (in accept order), in `buffers`."""
+
+    def __init__(self) -> None:
+        self.buffers: list[bytearray] = []
+        self.by_conn: dict[socket.socket, bytearray] = {}
+        self.lock = threading.Lock()
+        super().__init__()
+
+    def opened(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.buffers.append(buf := bytearray())
+            self.by_conn[conn] = buf
+
+    def received(self, conn: socket.socket, data: bytes) -> None:
+        with self.lock:
+            self.by_conn[conn] += data
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(len(b) for b in self.buffers)
 
 
 class RpcServer:
@@ -89,6 +126,13 @@ def echo():
 
 
 @pytest.fixture
+def sink():
+    server = SinkServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
 def proxy(echo):
     p = FaultProxy(("127.0.0.1", 0), (HOST, echo.port)).start()
     yield p
@@ -120,6 +164,16 @@ def is_closed(sock: socket.socket) -> bool:
         return True
     except TimeoutError:
         return False
+
+
+def assert_refused(port: int) -> None:
+    """A new connection to the proxy gets nothing through (the connect itself may succeed or be reset)."""
+    try:
+        refused = connect(port)
+    except (ConnectionResetError, ConnectionRefusedError):
+        return
+    assert is_closed(refused)
+    refused.close()
 
 
 def test_forwarding(proxy):
@@ -177,13 +231,7 @@ def test_cut_closes_and_refuses_until_restore(proxy):
     proxy.cut()
     assert is_closed(sock)
     sock.close()
-    try:  # the connect itself may succeed or be reset; either way nothing gets through
-        refused = connect(proxy.port)
-    except (ConnectionResetError, ConnectionRefusedError):
-        pass
-    else:
-        assert is_closed(refused)
-        refused.close()
+    assert_refused(proxy.port)
     assert proxy.stats()["mode"] == "cut" and proxy.stats()["open_connections"] == 0
     proxy.restore()
     with connect(proxy.port) as again:
@@ -203,6 +251,77 @@ def test_drop_black_holes_then_restore(proxy):
     sock.settimeout(5)
     assert round_trip(sock, b"after") == b"after"
     sock.close()
+
+
+def test_sever_delivers_what_is_on_the_wire_and_loses_the_rest(sink):
+    """The connecting site is lost: what it had transmitted still arrives, nothing else ever does."""
+    data = bytes(i % 251 for i in range(60_000))
+    with LinkProxy(target=(HOST, sink.port), delay_ms=300, bandwidth=20_000) as link:
+        sock = connect(link.port)
+        sock.sendall(data)
+        time.sleep(0.1)  # the burst and a few paced pieces are on the wire, none has arrived yet
+        link.sever()
+        assert sink.total() == 0
+        sock.sendall(b"z" * 10_000)  # what a dead sender's kernel still flushes never arrives
+        assert not link.idle()
+        assert link.drain(timeout=5)
+        time.sleep(0.1)
+        got = bytes(sink.buffers[0])
+        assert 16_000 <= len(got) <= BURST + 10_000 and got == data[:len(got)]  # the burst, in 1000-byte pieces
+        stats = link.stats()
+        assert stats["mode"] == "sever" and stats["bytes_up"] == len(got) and stats["bytes_queued"] == 0
+        assert stats["bytes_dropped"] == len(data) + 10_000 - len(got)
+        assert_refused(link.port)  # new connections too
+        link.restore()
+        with connect(link.port) as again:
+            again.sendall(b"back")
+        deadline = time.monotonic() + 5
+        while sink.total() < len(got) + 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert bytes(sink.buffers[-1]) == b"back"
+        sock.close()
+
+
+def test_the_wire_is_bounded_and_pushes_back(sink):
+    """A slow link holds at most about `wire_bytes` per direction; the sender is held back by TCP."""
+    wire = 64 << 10
+    with LinkProxy(target=(HOST, sink.port), bandwidth=100_000, wire_bytes=wire) as link:
+        sock = connect(link.port)
+
+        def send() -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(b"w" * (32 << 20))
+
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        highest = 0
+        for _ in range(25):
+            time.sleep(0.02)
+            highest = max(highest, link.stats()["bytes_queued"])
+        assert 0 < highest <= wire + CHUNK
+        assert sender.is_alive()  # 32 MiB cannot have left at 100 kB/s
+        link.cut()
+        sender.join(timeout=5)
+        sock.close()
+
+
+def test_bandwidth_changes_while_running(sink):
+    with LinkProxy(target=(HOST, sink.port), bandwidth=10_000) as link, connect(link.port) as sock:
+        sock.sendall(b"s" * 200_000)  # 20 s at 10 kB/s
+        time.sleep(0.3)
+        assert sink.total() < 40_000
+        link.set_bandwidth(None)  # applies to what is not yet transmitted
+        assert link.drain(timeout=5)
+        deadline = time.monotonic() + 5
+        while sink.total() < 200_000 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sink.total() == 200_000 and link.stats()["bytes_up"] == 200_000
+
+
+def test_port_in_use_is_a_proxy_error():
+    with socket.create_server((HOST, 0)) as busy:
+        with pytest.raises(ProxyError, match="cannot listen on"):
+            LinkProxy(busy.getsockname(), (HOST, 1)).start()
 
 
 def test_rpc_drop_times_out_and_restore_recovers():
@@ -251,6 +370,9 @@ def test_control_commands():
     assert control_command(core, "drop") == "ok drop" and core.dropping
     assert json.loads(control_command(core, "stats"))["mode"] == "drop"
     assert control_command(core, "restore") == "ok restore" and not core.dropping
+    assert control_command(core, "sever") == "ok sever"
+    assert json.loads(control_command(core, "stats"))["mode"] == "sever"
+    assert control_command(core, "restore") == "ok restore" and not core.severed
     assert control_command(core, "delay -1").startswith("error")
     assert control_command(core, "explode").startswith("error unknown command")
 

@@ -2,7 +2,7 @@
 §4 and §8 [0171]-[0173]; DESIGN invariants 1 and 2).
 
 Creates a provider-mode lab (embodiment 4), brings its daemons up with the Async site behind a far
-link (a loopback relay on the primary-async link: limited bandwidth, optional delay), writes files
+link (a `vstore.linkproxy` relay on the primary-async link: limited bandwidth, optional delay), writes files
 through jfs on `lab:LAB` with a live progress bar, kills every process of the primary host with
 SIGKILL and deletes the primary site's directory (the site is lost), recovers at the Sync site
 (`vstore.recovery.recover`: touched files only) and reports what was lost.
@@ -38,10 +38,8 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -56,6 +54,7 @@ from rich.table import Table
 
 from vstore.errors import TricopyError
 from vstore.lab import free_base_port
+from vstore.linkproxy import LinkProxy, ProxyError
 from vstore.units import format_size, parse_size
 
 log = logging.getLogger("vstore.demo")
@@ -83,197 +82,6 @@ def content_for(path: str, size: int) -> bytes:
         total += len(line)
         n += 1
     return "".join(lines).encode()[:size]
-
-
-# -- ports and the far link -------------------------------------------------------------------------
-class FarLink:
-    """A loopback TCP relay that puts a site far away, for the connections made to it (here: from the
-    primary host to the Async site). Each direction of each connection is a link of `bandwidth`
-    bytes/s (a token bucket with a 16 KiB burst; None: unlimited; may be changed while running)
-    whose bytes then spend `delay_s` on the wire. At most `wire_bytes` wait per direction; beyond
-    that the relay stops reading, so TCP pushes back on the sender as a full link would.
-    `sent_out` counts the bytes transmitted towards the target.
-
-    `sever()` is the sending site's loss: bytes it had not yet transmitted are gone (including
-    whatever its kernel still flushes afterwards), bytes already on the wire still arrive."""
-
-    def __init__(self, listen_port: int, target_port: int, *, delay_s: float, bandwidth: int | None) -> None:
-        self.listen_port, self.target_port = listen_port, target_port
-        self.delay_s, self.bandwidth = delay_s, bandwidth
-        self.burst = 16 << 10
-        self.wire_bytes = 256 << 10
-        self.sent_out = 0
-        self.stopping = threading.Event()
-        self.severed = threading.Event()
-        self.sockets: set[socket.socket] = set()
-        self.pipes: list[_Pipe] = []
-        self.lock = threading.Lock()
-        self.server: socket.socket | None = None
-
-    def start(self) -> FarLink:
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            server.bind(("127.0.0.1", self.listen_port))
-        except OSError as exc:
-            server.close()
-            raise TricopyError(f"port {self.listen_port} for the emulated far link is in use ({exc.strerror}); "
-                               "choose another --base-port") from None
-        server.listen(16)
-        server.settimeout(0.2)
-        self.server = server
-        threading.Thread(target=self._accept, name="far-link", daemon=True).start()
-        return self
-
-    def _accept(self) -> None:
-        assert self.server is not None
-        while not self.stopping.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if self.severed.is_set():
-                conn.close()
-                continue
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
-            except OSError:
-                conn.close()
-                continue
-            for s in (conn, upstream):
-                s.settimeout(None)
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self.lock:
-                self.sockets |= {conn, upstream}
-                pair = [_Pipe(self, conn, upstream, outbound=True), _Pipe(self, upstream, conn, outbound=False)]
-                self.pipes += pair
-            for pipe in pair:
-                pipe.start()
-
-    def sever(self) -> None:
-        self.severed.set()
-        with self.lock:
-            pipes = list(self.pipes)
-        for pipe in pipes:
-            if pipe.outbound:
-                pipe.drop_unsent()
-
-    def idle(self) -> bool:
-        with self.lock:
-            return all(p.queued == 0 for p in self.pipes)
-
-    def drain(self, timeout: float) -> None:
-        """Wait until every byte still on the wire has arrived (or `timeout`)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.idle():
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        if self.server is not None:
-            self.server.close()
-        with self.lock:
-            for s in self.sockets:
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-            self.sockets.clear()
-            pipes = list(self.pipes)
-        for pipe in pipes:
-            pipe.drop_unsent()
-
-
-class _Pipe:
-    """One direction of one relayed connection: reader -> (bandwidth) -> wire (delay) -> delivery."""
-
-    def __init__(self, link: FarLink, src: socket.socket, dst: socket.socket, *, outbound: bool) -> None:
-        self.link, self.src, self.dst, self.outbound = link, src, dst, outbound
-        self.unsent: queue.Queue[bytes | None] = queue.Queue()
-        self.wire: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
-        self.queued = 0  # bytes read and not yet delivered
-        self.room = threading.Condition()
-
-    def start(self) -> None:
-        for target in (self._read, self._transmit, self._deliver):
-            threading.Thread(target=target, daemon=True).start()
-
-    def _done(self, n: int) -> None:
-        with self.room:
-            self.queued -= n
-            self.room.notify_all()
-
-    def _lost(self) -> bool:
-        return self.outbound and self.link.severed.is_set()
-
-    def drop_unsent(self) -> None:
-        while True:
-            try:
-                chunk = self.unsent.get_nowait()
-            except queue.Empty:
-                return
-            if chunk is None:
-                self.unsent.put(None)
-                return
-            self._done(len(chunk))
-
-    def _read(self) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := self.src.recv(64 << 10):
-                if self._lost() or self.link.stopping.is_set():
-                    continue  # the sender is gone: what its kernel still flushes never left its site
-                with self.room:
-                    self.room.wait_for(lambda: self.queued < self.link.wire_bytes or self.link.stopping.is_set())
-                    self.queued += len(chunk)
-                self.unsent.put(chunk)
-        self.unsent.put(None)
-
-    def _transmit(self) -> None:
-        burst = self.link.burst
-        tokens, refilled = float(burst), time.monotonic()
-        while (chunk := self.unsent.get()) is not None:
-            if self._lost():
-                self._done(len(chunk))
-                continue
-            bandwidth = self.link.bandwidth
-            step = burst if bandwidth else len(chunk)
-            for i in range(0, len(chunk), step):
-                piece = chunk[i:i + step]
-                if bandwidth:  # token bucket: `burst` bytes at once, `bandwidth` bytes/s sustained
-                    now = time.monotonic()
-                    tokens = min(float(burst), tokens + (now - refilled) * bandwidth)
-                    refilled = now
-                    if tokens < len(piece):
-                        time.sleep((len(piece) - tokens) / bandwidth)
-                        tokens, refilled = float(len(piece)), time.monotonic()
-                    tokens -= len(piece)
-                if self._lost():
-                    self._done(len(chunk) - i)
-                    break
-                if self.outbound:
-                    self.link.sent_out += len(piece)  # one transmitting thread per pipe; a statistic
-                self.wire.put((time.monotonic() + self.link.delay_s, piece))
-        self.wire.put(None)
-
-    def _deliver(self) -> None:
-        delivering = True
-        while (item := self.wire.get()) is not None:
-            due, piece = item
-            if delivering:
-                time.sleep(max(0.0, due - time.monotonic()))
-                try:
-                    self.dst.sendall(piece)
-                except OSError:
-                    delivering = False  # nobody to deliver to any more: the rest only counts as done
-                    self._shut()
-            self._done(len(piece))
-        self._shut()
-
-    def _shut(self) -> None:
-        for s in (self.src, self.dst):
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
 
 
 # -- the demo ---------------------------------------------------------------------------------------
@@ -361,6 +169,17 @@ def check_options(opts: DemoOptions) -> None:
 
 def far_link_wanted(opts: DemoOptions) -> bool:
     return opts.async_delay_ms > 0 or opts.async_bandwidth is not None or opts.auto_bandwidth is not None
+
+
+def start_far_link(base_port: int, opts: DemoOptions) -> LinkProxy:
+    """The relay that puts the Async site far away for the connections the primary host makes to it
+    (vstore.linkproxy: bandwidth, delay, a bounded wire with backpressure, `sever()` for the kill)."""
+    listen, target = ("127.0.0.1", base_port + 3), ("127.0.0.1", base_port + 2)
+    try:
+        return LinkProxy(listen, target, delay_ms=opts.async_delay_ms, bandwidth=opts.async_bandwidth).start()
+    except ProxyError as exc:
+        raise TricopyError(f"the emulated far link on port {base_port + 3}: {exc}; choose another --base-port") \
+            from None
 
 
 def kill_primary_host(lab: Path) -> dict[str, int]:
@@ -468,7 +287,7 @@ def calibration_files(files: int) -> int:
     return max(1, min(20, files // 5))
 
 
-def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult, link: FarLink | None) -> None:
+def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult, link: LinkProxy | None) -> None:
     """mkfs and the files, through the primary's daemon; a file counts once `write_file` returned
     (every block of it acknowledged, so the Sync site has it). The file system stays mounted: the
     application is still running when the primary dies."""
@@ -490,7 +309,7 @@ def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult, link: 
         watcher = BacklogWatcher(lab)
         watcher.thread.start()
         last_trim = measured_from = time.monotonic()
-        sent_before = link.sent_out if link is not None else 0
+        sent_before = link.stats()["bytes_up"] if link is not None else 0
         try:
             task = None
             if bars is not None:
@@ -503,11 +322,12 @@ def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult, link: 
                 fs.write_file(path, data)
                 result.files.append({"path": path, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
                 if auto and i + 1 == calibrate and link is not None and opts.auto_bandwidth is not None:
-                    rate = (link.sent_out - sent_before) / max(time.monotonic() - measured_from, 1e-3)
-                    link.bandwidth = max(MIN_BANDWIDTH, int(rate * opts.auto_bandwidth))
-                    result.async_link["bandwidth"] = link.bandwidth
+                    rate = (link.stats()["bytes_up"] - sent_before) / max(time.monotonic() - measured_from, 1e-3)
+                    bandwidth = max(MIN_BANDWIDTH, int(rate * opts.auto_bandwidth))
+                    link.set_bandwidth(bandwidth)
+                    result.async_link["bandwidth"] = bandwidth
                     log.info("far link: %d B/s measured over %d files; bandwidth set to %d B/s", rate, calibrate,
-                             link.bandwidth)
+                             bandwidth)
                 if time.monotonic() - last_trim >= TRIM_EVERY_S:
                     fs.trim()
                     last_trim = time.monotonic()
@@ -609,11 +429,10 @@ def _run_demo(lab: Path, opts: DemoOptions, ui: Ui, asked: threading.Event) -> D
     timed("init", "up")
     ui.step("init", f"provider-mode lab {lab} ({format_size(opts.size)} volumes A, C, D; daemons on 127.0.0.1:"
             f"{base_port}-{base_port + 2}); every pair Duplex")
-    link: FarLink | None = None
+    link: LinkProxy | None = None
     try:
         if far_link_wanted(opts):
-            link = FarLink(base_port + 3, base_port + 2, delay_s=opts.async_delay_ms / 1000,
-                           bandwidth=opts.async_bandwidth).start()
+            link = start_far_link(base_port, opts)
             topology.write_text(plain_topology + f'\n[links.primary-async]\nvia = "127.0.0.1:{base_port + 3}"\n')
         result.async_link = {"relay": link is not None, "delay_ms": opts.async_delay_ms,
                              "bandwidth": opts.async_bandwidth, "auto": opts.auto_bandwidth is not None}
