@@ -28,12 +28,12 @@ HOST = "127.0.0.1"
 class ServerThread:
     """A `net.serve` server on its own event loop thread, counting handler calls."""
 
-    def __init__(self, key: bytes = KEY, **kw) -> None:
+    def __init__(self, key: bytes = KEY, port: int = 0, **kw) -> None:
         self.calls = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = self.run(net.serve(HOST, 0, key, self.handle, **kw))
+        self.server = self.run(net.serve(HOST, port, key, self.handle, **kw))
         self.port = net.bound_port(self.server)
 
     def run(self, coro):
@@ -546,3 +546,22 @@ def test_tls_round_trip(tmp_path: Path):
             net.Client(HOST, s.port, KEY, timeout=2)
     finally:
         s.stop()
+
+
+def test_a_kept_connection_to_a_restarted_site_is_renewed_once():
+    """A site restarted between two calls closed the client's kept connection: the next call is
+    sent again once on a new connection instead of failing (every request is safe to repeat)."""
+    first = ServerThread()
+    port = first.port
+    client = net.Client(HOST, port, KEY, timeout=5)
+    assert client.call("echo", {"n": 1})[0]["args"] == {"n": 1}
+    first.stop()
+    second = ServerThread(port=port)
+    try:
+        assert client.call("echo", {"n": 2})[0]["args"] == {"n": 2}
+        assert second.calls == 1
+    finally:
+        second.stop()
+    with pytest.raises(net.ConnectionFailed):  # nobody listens: one new connection, then a clear failure
+        client.call("echo", {"n": 3})
+    client.close()

@@ -811,10 +811,21 @@ class Client:
         """Run `method` on the site; returns (result, data). RemoteError if the site refused it."""
         payload = encode_request(method, args, data)
         with self._lock:
-            if self._sock is None:
+            reused = self._sock is not None
+            if not reused:
                 self._connect()
             try:
-                answer = self._exchange(payload)
+                try:
+                    answer = self._exchange(payload)
+                except (OSError, EOFError) as e:
+                    if not reused or isinstance(e, TimeoutError):
+                        raise
+                    # A kept connection the site closed (it restarted since): once more on a new
+                    # one. Every request is safe to repeat (writes are idempotent, the receive
+                    # journal refuses a batch twice).
+                    self._drop()
+                    self._connect()
+                    answer = self._exchange(payload)
             except TimeoutError:
                 self._drop()
                 raise _unreachable(self.host, self.port, f"no answer to {method!r} within {self.timeout}s") from None

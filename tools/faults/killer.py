@@ -169,10 +169,12 @@ def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | Non
             if not restarted:
                 restart(lab, victim, primary)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # shipping resumes by itself (the shipper process)
+        while True:  # shipping resumes by itself (the shipper process)
             status = primary.call("status")[0]["status"]
-            if all(p["entries_waiting"] == 0 and p["state"] == "Duplex" for p in status["pairs"]):
+            pairs = [(p["name"], p["state"], p["entries_waiting"]) for p in status["pairs"]]
+            if all(state == "Duplex" and waiting == 0 for _, state, waiting in pairs):
                 break
+            assert time.monotonic() < deadline, f"the lab did not settle within 30 s: {pairs} (victim {victim})"
             time.sleep(0.05)
     finally:
         primary.close()
