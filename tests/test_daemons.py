@@ -302,6 +302,22 @@ def test_bad_clients_are_refused_and_the_daemon_keeps_serving(lab_factory):
     good.close()
 
 
+def test_a_second_daemon_or_shipper_for_a_running_site_is_refused(lab_factory):
+    lab = lab_factory(mode="provider")
+    lab_up(lab)
+    config = str(lab / "topology.toml")
+    r = vstore("serve", "--site", "primary", "--config", config, ok=False)
+    assert r.exit_code == 1 and "already running" in r.stderr
+    r = vstore("shipper", "--site", "primary", "--config", config, ok=False)
+    assert r.exit_code == 1 and "already running" in r.stderr
+    (lab / "run" / "sync.pid").unlink()  # even without its pid file, the port tells
+    r = vstore("serve", "--site", "sync", "--config", config, ok=False)
+    assert r.exit_code == 1 and "cannot listen" in r.stderr
+    r = vstore("ship", lab, "--follow", "--duration", "1", ok=False)
+    assert r.exit_code == 1 and "shipper process already follows" in r.stderr
+    assert running_pid(lab, "primary") and running_pid(lab, "shipper")
+
+
 def test_key_file_with_wrong_permissions_is_refused_at_start(lab_factory):
     lab = lab_factory(mode="provider")
     os.chmod(lab / "lab.key", 0o644)

@@ -173,7 +173,8 @@ def serve(
     logging.getLogger().setLevel(logging.INFO)
     with user_errors():
         daemon = SiteDaemon(config.parent, site)
-    asyncio.run(daemon.run(ready=config.parent / "run" / f"{site}.pid"))
+    with user_errors():
+        asyncio.run(daemon.run(ready=config.parent / "run" / f"{site}.pid"))
 
 
 @app.command()
@@ -194,7 +195,8 @@ def shipper(
     logging.getLogger().setLevel(logging.INFO)
     with user_errors():
         process = Shipper(config.parent, site)
-    asyncio.run(process.run(ready=config.parent / "run" / f"{SHIPPER}.pid"))
+    with user_errors():
+        asyncio.run(process.run(ready=config.parent / "run" / f"{SHIPPER}.pid"))
 
 
 def daemon_client(lab: Path) -> Any:
@@ -401,6 +403,11 @@ def ship(
         with user_errors():
             if period is not None and period <= 0:
                 raise TricopyError("--period must be a positive number of seconds")
+            from vstore.daemon import is_up
+            if is_up(lab):
+                raise TricopyError(f"the daemons of {lab} are running: their shipper process already follows the "
+                                   f"spool (`vstore status {lab}` shows its send rate); `--follow` works on a lab "
+                                   "that is down")
             try:
                 total = run_follow(lab, period=period, duration=duration, on_round=report_round)
             except KeyboardInterrupt:

@@ -416,15 +416,24 @@ class SiteDaemon:
     # -- running --------------------------------------------------------------------------------
     async def run(self, ready: Path | None = None) -> None:
         spec = self.topo.sites[self.site]
-        faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack to the log
-        self.finish_at_start()
-        self.redo_at_start()
-        retry = asyncio.create_task(self.retry_redo())
+        other = running_pid(self.lab, self.site)
+        if other and other != os.getpid():
+            raise TricopyError(f"the {self.site} daemon of {self.lab} is already running (pid {other})")
+        with contextlib.suppress(ValueError, OSError):  # stderr may not be a file (tests)
+            faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack to the log
 
         async def handler(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
             return await asyncio.to_thread(self.handle, method, args, data)
 
-        server = await serve(spec.host, spec.port, self.key, handler, ssl_context=self.server_tls)
+        with self.lock:  # the port first (one daemon per site), then recovery, then requests
+            try:
+                server = await serve(spec.host, spec.port, self.key, handler, ssl_context=self.server_tls)
+            except OSError as exc:
+                raise TricopyError(f"site {self.site} cannot listen on {spec.host}:{spec.port} "
+                                   f"({exc.strerror or exc}); is its daemon already running?") from None
+            self.finish_at_start()
+            self.redo_at_start()
+        retry = asyncio.create_task(self.retry_redo())
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):

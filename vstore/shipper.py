@@ -257,6 +257,10 @@ class Shipper:
             def on_any_event(self, event: Any) -> None:
                 loop.call_soon_threadsafe(wake.set)
 
+        from vstore.daemon import SHIPPER, running_pid
+        other = running_pid(self.lab, SHIPPER)
+        if other and other != os.getpid():
+            raise TricopyError(f"the shipper process of {self.lab} is already running (pid {other})")
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         observer = Observer()
         observer.schedule(Wake(), str(self.spool_dir), recursive=False)
