@@ -79,7 +79,7 @@ def test_daemons_give_the_same_results_as_one_process(lab_factory, mode):
     r = vstore("verify", up, "--json")
     assert all(p["differing_ranges"] == [] for p in json.loads(r.stdout)["pairs"])
     frame = vstore("dashboard", up, "--once").stdout
-    assert "A->C" in frame and "Duplex" in frame
+    assert "A->C" in frame and "Duplex" in frame and "shipper process running" in frame
     r = vstore("heal", up, "primary-sync")
     assert "healed" in r.stdout
     r = vstore("failover", up, "--to", "sync", ok=False)  # the primary is alive: refused, daemons back up

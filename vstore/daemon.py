@@ -396,7 +396,10 @@ class SiteDaemon:
                     return {"status": doc}, b""
                 if method == "snapshot":
                     from vstore.dashboard import snapshot_of
-                    return {"snapshot": snapshot_of(system)}, b""
+                    snap = snapshot_of(system)
+                    if system.entry_log is not None:
+                        snap["shipping"] = self.shipping_status()
+                    return {"snapshot": snap}, b""
                 if method == "verify":
                     from vstore.verify import verify
                     return {"pairs": verify(system, args.get("pair"))}, b""

@@ -296,6 +296,12 @@ def render(snapshot: dict, history: History | None = None, *, note: str | None =
     if queue:
         header.append(f"  entry log at {queue['site']}: confirmed #{queue['confirmed_seq']}, "
                       f"next #{queue['next_seq']}", style="dim")
+    shipping = snapshot.get("shipping")
+    if shipping:  # through the daemons: the shipper process
+        running = shipping["process"] == "running"
+        header.append(f"  shipper process {shipping['process']}", style="green" if running else "bold red")
+        if running:
+            header.append(f" ({format_size(int(shipping['bytes_per_s']))}/s)", style="dim")
     if note:
         header.append(f"  {note}", style="bold yellow")
     events = Table.grid()
