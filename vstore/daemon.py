@@ -5,10 +5,13 @@ Keeps true:
 - A daemon serves only its own site's directory: its volumes, its `state.json`, its receive
   journal, and (when its host runs the application) its entry spool. Everything about another site
   goes over the authenticated RPC of `vstore.net` to that site's daemon.
-- One request at a time touches the site (a lock serialises request handlers and the shipper), so
-  writes to the consistency group are sequenced in one place. A coordinating request (an
-  application write, status, ship) opens a `System` for the moment of the request, with the other
-  sites reached through `vstore.remote`, and saves it before answering.
+- One request at a time touches the site (a lock serialises request handlers), so writes to the
+  consistency group are sequenced in one place. A coordinating request (an application write,
+  status, ship) works on a `System` with the other sites reached through `vstore.remote`, and saves
+  what changed before answering; the `System` is kept between requests and reloaded from every
+  site when a peer did not answer, a request failed, or faults.json changed.
+- Before an application write its range goes into the write-intent record (vstore/intent.py); a
+  daemon restarted after a kill re-drives it, so that write ends on every copy or on none.
 - Shipping is its own process (`vstore shipper`, vstore/shipper.py), started by `lab up` next to
   the daemon of the site running the application. That daemon owns the spool: it appends entries
   (under the site lock, durable before the ack), answers `spool.acked` (the last acknowledged
@@ -214,9 +217,12 @@ class SiteDaemon:
             log.warning("the write in progress at the last crash is re-driven before the next write: %s", exc)
 
     async def retry_redo(self) -> None:
-        """Until the in-doubt write is re-driven (its peers may start after this daemon)."""
+        """Until the in-doubt write is re-driven (its peers may start after this daemon, or the
+        group may be fenced until `vstore heal`)."""
+        pause = 0.5
         while self.redo_needed:
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
             if self.redo_needed:
                 await asyncio.to_thread(self.redo_at_start)
 
