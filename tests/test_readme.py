@@ -27,6 +27,7 @@ def walkthrough() -> list[str]:
 def test_readme_opens_with_install_and_test_commands():
     first_block = re.search(r"```sh\n(.*?)```", README.read_text(), re.S).group(1).splitlines()
     assert first_block[0] == "pip install -e '.[test]'" and first_block[1] == "pytest"
+    assert first_block[2].startswith("vstore demo ")  # the main demo (tests/test_demo.py runs it)
     assert "pytest" in (README.parent / ".ci" / "run").read_text()
 
 

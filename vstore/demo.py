@@ -7,11 +7,11 @@ through jfs on `lab:LAB` with a live progress bar, kills every process of the pr
 SIGKILL and deletes the primary site's directory (the site is lost), recovers at the Sync site
 (`vstore.recovery.recover`: touched files only) and reports what was lost.
 
-The far link's bandwidth is by default "auto": unlimited while the file system is made, then set to
-85% of the rate at which the first files' entries crossed it, so the burst of writes outruns the
-link a little, as a burst does on a WAN sized for the average load. (A fixed delay would be more
-natural, but every application write also waits for a few requests to the Async site's daemon, so a
-delay slows the writes as much as the shipping and nothing stays in flight.)
+The far link has 30 ms of one-way delay by default (application writes wait only for the Sync site,
+so the delay is felt by shipping alone), and its bandwidth is by default "auto": unlimited while
+the file system is made, then set to 85% of the rate at which the first files' entries crossed it,
+so the burst of writes outruns the link a little, as a burst does on a WAN sized for the average
+load.
 
 Keeps true:
 - It never touches an existing lab: LAB must not exist or be an empty directory (one-sentence
@@ -91,7 +91,7 @@ class DemoOptions:
     file_size: int = 8192
     size: int = 64 << 20
     base_port: int | None = None
-    async_delay_ms: float = 0.0
+    async_delay_ms: float = 30.0
     async_bandwidth: int | None = None  # bytes/s; None: unlimited (or auto)
     auto_bandwidth: float | None = AUTO_FRACTION  # set the bandwidth to this share of the measured rate
     keep_up: bool = True
@@ -598,9 +598,8 @@ def register(app: typer.Typer) -> None:
                                                      "files need, so the Async site falls behind during the "
                                                      "writes), a size such as 256K, or 0 for unlimited.")
                                    ] = "auto",
-        async_delay: Annotated[float, typer.Option("--async-delay", help="One-way delay (ms) added on that link "
-                                                   "(each write also exchanges state with the Async site's "
-                                                   "daemon, so a delay slows the writes too).")] = 0.0,
+        async_delay: Annotated[float, typer.Option("--async-delay", help="One-way delay (ms) added on that link: "
+                                                   "a far Async site (0: none).")] = 30.0,
         keep_up: Annotated[bool, typer.Option("--keep-up/--down", help="Leave the daemons running at the end "
                                               "(default; stop them with `vstore lab down LAB`), or stop them.")] = True,
         as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (steps go to stderr).")
