@@ -15,6 +15,7 @@ import time
 import pytest
 
 from jfs.cli import app as jfs_app
+from tests.fsutil import image_tree
 from tests.labutil import BS, blocks, image, invoke
 from tools.faults.killer import VICTIMS, run_once
 from tools.faults.proxy import FaultProxy
@@ -89,16 +90,37 @@ def test_daemons_give_the_same_results_as_one_process(lab_factory, mode):
 
 
 def test_jfs_through_the_daemons(lab_factory):
-    lab = lab_factory(mode="provider")
-    vstore("lab", "up", lab)
-    jfs("mkfs", f"lab:{lab}")
-    jfs("write", f"lab:{lab}", "/hello", input="through the daemons\n")
-    assert jfs("read", f"lab:{lab}", "/hello").stdout == "through the daemons\n"
-    assert jfs("read", f"lab:{lab}@sync", "/hello").stdout == "through the daemons\n"
-    wait_shipped(lab)
-    assert jfs("read", f"lab:{lab}@async", "/hello").stdout == "through the daemons\n"
-    r = jfs("write", f"lab:{lab}@sync", "/x", input="x", ok=False)
+    """The embodiment-4 workload through the daemons ends with the same file trees on A, C and D as
+    in one process, and fsck finds C and D clean (the oracles of the jfs and E4 issues)."""
+    up, local = lab_factory("up", mode="provider"), lab_factory("local", mode="provider")
+    vstore("lab", "up", up)
+
+    def both(*args: str, input: str | None = None) -> None:
+        for lab in (up, local):
+            jfs(args[0], f"lab:{lab}", *args[1:], input=input)
+        vstore("ship", local)  # in one process nothing ships by itself (the small log would fill)
+
+    both("mkfs")
+    both("mkdir", "/docs")
+    for i in range(6):
+        both("write", f"/docs/f{i}.txt", input=f"file {i}\n" * (i * 300 + 1))
+    both("mv", "/docs/f1.txt", "/f1-moved.txt")
+    both("rm", "/docs/f2.txt")
+    both("write", "/hello", input="through the daemons\n")
+    wait_shipped(up)
+    assert jfs("read", f"lab:{up}", "/hello").stdout == "through the daemons\n"
+    assert jfs("read", f"lab:{up}@sync", "/hello").stdout == "through the daemons\n"
+    assert jfs("read", f"lab:{up}@async", "/hello").stdout == "through the daemons\n"
+    r = jfs("write", f"lab:{up}@sync", "/x", input="x", ok=False)
     assert "read-only replica" in r.stderr
+    vstore("lab", "down", up)
+    expected = image_tree(local / "primary" / "A.img")
+    assert "/f1-moved.txt" in expected and "/docs/f2.txt" not in expected
+    for site, vol in (("primary", "A"), ("sync", "C"), ("async", "D")):
+        assert image_tree(up / site / f"{vol}.img") == expected, f"{site}:{vol} differs from one process"
+        assert image_tree(local / site / f"{vol}.img") == expected
+    for site, vol in (("sync", "C"), ("async", "D")):
+        assert jfs("fsck", str(up / site / f"{vol}.img"), "-n").exit_code == 0
 
 
 @pytest.mark.parametrize("run", range(20))
