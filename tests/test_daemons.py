@@ -17,8 +17,10 @@ import pytest
 from jfs.cli import app as jfs_app
 from tests.fsutil import image_tree
 from tests.labutil import BS, blocks, image, invoke
+from tests.test_net import assert_closed_by_server, handshake, read_frame
 from tools.faults.killer import VICTIMS, run_once
 from tools.faults.proxy import FaultProxy
+from vstore import net
 from vstore.cli import app as vstore_app
 from vstore.daemon import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
 from vstore.intent import WriteIntent
@@ -318,8 +320,28 @@ def test_bad_clients_are_refused_and_the_daemon_keeps_serving(lab_factory):
             s.recv(100)
         except ConnectionResetError:
             pass
-    assert image(lab, "sync", "C") == before
-    good = Peer(sync.host, sync.port, load_key(lab / topo.key_file), timeout=5)
+    assert image(lab, "sync", "C") == before  # garbage, a wrong key and a huge length wrote nothing
+    key = load_key(lab / topo.key_file)
+    with socket.create_connection((sync.host, sync.port), timeout=5) as s:  # a recorded session
+        session, _ = handshake(s, key)
+        recorded = session.seal(1, net.encode_request("vol.write", {"volume": "C", "lba": 3}, blocks(33)))
+        s.sendall(recorded)
+        session.open(read_frame(s))
+    assert image(lab, "sync", "C")[3 * BS:4 * BS] == blocks(33)  # written by that legitimate session
+    with Peer(sync.host, sync.port, key, timeout=5) as peer:
+        peer.call("vol.write", {"volume": "C", "lba": 3}, blocks(34))
+    with socket.create_connection((sync.host, sync.port), timeout=5) as s:  # replayed in a new session
+        handshake(s, key)
+        s.sendall(recorded)
+        assert_closed_by_server(s)
+    with socket.create_connection((sync.host, sync.port), timeout=5) as s:  # bit-flipped
+        session, _ = handshake(s, key)
+        frame = bytearray(session.seal(1, net.encode_request("vol.write", {"volume": "C", "lba": 3}, blocks(35))))
+        frame[-100] ^= 0x10
+        s.sendall(bytes(frame))
+        assert_closed_by_server(s)
+    assert image(lab, "sync", "C")[3 * BS:4 * BS] == blocks(34)  # neither the replay nor the flipped frame
+    good = Peer(sync.host, sync.port, key, timeout=5)
     assert good.call("ping")[0]["site"] == "sync"
     good.close()
 
