@@ -85,6 +85,7 @@ class SiteDaemon:
         self.lock = threading.RLock()
         self.entry_log: EntryLog | None = None
         self.ship_stats: dict = {}
+        self._state_cache: tuple[tuple[int, int, int], dict] | None = None
         self.intent: WriteIntent | None = None
         self._system: Any = None
         self._system_version = 0
@@ -97,8 +98,17 @@ class SiteDaemon:
 
     # -- local primitives -----------------------------------------------------------------------
     def state(self) -> dict | None:
+        """This site's state.json, parsed again only when the file changed (it is replaced by rename,
+        so a new inode). Read-only: callers never change the returned dict."""
         path = self.site_dir / "state.json"
-        return load_json(path) if path.is_file() else None
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._state_cache is None or self._state_cache[0] != stamp:
+            self._state_cache = (stamp, load_json(path))
+        return self._state_cache[1]
 
     def device(self, volume: str) -> ImageDevice:
         if volume in self.devices:  # volumes change only while the daemons are down (procedures)
