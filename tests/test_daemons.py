@@ -223,6 +223,21 @@ def test_jfs_waits_for_the_shipper_when_its_metadata_log_is_full(lab_factory):
     assert jfs("read", f"lab:{lab}@async", "/f29").stdout == "file 29\n"
 
 
+def test_with_the_primary_daemon_down_status_and_replicas_still_answer(lab_factory):
+    lab = lab_factory(mode="provider")
+    vstore("lab", "up", lab)
+    jfs("mkfs", f"lab:{lab}")
+    jfs("write", f"lab:{lab}", "/f", input="kept\n")
+    os.kill(running_pid(lab, "primary"), signal.SIGKILL)
+    doc = json.loads(vstore("status", lab, "--json").stdout)
+    assert doc["sites"]["primary"] == {"up": False, "role": "unreachable", "present": False}
+    assert doc["sites"]["sync"]["up"] and doc["sites"]["async"]["up"]
+    r = vstore("write", lab, "--lba", 1, input=blocks(1), ok=False)
+    assert r.exit_code == 1 and "no site running the application answers" in r.stderr and "primary" in r.stderr
+    assert jfs("read", f"lab:{lab}@sync", "/f").stdout == "kept\n"
+    assert "A->C" in vstore("dashboard", lab, "--once").stdout
+
+
 def test_recover_with_the_lab_up_stops_and_restarts_the_daemons(lab_factory):
     lab = lab_factory(mode="provider")
     vstore("lab", "up", lab)

@@ -199,10 +199,11 @@ def shipper(
         asyncio.run(process.run(ready=config.parent / "run" / f"{SHIPPER}.pid"))
 
 
-def daemon_client(lab: Path) -> Any:
-    """The coordinating daemon's client when the lab is up, else None (commands open the files)."""
+def daemon_client(lab: Path, *, application: bool = True) -> Any:
+    """The coordinating daemon's client when the lab is up, else None (commands open the files).
+    `application=False`: any daemon that answers will do when no site runs the application."""
     from vstore.daemon import coordinator, is_up
-    return coordinator(lab) if lab.is_dir() and is_up(lab) else None
+    return coordinator(lab, application=application) if lab.is_dir() and is_up(lab) else None
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def status(lab: LabArg, as_json: Annotated[bool, typer.Option("--json", help="On
     Example: vstore status /tmp/lab --json
     """
     with user_errors():
-        client = daemon_client(lab)
+        client = daemon_client(lab, application=False)
         if client is not None:
             doc = client.call("status")[0]["status"]
         else:

@@ -407,13 +407,13 @@ class SiteDaemon:
                 if method == "status":
                     from vstore.cli import status_document
                     doc = status_document(system)
-                    if system.entry_log is not None:
+                    if self.entry_log is not None:  # this site runs the application
                         doc["shipping"] = self.shipping_status()
                     return {"status": doc}, b""
                 if method == "snapshot":
                     from vstore.dashboard import snapshot_of
                     snap = snapshot_of(system)
-                    if system.entry_log is not None:
+                    if self.entry_log is not None:  # this site runs the application
                         snap["shipping"] = self.shipping_status()
                     return {"snapshot": snap}, b""
                 if method == "verify":
@@ -616,20 +616,31 @@ def quiesced(lab: Path, say: Any = None) -> Iterator[list[str]]:
                 say(f"started the daemons of {', '.join(started)} again")
 
 
-def coordinator(lab: Path) -> Peer:
-    """The daemon to send application and status requests to: the site running the application,
-    else the first site that answers."""
+def coordinator(lab: Path, *, application: bool = True) -> Peer:
+    """The daemon to send requests to: the one of the site running the application. With
+    `application=False` (status, dashboard, verify) any daemon that answers will do when no site
+    runs the application (the primary's daemon is down or the primary is lost)."""
     topo = load_topology(lab)
     key = load_key(lab / topo.key_file)
-    for client in clients(lab, topo, key).values():
+    answering: list[str] = []
+    for name, client in clients(lab, topo, key).items():
         try:
             info = client.call("app.info")[0]
-        except (ConnectionFailed, TricopyError):
-            client.close()
+        except ConnectionFailed:
             continue
-        active = info["active"]
-        if topo.sites[active]:
-            spec = topo.sites[active]
+        except TricopyError:  # it answers, but sees no site running the application
+            answering.append(name)
+            continue
+        finally:
             client.close()
-            return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo))
-    raise TricopyError(f"no daemon of lab {lab} answers; start them with `vstore lab up {lab}`")
+        spec = topo.sites[info["active"]]
+        return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo))
+    if not answering:
+        raise TricopyError(f"no daemon of lab {lab} answers; start them with `vstore lab up {lab}`")
+    if not application:
+        spec = topo.sites[answering[0]]
+        return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo))
+    silent = [s for s in SITE_NAMES if s not in answering]
+    raise TricopyError(f"no site running the application answers (the daemons of {', '.join(answering)} do, "
+                       f"{', '.join(silent) or 'none'} do not; see {lab / RUN_DIR}/*.log): start them again with "
+                       f"`vstore lab up {lab}`, or if the primary is lost, `vstore recover {lab} --to sync`")

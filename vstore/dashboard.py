@@ -91,7 +91,7 @@ def snapshot_of(system: Any) -> dict:
 def collect(lab: Path) -> dict:
     """Open the lab just long enough to take one snapshot; raises TricopyError for a bad lab."""
     from vstore.cli import daemon_client, open_system
-    client = daemon_client(Path(lab))
+    client = daemon_client(Path(lab), application=False)
     if client is not None:  # the daemons own the files: ask the coordinating one
         with client:
             return client.call("snapshot")[0]["snapshot"]

@@ -74,14 +74,20 @@ def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target:
     from vstore.net import load_key
     from vstore.remote import AppDevice, RemoteDevice
     from vstore.topology import load_topology
-    client = coordinator(lab)
-    device = AppDevice(client, 0, readonly=not writable)
-    active = device.active
-    if site is None or site == active:
-        return device
-    device.close()
-    if writable:
-        raise TricopyError(f"{target} is a read-only replica: the application runs at {active}")
+    try:
+        client = coordinator(lab)
+    except TricopyError:
+        if site is None or writable:
+            raise
+        client = None  # no site runs the application: a replica can still be read from its daemon
+    if client is not None:
+        device = AppDevice(client, 0, readonly=not writable)
+        active = device.active
+        if site is None or site == active:
+            return device
+        device.close()
+        if writable:
+            raise TricopyError(f"{target} is a read-only replica: the application runs at {active}")
     topo = load_topology(lab)
     replica = clients(lab, topo, load_key(lab / topo.key_file))[site]
     state = replica.call("state.get")[0]["state"] or {}

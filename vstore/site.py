@@ -176,8 +176,8 @@ class System:
         return site in self.states
 
     def role(self, site: str) -> str:
-        if site not in self.states:
-            return "lost"
+        if site not in self.states:  # a daemon that does not answer may come back; a missing directory not
+            return "unreachable" if site in self.network.unreachable else "lost"
         role = self.states[site]["role"]
         return f"stale-{role}" if role == "primary" and self.stale(site) else role
 

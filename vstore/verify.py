@@ -145,7 +145,7 @@ def register(app: typer.Typer) -> None:
         """
         from vstore.cli import daemon_client, open_system, user_errors
         with user_errors():
-            client = daemon_client(lab)
+            client = daemon_client(lab, application=False)
             if client is not None:  # online, while the daemons run: the coordinating one compares
                 with client:
                     results = client.call("verify", {"pair": pair})[0]["pairs"]
