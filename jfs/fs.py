@@ -387,7 +387,11 @@ class FileSystem:
     @classmethod
     def mount(cls, device: BlockDevice, *, readonly: bool = False) -> FileSystem:
         """Mount: check the superblock, replay the committed log, mark the volume in use."""
-        sb = read_superblock(device.read(0), "superblock (block 0)")
+        block0 = device.read(0)
+        if not any(block0):
+            raise FormatError(f"{device.name} holds no file system (block 0 is empty): make one with `jfs mkfs`; "
+                              "on a replica, it arrives once the primary's writes are copied there")
+        sb = read_superblock(block0, "superblock (block 0)")
         if sb.block_size != device.block_size or sb.num_blocks != device.num_blocks:
             raise FormatError(f"{device.name}: the superblock describes {sb.num_blocks} blocks of "
                               f"{sb.block_size} bytes but the device has {device.num_blocks} of "
