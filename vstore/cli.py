@@ -167,14 +167,17 @@ def serve(
 
     Example: vstore serve --site sync --config /tmp/lab/topology.toml
     """
-    import asyncio
-
     from vstore.daemon import SiteDaemon
+    run_in_foreground(lambda: SiteDaemon(config.parent, site), config.parent / "run" / f"{site}.pid")
+
+
+def run_in_foreground(make: Callable[[], Any], ready: Path) -> None:
+    """Build a daemon (site or shipper) and run its asyncio loop until SIGTERM; user errors in one line."""
+    import asyncio
     logging.getLogger().setLevel(logging.INFO)
     with user_errors():
-        daemon = SiteDaemon(config.parent, site)
-    with user_errors():
-        asyncio.run(daemon.run(ready=config.parent / "run" / f"{site}.pid"))
+        process = make()
+        asyncio.run(process.run(ready=ready))
 
 
 @app.command()
@@ -188,15 +191,9 @@ def shipper(
 
     Example: vstore shipper --site primary --config /tmp/lab/topology.toml
     """
-    import asyncio
-
     from vstore.daemon import SHIPPER
     from vstore.shipper import Shipper
-    logging.getLogger().setLevel(logging.INFO)
-    with user_errors():
-        process = Shipper(config.parent, site)
-    with user_errors():
-        asyncio.run(process.run(ready=config.parent / "run" / f"{SHIPPER}.pid"))
+    run_in_foreground(lambda: Shipper(config.parent, site), config.parent / "run" / f"{SHIPPER}.pid")
 
 
 def daemon_client(lab: Path, *, application: bool = True) -> Any:

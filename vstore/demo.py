@@ -199,6 +199,19 @@ def kill_primary_host(lab: Path) -> dict[str, int]:
     return killed
 
 
+def unreadable(fs: Any, files: list[dict]) -> list[str]:
+    """The files of `files` that `fs` does not hold with the content the demo wrote."""
+    bad = []
+    for f in files:
+        try:
+            same = fs.read(f["path"]) == content_for(f["path"], f["bytes"])
+        except TricopyError:
+            same = False
+        if not same:
+            bad.append(f["path"])
+    return bad
+
+
 def compare_files(image: Path, files: list[dict]) -> tuple[list[str], str | None]:
     """The files of `files` whose content in the jfs on `image` (opened read-only, log replayed in
     memory) is missing or differs from `content_for`; plus a note when the image has no jfs at all."""
@@ -212,15 +225,7 @@ def compare_files(image: Path, files: list[dict]) -> tuple[list[str], str | None
             fs = FileSystem.mount(device, readonly=True)
         except TricopyError as exc:
             return [f["path"] for f in files], f"{image.name} holds no readable file system ({exc})"
-        bad = []
-        for f in files:
-            try:
-                same = fs.read(f["path"]) == content_for(f["path"], f["bytes"])
-            except TricopyError:
-                same = False
-            if not same:
-                bad.append(f["path"])
-        return bad, None
+        return unreadable(fs, files), None
     finally:
         device.close()
 
@@ -517,16 +522,7 @@ def read_back(lab: Path, files: list[dict]) -> list[str]:
     from vstore.labdev import open_lab_target
     device = open_lab_target(f"lab:{lab}", writable=False)
     try:
-        fs = FileSystem.mount(device, readonly=True)
-        missing = []
-        for f in files:
-            try:
-                ok = fs.read(f["path"]) == content_for(f["path"], f["bytes"])
-            except TricopyError:
-                ok = False
-            if not ok:
-                missing.append(f["path"])
-        return missing
+        return unreadable(FileSystem.mount(device, readonly=True), files)
     finally:
         device.close()
 
