@@ -565,3 +565,19 @@ def test_a_kept_connection_to_a_restarted_site_is_renewed_once():
     with pytest.raises(net.ConnectionFailed):  # nobody listens: one new connection, then a clear failure
         client.call("echo", {"n": 3})
     client.close()
+
+
+def test_posted_requests_a_restarted_site_never_answered_are_sent_again():
+    first = ServerThread()
+    port = first.port
+    client = net.Client(HOST, port, KEY, timeout=5)
+    client.call("echo")
+    first.stop()  # the posted request below goes to a connection nobody serves any more
+    client.post("echo", {"posted": 1})
+    second = ServerThread(port=port)
+    try:
+        assert client.call("echo", {"n": 2})[0]["args"] == {"n": 2}
+        assert second.calls == 2  # the posted request again, then the call
+    finally:
+        second.stop()
+        client.close()

@@ -708,7 +708,7 @@ class Client:
         self._sock: socket.socket | None = None
         self._session: Session | None = None
         self._next_id = 1
-        self._posted: deque[tuple[int, str]] = deque()
+        self._posted: deque[tuple[int, str, bytes]] = deque()  # (request id, method, payload) unanswered
         with self._lock:
             self._connect()
 
@@ -778,7 +778,7 @@ class Client:
     def _settle_posted(self, deadline: float) -> None:
         """Read the answers to posted requests (the site answers in order)."""
         while self._posted:
-            rid, method = self._posted[0]
+            rid, method, _ = self._posted[0]
             answer = self._answer(rid, deadline)
             self._posted.popleft()
             try:
@@ -801,7 +801,7 @@ class Client:
             if self._sock is None:
                 self._connect()
             try:
-                self._posted.append((self._send(payload), method))
+                self._posted.append((self._send(payload), method, payload))
             except (OSError, FormatError) as e:
                 self._drop()
                 raise _unreachable(self.host, self.port, e) from None
@@ -821,10 +821,14 @@ class Client:
                     if not reused or isinstance(e, TimeoutError):
                         raise
                     # A kept connection the site closed (it restarted since): once more on a new
-                    # one. Every request is safe to repeat (writes are idempotent, the receive
-                    # journal refuses a batch twice).
+                    # one, after the posted requests it never answered. Every request is safe to
+                    # repeat (writes and state updates are idempotent, the receive journal refuses
+                    # a batch twice).
+                    unanswered = [(method_, payload_) for _, method_, payload_ in self._posted]
                     self._drop()
                     self._connect()
+                    for method_, payload_ in unanswered:
+                        self._posted.append((self._send(payload_), method_, payload_))
                     answer = self._exchange(payload)
             except TimeoutError:
                 self._drop()
