@@ -223,6 +223,30 @@ def test_jfs_waits_for_the_shipper_when_its_metadata_log_is_full(lab_factory):
     assert jfs("read", f"lab:{lab}@async", "/f29").stdout == "file 29\n"
 
 
+def test_full_spool_with_the_async_daemon_down_suspends_then_resyncs(lab_factory):
+    """Invariant 6 through the daemons: with the Async site's daemon dead, a full spool turns the
+    async pair Suspend with positions recorded (writes go on); once it is back, the shipper has the
+    primary's daemon resync it (Duplex-Pending) and D equals A."""
+    lab = lab_factory(mode="provider", spool_capacity=16 * (BS + 64))
+    lab_up(lab)
+    os.kill(running_pid(lab, "async"), signal.SIGKILL)
+    for i in range(40):
+        vstore("write", lab, "--lba", i, input=blocks(i))
+    doc = json.loads(vstore("status", lab, "--json").stdout)
+    pair = next(p for p in doc["pairs"] if p["kind"] == "async")
+    assert pair["state"] == "Suspend" and "entry log full" in pair["reason"] and pair["recorded_blocks"] > 0
+    start_site(lab, "async")
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        doc = json.loads(vstore("status", lab, "--json").stdout)
+        if all(p["state"] == "Duplex" and p["entries_waiting"] == 0 for p in doc["pairs"]):
+            break
+        time.sleep(0.1)
+    assert {p["state"] for p in doc["pairs"]} == {"Duplex"}
+    lab_down(lab)
+    assert image(lab, "async", "D") == image(lab, "primary", "A")
+
+
 def test_with_the_primary_daemon_down_status_and_replicas_still_answer(lab_factory):
     lab = lab_factory(mode="provider")
     vstore("lab", "up", lab)
