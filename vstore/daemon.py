@@ -206,6 +206,12 @@ class SiteDaemon:
         if intent is None:
             self.redo_needed = False
             return
+        if system.active_site != self.site:  # a stale primary: the failover settled that write
+            log.warning("not re-driving the write in progress at the last crash (volume %s, blocks %d..): the "
+                        "application now runs at %s", intent.volume, intent.lba, system.active_site)
+            self.write_intent().clear()
+            self.redo_needed = False
+            return
         dev = system.device(intent.volume)
         dev.write(intent.lba, dev.read(intent.lba, intent.count))
         dev.flush()
