@@ -22,10 +22,10 @@ from tools.faults.killer import VICTIMS, run_once
 from tools.faults.proxy import FaultProxy
 from vstore import net
 from vstore.cli import app as vstore_app
-from vstore.daemon import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
 from vstore.intent import WriteIntent
 from vstore.lab import free_base_port, init_lab
 from vstore.net import ConnectionFailed, load_key
+from vstore.processes import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
 from vstore.remote import Peer
 from vstore.topology import load_topology
 

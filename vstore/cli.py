@@ -81,7 +81,7 @@ def progress_bars(quiet: bool) -> Iterator[Callable[[str, int], Callable[[int], 
 
 
 def open_system(lab: Path) -> Any:
-    from vstore.daemon import is_up
+    from vstore.processes import is_up
     from vstore.site import System
     if not lab.is_dir():
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
@@ -93,7 +93,7 @@ def open_system(lab: Path) -> Any:
 
 def quiesced_lab(lab: Path) -> Any:
     """Disaster procedures run with the lab's daemons stopped and start them again afterwards."""
-    from vstore.daemon import quiesced
+    from vstore.processes import quiesced
     return quiesced(lab, say=lambda text: err.print(f"[dim]{text}[/]", highlight=False))
 
 
@@ -138,7 +138,7 @@ def lab_up_cmd(lab: LabArg) -> None:
 
     Example: vstore lab up /tmp/lab
     """
-    from vstore.daemon import SHIPPER, lab_up
+    from vstore.processes import SHIPPER, lab_up
     with user_errors():
         pids = lab_up(lab)
     for name, pid in pids.items():
@@ -152,7 +152,7 @@ def lab_down_cmd(lab: LabArg) -> None:
 
     Example: vstore lab down /tmp/lab
     """
-    from vstore.daemon import lab_down
+    from vstore.processes import lab_down
     with user_errors():
         stopped = lab_down(lab)
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
@@ -191,7 +191,7 @@ def shipper(
 
     Example: vstore shipper --site primary --config /tmp/lab/topology.toml
     """
-    from vstore.daemon import SHIPPER
+    from vstore.processes import SHIPPER
     from vstore.shipper import Shipper
     run_in_foreground(lambda: Shipper(config.parent, site), config.parent / "run" / f"{SHIPPER}.pid")
 
@@ -199,7 +199,7 @@ def shipper(
 def daemon_client(lab: Path, *, application: bool = True) -> Any:
     """The coordinating daemon's client when the lab is up, else None (commands open the files).
     `application=False`: any daemon that answers will do when no site runs the application."""
-    from vstore.daemon import coordinator, is_up
+    from vstore.processes import coordinator, is_up
     return coordinator(lab, application=application) if lab.is_dir() and is_up(lab) else None
 
 
@@ -354,10 +354,10 @@ def read(
     with user_errors():
         if site not in SITE_NAMES:
             raise TricopyError(f"unknown site {site!r}; use one of {', '.join(SITE_NAMES)}")
-        from vstore.daemon import is_up
+        from vstore.processes import is_up
         if is_up(lab):
-            from vstore.daemon import clients
             from vstore.net import load_key
+            from vstore.processes import clients
             from vstore.topology import load_topology
             topo = load_topology(lab)
             with clients(lab, topo, load_key(lab / topo.key_file))[site] as client:
@@ -401,7 +401,7 @@ def ship(
         with user_errors():
             if period is not None and period <= 0:
                 raise TricopyError("--period must be a positive number of seconds")
-            from vstore.daemon import is_up
+            from vstore.processes import is_up
             if is_up(lab):
                 raise TricopyError(f"the daemons of {lab} are running: their shipper process already follows the "
                                    f"spool (`vstore status {lab}` shows its send rate); `--follow` works on a lab "

@@ -184,7 +184,7 @@ def start_far_link(base_port: int, opts: DemoOptions) -> LinkProxy:
 
 def kill_primary_host(lab: Path) -> dict[str, int]:
     """SIGKILL every process of the primary host, and wait until they are gone."""
-    from vstore.daemon import alive, running_pid
+    from vstore.processes import alive, running_pid
     killed = {}
     for name in PRIMARY_HOST_PROCESSES:
         pid = running_pid(lab, name)
@@ -232,8 +232,8 @@ def compare_files(image: Path, files: list[dict]) -> tuple[list[str], str | None
 
 def settled_applied_seq(lab: Path, timeout: float = 3.0) -> int | None:
     """The Async site's last applied entry once it stopped changing (it finishes what arrived)."""
-    from vstore.daemon import clients
     from vstore.net import load_key
+    from vstore.processes import clients
     from vstore.topology import load_topology
     topo = load_topology(lab)
     last: int | None = None
@@ -253,7 +253,7 @@ def settled_applied_seq(lab: Path, timeout: float = 3.0) -> int | None:
 
 def async_backlog(lab: Path) -> int | None:
     """Entries waiting for the Async site, from the coordinating daemon (None if it does not answer)."""
-    from vstore.daemon import coordinator
+    from vstore.processes import coordinator
     try:
         with coordinator(lab) as client:
             doc = client.call("status")[0]["status"]
@@ -409,8 +409,8 @@ def run_demo(lab: Path, opts: DemoOptions, ui: Ui) -> DemoResult:
 
 
 def _run_demo(lab: Path, opts: DemoOptions, ui: Ui, asked: threading.Event) -> DemoResult:
-    from vstore.daemon import is_up, lab_down, lab_up
     from vstore.lab import init_lab
+    from vstore.processes import is_up, lab_down, lab_up
     started = time.monotonic()
     check_options(opts)
     check_lab_path(lab)

@@ -70,8 +70,8 @@ class LabDevice(BlockDevice):
 def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target: str) -> BlockDevice:
     """While the lab is up: the application's volume via the coordinating daemon, or a replica
     read block by block from its site's daemon."""
-    from vstore.daemon import clients, coordinator
     from vstore.net import load_key
+    from vstore.processes import clients, coordinator
     from vstore.remote import AppDevice, RemoteDevice
     from vstore.topology import load_topology
     try:
@@ -103,7 +103,7 @@ def open_lab_target(target: str, *, writable: bool) -> BlockDevice:
     lab, site = parse_lab_target(target)
     if not lab.is_dir():
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
-    from vstore.daemon import is_up
+    from vstore.processes import is_up
     if is_up(lab):
         return open_through_daemons(lab, site, writable=writable, target=target)
     system = System(lab)

@@ -257,7 +257,7 @@ class Shipper:
             def on_any_event(self, event: Any) -> None:
                 loop.call_soon_threadsafe(wake.set)
 
-        from vstore.daemon import SHIPPER, running_pid
+        from vstore.processes import SHIPPER, running_pid
         other = running_pid(self.lab, SHIPPER)
         if other and other != os.getpid():
             raise TricopyError(f"the shipper process of {self.lab} is already running (pid {other})")

@@ -44,9 +44,9 @@ from typing import Any
 from tools.faults.proxy import FaultProxy
 from vstore import net
 from vstore.blockdev import ImageDevice, create_image
-from vstore.daemon import SHIPPER, lab_down, lab_up, running_pid, start_site, stop_site
 from vstore.lab import free_base_port, init_lab
 from vstore.net import load_key
+from vstore.processes import SHIPPER, lab_down, lab_up, running_pid, start_site, stop_site
 from vstore.remote import Peer
 from vstore.topology import Topology, load_topology
 
