@@ -171,10 +171,7 @@ def decode_entry(buf: bytes | memoryview, offset: int = 0) -> tuple[Entry, int]:
     where = f"entry at offset {offset}"
     if len(view) - offset < ENTRY_HEADER_SIZE:
         raise FormatError(f"{where}: truncated ({len(view) - offset} bytes, a header needs {ENTRY_HEADER_SIZE})")
-    hdr = parse_checked(_ENTRY_HEADER_FAST, view[offset:offset + ENTRY_HEADER_SIZE], where)
-    check_version(hdr.version, ENTRY_VERSION, where)
-    if hdr.block_count == 0 or hdr.block_size == 0:
-        raise FormatError(f"{where}: block count and block size must be positive (header damaged)")
+    hdr = parse_entry_header(view[offset:offset + ENTRY_HEADER_SIZE], where)
     end = offset + entry_size(hdr.block_count, hdr.block_size)
     if end > len(view):
         raise FormatError(f"{where}: truncated (needs {end - offset} bytes, {len(view) - offset} present)")
@@ -198,9 +195,9 @@ def decode_entry_reference(buf: bytes) -> Entry:
                  block_count=h.block_count, payload=parsed.body.value.payload)
 
 
-def parse_entry_header(raw: bytes, where: str) -> Any:
+def parse_entry_header(raw: bytes | memoryview, where: str) -> Any:
     """The header of an entry (to find its length without reading its payload)."""
-    hdr = parse_checked(_ENTRY_HEADER, raw[:ENTRY_HEADER_SIZE], where)
+    hdr = parse_checked(_ENTRY_HEADER_FAST, raw[:ENTRY_HEADER_SIZE], where)
     check_version(hdr.version, ENTRY_VERSION, where)
     if hdr.block_count == 0 or hdr.block_size == 0:
         raise FormatError(f"{where}: block count and block size must be positive (header damaged)")
