@@ -401,6 +401,15 @@ def test_a_second_daemon_or_shipper_for_a_running_site_is_refused(lab_factory):
     assert running_pid(lab, "primary") and running_pid(lab, "shipper")
 
 
+def test_lab_up_that_cannot_start_a_site_stops_what_it_started(lab_factory):
+    lab = lab_factory(mode="provider")
+    topo = load_topology(lab)
+    with socket.create_server(("127.0.0.1", topo.sites["async"].port)):  # another program holds the port
+        r = vstore("lab", "up", lab, ok=False)
+    assert r.exit_code == 1 and "cannot listen" in r.stderr and "stopped again" in r.stderr
+    assert all(running_pid(lab, name) is None for name in ("primary", "sync", "async", "shipper"))
+
+
 def test_key_file_with_wrong_permissions_is_refused_at_start(lab_factory):
     lab = lab_factory(mode="provider")
     os.chmod(lab / "lab.key", 0o644)

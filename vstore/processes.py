@@ -136,10 +136,18 @@ def lab_up(lab: Path) -> dict[str, int]:
     """Start the daemon of every site present, then the shipper of the site running the application."""
     topo = load_topology(lab)
     load_key(lab / topo.key_file)  # refuse a bad key before starting anything
-    order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == application_site(lab))
-    started = {site: start_site(lab, site) for site in order}  # the application's site last
-    if application_site(lab) in started:
-        started[SHIPPER] = start_site(lab, SHIPPER)
+    app_site = application_site(lab)
+    order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == app_site)
+    names = order + ([SHIPPER] if app_site in order else [])  # the application's site, then the shipper, last
+    already = {name for name in names if running_pid(lab, name)}
+    started: dict[str, int] = {}
+    try:
+        for name in names:
+            started[name] = start_site(lab, name)
+    except TricopyError as exc:
+        undone = [name for name in reversed(list(started)) if name not in already and stop_site(lab, name)]
+        note = f"; stopped again what this call had started ({', '.join(undone)})" if undone else ""
+        raise TricopyError(f"{exc}{note}") from None
     return started
 
 
