@@ -393,8 +393,11 @@ def test_a_second_daemon_or_shipper_for_a_running_site_is_refused(lab_factory):
     assert r.exit_code == 1 and "already running" in r.stderr
     r = vstore("shipper", "--site", "primary", "--config", config, ok=False)
     assert r.exit_code == 1 and "already running" in r.stderr
-    (lab / "run" / "sync.pid").unlink()  # even without its pid file, the port tells
+    pid_file = lab / "run" / "sync.pid"
+    sync_pid = pid_file.read_text()
+    pid_file.unlink()  # even without its pid file, the port tells
     r = vstore("serve", "--site", "sync", "--config", config, ok=False)
+    pid_file.write_text(sync_pid)  # so that lab down stops it
     assert r.exit_code == 1 and "cannot listen" in r.stderr
     r = vstore("ship", lab, "--follow", "--duration", "1", ok=False)
     assert r.exit_code == 1 and "shipper process already follows" in r.stderr
