@@ -173,11 +173,8 @@ class SiteDaemon:
     def redo_in_doubt_write(self, system: Any) -> None:
         """After an unclean stop: re-drive the write that was in progress (vstore/intent.py), so it
         is present on every copy or on none. Raises (and keeps the record) while that fails. The
-        record names the last write begun; only at start-up is it in doubt (`redo_needed`)."""
-        state = self.state() or {}
-        if state.get("role") != "primary" or not state.get("host"):
-            self.redo_needed = False
-            return
+        record names the last write begun; only at start-up is it in doubt (`redo_needed`, which
+        `redo_at_start` clears at once on a site that does not run the application)."""
         try:
             intent = self.write_intent().pending()
         except FormatError as exc:
@@ -275,6 +272,12 @@ class SiteDaemon:
             doc["last_confirm_s"] = round(time.time() - self.ship_stats["time"], 3)
         return doc
 
+    def with_shipping(self, doc: dict) -> dict:
+        """Status and dashboard documents of the site running the application name its shipper."""
+        if self.entry_log is not None:
+            doc["shipping"] = self.shipping_status()
+        return doc
+
     def wait_drained(self, timeout: float) -> dict:
         """`vstore ship` while a shipper process runs: wait (without the site lock) until it has
         shipped everything acknowledged so far."""
@@ -283,17 +286,17 @@ class SiteDaemon:
         if not start.get("active"):
             raise TricopyError(f"site {self.site} does not run the application: nothing to ship")
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
             with self.lock:
                 now = self.spool_acked()
-            if now["confirmed"] >= start["acked"]:
-                return {"entries": now["confirmed"] - start["confirmed"], "batches": None, "error": None,
-                        "blocks_sent": None, "blocks_written": None, "resynced_blocks": 0}
+            if now["confirmed"] >= start["acked"] or time.monotonic() >= deadline:
+                break
             time.sleep(0.02)
-        return {"entries": now["confirmed"] - start["confirmed"], "batches": None, "blocks_sent": None,
-                "blocks_written": None, "resynced_blocks": 0,
-                "error": f"the shipper process has not shipped entries up to {start['acked']} within {timeout:.0f}s "
-                         f"(confirmed {now['confirmed']}); see {self.lab / RUN_DIR}/{SHIPPER}.log"}
+        error = None if now["confirmed"] >= start["acked"] else (
+            f"the shipper process has not shipped entries up to {start['acked']} within {timeout:.0f}s "
+            f"(confirmed {now['confirmed']}); see {self.lab / RUN_DIR}/{SHIPPER}.log")
+        return {"entries": now["confirmed"] - start["confirmed"], "batches": None, "error": error,
+                "blocks_sent": None, "blocks_written": None, "resynced_blocks": 0}
 
     def handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
         if method == "ship" and not args.get("in_process") and running_pid(self.lab, SHIPPER):
@@ -394,16 +397,10 @@ class SiteDaemon:
                     return {"answer": dev.has_unshipped([tuple(r) for r in args["ranges"]])}, b""
                 if method == "status":
                     from vstore.cli import status_document
-                    doc = status_document(system)
-                    if self.entry_log is not None:  # this site runs the application
-                        doc["shipping"] = self.shipping_status()
-                    return {"status": doc}, b""
+                    return {"status": self.with_shipping(status_document(system))}, b""
                 if method == "snapshot":
                     from vstore.dashboard import snapshot_of
-                    snap = snapshot_of(system)
-                    if self.entry_log is not None:  # this site runs the application
-                        snap["shipping"] = self.shipping_status()
-                    return {"snapshot": snap}, b""
+                    return {"snapshot": self.with_shipping(snapshot_of(system))}, b""
                 if method == "verify":
                     from vstore.verify import verify
                     return {"pairs": verify(system, args.get("pair"))}, b""

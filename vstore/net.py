@@ -792,6 +792,23 @@ class Client:
         self._settle_posted(deadline)
         return self._answer(rid, deadline)
 
+    def _exchange_renewing(self, payload: bytes, reused: bool) -> bytes:
+        """`_exchange`; when a kept connection turns out closed by the site (it restarted since),
+        once more on a new one, after the posted requests it never answered. Every request is safe
+        to repeat (writes and state updates are idempotent, the receive journal refuses a batch
+        twice)."""
+        try:
+            return self._exchange(payload)
+        except (OSError, EOFError) as e:
+            if not reused or isinstance(e, TimeoutError):
+                raise
+        unanswered = [(method, again) for _, method, again in self._posted]
+        self._drop()
+        self._connect()
+        for method, again in unanswered:
+            self._posted.append((self._send(again), method, again))
+        return self._exchange(payload)
+
     def post(self, method: str, args: dict | None = None, data: bytes = b"") -> None:
         """Send a request without waiting for its answer (read before the next call's answer). For
         updates whose answer nobody waits on; once sent, the site serves it even if this process
@@ -815,21 +832,7 @@ class Client:
             if not reused:
                 self._connect()
             try:
-                try:
-                    answer = self._exchange(payload)
-                except (OSError, EOFError) as e:
-                    if not reused or isinstance(e, TimeoutError):
-                        raise
-                    # A kept connection the site closed (it restarted since): once more on a new
-                    # one, after the posted requests it never answered. Every request is safe to
-                    # repeat (writes and state updates are idempotent, the receive journal refuses
-                    # a batch twice).
-                    unanswered = [(method_, payload_) for _, method_, payload_ in self._posted]
-                    self._drop()
-                    self._connect()
-                    for method_, payload_ in unanswered:
-                        self._posted.append((self._send(payload_), method_, payload_))
-                    answer = self._exchange(payload)
+                answer = self._exchange_renewing(payload, reused)
             except TimeoutError:
                 self._drop()
                 raise _unreachable(self.host, self.port, f"no answer to {method!r} within {self.timeout}s") from None

@@ -118,7 +118,8 @@ def restart(lab: Path, victim: str, primary: Any) -> None:
     """Start the killed process again (a restarted Async site first finishes its stored batch; a
     restarted primary re-drives the write in progress at the kill)."""
     from vstore.processes import running_pid, start_site
-    running_pid(lab, victim)  # reaps it
+    running_pid(lab, victim)  # reaps it if it has exited already
+    # SIGKILL may not have finished the process yet; without its pid file start_site starts anew
     (lab / "run" / f"{victim}.pid").unlink(missing_ok=True)
     start_site(lab, victim)
     if victim == "sync":  # the fenced pair returns by resync (what `vstore heal` does)
