@@ -27,10 +27,10 @@ from jfs.fs import FileSystem, open_image, probe_image, read_superblock
 from jfs.fs import mkfs as make_fs
 from jfs.fsck import EXIT_ERROR, Checker
 from jfs.fsck import fsck as run_fsck
-from jfs.recover import scan_log
-from vstore.blockdev import BlockDevice, ImageDevice, create_image
-from vstore.errors import FormatError, TricopyError
-from vstore.units import parse_size
+from jfs.scan import scan_log
+from vstore.blocks.device import BlockDevice, ImageDevice, create_image
+from vstore.blocks.errors import FormatError, TricopyError
+from vstore.blocks.units import parse_size
 
 app = typer.Typer(help="jfs: a journaling file system in an image file whose metadata log names the "
                        "files it touched. Example: jfs mkfs disk.img --size 16M && "
@@ -48,7 +48,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 def open_target(target: str, *, writable: bool) -> BlockDevice:
     """The block device a TARGET names: an image path, or `lab:LAB[@SITE]` (vstore.labdev)."""
     if target.startswith("lab:"):
-        from vstore.labdev import open_lab_target
+        from vstore.targets import open_lab_target
         return open_lab_target(target, writable=writable)
     return open_image(target, readonly=not writable)
 

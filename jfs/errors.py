@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import errno as _errno
 
-from vstore.errors import TricopyError
+from vstore.blocks.errors import TricopyError
 
 
 class JfsError(TricopyError):

@@ -45,8 +45,8 @@ from jfs.errors import (
     ReadOnlyFs,
 )
 from jfs.metalog import BlockView, MetaLog, Ranges, RecordSpec, merge_ranges, ranges_of
-from vstore.blockdev import BlockDevice, ImageDevice
-from vstore.errors import BlockDeviceError, FormatError
+from vstore.blocks.device import BlockDevice, ImageDevice
+from vstore.blocks.errors import BlockDeviceError, FormatError
 
 _NOT_FULL = re.compile(b"[^\xff]")
 TYPE_NAMES = {L.TYPE_FILE: "file", L.TYPE_DIR: "dir"}

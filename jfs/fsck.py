@@ -31,8 +31,8 @@ from jfs.fs import (
     superblock_values,
 )
 from jfs.metalog import BlockView, LogHead, MetaLog, read_header, scan_ring
-from vstore.blockdev import BlockDevice
-from vstore.errors import FormatError, TricopyError
+from vstore.blocks.device import BlockDevice
+from vstore.blocks.errors import FormatError, TricopyError
 
 EXIT_CLEAN, EXIT_FIXED, EXIT_UNFIXED, EXIT_ERROR = 0, 1, 4, 8
 LOST_FOUND = "lost+found"

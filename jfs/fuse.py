@@ -57,8 +57,8 @@ from typing import Any, TypeVar
 from jfs import layout as L
 from jfs.errors import LogFull
 from jfs.fs import FileSystem
-from vstore.blockdev import BlockDevice
-from vstore.errors import TricopyError
+from vstore.blocks.device import BlockDevice
+from vstore.blocks.errors import TricopyError
 
 try:  # mfusepy loads libfuse at import time: keep `import jfs.fuse` usable without it
     import mfusepy

@@ -41,7 +41,7 @@ from construct import (
     this,
 )
 
-from vstore.errors import FormatError
+from vstore.blocks.errors import FormatError
 
 VERSION = 1
 MIN_BLOCK_SIZE = 2048

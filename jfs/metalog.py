@@ -43,8 +43,8 @@ from jfs.layout import (
     parse,
     parse_checked,
 )
-from vstore.blockdev import BlockDevice
-from vstore.errors import FormatError
+from vstore.blocks.device import BlockDevice
+from vstore.blocks.errors import FormatError
 
 Ranges = list[tuple[int, int]]
 

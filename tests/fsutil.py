@@ -6,8 +6,8 @@ import hashlib
 from pathlib import Path
 
 from jfs.fs import FileSystem
-from jfs.recover import metadata_ranges
-from vstore.blockdev import ImageDevice, MemoryDevice
+from jfs.scan import metadata_ranges
+from vstore.blocks.device import ImageDevice, MemoryDevice
 
 
 def snapshot(path: Path) -> MemoryDevice:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from vstore.lab import init_lab
-from vstore.site import System
+from vstore.lab.system import System
+from vstore.procedures.create import init_lab
 
 BS = 4096
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 
 from tests.labutil import BS, blocks, image, make_lab, open_lab
-from vstore.mirror import FailureState, SyncState
-from vstore.pairs import PairState
-from vstore.procedures import resync_all
-from vstore.storage import WriteInhibited
+from vstore.procedures.setup import resync_all
+from vstore.replication.mirror import FailureState, SyncState
+from vstore.replication.pairs import PairState
+from vstore.replication.storage import WriteInhibited
 
 
 def test_normal_operation_c_equals_a_after_every_write_and_d_equals_b_after_shipping(tmp_path):
@@ -112,8 +112,8 @@ def test_fig6_new_member_is_never_read_before_synced(tmp_path):
         group.write(0, blocks(4, 8))
         storage = system.storage("primary")
         # make a spare volume at the primary to add as a third member
-        from vstore.blockdev import ImageDevice, create_image
-        from vstore.storage import Volume
+        from vstore.blocks.device import ImageDevice, create_image
+        from vstore.replication.storage import Volume
         create_image(lab / "primary" / "E.img", 256 * BS)
         storage.volumes["E"] = Volume("primary", "E", ImageDevice(lab / "primary" / "E.img"), "primary/port0/lun9")
         reads: list[str] = []

@@ -20,14 +20,14 @@ from tests.labutil import BS, blocks, image, invoke
 from tests.test_net import assert_closed_by_server, handshake, read_frame
 from tools.faults.killer import VICTIMS, run_once
 from tools.faults.proxy import FaultProxy
-from vstore import net
-from vstore.cli import app as vstore_app
-from vstore.intent import WriteIntent
-from vstore.lab import free_base_port, init_lab
-from vstore.net import ConnectionFailed, load_key
-from vstore.processes import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
-from vstore.remote import Peer
-from vstore.topology import load_topology
+from vstore.cli.main import app as vstore_app
+from vstore.daemons.intent import WriteIntent
+from vstore.daemons.processes import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
+from vstore.lab.topology import load_topology
+from vstore.net import wire as net
+from vstore.net.remote import Peer
+from vstore.net.wire import ConnectionFailed, load_key
+from vstore.procedures.create import free_base_port, init_lab
 
 
 def vstore(*args, ok=True, input=None):
@@ -192,7 +192,7 @@ def test_jfs_waits_for_the_shipper_when_its_metadata_log_is_full(lab_factory):
     """Through the daemons, a file system whose metadata log is full of records it may not trim yet
     (their blocks are not shipped) waits for the shipper process instead of failing."""
     from jfs.fs import FileSystem
-    from vstore.labdev import open_lab_target
+    from vstore.targets import open_lab_target
     lab = lab_factory(mode="provider")
     lab_up(lab)
     jfs("mkfs", f"lab:{lab}")

@@ -15,11 +15,11 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from tests.labutil import BS, blocks
-from vstore import dashboard
-from vstore.lab import init_lab
-from vstore.site import System
-from vstore.storage import WriteInhibited
-from vstore.units import format_size
+from vstore.blocks.units import format_size
+from vstore.cli import dashboard
+from vstore.lab.system import System
+from vstore.procedures.create import init_lab
+from vstore.replication.storage import WriteInhibited
 
 runner = CliRunner()
 
@@ -135,7 +135,7 @@ def test_lab_busy_probe(tmp_path):
 
 def test_failed_over_provider_lab(tmp_path):
     from jfs.fs import mkfs
-    from vstore.recovery import recover
+    from vstore.procedures.recovery import recover
     lab = make(tmp_path, "provider")
     with System(lab) as system:
         mkfs(system.device(0))

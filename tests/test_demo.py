@@ -13,11 +13,11 @@ import pytest
 
 from jfs.cli import app as jfs_app
 from tests.labutil import invoke
-from vstore.cli import app as vstore_app
-from vstore.demo import PRIMARY_HOST_PROCESSES, content_for
-from vstore.lab import free_base_port
-from vstore.processes import lab_down, running_pid
-from vstore.topology import SITE_NAMES
+from vstore.cli.demo import PRIMARY_HOST_PROCESSES, content_for
+from vstore.cli.main import app as vstore_app
+from vstore.daemons.processes import lab_down, running_pid
+from vstore.lab.topology import SITE_NAMES
+from vstore.procedures.create import free_base_port
 
 PROCESSES = (*SITE_NAMES, *PRIMARY_HOST_PROCESSES)
 

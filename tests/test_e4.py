@@ -14,12 +14,12 @@ from hypothesis import strategies as st
 
 from jfs.fs import FileSystem, mkfs
 from jfs.fsck import fsck
-from jfs.recover import scan_log
+from jfs.scan import scan_log
 from tests.fsutil import image_tree, same_allocated_blocks, snapshot
-from vstore.failover import failover_to_async
-from vstore.lab import init_lab
-from vstore.recovery import recover
-from vstore.site import System
+from vstore.lab.system import System
+from vstore.procedures.create import init_lab
+from vstore.procedures.failover import failover_to_async
+from vstore.procedures.recovery import recover
 
 SIZE = 8 << 20
 

@@ -8,7 +8,7 @@ import shutil
 
 from jfs.cli import app as jfs_app
 from tests.labutil import invoke
-from vstore.cli import app as vstore_app
+from vstore.cli.main import app as vstore_app
 
 
 def vstore(*args, ok=True, input=None):

@@ -17,7 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vstore.entries import (
+from vstore.blocks.codec import load_json, save_json_atomic
+from vstore.blocks.errors import FormatError, TricopyError
+from vstore.replication.entries import (
     ENTRY_HEADER_SIZE,
     Entry,
     EntryLog,
@@ -32,8 +34,6 @@ from vstore.entries import (
     encode_entry,
     entry_size,
 )
-from vstore.errors import FormatError, TricopyError
-from vstore.statefile import load_json, save_json_atomic
 
 BS = 512
 ONE = entry_size(1, BS)  # encoded size of a one-block entry
@@ -389,7 +389,7 @@ import sys
 sys.path.insert(0, {repo!r})
 import hashlib
 from pathlib import Path
-from vstore.entries import EntryLog
+from vstore.replication.entries import EntryLog
 
 def block(tag, count=1):
     seed = hashlib.sha256(str(tag).encode()).digest()
@@ -525,7 +525,7 @@ def test_statefile_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 def test_fast_encoder_matches_the_declaration():
-    from vstore.entries import Entry, encode_entry, encode_entry_reference
+    from vstore.replication.entries import Entry, encode_entry, encode_entry_reference
     for n in (1, 3):
         e = Entry(seq=7, timestamp_ns=123, volume_id=2, lba=99, block_count=n, payload=bytes(range(256)) * 16 * n)
         assert encode_entry(e) == encode_entry_reference(e)

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from tests.labutil import BS
-from vstore import failback as fb
-from vstore import failover as fo
-from vstore.errors import TricopyError
-from vstore.lab import init_lab
-from vstore.pairs import PairState
-from vstore.procedures import StepLog
-from vstore.site import System
+from vstore.blocks.errors import TricopyError
+from vstore.lab.system import System
+from vstore.procedures import failback as fb
+from vstore.procedures import failover as fo
+from vstore.procedures.create import init_lab
+from vstore.procedures.setup import StepLog
+from vstore.replication.pairs import PairState
 
 NBLOCKS = 64
 SIZE = NBLOCKS * BS

@@ -14,7 +14,7 @@ from jfs.errors import JfsError
 from jfs.fs import FileSystem, mkfs, tree
 from jfs.fsck import fsck
 from tools.crash.recording import RecordingDevice, Write
-from vstore.blockdev import MemoryDevice
+from vstore.blocks.device import MemoryDevice
 
 BS = 2048
 NBLOCKS = 320

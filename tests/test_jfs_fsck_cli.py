@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from jfs.cli import app
 from jfs.fs import FileSystem, mkfs, open_image
 from jfs.fsck import fsck
-from vstore.blockdev import BlockDevice, ImageDevice, create_image
+from vstore.blocks.device import BlockDevice, ImageDevice, create_image
 
 runner = CliRunner()
 

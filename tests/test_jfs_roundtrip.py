@@ -23,8 +23,8 @@ from jfs.errors import (
 )
 from jfs.fs import FileSystem, mkfs, open_image, tree
 from jfs.fsck import fsck
-from vstore.blockdev import ImageDevice, create_image
-from vstore.errors import FormatError
+from vstore.blocks.device import ImageDevice, create_image
+from vstore.blocks.errors import FormatError
 
 
 def make_image(tmp_path: Path, size: int = 8 << 20, bs: int = 4096, **kw: object) -> Path:

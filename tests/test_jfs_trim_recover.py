@@ -11,8 +11,8 @@ import pytest
 from jfs.errors import IncompleteLog, LogFull
 from jfs.fs import FileSystem, mkfs, open_image, tree
 from jfs.fsck import fsck
-from jfs.recover import metadata_ranges, scan_log, touched_files
-from vstore.blockdev import ImageDevice, create_image
+from jfs.scan import metadata_ranges, scan_log, touched_files
+from vstore.blocks.device import ImageDevice, create_image
 
 
 class ShippingDevice(ImageDevice):

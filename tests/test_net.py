@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vstore import net
-from vstore.errors import FormatError, TricopyError
+from vstore.blocks.errors import FormatError, TricopyError
+from vstore.net import wire as net
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))

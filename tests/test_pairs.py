@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vstore.errors import FormatError
-from vstore.pairs import (
+from vstore.blocks.errors import FormatError
+from vstore.replication.pairs import (
     HISTORY_LIMIT,
     TRANSITIONS,
     IllegalTransition,

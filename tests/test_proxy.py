@@ -15,8 +15,8 @@ import time
 import pytest
 
 from tools.faults.proxy import FaultProxy, ProxyCore, ProxyError, control_command, parse_address
-from vstore import net
-from vstore.linkproxy import BURST, CHUNK, LinkProxy
+from vstore.net import wire as net
+from vstore.net.linkproxy import BURST, CHUNK, LinkProxy
 
 KEY = bytes(range(32))
 HOST = "127.0.0.1"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from jfs.cli import app as jfs_app
-from vstore.cli import app as vstore_app
+from vstore.cli.main import app as vstore_app
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

@@ -11,9 +11,9 @@ import typer
 from typer.testing import CliRunner
 
 from tests.labutil import BS, blocks
-from vstore import verify
-from vstore.lab import init_lab
-from vstore.site import System
+from vstore.cli import verify
+from vstore.lab.system import System
+from vstore.procedures.create import init_lab
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import sys
 from typer.testing import CliRunner
 
 from tests.labutil import BS, blocks, image
-from vstore.cli import app
+from vstore.cli.main import app
 
 runner = CliRunner()
 

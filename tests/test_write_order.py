@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from vstore.lab import init_lab
-from vstore.shipping import SimulatedCrash
-from vstore.site import System
+from vstore.lab.system import System
+from vstore.procedures.create import init_lab
+from vstore.replication.shipping import SimulatedCrash
 
 BS = 4096
 NBLOCKS = 8

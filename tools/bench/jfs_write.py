@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from jfs.fs import FileSystem, mkfs, open_image
-from vstore.blockdev import ImageDevice, create_image
+from vstore.blocks.device import ImageDevice, create_image
 
 
 def workload(files: int, seed: int) -> list[tuple[str, bytes]]:

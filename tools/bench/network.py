@@ -42,13 +42,13 @@ from pathlib import Path
 from typing import Any
 
 from tools.faults.proxy import FaultProxy
-from vstore import net
-from vstore.blockdev import ImageDevice, create_image
-from vstore.lab import free_base_port, init_lab
-from vstore.net import load_key
-from vstore.processes import SHIPPER, lab_down, lab_up, running_pid, start_site, stop_site
-from vstore.remote import Peer
-from vstore.topology import Topology, load_topology
+from vstore.blocks.device import ImageDevice, create_image
+from vstore.daemons.processes import SHIPPER, lab_down, lab_up, running_pid, start_site, stop_site
+from vstore.lab.topology import Topology, load_topology
+from vstore.net import wire as net
+from vstore.net.remote import Peer
+from vstore.net.wire import load_key
+from vstore.procedures.create import free_base_port, init_lab
 
 HOST = "127.0.0.1"
 KEY = b"bench-key-".ljust(32, b"x")

@@ -41,8 +41,8 @@ def clone(src: Path, dst: Path) -> None:
 
 def build_lab(root: Path, size: int, files: int, rewrite_pct: float) -> Path:
     from jfs.fs import FileSystem, mkfs
-    from vstore.lab import init_lab
-    from vstore.site import System
+    from vstore.lab.system import System
+    from vstore.procedures.create import init_lab
     lab = root / "lab"
     init_lab(lab, mode="provider", size=size, spool_capacity=8 << 30)
     rng = random.Random(7)
@@ -69,8 +69,8 @@ def build_lab(root: Path, size: int, files: int, rewrite_pct: float) -> Path:
 
 
 def timed_recover(lab: Path, full: bool) -> tuple[int, float, int]:
-    from vstore.recovery import recover
-    from vstore.site import System
+    from vstore.lab.system import System
+    from vstore.procedures.recovery import recover
     t0 = time.perf_counter()
     with System(lab) as system:
         report, _ = recover(system, "sync", full_copy=full)

@@ -24,8 +24,8 @@ BS = 4096
 
 
 def trial(mode: str, period: float | None, rate: float, rng: random.Random) -> tuple[int, float]:
-    from vstore.lab import init_lab
-    from vstore.site import System
+    from vstore.lab.system import System
+    from vstore.procedures.create import init_lab
     with tempfile.TemporaryDirectory() as tmp:
         lab = Path(tmp) / "lab"
         init_lab(lab, mode=mode, size=16 << 20, spool_capacity=1 << 30)

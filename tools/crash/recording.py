@@ -17,7 +17,7 @@ import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from vstore.blockdev import BlockDevice, BlockRanges, MemoryDevice
+from vstore.blocks.device import BlockDevice, BlockRanges, MemoryDevice
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vstore.lab import free_base_port
+from vstore.procedures.create import free_base_port
 
 VICTIMS = ("primary", "sync", "async", "shipper", "host")
 
@@ -62,7 +62,7 @@ def assert_prefix(d: list[bytes], acked: list[int], in_doubt: list[int], victim:
 
 
 def primary_peer(lab: Path):  # noqa: ANN201 - vstore.remote.Peer, imported late
-    from vstore.processes import site_peer
+    from vstore.daemons.processes import site_peer
     return site_peer(lab, "primary")
 
 
@@ -104,7 +104,7 @@ class DaemonKiller(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        from vstore.processes import running_pid
+        from vstore.daemons.processes import running_pid
         while self.acked() < self.after:
             time.sleep(0.0005)
         time.sleep(self.delay_s)
@@ -117,7 +117,7 @@ class DaemonKiller(threading.Thread):
 def restart(lab: Path, victim: str, primary: Any) -> None:
     """Start the killed process again (a restarted Async site first finishes its stored batch; a
     restarted primary re-drives the write in progress at the kill)."""
-    from vstore.processes import running_pid, start_site
+    from vstore.daemons.processes import running_pid, start_site
     running_pid(lab, victim)  # reaps it if it has exited already
     # SIGKILL may not have finished the process yet; without its pid file start_site starts anew
     (lab / "run" / f"{victim}.pid").unlink(missing_ok=True)
@@ -127,8 +127,8 @@ def restart(lab: Path, victim: str, primary: Any) -> None:
 
 
 def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | None = None) -> str:
-    from vstore.lab import init_lab
-    from vstore.processes import lab_down, lab_up
+    from vstore.daemons.processes import lab_down, lab_up
+    from vstore.procedures.create import init_lab
 
     lab = root / f"lab{rng.randrange(10**9)}"
     mode = rng.choice(["provider", "mirror"])

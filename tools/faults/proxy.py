@@ -20,7 +20,7 @@ import asyncio
 import json
 import sys
 
-from vstore.linkproxy import CHUNK, LinkProxy, ProxyCore, ProxyError, check_loopback, parse_address
+from vstore.net.linkproxy import CHUNK, LinkProxy, ProxyCore, ProxyError, check_loopback, parse_address
 
 __all__ = ["CHUNK", "FaultProxy", "ProxyCore", "ProxyError", "check_loopback", "control_command", "main",
            "parse_address"]

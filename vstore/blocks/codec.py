@@ -1,0 +1,108 @@
+"""Persisted state: atomic JSON files and checked parsing of construct formats.
+
+Keeps true:
+- `save_json_atomic` replaces a file all-or-nothing: the new content goes to a temporary file in
+  the same directory, is fsynced, renamed over the old name and the directory is fsynced, so a
+  crash at any moment leaves either the old or the new document, never a mix (DESIGN invariant 5;
+  used for each site's `state.json`, the spool's confirmed sequence and the receive journal).
+- `load_json` raises `FileNotFoundError` for a missing file and `FormatError` naming the file for
+  anything that is not a JSON object.
+- `parse_checked` is the one door through which untrusted bytes enter a construct format: every
+  construct failure (bad magic, CRC, truncation...) becomes a one-sentence `FormatError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zlib
+from pathlib import Path
+from typing import Any
+
+import construct
+
+from vstore.blocks.errors import FormatError
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so that a rename or a new file inside it survives a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace `path` with `data` atomically (temp file in the same dir, fsync, rename, fsync dir)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def remove_stale_temps(directory: Path) -> None:
+    """Delete temporary files left by a crash inside `write_file_atomic`."""
+    for tmp in Path(directory).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def save_json_atomic(path: Path, data: dict, *, durable: bool = True) -> None:
+    """Write `data` as JSON to `path` so that a crash leaves the old or the new file, never a mix."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    write_file_atomic(Path(path), text.encode(), durable=durable)
+
+
+def load_json(path: Path) -> dict:
+    """Read a JSON object from `path`; FileNotFoundError if missing, FormatError if not valid."""
+    path = Path(path)
+    text = path.read_bytes()
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(
+            f"{path} is not valid JSON ({e}); restore it from a backup or re-create the site state"
+        ) from None
+    if not isinstance(data, dict):
+        raise FormatError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from a backup")
+    return data
+
+
+def crc32(data: bytes) -> int:
+    """The CRC32 every tricopy format stores (zlib's polynomial)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _describe(err: construct.ConstructError) -> str:
+    if isinstance(err, construct.ChecksumError):
+        return "CRC mismatch (the bytes were damaged)"
+    if isinstance(err, construct.ConstError):
+        return "bad magic number (not this kind of data)"
+    if isinstance(err, construct.StreamError | construct.TerminatedError):
+        return "wrong length (truncated or trailing bytes)"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def parse_checked(fmt: construct.Construct, data: bytes, what: str) -> Any:
+    """Parse `data` with `fmt`; any construct failure becomes FormatError("<what>: <reason>")."""
+    try:
+        return fmt.parse(bytes(data))
+    except construct.ConstructError as e:
+        raise FormatError(f"{what}: {_describe(e)}") from None
+
+
+def check_version(found: int, expected: int, what: str) -> None:
+    """Refuse a format version this code does not know."""
+    if found != expected:
+        raise FormatError(f"{what}: format version {found} is not supported (this tricopy reads {expected})")

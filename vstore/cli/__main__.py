@@ -1,0 +1,5 @@
+"""`python -m vstore.cli`: the same command as the `vstore` script."""
+
+from vstore.cli.main import app
+
+app()

@@ -1,0 +1,223 @@
+"""The processes of a lab (issue 6; DESIGN "Process model"): `vstore lab up|down`, which daemon is
+running, and which one to ask.
+
+Keeps true:
+- Every process of a lab (a site daemon, or the shipper process of the site running the
+  application) has its pid and log file in LAB/run/; a process counts as running only while its pid
+  is alive (one that `lab up` started from this process is reaped when it exits).
+- `lab up` starts the daemons of the sites present, the application's site last (its restart
+  re-drives an in-doubt write through the others), then the shipper; `lab down` stops the shipper
+  first. Stopping is SIGTERM, then SIGKILL after a timeout, said in the log.
+- Requests go to the daemon of the site running the application (`coordinator`); status-like
+  requests may go to any daemon that answers when no site runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vstore.blocks.codec import load_json
+from vstore.blocks.errors import TricopyError
+from vstore.lab.topology import SITE_NAMES, Topology, load_topology
+from vstore.net.remote import Peer
+from vstore.net.tls import client_context
+from vstore.net.wire import ConnectionFailed, load_key
+
+log = logging.getLogger("vstore.processes")
+RUN_DIR = "run"
+SHIPPER = "shipper"  # the shipping process's name in LAB/run (pid and log files)
+
+
+def clients(lab: Path, topo: Topology, key: bytes, *, timeout: float = 10.0) -> dict[str, Peer]:
+    tls = client_context(lab, topo.tls)
+    return {name: Peer(spec.host, spec.port, key, timeout=timeout, ssl_context=tls)
+            for name, spec in topo.sites.items()}
+
+
+def site_peer(lab: Path, site: str, *, timeout: float = 10.0) -> Peer:
+    """A client of one site's daemon, with the lab's key (and TLS when the lab has it)."""
+    topo = load_topology(lab)
+    spec = topo.sites[site]
+    return Peer(spec.host, spec.port, load_key(lab / topo.key_file), timeout=timeout,
+                ssl_context=client_context(lab, topo.tls))
+
+
+def pid_file(lab: Path, site: str) -> Path:
+    return lab / RUN_DIR / f"{site}.pid"
+
+
+def alive(pid: int) -> bool:
+    """True while process `pid` runs. A daemon started by this process (`lab up` inside a test or
+    the demo) is our child: once it exits it stays a zombie until reaped, so reap it here."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def running_pid(lab: Path, site: str) -> int | None:
+    try:
+        pid = int(pid_file(lab, site).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if alive(pid) else None
+
+
+PROCESSES = (*SITE_NAMES, SHIPPER)
+
+
+def is_up(lab: Path) -> bool:
+    """A lab is up when any of its daemons (sites or shipper) is running."""
+    return (lab / RUN_DIR).is_dir() and any(running_pid(lab, name) for name in PROCESSES)
+
+
+def application_site(lab: Path) -> str | None:
+    """The site whose host runs the application, from the site directories present here (the
+    newest promotion wins, as in `System.active_site`)."""
+    found = []
+    for site in SITE_NAMES:
+        path = lab / site / "state.json"
+        if path.is_file():
+            state = load_json(path)
+            if state.get("role") == "primary" and state.get("host"):
+                found.append((int(state["host"].get("epoch", 0)), site))
+    return max(found)[1] if found else None
+
+
+def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
+    """Start a site's daemon (`name` = primary, sync or async) or the shipper process (`name` =
+    "shipper", for the site running the application) in the background; return its pid."""
+    (lab / RUN_DIR).mkdir(exist_ok=True)
+    pid = running_pid(lab, name)
+    if pid:
+        return pid
+    config = str(lab / "topology.toml")
+    if name == SHIPPER:
+        site = application_site(lab)
+        if site is None:
+            raise TricopyError(f"no site of {lab} runs the application: there is nothing to ship")
+        argv = ["shipper", "--site", site, "--config", config]
+    else:
+        argv = ["serve", "--site", name, "--config", config]
+    ready = pid_file(lab, name)
+    ready.unlink(missing_ok=True)
+    logf = open(lab / RUN_DIR / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
+    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli", *argv], stdout=logf, stderr=logf,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    logf.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (lab / RUN_DIR / f"{name}.log").read_text()[-400:]
+            raise TricopyError(f"the {name} daemon exited at start: {tail.strip().splitlines()[-1] if tail else ''}")
+        if ready.exists() and ready.read_text().strip():
+            return proc.pid
+        time.sleep(0.02)
+    proc.kill()
+    raise TricopyError(f"the {name} daemon did not come up within {timeout:.0f}s; see {lab / RUN_DIR}/{name}.log")
+
+
+def lab_up(lab: Path) -> dict[str, int]:
+    """Start the daemon of every site present, then the shipper of the site running the application."""
+    topo = load_topology(lab)
+    load_key(lab / topo.key_file)  # refuse a bad key before starting anything
+    app_site = application_site(lab)
+    order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == app_site)
+    names = order + ([SHIPPER] if app_site in order else [])  # the application's site, then the shipper, last
+    already = {name for name in names if running_pid(lab, name)}
+    started: dict[str, int] = {}
+    try:
+        for name in names:
+            started[name] = start_site(lab, name)
+    except TricopyError as exc:
+        undone = [name for name in reversed(list(started)) if name not in already and stop_site(lab, name)]
+        note = f"; stopped again what this call had started ({', '.join(undone)})" if undone else ""
+        raise TricopyError(f"{exc}{note}") from None
+    return started
+
+
+def stop_site(lab: Path, name: str, timeout: float = 10.0) -> bool:
+    pid = running_pid(lab, name)
+    if pid is None:
+        pid_file(lab, name).unlink(missing_ok=True)
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            break
+        time.sleep(0.02)
+    else:
+        log.warning("the %s daemon (pid %d) did not stop within %.0fs: killing it", name, pid, timeout)
+        os.kill(pid, signal.SIGKILL)
+        alive(pid)
+    pid_file(lab, name).unlink(missing_ok=True)
+    return True
+
+
+def lab_down(lab: Path) -> list[str]:
+    """Stop the shipper, then the site daemons; returns the names of those that were running."""
+    return [name for name in (SHIPPER, *SITE_NAMES) if stop_site(lab, name)]
+
+
+@contextlib.contextmanager
+def quiesced(lab: Path, say: Any = None) -> Iterator[list[str]]:
+    """Run a disaster procedure (failover, failback, recovery) with the lab's daemons stopped, then
+    start the daemons of every site that exists afterwards (with their new roles). The procedures
+    create, copy and re-role whole site directories, which no daemon may serve meanwhile. Yields the
+    sites whose daemons were stopped (empty when the lab was down, and then nothing is started)."""
+    stopped = lab_down(lab) if is_up(lab) else []
+    if stopped and say:
+        say(f"stopped the daemons of {', '.join(stopped)} for the procedure")
+    try:
+        yield stopped
+    finally:
+        if stopped:
+            started = lab_up(lab)
+            if say:
+                say(f"started the daemons of {', '.join(started)} again")
+
+
+def coordinator(lab: Path, *, application: bool = True) -> Peer:
+    """The daemon to send requests to: the one of the site running the application. With
+    `application=False` (status, dashboard, verify) any daemon that answers will do when no site
+    runs the application (the primary's daemon is down or the primary is lost)."""
+    topo = load_topology(lab)
+    key = load_key(lab / topo.key_file)
+    answering: list[str] = []
+    for name, client in clients(lab, topo, key).items():
+        try:
+            info = client.call("app.info")[0]
+        except ConnectionFailed:
+            continue
+        except TricopyError:  # it answers, but sees no site running the application
+            answering.append(name)
+            continue
+        finally:
+            client.close()
+        spec = topo.sites[info["active"]]
+        return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo.tls))
+    if not answering:
+        raise TricopyError(f"no daemon of lab {lab} answers; start them with `vstore lab up {lab}`")
+    if not application:
+        spec = topo.sites[answering[0]]
+        return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo.tls))
+    silent = [s for s in SITE_NAMES if s not in answering]
+    raise TricopyError(f"no site running the application answers (the daemons of {', '.join(answering)} do, "
+                       f"{', '.join(silent) or 'none'} do not; see {lab / RUN_DIR}/*.log): start them again with "
+                       f"`vstore lab up {lab}`, or if the primary is lost, `vstore recover {lab} --to sync`")

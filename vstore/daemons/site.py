@@ -1,0 +1,466 @@
+"""Site daemons: `vstore serve --site NAME --config LAB/topology.toml` (issue 6; DESIGN "Process
+model"); starting and stopping them (`vstore lab up|down`) is vstore/processes.py.
+
+Keeps true:
+- A daemon serves only its own site's directory: its volumes, its `state.json`, its receive
+  journal, and (when its host runs the application) its entry spool. Everything about another site
+  goes over the authenticated RPC of `vstore.net` to that site's daemon.
+- One request at a time touches the site (a lock serialises request handlers), so writes to the
+  consistency group are sequenced in one place. A coordinating request (an application write,
+  status, ship) works on a `System` with the other sites reached through `vstore.remote`, and saves
+  what changed before answering; the `System` is kept between requests and reloaded from every
+  site when a peer did not answer, a request failed, or faults.json changed.
+- Before an application write its range goes into the write-intent record (vstore/intent.py); a
+  daemon restarted after a kill re-drives it, so that write ends on every copy or on none.
+- Shipping is its own process (`vstore shipper`, vstore/shipper.py), started by `lab up` next to
+  the daemon of the site running the application. That daemon owns the spool: it appends entries
+  (under the site lock, durable before the ack), answers `spool.acked` (the last acknowledged
+  entry: the shipper never sends past it) and `spool.plan`, and trims on `spool.confirm` once the
+  Async site has applied a batch. Pair-state work (a Suspended async group's Duplex-Pending
+  resync) stays in this daemon: the shipper asks for it with `ship {"in_process": true}`.
+- The key file must be private (mode 0600) or the daemon refuses to start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import faulthandler
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vstore.blocks.codec import load_json, save_json_atomic
+from vstore.blocks.device import ImageDevice
+from vstore.blocks.errors import FormatError, TricopyError
+from vstore.daemons.intent import WriteIntent
+from vstore.daemons.processes import RUN_DIR, SHIPPER, running_pid
+from vstore.lab.topology import SITE_NAMES, load_topology
+from vstore.net.remote import Peer
+from vstore.net.tls import contexts as tls_contexts
+from vstore.net.wire import ConnectionFailed, load_key, serve
+from vstore.replication.entries import EntryLog, ReceiveJournal, decode_batch_full
+from vstore.replication.shipping import DEFAULT_BATCH_ENTRIES
+
+log = logging.getLogger("vstore.daemon")
+
+
+class SiteDaemon:
+    def __init__(self, lab: Path, site: str) -> None:
+        if site not in SITE_NAMES:
+            raise TricopyError(f"unknown site {site!r}; use one of {', '.join(SITE_NAMES)}")
+        self.lab = lab
+        self.site = site
+        self.topo = load_topology(lab)
+        self.key = load_key(lab / self.topo.key_file)
+        self.server_tls, self.client_tls = tls_contexts(lab, self.topo.tls)
+        self.peers = {}
+        for name in SITE_NAMES:
+            if name != site:
+                spec = self.topo.peer_address(site, name)  # maybe through a fault proxy on the link
+                self.peers[name] = Peer(spec.host, spec.port, self.key, timeout=5.0, ssl_context=self.client_tls)
+        self.lock = threading.RLock()
+        self.entry_log: EntryLog | None = None
+        self.ship_stats: dict = {}
+        self._state_cache: tuple[tuple[int, int, int], dict] | None = None
+        self.intent: WriteIntent | None = None
+        self._system: Any = None
+        self._system_version = 0
+        self.redo_needed = True  # until the record has been checked once, at start-up
+        self.devices: dict[str, ImageDevice] = {}
+
+    @property
+    def site_dir(self) -> Path:
+        return self.lab / self.site
+
+    # -- local primitives -----------------------------------------------------------------------
+    def state(self) -> dict | None:
+        """This site's state.json, parsed again only when the file changed (it is replaced by rename,
+        so a new inode). Read-only: callers never change the returned dict."""
+        path = self.site_dir / "state.json"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if self._state_cache is None or self._state_cache[0] != stamp:
+            self._state_cache = (stamp, load_json(path))
+        return self._state_cache[1]
+
+    def device(self, volume: str) -> ImageDevice:
+        if volume in self.devices:  # volumes change only while the daemons are down (procedures)
+            return self.devices[volume]
+        state = self.state()
+        if state is None or volume not in state.get("volumes", {}):
+            raise TricopyError(f"site {self.site} has no volume {volume!r}")
+        if volume not in self.devices:
+            self.devices[volume] = ImageDevice(self.site_dir / state["volumes"][volume]["file"],
+                                               self.topo.block_size, durable=self.topo.durable)
+        return self.devices[volume]
+
+    def journal(self) -> ReceiveJournal:
+        return ReceiveJournal(self.site_dir / "recv", durable=self.topo.durable)
+
+    def apply_batch(self, entries: list, targets: dict[str, str]) -> None:
+        used = set()
+        for e in entries:
+            volume = targets.get(str(e.volume_id))
+            if volume is None:
+                raise TricopyError(f"entry {e.seq} for unknown volume id {e.volume_id} at site {self.site}")
+            self.device(volume).write(e.lba, e.payload)
+            used.add(volume)
+        for volume in used:
+            self.device(volume).flush()
+
+    # -- coordination ---------------------------------------------------------------------------
+    def spool(self) -> EntryLog | None:
+        """The entry log, open while this site runs the application (else None)."""
+        state = self.state()
+        host = (state or {}).get("host") or {}
+        if state and state.get("role") == "primary" and host:
+            if self.entry_log is None:
+                self.entry_log = EntryLog(self.site_dir / "spool", durable=self.topo.durable,
+                                          capacity_bytes=host.get("spool_capacity", self.topo.spool_capacity),
+                                          block_size=self.topo.block_size)
+        return self.entry_log
+
+    def system(self) -> contextlib.AbstractContextManager[Any]:
+        """The lab as this site sees it, for one request. The `System` is kept between requests
+        (loading it costs a state request to every peer) while every peer answered when it was
+        loaded and faults.json has not changed; a request that fails drops it, so the next one
+        reloads every site's state from its owner."""
+        from vstore.lab.system import System
+        faults = self.lab / "faults.json"
+        version = faults.stat().st_mtime_ns if faults.is_file() else 0
+        cached = self._system
+        if cached is None or self._system_version != version or cached.network.unreachable \
+                or cached.entry_log_given is not self.spool():
+            self.drop_system()
+            cached = self._system = System(self.lab, lock=False, local=self.site, peers=self.peers,
+                                           entry_log=self.spool())
+            self._system_version = version
+        return self._borrow(cached)
+
+    @contextlib.contextmanager
+    def _borrow(self, system: Any) -> Iterator[Any]:
+        try:
+            yield system
+        except BaseException:
+            self.drop_system()
+            raise
+
+    def drop_system(self) -> None:
+        if self._system is not None:
+            self._system.close()
+            self._system = None
+
+    def async_group_duplex(self, state: dict) -> bool:
+        """Every async pair from this site is Duplex (read from the local state file)."""
+        pairs = [doc["pair"] for doc in state.get("pairs", {}).values()]
+        mine = [p for p in pairs if p.get("kind") == "async" and str(p.get("source", "")).startswith(f"{self.site}:")]
+        return bool(mine) and all(p.get("state") == "Duplex" for p in mine)
+
+    def write_intent(self) -> WriteIntent:
+        if self.intent is None:
+            self.intent = WriteIntent(self.site_dir, durable=self.topo.durable)
+        return self.intent
+
+    def redo_in_doubt_write(self, system: Any) -> None:
+        """After an unclean stop: re-drive the write that was in progress (vstore/intent.py), so it
+        is present on every copy or on none. Raises (and keeps the record) while that fails. The
+        record names the last write begun; only at start-up is it in doubt (`redo_needed`, which
+        `redo_at_start` clears at once on a site that does not run the application)."""
+        try:
+            intent = self.write_intent().pending()
+        except FormatError as exc:
+            log.error("%s; cannot tell which write was in progress at the last crash: run `vstore verify`", exc)
+            self.write_intent().clear()
+            self.redo_needed = False
+            return
+        if intent is None:
+            self.redo_needed = False
+            return
+        if system.active_site != self.site:  # a stale primary: the failover settled that write
+            log.warning("not re-driving the write in progress at the last crash (volume %s, blocks %d..): the "
+                        "application now runs at %s", intent.volume, intent.lba, system.active_site)
+            self.write_intent().clear()
+            self.redo_needed = False
+            return
+        dev = system.device(intent.volume)
+        dev.write(intent.lba, dev.read(intent.lba, intent.count))
+        dev.flush()
+        system.save()
+        self.write_intent().clear()
+        self.redo_needed = False
+        log.warning("re-drove the write in progress at the last crash (volume %s, blocks %d..%d) to every copy",
+                    intent.volume, intent.lba, intent.lba + intent.count - 1)
+
+    def redo_at_start(self) -> None:
+        state = self.state() or {}
+        if state.get("role") != "primary" or not state.get("host"):
+            self.redo_needed = False  # this site does not run the application
+            return
+        try:
+            with self.lock, self.system() as system:
+                self.redo_in_doubt_write(system)
+        except (ConnectionFailed, TricopyError) as exc:
+            log.warning("the write in progress at the last crash is re-driven before the next write: %s", exc)
+
+    async def retry_redo(self) -> None:
+        """Until the in-doubt write is re-driven (its peers may start after this daemon, or the
+        group may be fenced until `vstore heal`)."""
+        pause = 0.5
+        while self.redo_needed:
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 10.0)
+            if self.redo_needed:
+                await asyncio.to_thread(self.redo_at_start)
+
+    def spool_acked(self) -> dict:
+        """What the shipper may send: entries confirmed_seq+1 .. acked (all acknowledged: appends
+        happen under the site lock, which this answer also holds)."""
+        state = self.state() or {}
+        spool = self.spool()
+        if spool is None:
+            return {"active": False}
+        faults = self.lab / "faults.json"  # `vstore fail/heal` change it: the shipper re-plans
+        return {"active": True, "acked": spool.next_seq - 1, "confirmed": spool.confirmed_seq,
+                "duplex": self.async_group_duplex(state),
+                "version": faults.stat().st_mtime_ns if faults.is_file() else 0}
+
+    def spool_plan(self) -> dict:
+        """Where and how to ship: the Async site's address (through a fault proxy if the link has
+        one), which volume each entry volume id lands on, batching, and whether a fault blocks it."""
+        from vstore.replication.network import link_name
+        answer = self.spool_acked()
+        if not answer["active"]:
+            return answer
+        with self.system() as system:
+            target = system.async_target_site()
+            faults = system.faults
+            blocked = None
+            if target in faults.sites_down:
+                blocked = f"site {target} is down"
+            elif link_name(self.site, target) in faults.links_down:
+                blocked = f"link {link_name(self.site, target)} is down"
+            spec = self.topo.peer_address(self.site, target)
+            return {**answer, "target_site": target, "address": [spec.host, spec.port],
+                    "targets": {str(k): v for k, v in system.receive_targets(target).items()},
+                    "coalescing": self.topo.coalesce, "batch_entries": DEFAULT_BATCH_ENTRIES, "blocked": blocked}
+
+    def spool_confirm(self, seq: int, stats: dict) -> dict:
+        spool = self.spool()
+        if spool is None:
+            raise TricopyError(f"site {self.site} does not run the application: no spool to confirm")
+        if spool.confirmed_seq < seq < spool.next_seq:
+            spool.confirm(seq)
+        self.ship_stats = {**stats, "confirmed_seq": spool.confirmed_seq, "time": time.time()}
+        return {"confirmed": spool.confirmed_seq}
+
+    def shipping_status(self) -> dict:
+        """The shipper process as status shows it: running or not, send rate, last confirmation."""
+        pid = running_pid(self.lab, SHIPPER)
+        doc: dict = {"process": "running" if pid else "stopped", "pid": pid,
+                     "entries_per_s": 0.0, "bytes_per_s": 0.0, "last_confirm_s": None}
+        if self.ship_stats:
+            doc.update({k: self.ship_stats.get(k, 0.0) for k in ("entries_per_s", "bytes_per_s")})
+            doc["last_confirm_s"] = round(time.time() - self.ship_stats["time"], 3)
+        return doc
+
+    def with_shipping(self, doc: dict) -> dict:
+        """Status and dashboard documents of the site running the application name its shipper."""
+        if self.entry_log is not None:
+            doc["shipping"] = self.shipping_status()
+        return doc
+
+    def wait_drained(self, timeout: float) -> dict:
+        """`vstore ship` while a shipper process runs: wait (without the site lock) until it has
+        shipped everything acknowledged so far."""
+        with self.lock:
+            start = self.spool_acked()
+        if not start.get("active"):
+            raise TricopyError(f"site {self.site} does not run the application: nothing to ship")
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.lock:
+                now = self.spool_acked()
+            if now["confirmed"] >= start["acked"] or time.monotonic() >= deadline:
+                break
+            time.sleep(0.02)
+        error = None if now["confirmed"] >= start["acked"] else (
+            f"the shipper process has not shipped entries up to {start['acked']} within {timeout:.0f}s "
+            f"(confirmed {now['confirmed']}); see {self.lab / RUN_DIR}/{SHIPPER}.log")
+        return {"entries": now["confirmed"] - start["confirmed"], "batches": None, "error": error,
+                "blocks_sent": None, "blocks_written": None, "resynced_blocks": 0}
+
+    def handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+        if method == "ship" and not args.get("in_process") and running_pid(self.lab, SHIPPER):
+            return self.wait_drained(float(args.get("timeout", 60.0))), b""
+        with self.lock:
+            return self._handle(method, args, data)
+
+    def _handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+        if method == "ping":
+            return {"site": self.site, "pid": os.getpid()}, b""
+        if method == "state.get":
+            return {"state": self.state()}, b""
+        if method == "state.put":
+            save_json_atomic(self.site_dir / "state.json", args["state"], durable=self.topo.durable)
+            return {}, b""
+        if method == "vol.read":
+            return {}, self.device(args["volume"]).read(int(args["lba"]), int(args["count"]))
+        if method == "vol.write":
+            dev = self.device(args["volume"])
+            dev.write(int(args["lba"]), data)
+            if args.get("flush", True):
+                dev.flush()
+            return {}, b""
+        if method == "vol.flush":
+            self.device(args["volume"]).flush()
+            return {}, b""
+        if method == "journal.applied":
+            return {"applied_seq": self.journal().applied_seq}, b""
+        if method == "journal.set_applied":
+            self.journal().set_applied_seq(int(args["seq"]))
+            return {}, b""
+        if method == "journal.receive":  # store, apply, record: the batch is decoded once
+            journal = self.journal()
+            self.save_targets(args["targets"])
+            batch = decode_batch_full(data)
+            if (batch.first_seq, batch.last_seq) != (int(args["first_seq"]), int(args["last_seq"])):
+                raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
+                                  f"{args['first_seq']}..{args['last_seq']}")
+            journal.store_encoded(batch, data)
+            self.apply_batch(batch.entries, args["targets"])
+            journal.mark_applied(batch.last_seq)
+            return {"applied": len(batch.entries)}, b""
+        if method == "journal.finish":
+            return {"applied": self._finish(self.journal(), args["targets"])}, b""
+        if method == "spool.acked":
+            return self.spool_acked(), b""
+        if method == "spool.plan":
+            return self.spool_plan(), b""
+        if method == "spool.confirm":
+            return self.spool_confirm(int(args["seq"]), dict(args.get("stats") or {})), b""
+        return self._coordinate(method, args, data)
+
+    def save_targets(self, targets: dict[str, str]) -> None:
+        """Remember which volume each entry volume id lands on, so a batch stored before a crash can
+        be finished at start-up, before the volume is used (invariant 2)."""
+        path = self.site_dir / "recv" / "targets.json"
+        if not path.is_file() or load_json(path) != targets:
+            save_json_atomic(path, targets, durable=self.topo.durable)
+
+    def finish_at_start(self) -> None:
+        path = self.site_dir / "recv" / "targets.json"
+        if path.is_file() and (self.site_dir / "recv").is_dir():
+            applied = self._finish(self.journal(), load_json(path))
+            if applied:
+                log.warning("finished a batch of %d entries stored before a crash", applied)
+
+    def _finish(self, journal: ReceiveJournal, targets: dict[str, str]) -> int:
+        batch = journal.stored()
+        if batch is None:
+            return 0
+        self.apply_batch(batch, targets)
+        journal.mark_applied()
+        return len(batch)
+
+    def _coordinate(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+        with self.system() as system:
+            changes = method in ("app.write", "ship", "resync")
+            try:
+                if method == "app.info":
+                    dev = system.device(args.get("volume", 0))
+                    return {"block_size": dev.block_size, "num_blocks": dev.num_blocks, "name": dev.name,
+                            "active": system.active_site}, b""
+                if method == "app.write":
+                    volume = args.get("volume", 0)
+                    dev = system.device(volume)
+                    count = dev.check_payload(data)
+                    dev.check_range(int(args["lba"]), count)
+                    if self.redo_needed:
+                        self.redo_in_doubt_write(system)
+                    self.write_intent().mark(str(volume), int(args["lba"]), count)
+                    dev.write(int(args["lba"]), data)
+                    dev.flush()
+                    return {}, b""
+                if method == "app.read":
+                    return {}, system.device(args.get("volume", 0)).read(int(args["lba"]), int(args["count"]))
+                if method == "app.has_unshipped":
+                    dev = system.device(args.get("volume", 0))
+                    return {"answer": dev.has_unshipped([tuple(r) for r in args["ranges"]])}, b""
+                if method == "status":
+                    from vstore.cli.commands import status_document
+                    return {"status": self.with_shipping(status_document(system))}, b""
+                if method == "snapshot":
+                    from vstore.cli.dashboard import snapshot_of
+                    return {"snapshot": self.with_shipping(snapshot_of(system))}, b""
+                if method == "verify":
+                    from vstore.cli.verify import verify
+                    return {"pairs": verify(system, args.get("pair"))}, b""
+                if method == "resync":
+                    from vstore.procedures.setup import resync_all
+                    return {"steps": resync_all(system).steps}, b""
+                if method == "ship":
+                    report = system.shipper().ship(args.get("max"))
+                    return {"entries": report.entries, "batches": report.batches, "error": report.error,
+                            "blocks_sent": report.blocks_sent, "blocks_written": report.blocks_written,
+                            "resynced_blocks": report.resynced_blocks}, b""
+                raise TricopyError(f"unknown request {method!r}")
+            finally:
+                if changes:
+                    system.save()
+
+    # -- running --------------------------------------------------------------------------------
+    async def run(self, ready: Path | None = None) -> None:
+        spec = self.topo.sites[self.site]
+        other = running_pid(self.lab, self.site)
+        if other and other != os.getpid():
+            raise TricopyError(f"the {self.site} daemon of {self.lab} is already running (pid {other})")
+        with contextlib.suppress(ValueError, OSError):  # stderr may not be a file (tests)
+            faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack to the log
+
+        async def handler(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+            return await asyncio.to_thread(self.handle, method, args, data)
+
+        with self.lock:  # the port first (one daemon per site), then recovery, then requests
+            try:
+                server = await serve(spec.host, spec.port, self.key, handler, ssl_context=self.server_tls)
+            except OSError as exc:
+                raise TricopyError(f"site {self.site} cannot listen on {spec.host}:{spec.port} "
+                                   f"({exc.strerror or exc}); is its daemon already running?") from None
+            self.finish_at_start()
+            self.redo_at_start()
+        retry = asyncio.create_task(self.retry_redo())
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        log.info("site %s serving on %s:%d", self.site, spec.host, spec.port)
+        if ready is not None:
+            ready.write_text(str(os.getpid()))
+        await done.wait()
+        retry.cancel()
+        server.close()
+        for peer in self.peers.values():  # peers hold connections to each other: drop ours
+            peer.close()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 0.3)
+        with self.lock:
+            if self._system is not None:  # other sites get the latest write-count evidence
+                with contextlib.suppress(ConnectionFailed, TricopyError):
+                    self._system.save(all_evidence=True)
+            self.drop_system()
+            if self.intent is not None:
+                self.intent.clear()  # a clean stop: no write in progress
+                self.intent.close()
+            if self.entry_log is not None:
+                self.entry_log.close()
+            for dev in self.devices.values():
+                dev.close()

@@ -1,0 +1,197 @@
+"""Another site's storage, receive journal and the application's volume, reached over the
+authenticated RPC of `vstore.net` (DESIGN "Sites and links"; issue 6).
+
+Keeps true: these classes offer exactly the methods the in-process code calls on a local
+`StorageSystem`, `ReceiveJournal`/`Receiver` and `BlockDevice`, so the sync copy program, the
+shipper and the procedures run unchanged whether a peer is in this process or behind a daemon.
+A peer that cannot be reached raises `ConnectionFailed` (a `SiteDown`), which the copy programs
+already turn into failure Suspend.
+"""
+
+from __future__ import annotations
+
+import ssl
+import threading
+from collections.abc import Callable, Iterable, Sequence
+
+from vstore.blocks.device import BlockDevice
+from vstore.blocks.errors import TricopyError
+from vstore.net.wire import Client
+from vstore.replication.entries import Entry, encode_batch
+from vstore.replication.storage import Volume
+
+CHUNK = 256
+
+
+class Peer:
+    """An RPC client that connects on first use (a daemon may start before its peers) and again
+    after a failed call; calls are never retried."""
+
+    def __init__(self, host: str, port: int, key: bytes, *, timeout: float = 10.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        self.host, self.port, self.key, self.timeout = host, port, key, timeout
+        self.ssl_context = ssl_context
+        self._client: Peer | None = None
+        self._lock = threading.Lock()
+
+    def call(self, method: str, args: dict | None = None, data: bytes = b"") -> tuple[dict, bytes]:
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.host, self.port, self.key, timeout=self.timeout,
+                                      ssl_context=self.ssl_context)
+            client = self._client
+        return client.call(method, args, data)
+
+    def post(self, method: str, args: dict | None = None, data: bytes = b"") -> None:
+        """Send without waiting for the answer (`Client.post`)."""
+        with self._lock:
+            if self._client is None:
+                self._client = Client(self.host, self.port, self.key, timeout=self.timeout,
+                                      ssl_context=self.ssl_context)
+            client = self._client
+        client.post(method, args, data)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    def __enter__(self) -> Peer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class RemoteDevice(BlockDevice):
+    """A volume of a remote site, read and written block-wise over RPC (copy-program writes)."""
+
+    def __init__(self, client: Peer, site: str, volume: str, block_size: int, num_blocks: int) -> None:
+        self.client, self.site, self.volume = client, site, volume
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.name = f"{site}:{volume} (remote)"
+
+    def _read(self, lba: int, count: int) -> bytes:
+        return self.client.call("vol.read", {"volume": self.volume, "lba": lba, "count": count})[1]
+
+    def _write(self, lba: int, data: bytes) -> None:
+        self.client.call("vol.write", {"volume": self.volume, "lba": lba}, data)
+
+    def flush(self) -> None:
+        self.client.call("vol.flush", {"volume": self.volume})
+
+
+class RemoteStorage:
+    """The parts of `StorageSystem` that other sites use: copy-program apply, reads, copies."""
+
+    def __init__(self, site: str, client: Peer, volumes: dict[str, dict], block_size: int, num_blocks: int,
+                 peers: Callable[[str], object]) -> None:
+        self.site = site
+        self.client = client
+        self.peers = peers
+        self.volumes = {name: Volume(site, name, RemoteDevice(client, site, name, block_size, num_blocks),
+                                     spec["external_id"]) for name, spec in volumes.items()}
+        self.host_writes = 0
+        self.async_program = None
+
+    def volume(self, name: str) -> Volume:
+        if name not in self.volumes:
+            raise TricopyError(f"site {self.site} has no volume {name!r}")
+        return self.volumes[name]
+
+    def host_read(self, volume: str, lba: int, count: int = 1) -> bytes:
+        return self.volume(volume).device.read(lba, count)
+
+    def apply_copy(self, volume: str, lba: int, data: bytes) -> None:
+        self.client.call("vol.write", {"volume": volume, "lba": lba, "flush": True}, data)
+
+    def flush_volume(self, volume: str) -> None:
+        self.client.call("vol.flush", {"volume": volume})
+
+    def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
+                progress: Callable[[int], None] | None = None, chunk: int = CHUNK, *,
+                target_is_zero: bool = False) -> int:
+        dst = self.peers(dst_site)
+        copied = 0
+        for first, count in ranges:
+            for lba in range(first, first + count, chunk):
+                n = min(chunk, first + count - lba)
+                data = self.host_read(volume, lba, n)
+                if not (target_is_zero and data.count(0) == len(data)):
+                    dst.apply_copy(dst_volume, lba, data)  # type: ignore[attr-defined]
+                copied += n
+                if progress:
+                    progress(n)
+        return copied
+
+    def host_write(self, volume: str, lba: int, data: bytes) -> None:
+        raise TricopyError(f"host writes to site {self.site} go through that site's own daemon")
+
+    def group_fenced(self) -> None:
+        return None
+
+    def close(self) -> None:
+        """Nothing to release: the client belongs to the caller."""
+
+
+class RemoteJournal:
+    """The receive journal of a remote Async site (`ReceiveJournal`'s interface)."""
+
+    def __init__(self, client: Peer) -> None:
+        self.client = client
+
+    @property
+    def applied_seq(self) -> int:
+        return int(self.client.call("journal.applied")[0]["applied_seq"])
+
+    def set_applied_seq(self, seq: int) -> None:
+        self.client.call("journal.set_applied", {"seq": seq})
+
+
+class RemoteReceiver:
+    """`shipping.Receiver` for a remote site: one RPC stores, applies and records a batch there."""
+
+    def __init__(self, client: Peer, targets: dict[int, str]) -> None:
+        self.client = client
+        self.targets = {str(k): v for k, v in targets.items()}
+        self.journal = RemoteJournal(client)
+
+    @property
+    def applied_seq(self) -> int:
+        return self.journal.applied_seq
+
+    def receive(self, batch: Sequence[Entry], first_seq: int, last_seq: int, crash_after_store: bool = False) -> None:
+        self.client.call("journal.receive", {"first_seq": first_seq, "last_seq": last_seq, "targets": self.targets,
+                                             "crash_after_store": crash_after_store},
+                         encode_batch(batch, first_seq=first_seq, last_seq=last_seq))
+
+    def finish_stored(self) -> int:
+        return int(self.client.call("journal.finish", {"targets": self.targets})[0]["applied"])
+
+
+
+class AppDevice(BlockDevice):
+    """The application's volume at the site running it, through that site's daemon (what
+    `jfs ... lab:LAB` uses while the lab is up). Each write returns when the daemon acknowledged
+    it: A written (so C has it) and the entry durable in the spool."""
+
+    def __init__(self, client: Peer, volume: int = 0, *, readonly: bool = False) -> None:
+        info = client.call("app.info", {"volume": volume})[0]
+        self.client, self.volume, self.readonly, self.active = client, volume, readonly, str(info["active"])
+        self.block_size, self.num_blocks = int(info["block_size"]), int(info["num_blocks"])
+        self.name = f"{info['name']} (via the {info['active']} daemon)"
+        self.shipped_in_background = True
+
+    def _read(self, lba: int, count: int) -> bytes:
+        return self.client.call("app.read", {"volume": self.volume, "lba": lba, "count": count})[1]
+
+    def _write(self, lba: int, data: bytes) -> None:
+        self.client.call("app.write", {"volume": self.volume, "lba": lba}, data)
+
+    def has_unshipped(self, ranges: Iterable[tuple[int, int]]) -> bool:
+        answer = self.client.call("app.has_unshipped", {"volume": self.volume, "ranges": [list(r) for r in ranges]})
+        return bool(answer[0]["answer"])
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,144 @@
+"""The patent's procedures, each one named function that logs its steps (SPEC §5, Figs 3, 6, 10-17).
+
+Keeps true: every procedure checks all of its preconditions before its first step changes any
+state, and records each step in a `StepLog` (also sent to the `vstore.procedures` logger) so an
+operator can see exactly what was done and where it stopped.
+
+Issue 2 delivers Fig 3 (initial set-up, with Fig 6 inside it); the failover and failback figures
+follow in later issues.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from vstore.blocks.errors import TricopyError
+from vstore.lab.system import System
+from vstore.replication.pairs import Pair, PairKind, PairState
+from vstore.replication.registry import split_ref
+
+log = logging.getLogger("vstore.procedures")
+
+Progress = Callable[[str, int], Callable[[int], None]]
+"""progress(description, total_blocks) -> advance(blocks)."""
+
+
+def no_progress(description: str, total: int) -> Callable[[int], None]:
+    return lambda n: None
+
+
+@dataclass
+class StepLog:
+    procedure: str
+    steps: list[str] = field(default_factory=list)
+
+    def step(self, text: str) -> None:
+        self.steps.append(text)
+        log.info("%s: %s", self.procedure, text)
+
+
+def start_pair(system: System, pair: Pair, steps: StepLog, progress: Progress = no_progress, *,
+               initial_copy: bool = True, target_is_zero: bool = False) -> int:
+    """Simplex -> Initial-Copying -> Duplex (or straight to Duplex without initial copy)."""
+    if pair.state != PairState.SIMPLEX:
+        raise TricopyError(f"pair {pair.name} is {pair.state.value}, not Simplex; it is already started")
+    src_site, src_vol = split_ref(pair.source)
+    dst_site, dst_vol = split_ref(pair.target)
+    system.network.check(src_site, dst_site)
+    copied = 0
+    if initial_copy:
+        pair.transition(PairState.INITIAL_COPYING, "initial copy")
+        steps.step(f"{pair.name}: Initial-Copying {pair.source} -> {pair.target}")
+        advance = progress(f"initial copy {pair.name}", pair.num_blocks)
+        copied = system.storage(src_site).copy_to(src_vol, dst_site, dst_vol, [(0, pair.num_blocks)], advance,
+                                                  target_is_zero=target_is_zero)
+    if pair.kind == PairKind.ASYNC and src_site == system.active_site:
+        system.journal(dst_site).set_applied_seq(system.entry_log.next_seq - 1)
+    pair.transition(PairState.DUPLEX, None)
+    steps.step(f"{pair.name}: Duplex" + (f" after copying {copied} blocks" if initial_copy else " (no initial copy)"))
+    return copied
+
+
+def new_pair(system: System, kind: PairKind, source: str, target: str) -> Pair:
+    src_vol, dst_vol = split_ref(source)[1], split_ref(target)[1]
+    pair = Pair(name=f"{src_vol}->{dst_vol}", kind=kind, source=source, target=target,
+                num_blocks=system.topo.num_blocks)
+    return system.registry.add(pair)
+
+
+def initial_setup(system: System, progress: Progress = no_progress, *, fresh_targets: bool = False) -> StepLog:
+    """Fig 3 [0075]-[0080]: from A alone to A->C sync and B->D (or provider A->D) async, all Duplex.
+    `fresh_targets`: B, C and D were just created (all zero), so zero chunks of A need not travel."""
+    steps = StepLog("Fig 3 initial set-up")
+    topo = system.topo
+    site = system.active_site
+    if len(system.registry):
+        raise TricopyError("the lab already has pairs; initial set-up runs once on a new lab")
+    for needed in ("sync", "async"):
+        system.network.check(site, needed)
+    pairs = []
+    for i in range(topo.volumes):
+        a, c, d = topo.volume_name("A", i), topo.volume_name("C", i), topo.volume_name("D", i)
+        if topo.mode == "mirror":
+            b = topo.volume_name("B", i)
+            group = system.mirror.group(a)
+            steps.step(f"Fig 6: add {b} to mirror group of virtual volume {a}")
+            group.add_member(b, system.storage(site).volume(b).external_id,
+                             progress=progress(f"Fig 6 add {b}", group.num_blocks), target_is_zero=fresh_targets)
+            pairs.append(new_pair(system, PairKind.ASYNC, f"{site}:{b}", f"async:{d}"))
+        else:
+            pairs.append(new_pair(system, PairKind.ASYNC, f"{site}:{a}", f"async:{d}"))
+        pairs.append(new_pair(system, PairKind.SYNC, f"{site}:{a}", f"sync:{c}"))
+    for pair in sorted(pairs, key=lambda p: p.kind.value):
+        start_pair(system, pair, steps, progress, target_is_zero=fresh_targets)
+    steps.step("all pairs Duplex: initial set-up complete")
+    return steps
+
+
+def resync_pair(system: System, pair: Pair, steps: StepLog, progress: Progress = no_progress) -> int:
+    """Suspend -> Duplex-Pending -> Duplex [0041]: copy only the positions recorded during Suspend."""
+    src_site, src_vol = split_ref(pair.source)
+    dst_site, dst_vol = split_ref(pair.target)
+    system.network.check(src_site, dst_site)
+    pair.transition(PairState.DUPLEX_PENDING, "resync: copying recorded positions")
+    ranges = pair.bitmap.take()
+    total = sum(n for _, n in ranges)
+    steps.step(f"{pair.name}: Duplex-Pending, copying {total} recorded blocks")
+    try:
+        copied = system.storage(src_site).copy_to(src_vol, dst_site, dst_vol, ranges,
+                                                  progress(f"resync {pair.name}", total))
+    except TricopyError as exc:
+        for first, n in ranges:
+            pair.bitmap.mark(first, n)
+        pair.transition(PairState.SUSPEND, f"resync interrupted: {exc}", failure=True)
+        raise
+    pair.transition(PairState.DUPLEX, None)
+    steps.step(f"{pair.name}: Duplex")
+    return copied
+
+
+def resync_all(system: System, progress: Progress = no_progress) -> StepLog:
+    """Resync every suspended pair whose sites can talk again; clear the mirror write inhibit."""
+    steps = StepLog("resync")
+    for pair in system.registry:
+        if pair.kind != PairKind.SYNC or pair.state != PairState.SUSPEND:
+            continue
+        if system.network.can_talk(split_ref(pair.source)[0], split_ref(pair.target)[0]):
+            resync_pair(system, pair, steps, progress)
+    try:
+        active = system.active_site
+    except TricopyError:
+        return steps
+    async_pairs = system.registry.group(PairKind.ASYNC, active)
+    if any(p.state == PairState.SUSPEND for p in async_pairs):
+        target = system.async_target_site()
+        if system.network.can_talk(active, target):
+            recorded = sum(p.bitmap.count() for p in async_pairs)
+            copied = system.shipper().resync(progress(f"resync async group {active}", recorded))
+            steps.step(f"async group {active}: resynced {copied} recorded blocks, Duplex")
+    if system.topo.mode == "mirror":
+        for volume in system.mirror.refresh():
+            steps.step(f"mirror member {volume}: write inhibit cleared")
+    return steps

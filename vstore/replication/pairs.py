@@ -1,0 +1,317 @@
+"""Remote-copy pairs: the state machine of SPEC §3 [0034]-[0047] and the written-positions bitmap.
+
+Keeps true:
+- A pair only moves along the explicit `TRANSITIONS` table, keyed by (kind, from-state); any other
+  move raises `IllegalTransition` naming the pair and both states, and changes nothing.
+  Suspending exists only for async pairs [0047]: an async pair leaves Duplex through Suspending
+  (draining or recording the entries still held), a sync pair goes straight to Suspend.
+- Every transition is logged and kept in the pair's history (last 50), with its reason, so a
+  failure is never silent (DESIGN invariant 5). `failure` tells a failure Suspend [0038]-[0039]
+  from a commanded one.
+- While Suspend or Suspending, every write's position is recorded in a `PositionBitmap` [0039];
+  Duplex-Pending copies only those positions [0041]. Leaving Suspend does not clear the bitmap:
+  the caller `take()`s it when it starts the differential copy. Entering Initial-Copying clears it
+  (a full copy supersedes any difference information).
+- Each side has a generation number; the layers above bump the generation of a side that is
+  written outside the pair (after a failover), so split brain is detected, never merged silently.
+- `to_dict`/`from_dict` round-trip exactly (the pair lives in each site's `state.json`), and the
+  bitmap's bytes (construct: magic, version, block count, zlib-compressed bits, CRC32) refuse any
+  damage with `FormatError`.
+
+Choice where the patent allows one [0042]: Initial-Copying and Duplex-Pending stay two states.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+import time
+import zlib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from construct import (
+    Checksum,
+    Const,
+    GreedyBytes,
+    Int16ub,
+    Int32ub,
+    Int64ub,
+    Prefixed,
+    RawCopy,
+    Struct,
+    Terminated,
+    this,
+)
+
+from vstore.blocks.codec import check_version, crc32, parse_checked
+from vstore.blocks.errors import FormatError, TricopyError
+
+log = logging.getLogger(__name__)
+
+HISTORY_LIMIT = 50
+
+
+class PairState(StrEnum):
+    SIMPLEX = "Simplex"
+    INITIAL_COPYING = "Initial-Copying"
+    DUPLEX = "Duplex"
+    SUSPEND = "Suspend"
+    DUPLEX_PENDING = "Duplex-Pending"
+    SUSPENDING = "Suspending"
+
+
+class PairKind(StrEnum):
+    SYNC = "sync"
+    ASYNC = "async"
+
+
+S = PairState
+_COMMON: dict[PairState, frozenset[PairState]] = {
+    S.SIMPLEX: frozenset({S.INITIAL_COPYING, S.DUPLEX}),  # Duplex directly = start without initial copy
+    S.INITIAL_COPYING: frozenset({S.DUPLEX, S.SUSPEND, S.SIMPLEX}),
+    S.SUSPEND: frozenset({S.DUPLEX_PENDING, S.SIMPLEX}),
+    S.DUPLEX_PENDING: frozenset({S.DUPLEX, S.SUSPEND, S.SIMPLEX}),
+}
+TRANSITIONS: dict[tuple[PairKind, PairState], frozenset[PairState]] = {
+    **{(PairKind.SYNC, s): targets for s, targets in _COMMON.items()},
+    **{(PairKind.ASYNC, s): targets for s, targets in _COMMON.items()},
+    (PairKind.SYNC, S.DUPLEX): frozenset({S.SUSPEND, S.SIMPLEX}),
+    (PairKind.ASYNC, S.DUPLEX): frozenset({S.SUSPENDING, S.SIMPLEX}),
+    (PairKind.ASYNC, S.SUSPENDING): frozenset({S.SUSPEND, S.SIMPLEX}),
+}
+"""(kind, from) -> allowed targets. A sync pair is never Suspending."""
+del S
+
+
+class IllegalTransition(TricopyError):
+    """A pair state change that the state machine does not allow."""
+
+
+def allowed_targets(kind: PairKind, state: PairState) -> frozenset[PairState]:
+    return TRANSITIONS.get((kind, state), frozenset())
+
+
+# --------------------------------------------------------------------------------------------
+# Written-positions bitmap
+# --------------------------------------------------------------------------------------------
+BITMAP_MAGIC = b"TCBM"
+BITMAP_VERSION = 1
+
+_BITMAP = Struct(
+    "body" / RawCopy(Struct(
+        "magic" / Const(BITMAP_MAGIC),
+        "version" / Int16ub,
+        "num_blocks" / Int64ub,
+        "zbits" / Prefixed(Int32ub, GreedyBytes),  # zlib-compressed bits, LSB first; inflated after the CRC check
+    )),
+    "crc" / Checksum(Int32ub, crc32, this.body.data),
+    Terminated,
+)
+_NONZERO_RUN = re.compile(rb"[^\x00]+")
+
+
+class PositionBitmap:
+    """One bit per block: written while the pair was Suspend or Suspending [0039]."""
+
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks < 0:
+            raise ValueError(f"a bitmap needs a non-negative block count, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._bits = bytearray((num_blocks + 7) // 8)
+
+    def mark(self, lba: int, count: int = 1) -> None:
+        if count <= 0 or lba < 0 or lba + count > self.num_blocks:
+            raise ValueError(f"blocks {lba}..{lba + count - 1} are outside a {self.num_blocks}-block bitmap")
+        end = lba + count
+        while lba < end and lba % 8:
+            self._set(lba)
+            lba += 1
+        full_end = end - end % 8
+        if lba < full_end:
+            self._bits[lba // 8:full_end // 8] = b"\xff" * ((full_end - lba) // 8)
+            lba = full_end
+        while lba < end:
+            self._set(lba)
+            lba += 1
+
+    def _set(self, lba: int) -> None:
+        self._bits[lba >> 3] |= 1 << (lba & 7)
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The marked blocks as merged (first, count) ranges, in order."""
+        out: list[tuple[int, int]] = []
+        for run in _NONZERO_RUN.finditer(self._bits):
+            for byte_index in range(run.start(), run.end()):
+                self._add_byte(out, byte_index, self._bits[byte_index])
+        return out
+
+    @staticmethod
+    def _add_byte(out: list[tuple[int, int]], byte_index: int, byte: int) -> None:
+        base = byte_index * 8
+        for bit in range(8):
+            if byte >> bit & 1:
+                lba = base + bit
+                if out and out[-1][0] + out[-1][1] == lba:
+                    out[-1] = (out[-1][0], out[-1][1] + 1)
+                else:
+                    out.append((lba, 1))
+
+    def count(self) -> int:
+        return int.from_bytes(self._bits, "little").bit_count()
+
+    def take(self) -> list[tuple[int, int]]:
+        """The ranges, then clear them (Duplex-Pending consumes them)."""
+        ranges = self.ranges()
+        self.clear()
+        return ranges
+
+    def clear(self) -> None:
+        self._bits = bytearray(len(self._bits))
+
+    def merge(self, other: PositionBitmap) -> None:
+        if other.num_blocks != self.num_blocks:
+            raise ValueError(f"cannot merge a {other.num_blocks}-block bitmap into a {self.num_blocks}-block one")
+        merged = int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")
+        self._bits = bytearray(merged.to_bytes(len(self._bits), "little"))
+
+    def to_bytes(self) -> bytes:
+        bits = bytes(self._bits)
+        cached = getattr(self, "_encoded", None)  # saved on every write: encode only what changed
+        if cached is not None and cached[0] == bits:
+            return cached[1]
+        body = dict(magic=BITMAP_MAGIC, version=BITMAP_VERSION, num_blocks=self.num_blocks, zbits=zlib.compress(bits))
+        encoded = _BITMAP.build(dict(body=dict(value=body)))
+        self._encoded = (bits, encoded)
+        return encoded
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PositionBitmap:
+        body = parse_checked(_BITMAP, data, "position bitmap").body.value
+        check_version(body.version, BITMAP_VERSION, "position bitmap")
+        bitmap = cls(body.num_blocks)
+        bitmap._bits = bytearray(_inflate(body.zbits, len(bitmap._bits)))
+        if body.num_blocks % 8 and bitmap._bits[-1] >> (body.num_blocks % 8):
+            raise FormatError("position bitmap: bits are set beyond its last block")
+        return bitmap
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PositionBitmap):
+            return NotImplemented
+        return self.num_blocks == other.num_blocks and self._bits == other._bits
+
+    def __repr__(self) -> str:
+        return f"PositionBitmap(num_blocks={self.num_blocks}, marked={self.count()})"
+
+
+def _inflate(zbits: bytes, expected: int) -> bytes:
+    """Decompress at most `expected` bytes; anything else is damage (or a zip bomb)."""
+    try:
+        d = zlib.decompressobj()
+        bits = d.decompress(zbits, expected + 1)
+        complete = d.eof and not d.unconsumed_tail
+    except zlib.error as err:
+        raise FormatError(f"position bitmap: compressed bits are damaged ({err})") from None
+    if len(bits) != expected or not complete:
+        raise FormatError(f"position bitmap: holds {len(bits)} bytes of bits, expected {expected}")
+    return bits
+
+
+# --------------------------------------------------------------------------------------------
+# The pair
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Pair:
+    """A source volume and a secondary volume linked by sync or async copy."""
+
+    name: str
+    kind: PairKind
+    source: str  # "site:volume"
+    target: str
+    num_blocks: int
+    state: PairState = PairState.SIMPLEX
+    reason: str | None = None
+    failure: bool = False  # Suspend/Suspending entered by a failure (volume, storage, link)
+    bitmap: PositionBitmap = field(default=None)  # type: ignore[assignment]  # set in __post_init__
+    source_generation: int = 1
+    target_generation: int = 1
+    history: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.kind = PairKind(self.kind)
+        self.state = PairState(self.state)
+        if self.bitmap is None:
+            self.bitmap = PositionBitmap(self.num_blocks)
+        elif self.bitmap.num_blocks != self.num_blocks:
+            raise ValueError(f"pair {self.name}: bitmap has {self.bitmap.num_blocks} blocks, "
+                             f"the volumes {self.num_blocks}")
+
+    def can_transition(self, to: PairState) -> bool:
+        return PairState(to) in allowed_targets(self.kind, self.state)
+
+    def transition(self, to: PairState, reason: str | None = None, *, failure: bool = False) -> None:
+        """Move to `to` if the table allows it (else IllegalTransition); log and record it."""
+        to = PairState(to)
+        old = self.state
+        if not self.can_transition(to):
+            allowed = ", ".join(sorted(s.value for s in allowed_targets(self.kind, old))) or "nothing"
+            raise IllegalTransition(
+                f"pair {self.name} ({self.kind.value}): cannot go from {old.value} to {to.value} "
+                f"(allowed from {old.value}: {allowed})"
+            )
+        if to in (PairState.SUSPEND, PairState.SUSPENDING):
+            # Suspending -> Suspend completes the same suspension: keep its failure flag and reason
+            carried = old is PairState.SUSPENDING
+            self.failure = failure or (carried and self.failure)
+            self.reason = reason if reason is not None or not carried else self.reason
+        else:
+            self.failure = False
+            self.reason = reason
+        if to is PairState.INITIAL_COPYING:
+            self.bitmap.clear()
+        self.state = to
+        self._record(old, to, self.reason)
+
+    def _record(self, old: PairState, to: PairState, reason: str | None) -> None:
+        self.history.append({"time": time.time(), "from": old.value, "to": to.value, "reason": reason})
+        del self.history[:-HISTORY_LIMIT]
+        level = logging.WARNING if self.failure else logging.INFO
+        suffix = f" ({reason})" if reason else ""
+        log.log(level, "pair %s: %s -> %s%s", self.name, old.value, to.value, suffix)
+
+    def record_write(self, lba: int, count: int) -> None:
+        """Record a written position while Suspend or Suspending; otherwise nothing to do."""
+        if self.state in (PairState.SUSPEND, PairState.SUSPENDING):
+            self.bitmap.mark(lba, count)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "kind": self.kind.value, "source": self.source, "target": self.target,
+            "num_blocks": self.num_blocks, "state": self.state.value, "reason": self.reason,
+            "failure": self.failure, "bitmap": base64.b64encode(self.bitmap.to_bytes()).decode("ascii"),
+            "source_generation": self.source_generation, "target_generation": self.target_generation,
+            "history": [dict(h) for h in self.history],
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Pair:
+        """Rebuild a pair from `to_dict` output; FormatError naming the field if it is damaged."""
+        name = d.get("name", "?") if isinstance(d, dict) else "?"
+        try:
+            bitmap = PositionBitmap.from_bytes(base64.b64decode(d["bitmap"], validate=True))
+            pair = cls(name=str(d["name"]), kind=PairKind(d["kind"]), source=str(d["source"]),
+                       target=str(d["target"]), num_blocks=int(d["num_blocks"]), state=PairState(d["state"]),
+                       reason=d.get("reason"), failure=bool(d.get("failure", False)), bitmap=bitmap,
+                       source_generation=int(d.get("source_generation", 1)),
+                       target_generation=int(d.get("target_generation", 1)),
+                       history=[dict(h) for h in d.get("history", [])])
+        except KeyError as err:
+            raise FormatError(f"pair {name}: saved state lacks the field {err}") from None
+        except (ValueError, TypeError, binascii.Error) as err:
+            raise FormatError(f"pair {name}: saved state is invalid ({err})") from None
+        except FormatError as err:
+            raise FormatError(f"pair {name}: {err}") from None
+        return pair

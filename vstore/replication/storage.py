@@ -1,0 +1,264 @@
+"""A site's storage system: volumes, access control, the sync and async copy programs, failure
+Suspend and the fence (SPEC §2 [0030]-[0033], §3 [0034]-[0047], §5 Fig 4 [0081]-[0084]).
+
+Keeps true:
+- **Access control** [0036]: a volume that is the target of a pair not in Simplex rejects host
+  writes; only the copy programs write it.
+- **Sync copy program** (invariant 1): a host write to the source of a Duplex sync pair is applied
+  at the secondary *before* it is applied locally and acknowledged, so an acknowledged write is
+  always on the secondary. When the secondary cannot be reached the pair enters failure Suspend
+  with the reason, and then either
+  - `fence_reject` (protection on, [0040]): this and every later write to any sync source of the
+    consistency group is rejected with `WriteInhibited` and nothing is written, so primary and
+    secondary stay identical (the mirror program undoes its other members, Fig 9); or
+  - record mode: the write is applied locally and its position recorded in the pair's bitmap, for
+    a later Duplex-Pending differential copy [0039], [0041].
+- **Async copy program** (`AsyncCopyProgram`, [0043]-[0047]): every write to an async source in
+  Duplex becomes one entry in the consistency group's entry log, durable before the write is
+  acknowledged. A full log never drops a write and never blocks: the group goes Suspending ->
+  Suspend, recording the positions of the entries it could not ship and of every later write
+  (invariant 6). The same program serves the storage (embodiment 1, volume B) and the host-side
+  provider (embodiment 4, volume A).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from vstore.blocks.device import BlockDevice
+from vstore.blocks.errors import ReadOnlyError, TricopyError
+from vstore.replication.entries import Entry, EntryLog, EntryLogFull
+from vstore.replication.network import LinkDown, Network, SiteDown, VolumeFailed
+from vstore.replication.pairs import Pair, PairKind, PairState
+from vstore.replication.registry import PairRegistry, split_ref
+
+log = logging.getLogger("vstore.storage")
+
+
+class WriteInhibited(TricopyError):
+    """Failure-Suspend write inhibit [0040]: the sync secondary is unreachable and protection is on."""
+
+
+@dataclass
+class Volume:
+    site: str
+    name: str
+    device: BlockDevice
+    external_id: str
+
+    @property
+    def ref(self) -> str:
+        return f"{self.site}:{self.name}"
+
+
+class StorageSystem:
+    """One site's storage: its volumes and its sync copy program."""
+
+    def __init__(self, site: str, volumes: dict[str, Volume], registry: PairRegistry, network: Network,
+                 peers: Callable[[str], StorageSystem], *, fence_reject: bool) -> None:
+        self.site = site
+        self.volumes = volumes
+        self.registry = registry
+        self.network = network
+        self.peers = peers
+        self.fence_reject = fence_reject
+        self.async_program: AsyncCopyProgram | None = None  # embodiment 1: the storage makes the entries
+        self.host_writes = 0  # acknowledged host writes since the system was opened
+
+    # -- volumes -------------------------------------------------------------------------------
+    def volume(self, name: str) -> Volume:
+        try:
+            return self.volumes[name]
+        except KeyError:
+            known = ", ".join(sorted(self.volumes)) or "none"
+            raise TricopyError(f"site {self.site} has no volume {name!r} (volumes: {known})") from None
+
+    def _device(self, name: str) -> BlockDevice:
+        vol = self.volume(name)
+        self.network.check_volume(self.site, name)
+        return vol.device
+
+    # -- host I/O ------------------------------------------------------------------------------
+    def host_read(self, volume: str, lba: int, count: int = 1) -> bytes:
+        return self._device(volume).read(lba, count)
+
+    def host_write(self, volume: str, lba: int, data: bytes) -> None:
+        """A host write: access control, then the sync program, then the local write."""
+        vol = self.volume(volume)
+        device = self._device(volume)
+        device.check_range(lba, device.check_payload(data))
+        into = self.registry.into(vol.ref)
+        if into is not None and into.state != PairState.SIMPLEX:
+            raise ReadOnlyError(
+                f"{vol.ref} is the secondary of pair {into.name} ({into.state.value}); host writes are rejected "
+                "until the pair is deleted (failover)"
+            )
+        sync_pair = self.registry.from_source(vol.ref, PairKind.SYNC)
+        if sync_pair is not None:
+            self._sync_write(sync_pair, lba, data)
+        if self.async_program is not None:
+            self.async_program.record(volume, lba, data)
+        device.write(lba, data)
+        self.host_writes += 1
+
+    # -- sync copy program ---------------------------------------------------------------------
+    def group_fenced(self) -> Pair | None:
+        """The failure-Suspended sync pair that inhibits writes to every sync source here, if any."""
+        if not self.fence_reject:
+            return None
+        for pair in self.registry.group(PairKind.SYNC, self.site):
+            if pair.state == PairState.SUSPEND and pair.failure:
+                return pair
+        return None
+
+    def _sync_write(self, pair: Pair, lba: int, data: bytes) -> None:
+        fenced = self.group_fenced()
+        if fenced is not None:
+            raise WriteInhibited(
+                f"write to {pair.source} rejected: pair {fenced.name} is in failure Suspend "
+                f"({fenced.reason}) and protection fences the primary volumes"
+            )
+        count = len(data) // self.volume(split_ref(pair.source)[1]).device.block_size
+        if pair.state in (PairState.DUPLEX, PairState.INITIAL_COPYING, PairState.DUPLEX_PENDING):
+            try:
+                self.forward(pair, lba, data)
+                return
+            except (LinkDown, SiteDown, VolumeFailed) as exc:
+                self.failure_suspend(pair, str(exc))
+                pair.record_write(lba, count)  # the target may or may not hold it: resync rewrites it
+                if self.fence_reject:
+                    raise WriteInhibited(
+                        f"write to {pair.source} rejected: {exc}; pair {pair.name} is now in failure Suspend "
+                        "and protection fences the primary volumes"
+                    ) from None
+        pair.record_write(lba, count)
+
+    def forward(self, pair: Pair, lba: int, data: bytes) -> None:
+        """Apply a write at the pair's secondary (raises when it cannot be reached)."""
+        site, volume = split_ref(pair.target)
+        self.network.check(self.site, site)
+        self.peers(site).apply_copy(volume, lba, data)
+
+    def apply_copy(self, volume: str, lba: int, data: bytes) -> None:
+        """Receive side of a copy program: writes the secondary, bypassing host access control.
+        Durable before it returns when the volume is durable (invariant 1)."""
+        device = self._device(volume)
+        device.write(lba, data)
+        device.flush()
+
+    def failure_suspend(self, pair: Pair, reason: str) -> None:
+        """Failure Suspend [0038]-[0039]: the pair stops copying and records positions from now on."""
+        if pair.state == PairState.SUSPEND:
+            return
+        if pair.kind == PairKind.ASYNC and pair.state == PairState.DUPLEX:
+            pair.transition(PairState.SUSPENDING, reason, failure=True)
+        fence = " writes fenced" if self.fence_reject and pair.kind == PairKind.SYNC else " positions recorded"
+        pair.transition(PairState.SUSPEND, f"{reason};{fence}", failure=True)  # logged by the pair
+
+    # -- copies between sites -------------------------------------------------------------------
+    def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
+                progress: Callable[[int], None] | None = None, chunk: int = 256, *,
+                target_is_zero: bool = False) -> int:
+        """Copy block ranges of a local volume to a volume of another site; returns blocks copied.
+        `target_is_zero` (a freshly created target): all-zero source chunks need not travel."""
+        src = self._device(volume)
+        self.network.check(self.site, dst_site)
+        dst = self.peers(dst_site)
+        copied = 0
+        for first, count in ranges:
+            for lba in range(first, first + count, chunk):
+                n = min(chunk, first + count - lba)
+                data = src.read(lba, n)
+                if not (target_is_zero and data.count(0) == len(data)):
+                    dst.apply_copy(dst_volume, lba, data)
+                copied += n
+                if progress:
+                    progress(n)
+        dst.flush_volume(dst_volume)
+        return copied
+
+    def snapshot(self, volume: str, name: str, chunk: int = 256) -> None:
+        """A point-in-time copy of a volume as `<name>.img` beside it (sparse where it is zero)."""
+        vol = self.volume(volume)
+        src = self._device(volume)
+        path = vol.device.path.with_name(f"{name}.img") if hasattr(vol.device, "path") else None
+        if path is None:
+            raise TricopyError(f"{vol.ref} is not an image file; cannot snapshot it")
+        with open(path, "wb") as out:
+            out.truncate(src.size_bytes)
+            for lba in range(0, src.num_blocks, chunk):
+                n = min(chunk, src.num_blocks - lba)
+                data = src.read(lba, n)
+                if data.count(0) != len(data):
+                    out.seek(lba * src.block_size)
+                    out.write(data)
+
+    def flush_volume(self, volume: str) -> None:
+        self._device(volume).flush()
+
+
+class AsyncCopyProgram:
+    """Entries for every write to the async sources of one consistency group ([0043]-[0047])."""
+
+    def __init__(self, entry_log: EntryLog, registry: PairRegistry, source_site: str,
+                 volume_ids: dict[str, int], block_size: int) -> None:
+        self.log = entry_log
+        self.registry = registry
+        self.source_site = source_site
+        self.volume_ids = volume_ids  # source volume name -> entry volume id
+        self.block_size = block_size
+
+    def pairs(self) -> list[Pair]:
+        return self.registry.group(PairKind.ASYNC, self.source_site)
+
+    def pair_for_id(self, volume_id: int) -> Pair:
+        for name, vid in self.volume_ids.items():
+            if vid == volume_id:
+                pair = self.registry.from_source(f"{self.source_site}:{name}", PairKind.ASYNC)
+                if pair is not None:
+                    return pair
+        raise TricopyError(f"no async pair for volume id {volume_id}")
+
+    def record(self, volume: str, lba: int, data: bytes) -> Entry | None:
+        """Called for every acknowledged-to-be write of an async source: entry or position."""
+        pair = self.registry.from_source(f"{self.source_site}:{volume}", PairKind.ASYNC)
+        if pair is None or pair.state == PairState.SIMPLEX:
+            return None
+        count = len(data) // self.block_size
+        if pair.state in (PairState.DUPLEX, PairState.INITIAL_COPYING, PairState.DUPLEX_PENDING):
+            try:
+                return self.log.append(self.volume_ids[volume], lba, data)
+            except EntryLogFull as exc:
+                self.suspend_group(f"entry log full ({exc})")
+        pair.record_write(lba, count)
+        return None
+
+    def suspend_group(self, reason: str) -> int:
+        """Suspending -> Suspend for the whole group: unshipped entries become recorded positions."""
+        live = [p for p in self.pairs() if p.state == PairState.DUPLEX]
+        for pair in live:
+            pair.transition(PairState.SUSPENDING, reason, failure=True)
+        discarded = self.log.pending_positions()
+        for volume_id, lba, count in discarded:
+            self.pair_for_id(volume_id).bitmap.mark(lba, count)
+        if discarded:
+            self.log.confirm(self.log.next_seq - 1)
+        for pair in live:
+            pair.transition(PairState.SUSPEND, f"{reason}; {len(discarded)} unshipped entries turned into "
+                            "recorded positions", failure=True)
+        if live:
+            log.warning("async group %s: Suspend (%s)", self.source_site, reason)
+        return len(discarded)
+
+    def has_unshipped(self, volume: str, ranges: Iterable[tuple[int, int]]) -> bool:
+        """The trim-rule question [0169]: unshipped entries, or positions recorded during Suspend."""
+        ranges = list(ranges)
+        if self.log.has_unshipped(self.volume_ids[volume], ranges):
+            return True
+        pair = self.registry.from_source(f"{self.source_site}:{volume}", PairKind.ASYNC)
+        if pair is None or pair.bitmap.count() == 0:
+            return False
+        marked = pair.bitmap.ranges()
+        return any(a < b0 + bn and b0 < a + n for a, n in ranges for b0, bn in marked)
