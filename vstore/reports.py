@@ -1,0 +1,1 @@
+"""Read-only reports of an open lab: the status document, the dashboard snapshot and verify."""
