@@ -23,7 +23,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from jfs.fs import FileSystem, open_image, probe_image, read_superblock
+from jfs.codecs import read_superblock
+from jfs.fs import FileSystem, open_image, probe_image
 from jfs.fs import mkfs as make_fs
 from jfs.fsck import EXIT_ERROR, Checker
 from jfs.fsck import fsck as run_fsck

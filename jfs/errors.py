@@ -1,7 +1,9 @@
-"""File-system errors a user (or a later FUSE layer) can act on.
+"""File-system errors a user (or the FUSE layer) can act on (SPEC §8; DESIGN.md "JFS").
+
+The model is the kernel's errno contract: each failure has one POSIX code.
 
 Keeps true: every jfs error is a `TricopyError` with one sentence of explanation and an `errno`
-so a FUSE layer maps it to the POSIX error without guessing (SPEC §8; DESIGN.md "JFS").
+so the FUSE layer maps it to the POSIX error without guessing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,10 @@
-"""fsck: e2fsck-style check and repair of a jfs volume (SPEC §8; DESIGN.md "JFS").
+"""fsck: e2fsck-style check and repair of a jfs volume (SPEC §8 [0160], [0171]; DESIGN.md "JFS").
+
+The model is e2fsck: replay the journal, then one pass per kind of structure, each judging what the
+passes before it established (which inodes exist, which blocks they own, which names reach them).
+It reads the volume only through the shared readers: superblocks and block images through
+`jfs.codecs`, pointer trees through `jfs.blockmap.walk`, the log through `jfs.metalog` (the same
+`scan_ring` and `replay_committed` as mount), never through a mounted file system.
 
 Keeps true:
 - Exit codes are e2fsck's: 0 clean, 1 problems found and all corrected, 4 problems left
@@ -22,15 +28,19 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jfs import layout as L
-from jfs.fs import (
+from jfs.blockmap import walk
+from jfs.codecs import (
     DirBlock,
     Inode,
     bitmap_images,
     fresh_bitmaps,
-    read_superblock,
-    superblock_values,
+    parse_dir_block,
+    parse_ptr_block,
+    ptr_image,
+    superblock_at,
+    superblock_image,
 )
-from jfs.metalog import BlockView, LogHead, MetaLog, read_header, scan_ring
+from jfs.metalog import BlockView, LogHead, MetaLog, read_header, replay_committed, scan_ring
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError, TricopyError
 
@@ -82,13 +92,11 @@ class Checker:
         dev = self.device
         primary = backup = None
         try:
-            primary = read_superblock(dev.read(0), "superblock")
-            L.Geometry.from_superblock(primary).check()
+            primary = superblock_at(dev, 0, "superblock")
         except FormatError:
             primary = None
         try:
-            backup = read_superblock(dev.read(dev.num_blocks - 1), "backup superblock")
-            L.Geometry.from_superblock(backup).check()
+            backup = superblock_at(dev, dev.num_blocks - 1, "backup superblock")
         except FormatError:
             backup = None
         if primary is None and backup is None:
@@ -114,9 +122,8 @@ class Checker:
 
     def _write_sb(self, lba: int, state: int) -> None:
         sb = self.sb
-        vals = superblock_values(L.Geometry.from_superblock(sb), sb.uuid, sb.label, state,
-                                 sb.checkpoint_seq, sb.mkfs_time_ns)
-        self.view.write(lba, L.build_checked(L.Superblock, vals, sb.block_size))
+        self.view.write(lba, superblock_image(L.Geometry.from_superblock(sb), sb.uuid, sb.label, state,
+                                              sb.checkpoint_seq, sb.mkfs_time_ns))
 
     # -- pass 1: log -----------------------------------------------------------------------------
     def check_log(self) -> None:
@@ -130,17 +137,7 @@ class Checker:
                 self._reset_log(1)
             return
         scan = scan_ring(self.view, geo, head)
-        pending = [t for t in scan.txns if t.seq > head.checkpoint_seq]
-        for t in pending:  # replay: a committed log is not an error
-            for lba, img in zip(t.homes, t.images, strict=True):
-                self.view.write(lba, img)
-        self.replayed = len(pending)
-        if pending:
-            last = pending[-1]
-            head.checkpoint_seq = last.seq
-            head.head_seq = last.seq + 1
-            head.head_off = (last.off + last.nblocks) % (geo.log_blocks - 1)
-            self.view.write(geo.log_start, head.build(geo.block_size))
+        self.replayed = len(replay_committed(self.view, geo, scan))  # a committed log is not an error
         if scan.problem and not head.flags & L.LOG_FLAG_RECORDS_LOST:
             if self.problem("log-record-corrupt", f"{scan.problem}; the log is reset"):
                 self._reset_log(head.head_seq)
@@ -205,62 +202,34 @@ class Checker:
         return True
 
     def _ptr_block(self, node: Inode, lba: int, level: int) -> list[int] | None:
+        """The pointers of a claimed pointer block, or None (the claim is withdrawn) when it is
+        corrupt or belongs elsewhere."""
         try:
-            v = L.parse_checked(L.ptr_block(self.geo.block_size), self.view.read(lba), f"pointer block {lba}")
+            v = parse_ptr_block(self.geo.block_size, self.view.read(lba), f"pointer block {lba}")
         except FormatError as exc:
             self.problem("pointer-block-corrupt", f"inode {node.ino}: {exc.args[0].split(';')[0]}; "
                          "the blocks under it are dropped")
+            del self.owner[lba]
             return None
         if v.level != level or v.owner != node.ino:
             self.problem("pointer-block-owner", f"inode {node.ino}: pointer block {lba} belongs to "
                          f"inode {v.owner} level {v.level}; dropped")
+            del self.owner[lba]
             return None
         return list(v.ptrs)
 
-    def _walk_ptrs(self, node: Inode, lba: int, level: int) -> tuple[int, list[int]]:
-        """Claim a pointer block and what it points to; returns (lba or 0 when dropped, data)."""
-        p = L.ptrs_per_block(self.geo.block_size)
-        if not self._claim(node, lba, "pointer block"):
-            return 0, [0] * (p if level == 1 else p * p)
-        ptrs = self._ptr_block(node, lba, level)
-        if ptrs is None:
-            del self.owner[lba]
-            return 0, [0] * (p if level == 1 else p * p)
-        changed = False
-        data: list[int] = []
-        for j, b in enumerate(ptrs):
-            if level == 1:
-                if b and not self._claim(node, b, "data block"):
-                    ptrs[j], changed = 0, True
-                data.append(ptrs[j])
-            else:
-                child, sub = self._walk_ptrs(node, b, 1) if b else (0, [0] * p)
-                if child != b:
-                    ptrs[j], changed = child, True
-                data += sub
-        if changed:
-            self.ptr_writes[lba] = L.build_checked(L.ptr_block(self.geo.block_size), dict(
-                level=level, reserved=0, owner=node.ino, ptrs=ptrs))
-        return lba, data
-
     def _walk(self, node: Inode) -> None:
+        """Claim every block `node` points to; a pointer that cannot be trusted is dropped."""
         before = len(self.owner)
-        for i, b in enumerate(node.direct):
-            if b and not self._claim(node, b, "data block"):
-                node.direct[i] = 0
-                self.dirty_inodes.add(node.ino)
-        data = list(node.direct)
-        for attr, level in (("indirect", 1), ("dindirect", 2)):
-            lba = getattr(node, attr)
-            if lba:
-                new, sub = self._walk_ptrs(node, lba, level)
-                if new != lba:
-                    setattr(node, attr, new)
-                    self.dirty_inodes.add(node.ino)
-                data += sub
-        while data and not data[-1]:
-            data.pop()
-        self.data[node.ino] = data
+        m = walk(self.geo, node, lambda lba, level: self._ptr_block(node, lba, level),
+                 lambda lba, what: self._claim(node, lba, what))
+        direct = (m.data[:L.N_DIRECT] + [0] * L.N_DIRECT)[:L.N_DIRECT]
+        if (direct, m.indirect, m.dindirect) != (node.direct, node.indirect, node.dindirect):
+            node.direct, node.indirect, node.dindirect = direct, m.indirect, m.dindirect
+            self.dirty_inodes.add(node.ino)
+        for lba, (level, ptrs) in m.repaired.items():
+            self.ptr_writes[lba] = ptr_image(self.geo.block_size, level, node.ino, ptrs)
+        self.data[node.ino] = m.data
         owned = len(self.owner) - before
         if node.nblocks != owned:
             if self.problem("inode-block-count", f"inode {node.ino} says it owns {node.nblocks} blocks "
@@ -284,10 +253,10 @@ class Checker:
                 if not lba:
                     continue
                 try:
-                    v = L.parse_checked(L.dir_block(bs), self.view.read(lba), f"directory block {lba}")
-                    if v.owner != ino:
-                        raise FormatError(f"directory block {lba} belongs to inode {v.owner}")
-                    blocks.append(DirBlock(lba, {e.name: (e.ino, e.type) for e in v.entries}))
+                    owner, block = parse_dir_block(bs, lba, self.view.read(lba), f"directory block {lba}")
+                    if owner != ino:
+                        raise FormatError(f"directory block {lba} belongs to inode {owner}")
+                    blocks.append(block)
                 except FormatError as exc:
                     if self.problem("dir-block-corrupt", f"directory inode {ino}: "
                                     f"{exc.args[0].split(';')[0]}; its entries are dropped"):
@@ -423,7 +392,6 @@ class Checker:
         for lba, ino in self.owner.items():
             if ino in keep:
                 bb[lba >> 3] |= 1 << (lba & 7)
-        self.want_bitmaps = {}
         for what, start, count, magic, want in (
                 ("inode", geo.ibitmap_start, geo.ibitmap_blocks, L.INODE_BITMAP_MAGIC, ib),
                 ("block", geo.bbitmap_start, geo.bbitmap_blocks, L.BLOCK_BITMAP_MAGIC, bb)):
@@ -456,9 +424,7 @@ class Checker:
             self.view.write(lba, img)
         for lba, owner in self.dir_writes.items():
             b = next(x for x in self.dirs[owner] if x.lba == lba)
-            self.view.write(lba, L.build_checked(L.dir_block(bs), dict(
-                count=len(b.entries), owner=owner,
-                entries=[dict(ino=i, type=t, name=n) for n, (i, t) in b.entries.items()])))
+            self.view.write(lba, b.image(bs, owner))
         by_block: dict[int, list[int]] = {}
         for ino in self.dirty_inodes | self.cleared | {i for i in self.inodes if i not in self.reached}:
             by_block.setdefault(geo.inode_location(ino)[0], []).append(ino)

@@ -313,7 +313,7 @@ class JfsOperations(Operations):
         p.chunks.append(data)
         p.size += len(data)
         self.pending_total += len(data)
-        room = (self.fs.bbits.nfree - 64) * self.fs.bs
+        room = (self.fs.statfs().blocks_free - 64) * self.fs.bs
         if p.size >= self.buffer_bytes or self.pending_total >= min(TOTAL_BUFFER_BYTES, room):
             if self.pending_total >= TOTAL_BUFFER_BYTES:
                 self.commit_all()

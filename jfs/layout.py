@@ -1,5 +1,8 @@
 """On-disk formats of jfs, each declared once with construct (SPEC §8 [0160]; FORMAT.md).
 
+The model is dissect's c_* structure files: this module only declares the structures and where the
+regions lie (`Geometry`); `jfs.codecs` turns values into block images and back.
+
 Keeps true:
 - Every structure is little-endian and ends in a CRC-32 over the bytes before it; a structure that
   starts a region (superblock, log header, transaction descriptor/commit, bitmap, pointer and
@@ -59,8 +62,6 @@ TYPE_FILE = 1
 TYPE_DIR = 2
 
 LOG_FLAG_RECORDS_LOST = 1  # records were discarded (fsck reset): the scan cannot prove what changed
-
-OPS = ("create", "write", "truncate", "unlink", "rename", "mkdir", "rmdir", "setattr")
 
 
 def crc32(data: bytes) -> int:
@@ -249,7 +250,6 @@ CommitBody = Struct(
     "txn_crc" / Int32ul,
 )
 Commit = _checked(CommitBody)
-COMMIT_MAGIC = b"JTXC"
 
 
 # -- parse/build helpers ------------------------------------------------------------------------

@@ -1,33 +1,40 @@
 """The metadata log: atomic transactions with per-file records, replay, and trimming.
 
+The model is xv6 log.c, plus records that name the files. A transaction is written the way xv6's
+commit() writes one, top to bottom in `MetaLog.commit`: the file data it makes visible (ordered
+mode), the log blocks ending in the commit block (the commit point), the home locations
+(checkpoint, xv6's install_trans), and the log header that records the checkpoint. Mount, fsck and
+the recovery scan all read the ring with `scan_ring` and apply what is committed but not yet
+checkpointed with `replay_committed`.
+
 Implements SPEC §8 [0160] (metadata log area), [0161] (a file's metadata is logged between
 open-for-write and close: every jfs write commits a transaction with the file's record) and
-[0168]-[0170] (trimming). The model is xv6 log.c, plus records that name the files.
+[0168]-[0170] (trimming).
 
 Keeps true:
 - A transaction is descriptor block(s) (records + home addresses), the new images of the metadata
   blocks it changes, and a commit block whose CRC covers all of them. It is committed exactly when
   its commit block is on disk with a matching CRC; replay ignores an uncommitted or corrupt tail.
-- Ordering per transaction: file data (caller) -> flush -> log blocks -> flush (commit point) ->
+- Ordering per transaction: file data -> flush -> log blocks -> flush (commit point) ->
   home locations (checkpoint) -> flush -> log header with the new checkpoint sequence -> flush.
   At most one committed transaction is ever not yet checkpointed, so a block freed by a
   checkpointed transaction may be reused for file data without replay ever overwriting it.
-- Replay (mount) re-writes the images of transactions newer than the checkpoint sequence, in
-  order; doing it twice gives the same blocks (idempotent).
-- The ring never overwrites a live record: a transaction that does not fit after trimming fails
-  with `LogFull` before anything is written.
+- Replay re-writes the images of transactions newer than the checkpoint sequence, in order;
+  doing it twice gives the same blocks (idempotent).
+- The ring never overwrites a live record: a transaction that does not fit after trimming (and
+  waiting up to `log_full_wait` seconds for shipping) fails with `LogFull` before anything is written.
 - Trim rule ([0168]-[0170]): a record is deleted only when its transaction is checkpointed AND
-  (another record of the same inode remains OR `device.has_unshipped(that inode's data blocks)`
-  is False). Records are deleted oldest first, a whole transaction at a time (the log tail moves).
+  (another record of the same inode remains OR `has_unshipped(that inode's blocks)` is False).
+  Records are deleted oldest first, a whole transaction at a time (the log tail moves). The log
+  learns an inode's blocks and the shipping state only through the two callables it is given.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from jfs.errors import LogFull
 from jfs.layout import (
@@ -45,24 +52,7 @@ from jfs.layout import (
 )
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
-
-Ranges = list[tuple[int, int]]
-
-
-def merge_ranges(ranges: Iterable[tuple[int, int]]) -> Ranges:
-    """Sort and coalesce (first, count) ranges."""
-    out: Ranges = []
-    for first, count in sorted(r for r in ranges if r[1] > 0):
-        if out and first <= out[-1][0] + out[-1][1]:
-            last_first, last_count = out[-1]
-            out[-1] = (last_first, max(last_count, first + count - last_first))
-        else:
-            out.append((first, count))
-    return out
-
-
-def ranges_of(blocks: Iterable[int]) -> Ranges:
-    return merge_ranges((b, 1) for b in blocks if b)
+from vstore.blocks.ranges import Ranges, merge_ranges
 
 
 @dataclass
@@ -229,6 +219,41 @@ def scan_ring(view: BlockView, geo: Geometry, head: LogHead) -> RingScan:
     return RingScan(head, txns, problem)
 
 
+def replay_committed(view: BlockView, geo: Geometry, ring: RingScan) -> list[Txn]:
+    """Write the images of every committed transaction the checkpoint does not cover yet, in order,
+    then record the checkpoint in the log header (`ring.head` is updated). Returns the transactions
+    replayed. Through a read-only view the replay lives in the overlay only."""
+    pending = [t for t in ring.txns if t.seq > ring.head.checkpoint_seq]
+    for t in pending:
+        for lba, img in zip(t.homes, t.images, strict=True):
+            view.write(lba, img)
+    if pending:
+        view.flush()
+        last, head = pending[-1], ring.head
+        head.checkpoint_seq = last.seq
+        head.head_seq = last.seq + 1
+        head.head_off = (last.off + last.nblocks) % (geo.log_blocks - 1)
+        view.write(geo.log_start, head.build(geo.block_size))
+        view.flush()
+    return pending
+
+
+def block_runs(blocks: dict[int, bytes], block_size: int) -> list[tuple[int, bytes]]:
+    """(first lba, bytes) of each run of consecutive blocks, in ascending order."""
+    runs: list[tuple[int, bytes]] = []
+    run_start, run = 0, bytearray()
+    for lba in sorted(blocks):
+        if run and lba == run_start + len(run) // block_size:
+            run += blocks[lba]
+            continue
+        if run:
+            runs.append((run_start, bytes(run)))
+        run_start, run = lba, bytearray(blocks[lba])
+    if run:
+        runs.append((run_start, bytes(run)))
+    return runs
+
+
 # -- the live log ---------------------------------------------------------------------------------
 @dataclass
 class RecordSpec:
@@ -241,16 +266,21 @@ class RecordSpec:
 
 
 class MetaLog:
-    """The metadata log of a mounted file system."""
+    """The metadata log of a mounted file system. `owned_ranges(ino)` is every block inode `ino`
+    owns now; `has_unshipped(ranges)` asks the device whether writes to those blocks still wait to
+    reach the Async site ([0169]); `log_full_wait` is how long a full log waits for that shipping
+    (done meanwhile by another process) before `LogFull`."""
 
-    def __init__(self, view: BlockView, geo: Geometry, head: LogHead, txns: list[Txn],
-                 data_ranges_of: Callable[[int], Ranges] | None = None) -> None:
+    def __init__(self, view: BlockView, geo: Geometry, head: LogHead, txns: list[Txn], *,
+                 owned_ranges: Callable[[int], Ranges], has_unshipped: Callable[[Ranges], bool],
+                 log_full_wait: float = 0.0) -> None:
         self.view = view
         self.geo = geo
         self.head = head
         self.txns = txns  # live (untrimmed) transactions, oldest first
-        self.data_ranges_of = data_ranges_of or (lambda ino: [])
-        self.wait_timeout = 0.0  # seconds to wait for shipping when the log is full
+        self.owned_ranges = owned_ranges
+        self.has_unshipped = has_unshipped
+        self.log_full_wait = log_full_wait
         self.ring = geo.log_blocks - 1
         for t in txns:
             t.images = []
@@ -267,34 +297,19 @@ class MetaLog:
         device.write(geo.log_start, LogHead(uuid).build(bs))
 
     @classmethod
-    def open(cls, view: BlockView, geo: Geometry, uuid: bytes) -> MetaLog:
+    def open(cls, view: BlockView, geo: Geometry, uuid: bytes, *, owned_ranges: Callable[[int], Ranges],
+             has_unshipped: Callable[[Ranges], bool], log_full_wait: float = 0.0) -> MetaLog:
         """Read the header, scan the ring and replay what is committed but not checkpointed."""
         head = read_header(view, geo)
         if head.uuid != uuid:
             raise FormatError("the log area belongs to another file system (UUID differs); "
                               "run 'jfs fsck' to check and repair")
-        scan = scan_ring(view, geo, head)
-        if scan.problem and not head.flags & LOG_FLAG_RECORDS_LOST:
-            raise FormatError(f"metadata log: {scan.problem}; run 'jfs fsck' to repair")
-        log = cls(view, geo, head, [])
-        log._replay(scan.txns)
-        log.txns = scan.txns
-        for t in log.txns:
-            t.images = []
-        return log
-
-    def _replay(self, txns: list[Txn]) -> None:
-        pending = [t for t in txns if t.seq > self.head.checkpoint_seq]
-        for t in pending:
-            for lba, img in zip(t.homes, t.images, strict=True):
-                self.view.write(lba, img)
-        if pending:
-            self.view.flush()
-            last = pending[-1]
-            self.head.checkpoint_seq = last.seq
-            self.head.head_seq = last.seq + 1
-            self.head.head_off = (last.off + last.nblocks) % self.ring
-            self._write_header()
+        ring = scan_ring(view, geo, head)
+        if ring.problem and not head.flags & LOG_FLAG_RECORDS_LOST:
+            raise FormatError(f"metadata log: {ring.problem}; run 'jfs fsck' to repair")
+        replay_committed(view, geo, ring)
+        return cls(view, geo, ring.head, ring.txns, owned_ranges=owned_ranges, has_unshipped=has_unshipped,
+                   log_full_wait=log_full_wait)
 
     def _write_header(self) -> None:
         self.view.write(self.geo.log_start, self.head.build(self.geo.block_size))
@@ -310,8 +325,46 @@ class MetaLog:
     def records(self) -> list[LogRecord]:
         return [r for t in self.txns for r in t.records]
 
+    def reserve(self, nblocks: int) -> None:
+        """Make room for a transaction of `nblocks` (trimming, waiting up to `log_full_wait` for
+        shipping) or raise LogFull; nothing is written to the ring here."""
+        if nblocks > self.ring:
+            raise LogFull(f"this change needs {nblocks} log blocks but the metadata log has only "
+                          f"{self.ring}; re-create the file system with a larger log")
+        deadline = time.monotonic() + self.log_full_wait
+        while self.free() < nblocks:
+            self.trim()
+            if self.free() >= nblocks:
+                break
+            if time.monotonic() >= deadline:
+                raise LogFull("the metadata log is full and its records cannot be trimmed until the "
+                              "pending writes are shipped to the Async site; ship them and retry")
+            time.sleep(0.05)
+
     # -- commit ----------------------------------------------------------------------------------
+    def commit(self, homes: dict[int, bytes], records: list[RecordSpec], data: dict[int, bytes]) -> int:
+        """Commit one transaction: `homes` (lba -> new image) are the metadata blocks it changes,
+        `records` name the files, `data` (lba -> block) is the file data it makes visible. Returns
+        its sequence. Nothing is written when there is no room (LogFull)."""
+        desc, images, total = self._encode(homes, records)
+        self.reserve(total)
+        seq, off = self.head.head_seq, self.head.head_off
+        self._write_blocks(data)  # ordered mode: the data is on disk before anything points at it
+        self.view.flush()
+        self._write_ring(off, desc + images + self._commit_block(seq, total, desc + images))
+        self.view.flush()  # commit point
+        self._write_blocks(homes)  # checkpoint: the home locations, as contiguous runs
+        self.view.flush()
+        recs = [LogRecord(seq, r.ino, r.path, r.op, merge_ranges(r.ranges)) for r in records]
+        self.txns.append(Txn(seq, off, total, sorted(homes), recs))
+        self.head.checkpoint_seq = seq
+        self.head.head_seq = seq + 1
+        self.head.head_off = (off + total) % self.ring
+        self._write_header()  # the transaction is checkpointed
+        return seq
+
     def _encode(self, homes: dict[int, bytes], records: list[RecordSpec]) -> tuple[bytes, bytes, int]:
+        """(descriptor blocks, metadata images, total blocks with the commit block)."""
         bs = self.geo.block_size
         lbas = sorted(homes)
         body = TxnBody.build(dict(homes=lbas, records=[
@@ -326,50 +379,13 @@ class MetaLog:
         images = b"".join(homes[lba] for lba in lbas)
         return desc, images, desc_blocks + len(lbas) + 1
 
-    def need(self, homes: dict[int, bytes], records: list[RecordSpec]) -> int:
-        return self._encode(homes, records)[2]
+    def _commit_block(self, seq: int, total: int, covered: bytes) -> bytes:
+        return build_checked(Commit, dict(reserved=0, uuid=self.head.uuid, seq=seq, total_blocks=total,
+                                          txn_crc=crc32(covered)), self.geo.block_size)
 
-    def reserve(self, nblocks: int) -> None:
-        """Make room for a transaction of `nblocks` (trimming, waiting up to `wait_timeout` for
-        shipping) or raise LogFull; nothing is written to the ring here."""
-        if nblocks > self.ring:
-            raise LogFull(f"this change needs {nblocks} log blocks but the metadata log has only "
-                          f"{self.ring}; re-create the file system with a larger log")
-        deadline = time.monotonic() + self.wait_timeout
-        while self.free() < nblocks:
-            self.trim()
-            if self.free() >= nblocks:
-                break
-            if time.monotonic() >= deadline:
-                raise LogFull("the metadata log is full and its records cannot be trimmed until the "
-                              "pending writes are shipped to the Async site; ship them and retry")
-            time.sleep(0.05)
-
-    def commit(self, homes: dict[int, bytes], records: list[RecordSpec],
-               write_data: Callable[[], None] | None = None) -> int:
-        """Commit one transaction; returns its sequence. `write_data` writes the file data that
-        the transaction makes visible (ordered mode: flushed before the log blocks)."""
-        desc, images, total = self._encode(homes, records)
-        self.reserve(total)
-        if write_data is not None:
-            write_data()
-            self.view.flush()
-        seq, off = self.head.head_seq, self.head.head_off
-        commit = build_checked(Commit, dict(reserved=0, uuid=self.head.uuid, seq=seq,
-                                            total_blocks=total, txn_crc=crc32(desc + images)),
-                               self.geo.block_size)
-        self._write_ring(off, desc + images + commit)
-        self.view.flush()  # commit point
-        for lba in sorted(homes):  # checkpoint
-            self.view.write(lba, homes[lba])
-        self.view.flush()
-        recs = [LogRecord(seq, r.ino, r.path, r.op, merge_ranges(r.ranges)) for r in records]
-        self.txns.append(Txn(seq, off, total, sorted(homes), recs))
-        self.head.checkpoint_seq = seq
-        self.head.head_seq = seq + 1
-        self.head.head_off = (off + total) % self.ring
-        self._write_header()
-        return seq
+    def _write_blocks(self, blocks: dict[int, bytes]) -> None:
+        for lba, run in block_runs(blocks, self.geo.block_size):
+            self.view.write(lba, run)
 
     def _write_ring(self, off: int, data: bytes) -> None:
         bs = self.geo.block_size
@@ -385,8 +401,8 @@ class MetaLog:
     def _deletable(self, rec: LogRecord, remaining: Counter[int]) -> bool:
         if remaining[rec.ino] > 1:  # another record of the same file remains [0168]
             return True
-        ranges = merge_ranges(list(rec.ranges) + list(self.data_ranges_of(rec.ino)))
-        return not ranges or not self.view.device.has_unshipped(ranges)  # [0169]
+        ranges = merge_ranges(list(rec.ranges) + list(self.owned_ranges(rec.ino)))
+        return not ranges or not self.has_unshipped(ranges)  # [0169]
 
     def trim(self) -> int:
         """Delete every record the trim rule allows, oldest first; returns how many."""
@@ -403,15 +419,10 @@ class MetaLog:
             self.head.tail_seq = txn.seq + 1
             self.head.tail_off = (txn.off + txn.nblocks) % self.ring
         if not self.txns and self.head.flags & LOG_FLAG_RECORDS_LOST:
-            dev = self.view.device
-            if not dev.has_unshipped([(0, dev.num_blocks)]):
+            if not self.has_unshipped([(0, self.geo.num_blocks)]):
                 self.head.flags &= ~LOG_FLAG_RECORDS_LOST
                 self._write_header()
                 return removed
         if removed:
             self._write_header()
         return removed
-
-
-def txn_summary(txn: Txn) -> dict[str, Any]:
-    return {"seq": txn.seq, "blocks": txn.nblocks, "records": len(txn.records)}

@@ -1,5 +1,11 @@
 """The touched-files scan of recovery after losing the primary (SPEC §8 [0171]-[0173]).
 
+The model: the metadata log names, per transaction, the files it changed ([0161]), and the trim
+rule keeps a record until the Async site has that file's blocks ([0168]-[0170]). So after the
+primary is lost, reading the log of the surviving Sync replica (the same `scan_ring` and
+`replay_committed` as mount and fsck, into a read-only overlay) lists exactly the files the Async
+site may lack, and their blocks (the same pointer-tree `walk` as the file system).
+
 Keeps true:
 - The scan only reads: it parses the superblock and the metadata log area of a replica (e.g. C)
   and never writes to it; a committed-but-not-checkpointed transaction is applied in memory.
@@ -16,14 +22,15 @@ Keeps true:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from jfs import layout as L
+from jfs.blockmap import walk
+from jfs.codecs import Inode, find_superblock, parse_ptr_block
 from jfs.errors import IncompleteLog
-from jfs.fs import Inode, read_superblock
-from jfs.metalog import BlockView, LogRecord, Ranges, merge_ranges, read_header, scan_ring
+from jfs.metalog import BlockView, LogRecord, read_header, replay_committed, scan_ring
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
+from vstore.blocks.ranges import Ranges, merge_ranges
 
 
 @dataclass
@@ -43,17 +50,9 @@ class LogScan:
     problem: str | None = None
 
 
-def _superblock(device: BlockDevice) -> Any:
-    try:
-        sb = read_superblock(device.read(0), "superblock (block 0)")
-    except FormatError:
-        sb = read_superblock(device.read(device.num_blocks - 1), "backup superblock")
-    L.Geometry.from_superblock(sb).check()
-    return sb
-
-
 def _owned_blocks(view: BlockView, geo: L.Geometry, ino: int) -> Ranges:
-    """Every block inode `ino` owns now, or [] when it is free or unreadable."""
+    """Every block inode `ino` owns now, or [] when it is free or unreadable. A pointer block that
+    cannot be read counts itself but nothing under it."""
     blk, off = geo.inode_location(ino)
     try:
         node = Inode.parse(ino, view.read(blk)[off:off + L.INODE_SIZE])
@@ -61,33 +60,23 @@ def _owned_blocks(view: BlockView, geo: L.Geometry, ino: int) -> Ranges:
         return []
     if node is None:
         return []
-    blocks = [b for b in node.direct if b]
-    st = L.ptr_block(geo.block_size)
 
-    def ptrs(lba: int) -> list[int]:
+    def ptrs_of(lba: int, level: int) -> list[int] | None:
         if not geo.data_start <= lba < geo.data_end:
-            return []
+            return None
         try:
-            return [p for p in L.parse_checked(st, view.read(lba), "pointer block").ptrs if p]
+            return list(parse_ptr_block(geo.block_size, view.read(lba), "pointer block").ptrs)
         except FormatError:
-            return []
+            return None
 
-    for lba in (node.indirect, node.dindirect):
-        if lba:
-            blocks.append(lba)
-    if node.indirect:
-        blocks += ptrs(node.indirect)
-    if node.dindirect:
-        for child in ptrs(node.dindirect):
-            blocks.append(child)
-            blocks += ptrs(child)
-    return merge_ranges((b, 1) for b in blocks if geo.data_start <= b < geo.data_end)
+    m = walk(geo, node, ptrs_of)
+    return merge_ranges((b, 1) for b in m.all_blocks() + m.bad if geo.data_start <= b < geo.data_end)
 
 
 def scan_log(device: BlockDevice) -> LogScan:
     """Read the metadata log area and list each file that has a record."""
     try:
-        sb = _superblock(device)
+        sb = find_superblock(device)
     except FormatError as exc:
         return LogScan(complete=False, problem=str(exc))
     geo = L.Geometry.from_superblock(sb)
@@ -99,10 +88,7 @@ def scan_log(device: BlockDevice) -> LogScan:
     except FormatError as exc:
         return LogScan(complete=False, problem=str(exc))
     ring = scan_ring(view, geo, head)
-    for t in ring.txns:
-        if t.seq > head.checkpoint_seq:
-            for lba, img in zip(t.homes, t.images, strict=True):
-                view.write(lba, img)
+    replay_committed(view, geo, ring)  # into the overlay: the replica is never written
     by_ino: dict[int, TouchedFile] = {}
     records: list[LogRecord] = []
     for t in ring.txns:
@@ -133,4 +119,4 @@ def touched_files(device: BlockDevice) -> list[TouchedFile]:
 
 def metadata_ranges(device: BlockDevice) -> Ranges:
     """Block ranges that are file-system metadata (superblocks, log area, bitmaps, inode table)."""
-    return L.Geometry.from_superblock(_superblock(device)).metadata_ranges()
+    return L.Geometry.from_superblock(find_superblock(device)).metadata_ranges()

@@ -19,14 +19,14 @@ from tests.fsutil import image_tree
 from tests.labutil import BS, blocks, image, invoke
 from tests.test_net import assert_closed_by_server, handshake, read_frame
 from tools.faults.killer import VICTIMS, run_once
-from tools.faults.proxy import FaultProxy
 from vstore.cli.main import app as vstore_app
 from vstore.daemons.intent import WriteIntent
 from vstore.daemons.processes import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
 from vstore.lab.topology import load_topology
-from vstore.net import wire as net
-from vstore.net.remote import Peer
-from vstore.net.wire import ConnectionFailed, load_key
+from vstore.net.client import Peer
+from vstore.net.keys import load_key
+from vstore.net.linkproxy import LinkProxy
+from vstore.net.wire import ConnectionFailed, encode_request
 from vstore.procedures.create import free_base_port, init_lab
 
 
@@ -283,7 +283,7 @@ def test_recover_with_the_lab_up_stops_and_restarts_the_daemons(lab_factory):
 def test_sync_link_cut_through_the_proxy_fences_writes(lab_factory):
     lab = lab_factory(mode="mirror", protect=True)
     topo = load_topology(lab)
-    proxy = FaultProxy(listen=("127.0.0.1", 0), target=("127.0.0.1", topo.sites["sync"].port), delay_ms=1).start()
+    proxy = LinkProxy(listen=("127.0.0.1", 0), target=("127.0.0.1", topo.sites["sync"].port), delay_ms=1).start()
     try:
         with open(lab / "topology.toml", "a") as f:
             f.write(f'\n[links.primary-sync]\nvia = "127.0.0.1:{proxy.port}"\n')
@@ -363,7 +363,7 @@ def test_bad_clients_are_refused_and_the_daemon_keeps_serving(lab_factory):
     key = load_key(lab / topo.key_file)
     with socket.create_connection((sync.host, sync.port), timeout=5) as s:  # a recorded session
         session, _ = handshake(s, key)
-        recorded = session.seal(1, net.encode_request("vol.write", {"volume": "C", "lba": 3}, blocks(33)))
+        recorded = session.seal(1, encode_request("vol.write", {"volume": "C", "lba": 3}, blocks(33)))
         s.sendall(recorded)
         session.open(read_frame(s))
     assert image(lab, "sync", "C")[3 * BS:4 * BS] == blocks(33)  # written by that legitimate session
@@ -375,7 +375,7 @@ def test_bad_clients_are_refused_and_the_daemon_keeps_serving(lab_factory):
         assert_closed_by_server(s)
     with socket.create_connection((sync.host, sync.port), timeout=5) as s:  # bit-flipped
         session, _ = handshake(s, key)
-        frame = bytearray(session.seal(1, net.encode_request("vol.write", {"volume": "C", "lba": 3}, blocks(35))))
+        frame = bytearray(session.seal(1, encode_request("vol.write", {"volume": "C", "lba": 3}, blocks(35))))
         frame[-100] ^= 0x10
         s.sendall(bytes(frame))
         assert_closed_by_server(s)

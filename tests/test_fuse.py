@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from jfs import layout as L
-from jfs.fs import read_superblock
+from jfs.codecs import read_superblock
 from jfs.fuse import fuse_available, is_mounted
 from tools.bench.fuse import make_tree
 

@@ -1,6 +1,6 @@
 """Crash states by the dm-log-writes/CrashMonkey method: every prefix of the recorded block-write
 log (and every reordering inside one flush epoch for short workloads) mounts, fscks clean, and
-shows exactly the tree after the last committed transaction it contains (issue 3)."""
+shows exactly the tree after the last committed transaction it contains."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from hypothesis import strategies as st
 
 from jfs import layout as L
 from jfs.errors import JfsError
-from jfs.fs import FileSystem, mkfs, tree
+from jfs.fs import FileSystem, mkfs
 from jfs.fsck import fsck
+from tests.fsutil import tree
 from tools.crash.recording import RecordingDevice, Write
 from vstore.blocks.device import MemoryDevice
+from vstore.blocks.errors import FormatError
 
 BS = 2048
 NBLOCKS = 320
@@ -47,7 +49,14 @@ def apply(fs: FileSystem, op: tuple[Any, ...]) -> None:
 
 
 def is_commit(w: Write, geo: L.Geometry) -> bool:
-    return geo.log_start < w.lba < geo.log_start + geo.log_blocks and w.data[:4] == L.COMMIT_MAGIC
+    """A write of a commit block (the one structure in the ring that parses as a `Commit`)."""
+    if not geo.log_start < w.lba < geo.log_start + geo.log_blocks:
+        return False
+    try:
+        L.parse(L.Commit, w.data[:L.Commit.sizeof()], "commit")
+    except FormatError:
+        return False
+    return True
 
 
 def run(workload: list[tuple[Any, ...]]) -> tuple[RecordingDevice, L.Geometry, list[dict[str, Any]]]:

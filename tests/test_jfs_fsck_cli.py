@@ -1,6 +1,6 @@
 """Corruption fixtures (superblock, inode, directory block, bitmap, log record): fsck -n returns 4,
 repair returns 1, a second run returns 0 (the e2fsprogs idiom); the jfs CLI on images, including
-corrupt ones, fails with one clear sentence and never a traceback (issue 3)."""
+corrupt ones, fails with one clear sentence and never a traceback."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import pytest
 from typer.testing import CliRunner
 
 from jfs.cli import app
+from jfs.codecs import bitmap_images
 from jfs.fs import FileSystem, mkfs, open_image
 from jfs.fsck import fsck
+from jfs.layout import BLOCK_BITMAP_MAGIC
 from vstore.blocks.device import BlockDevice, ImageDevice, create_image
 
 runner = CliRunner()
@@ -82,8 +84,6 @@ def test_bitmap_mismatch_with_valid_crc_is_rebuilt(tmp_path: Path) -> None:
     fs = FileSystem.mount(dev)
     lba = fs.filemap(info["f"]).data[0]
     fs.bbits.clear(lba)  # pretend a used block is free, then write a valid bitmap
-    from jfs.fs import bitmap_images
-    from jfs.layout import BLOCK_BITMAP_MAGIC
     dev.write(fs.geo.bbitmap_start, bitmap_images(fs.geo, bytes(fs.bbits.bits), BLOCK_BITMAP_MAGIC)[0])
     result = fsck(dev, repair=False)
     assert result.exit_code == 4 and result.problems[0].code == "block-bitmap-mismatch"

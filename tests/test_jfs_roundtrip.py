@@ -1,5 +1,5 @@
 """Round trips of every jfs operation on real image files; fsck 0 after random workloads; a
-reopened image shows the same tree (issue 3, "Tests that must pass")."""
+reopened image shows the same tree."""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from jfs.errors import (
     NotADirectory,
     NotEmpty,
 )
-from jfs.fs import FileSystem, mkfs, open_image, tree
+from jfs.fs import FileSystem, mkfs, open_image
 from jfs.fsck import fsck
+from tests.fsutil import tree
 from vstore.blocks.device import ImageDevice, create_image
 from vstore.blocks.errors import FormatError
 

@@ -1,5 +1,5 @@
 """Trim rule [0168]-[0170] with a device that reports unshipped writes, LogFull, and the exactness
-of the touched-files scan [0171] (issue 3)."""
+of the touched-files scan [0171]."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from jfs.errors import IncompleteLog, LogFull
-from jfs.fs import FileSystem, mkfs, open_image, tree
+from jfs.fs import FileSystem, mkfs, open_image
 from jfs.fsck import fsck
 from jfs.scan import metadata_ranges, scan_log, touched_files
+from tests.fsutil import tree
 from vstore.blocks.device import ImageDevice, create_image
 
 

@@ -18,7 +18,33 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vstore.blocks.errors import FormatError, TricopyError
-from vstore.net import wire as net
+from vstore.net.client import AsyncClient, Client
+from vstore.net.keys import create_key, load_key
+from vstore.net.server import bound_port, serve
+from vstore.net.tls import make_ssl_contexts
+from vstore.net.wire import (
+    _HEADER,
+    DEFAULT_MAX_PAYLOAD,
+    FRAME_MAGIC,
+    FRAME_VERSION,
+    HEADER_SIZE,
+    MAC_SIZE,
+    T_REQUEST,
+    T_RESPONSE,
+    ConnectionFailed,
+    HandshakeFailed,
+    RemoteError,
+    Session,
+    build_frame,
+    client_finish,
+    client_hello,
+    decode_request,
+    decode_response,
+    encode_request,
+    parse_header,
+    server_accept,
+    session_key,
+)
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -26,15 +52,15 @@ HOST = "127.0.0.1"
 
 
 class ServerThread:
-    """A `net.serve` server on its own event loop thread, counting handler calls."""
+    """A `serve` server on its own event loop thread, counting handler calls."""
 
     def __init__(self, key: bytes = KEY, port: int = 0, **kw) -> None:
         self.calls = 0
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = self.run(net.serve(HOST, port, key, self.handle, **kw))
-        self.port = net.bound_port(self.server)
+        self.server = self.run(serve(HOST, port, key, self.handle, **kw))
+        self.port = bound_port(self.server)
 
     def run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout=10)
@@ -96,19 +122,19 @@ def recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 
 def read_frame(sock: socket.socket) -> bytes:
-    head = recv_exactly(sock, net.HEADER_SIZE)
-    header = net.parse_header(head, net.DEFAULT_MAX_PAYLOAD)
-    return head + recv_exactly(sock, header.length + net.MAC_SIZE)
+    head = recv_exactly(sock, HEADER_SIZE)
+    header = parse_header(head, DEFAULT_MAX_PAYLOAD)
+    return head + recv_exactly(sock, header.length + MAC_SIZE)
 
 
-def handshake(sock: socket.socket, key: bytes = KEY) -> tuple[net.Session, bytes]:
-    nonce, hello = net.client_hello(key)
+def handshake(sock: socket.socket, key: bytes = KEY) -> tuple[Session, bytes]:
+    nonce, hello = client_hello(key)
     sock.sendall(hello)
-    return net.client_finish(key, nonce, read_frame(sock), net.DEFAULT_MAX_PAYLOAD), hello
+    return client_finish(key, nonce, read_frame(sock), DEFAULT_MAX_PAYLOAD), hello
 
 
-def request(session: net.Session, rid: int = 1, method: str = "echo") -> bytes:
-    return session.seal(rid, net.encode_request(method, {"rid": rid}, b"payload"))
+def request(session: Session, rid: int = 1, method: str = "echo") -> bytes:
+    return session.seal(rid, encode_request(method, {"rid": rid}, b"payload"))
 
 
 def assert_closed_by_server(sock: socket.socket) -> None:
@@ -116,7 +142,7 @@ def assert_closed_by_server(sock: socket.socket) -> None:
     try:
         while True:
             data = sock.recv(65536)
-            assert not data.startswith(net.FRAME_MAGIC), "server answered a bad frame"
+            assert not data.startswith(FRAME_MAGIC), "server answered a bad frame"
             if not data:
                 break
     except ConnectionResetError:
@@ -134,7 +160,7 @@ def send_quietly(sock: socket.socket, data: bytes) -> None:
 
 def assert_still_serving(server: ServerThread) -> None:
     before = server.calls
-    with net.Client(HOST, server.port, KEY) as c:
+    with Client(HOST, server.port, KEY) as c:
         assert c.call("echo", {"ok": True}) == ({"method": "echo", "args": {"ok": True}}, b"")
     assert server.calls == before + 1
 
@@ -149,7 +175,7 @@ def warnings_text(caplog) -> str:
 def test_round_trip_json_and_binary(server):
     args = {"a": [1, 2.5, None, "é"], "b": {"nested": True}}
     rng = random.Random(1)
-    with net.Client(HOST, server.port, KEY) as c:
+    with Client(HOST, server.port, KEY) as c:
         for size in (0, 1, 4096, 3 * 2**20 + 7):
             data = rng.randbytes(size)
             assert c.call("echo", args, data) == ({"method": "echo", "args": args}, data)
@@ -158,7 +184,7 @@ def test_round_trip_json_and_binary(server):
 
 def test_async_client_pipelines_with_window(server):
     async def main() -> None:
-        client = await net.AsyncClient.connect(HOST, server.port, KEY, window=4)
+        client = await AsyncClient.connect(HOST, server.port, KEY, window=4)
         async with client:
             calls = [("echo", {"i": i}, bytes([i]) * 65536) for i in range(40)]
             results = await client.call_many(calls)
@@ -171,9 +197,9 @@ def test_async_client_pipelines_with_window(server):
 
 def test_call_many_stops_at_first_failure(server):
     async def main() -> None:
-        async with await net.AsyncClient.connect(HOST, server.port, KEY, window=2) as client:
+        async with await AsyncClient.connect(HOST, server.port, KEY, window=2) as client:
             calls = [("echo", {}, b"")] * 3 + [("fail", {"msg": "stop here"}, b"")] + [("echo", {}, b"")] * 20
-            with pytest.raises(net.RemoteError, match="stop here"):
+            with pytest.raises(RemoteError, match="stop here"):
                 await client.call_many(calls)
             assert server.calls <= 4 + 2  # at most a window's worth sent after the failing call
             assert (await client.call_many([]) == [])
@@ -182,8 +208,8 @@ def test_call_many_stops_at_first_failure(server):
 
 
 def test_handler_tricopy_error_becomes_remote_error(server):
-    with net.Client(HOST, server.port, KEY) as c:
-        with pytest.raises(net.RemoteError) as info:
+    with Client(HOST, server.port, KEY) as c:
+        with pytest.raises(RemoteError) as info:
             c.call("fail", {"msg": "volume C is read-only; suspend the pair first"})
         assert str(info.value) == "volume C is read-only; suspend the pair first"
         assert info.value.kind == "TricopyError"
@@ -192,8 +218,8 @@ def test_handler_tricopy_error_becomes_remote_error(server):
 
 
 def test_handler_crash_is_generic_error_and_logged(server, caplog):
-    with net.Client(HOST, server.port, KEY) as c:
-        with pytest.raises(net.RemoteError) as info:
+    with Client(HOST, server.port, KEY) as c:
+        with pytest.raises(RemoteError) as info:
             c.call("crash")
         assert "boom" not in str(info.value) and "internal" in str(info.value)
         assert info.value.kind == "internal"
@@ -206,7 +232,7 @@ def test_concurrent_clients(server):
 
     def worker(n: int) -> None:
         try:
-            with net.Client(HOST, server.port, KEY) as c:
+            with Client(HOST, server.port, KEY) as c:
                 for i in range(20):
                     data = os.urandom(1000 + i)
                     expected = ({"method": "echo", "args": {"n": n, "i": i}}, data)
@@ -224,7 +250,7 @@ def test_concurrent_clients(server):
 
 
 def test_shared_sync_client_is_thread_safe(server):
-    with net.Client(HOST, server.port, KEY) as c:
+    with Client(HOST, server.port, KEY) as c:
         def worker(n: int) -> None:
             for i in range(20):
                 assert c.call("echo", {"n": n, "i": i})[0]["args"] == {"n": n, "i": i}
@@ -239,8 +265,8 @@ def test_shared_sync_client_is_thread_safe(server):
 
 def test_a_slow_connection_does_not_block_others(server):
     async def main() -> None:
-        slow = await net.AsyncClient.connect(HOST, server.port, KEY)
-        fast = await net.AsyncClient.connect(HOST, server.port, KEY)
+        slow = await AsyncClient.connect(HOST, server.port, KEY)
+        fast = await AsyncClient.connect(HOST, server.port, KEY)
         sleeper = asyncio.create_task(slow.call("sleep", {"s": 1.0}))
         await asyncio.sleep(0.05)
         t0 = time.monotonic()
@@ -257,23 +283,23 @@ def test_unreachable_site():
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
-    with pytest.raises(net.ConnectionFailed, match=f"cannot reach site at {HOST}:{port}"):
-        net.Client(HOST, port, KEY, timeout=2)
+    with pytest.raises(ConnectionFailed, match=f"cannot reach site at {HOST}:{port}"):
+        Client(HOST, port, KEY, timeout=2)
 
     async def main() -> None:
-        with pytest.raises(net.ConnectionFailed, match=f"cannot reach site at {HOST}:{port}"):
-            await net.AsyncClient.connect(HOST, port, KEY, timeout=2)
+        with pytest.raises(ConnectionFailed, match=f"cannot reach site at {HOST}:{port}"):
+            await AsyncClient.connect(HOST, port, KEY, timeout=2)
 
     asyncio.run(main())
 
 
 def test_call_timeout_closes_async_client(server):
     async def main() -> None:
-        client = await net.AsyncClient.connect(HOST, server.port, KEY)
-        with pytest.raises(net.ConnectionFailed, match="no answer to 'sleep'"):
+        client = await AsyncClient.connect(HOST, server.port, KEY)
+        with pytest.raises(ConnectionFailed, match="no answer to 'sleep'"):
             await client.call("sleep", {"s": 2}, timeout=0.2)
         assert client.closed
-        with pytest.raises(net.ConnectionFailed):
+        with pytest.raises(ConnectionFailed):
             await client.call("echo")
         await client.close()
 
@@ -281,8 +307,8 @@ def test_call_timeout_closes_async_client(server):
 
 
 def test_sync_client_timeout_then_reconnects(server):
-    with net.Client(HOST, server.port, KEY, timeout=0.3) as c:
-        with pytest.raises(net.ConnectionFailed, match="no answer"):
+    with Client(HOST, server.port, KEY, timeout=0.3) as c:
+        with pytest.raises(ConnectionFailed, match="no answer"):
             c.call("sleep", {"s": 1})
         assert c.call("echo")[0]["method"] == "echo"
 
@@ -290,10 +316,10 @@ def test_sync_client_timeout_then_reconnects(server):
 def test_oversized_message_refused_before_sending():
     s = ServerThread(max_payload=1 << 20)
     try:
-        with net.Client(HOST, s.port, KEY, max_payload=1 << 20) as c:
+        with Client(HOST, s.port, KEY, max_payload=1 << 20) as c:
             with pytest.raises(TricopyError, match="exceeds"):
                 c.call("echo", {}, b"x" * (2 << 20))
-            with pytest.raises(net.RemoteError, match="exceeds"):
+            with pytest.raises(RemoteError, match="exceeds"):
                 c.call("big", {"n": 2 << 20})
             assert c.call("echo", {}, b"y" * 1000)[1] == b"y" * 1000
     finally:
@@ -314,12 +340,12 @@ def test_garbage_from_keyless_client(server, caplog):
 
 
 def test_wrong_key_is_refused(server, caplog):
-    with pytest.raises(net.HandshakeFailed, match="lab key"):
-        net.Client(HOST, server.port, OTHER_KEY)
+    with pytest.raises(HandshakeFailed, match="lab key"):
+        Client(HOST, server.port, OTHER_KEY)
 
     async def main() -> None:
-        with pytest.raises(net.HandshakeFailed):
-            await net.AsyncClient.connect(HOST, server.port, OTHER_KEY)
+        with pytest.raises(HandshakeFailed):
+            await AsyncClient.connect(HOST, server.port, OTHER_KEY)
 
     asyncio.run(main())
     assert server.calls == 0
@@ -330,8 +356,8 @@ def test_wrong_key_is_refused(server, caplog):
 def test_server_with_wrong_key_is_refused_by_client():
     s = ServerThread(key=OTHER_KEY)
     try:
-        with pytest.raises(net.HandshakeFailed):
-            net.Client(HOST, s.port, KEY)
+        with pytest.raises(HandshakeFailed):
+            Client(HOST, s.port, KEY)
         assert s.calls == 0
     finally:
         s.stop()
@@ -391,7 +417,7 @@ def test_bit_flipped_frame_is_rejected(server, where):
     sock = raw_connect(server.port)
     session, _ = handshake(sock)
     frame = bytearray(request(session))
-    index = {"header": net.HEADER_SIZE - 6, "payload": net.HEADER_SIZE + 3, "mac": len(frame) - 1}[where]
+    index = {"header": HEADER_SIZE - 6, "payload": HEADER_SIZE + 3, "mac": len(frame) - 1}[where]
     frame[index] ^= 0x10
     send_quietly(sock, bytes(frame))
     assert_closed_by_server(sock)
@@ -404,7 +430,7 @@ def test_huge_length_rejected_from_header_alone(server, caplog, after_handshake)
     sock = raw_connect(server.port)
     if after_handshake:
         handshake(sock)
-    header = net._HEADER.build({"version": net.FRAME_VERSION, "type": net.T_REQUEST, "flags": 0,
+    header = _HEADER.build({"version": FRAME_VERSION, "type": T_REQUEST, "flags": 0,
                                 "request_id": 1, "seq": 1, "length": 0xFFFFFFFF})
     t0 = time.monotonic()
     sock.sendall(header)  # and nothing more: the server must not wait for 4 GiB
@@ -417,9 +443,9 @@ def test_huge_length_rejected_from_header_alone(server, caplog, after_handshake)
 
 def test_wrong_frame_version_is_rejected(server, caplog):
     sock = raw_connect(server.port)
-    nonce, hello = net.client_hello(KEY)
+    nonce, hello = client_hello(KEY)
     bad = bytearray(hello)
-    bad[len(net.FRAME_MAGIC)] = net.FRAME_VERSION + 1
+    bad[len(FRAME_MAGIC)] = FRAME_VERSION + 1
     send_quietly(sock, bytes(bad))
     assert_closed_by_server(sock)
     assert "format version 2 is not supported" in warnings_text(caplog)
@@ -428,15 +454,15 @@ def test_wrong_frame_version_is_rejected(server, caplog):
 
 def test_request_before_handshake_is_rejected(server):
     sock = raw_connect(server.port)
-    skey = net.session_key(KEY, b"\0" * 32, b"\0" * 32)
-    send_quietly(sock, net.build_frame(skey, net.T_REQUEST, 1, 1, net.encode_request("echo", {}, b"")))
+    skey = session_key(KEY, b"\0" * 32, b"\0" * 32)
+    send_quietly(sock, build_frame(skey, T_REQUEST, 1, 1, encode_request("echo", {}, b"")))
     assert_closed_by_server(sock)
     assert server.calls == 0
 
 
 def test_plain_garbage_bytes(server):
     rng = random.Random(7)
-    for size in (net.HEADER_SIZE, 100, 5000):
+    for size in (HEADER_SIZE, 100, 5000):
         sock = raw_connect(server.port)
         send_quietly(sock, rng.randbytes(size))
         assert_closed_by_server(sock)
@@ -447,7 +473,7 @@ def test_plain_garbage_bytes(server):
 def test_handshake_timeout_closes_silent_connection(server, caplog):
     sock = raw_connect(server.port)
     t0 = time.monotonic()
-    sock.sendall(net.FRAME_MAGIC)  # a few bytes, then silence
+    sock.sendall(FRAME_MAGIC)  # a few bytes, then silence
     assert_closed_by_server(sock)
     assert 0.8 < time.monotonic() - t0 < 5
     assert "no handshake within" in warnings_text(caplog)
@@ -457,15 +483,15 @@ def test_handshake_timeout_closes_silent_connection(server, caplog):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=300))
 def test_frame_parsing_of_arbitrary_bytes_only_raises_format_error(data):
-    session = net.Session(KEY, KEY, net.T_REQUEST, net.T_RESPONSE, 1 << 20)
-    for parse in (session.open, lambda raw: net.server_accept(KEY, raw, 1 << 20),
-                  lambda raw: net.client_finish(KEY, b"\0" * 32, raw, 1 << 20)):
+    session = Session(KEY, KEY, T_REQUEST, T_RESPONSE, 1 << 20)
+    for parse in (session.open, lambda raw: server_accept(KEY, raw, 1 << 20),
+                  lambda raw: client_finish(KEY, b"\0" * 32, raw, 1 << 20)):
         with pytest.raises(FormatError):
             parse(data)
-    for decode in (net.decode_request, net.decode_response):
+    for decode in (decode_request, decode_response):
         try:
             decode(data)
-        except (FormatError, net.RemoteError):
+        except (FormatError, RemoteError):
             pass
 
 
@@ -475,33 +501,33 @@ def test_frame_parsing_of_arbitrary_bytes_only_raises_format_error(data):
 def test_load_key_permissions_and_content(tmp_path: Path):
     path = tmp_path / "lab.key"
     with pytest.raises(TricopyError, match="does not exist"):
-        net.load_key(path)
+        load_key(path)
     path.write_text(KEY.hex() + "\n")
     path.chmod(0o644)
     with pytest.raises(TricopyError, match=f"chmod 600 {path}"):
-        net.load_key(path)
+        load_key(path)
     path.chmod(0o600)
-    assert net.load_key(path) == KEY
+    assert load_key(path) == KEY
     path.write_text("zz" * 32)
     with pytest.raises(TricopyError, match="not hold a hex key"):
-        net.load_key(path)
+        load_key(path)
     path.write_text("ab" * 16)
     with pytest.raises(TricopyError, match="at least 32 bytes"):
-        net.load_key(path)
+        load_key(path)
 
 
 def test_create_key(tmp_path: Path):
     path = tmp_path / "new.key"
-    key = net.create_key(path)
+    key = create_key(path)
     assert path.stat().st_mode & 0o777 == 0o600
-    assert net.load_key(path) == key and len(key) == 32
+    assert load_key(path) == key and len(key) == 32
     with pytest.raises(FileExistsError):
-        net.create_key(path)
+        create_key(path)
 
 
 def test_short_key_refused_in_api():
     with pytest.raises(TricopyError, match="at least 32 bytes"):
-        net.Client(HOST, 1, b"short")
+        Client(HOST, 1, b"short")
 
 
 # --------------------------------------------------------------------------------------------
@@ -531,19 +557,19 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_tls_round_trip(tmp_path: Path):
     cert, pkey = _self_signed(tmp_path)
-    server_ctx, client_ctx = net.make_ssl_contexts(cert, pkey, cert)
+    server_ctx, client_ctx = make_ssl_contexts(cert, pkey, cert)
     s = ServerThread(ssl_context=server_ctx)
     try:
-        with net.Client(HOST, s.port, KEY, ssl_context=client_ctx) as c:
+        with Client(HOST, s.port, KEY, ssl_context=client_ctx) as c:
             assert c.call("echo", {"tls": 1}, b"z" * 100000) == ({"method": "echo", "args": {"tls": 1}}, b"z" * 100000)
 
         async def main() -> None:
-            async with await net.AsyncClient.connect(HOST, s.port, KEY, ssl_context=client_ctx) as ac:
+            async with await AsyncClient.connect(HOST, s.port, KEY, ssl_context=client_ctx) as ac:
                 assert (await ac.call("echo", {"a": 1}))[0]["args"] == {"a": 1}
 
         asyncio.run(main())
-        with pytest.raises(net.ConnectionFailed):  # a plain-TCP client cannot talk to a TLS site
-            net.Client(HOST, s.port, KEY, timeout=2)
+        with pytest.raises(ConnectionFailed):  # a plain-TCP client cannot talk to a TLS site
+            Client(HOST, s.port, KEY, timeout=2)
     finally:
         s.stop()
 
@@ -553,7 +579,7 @@ def test_a_kept_connection_to_a_restarted_site_is_renewed_once():
     sent again once on a new connection instead of failing (every request is safe to repeat)."""
     first = ServerThread()
     port = first.port
-    client = net.Client(HOST, port, KEY, timeout=5)
+    client = Client(HOST, port, KEY, timeout=5)
     assert client.call("echo", {"n": 1})[0]["args"] == {"n": 1}
     first.stop()
     second = ServerThread(port=port)
@@ -562,7 +588,7 @@ def test_a_kept_connection_to_a_restarted_site_is_renewed_once():
         assert second.calls == 1
     finally:
         second.stop()
-    with pytest.raises(net.ConnectionFailed):  # nobody listens: one new connection, then a clear failure
+    with pytest.raises(ConnectionFailed):  # nobody listens: one new connection, then a clear failure
         client.call("echo", {"n": 3})
     client.close()
 
@@ -570,7 +596,7 @@ def test_a_kept_connection_to_a_restarted_site_is_renewed_once():
 def test_posted_requests_a_restarted_site_never_answered_are_sent_again():
     first = ServerThread()
     port = first.port
-    client = net.Client(HOST, port, KEY, timeout=5)
+    client = Client(HOST, port, KEY, timeout=5)
     client.call("echo")
     first.stop()  # the posted request below goes to a connection nobody serves any more
     client.post("echo", {"posted": 1})

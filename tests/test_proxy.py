@@ -1,4 +1,4 @@
-"""vstore.linkproxy through tools.faults.proxy: forwarding, delay, bandwidth (also changed while running),
+"""vstore.net.linkproxy through tools.faults.proxy: forwarding, delay, bandwidth (also changed while running),
 drop, cut, sever, restore, the bounded wire (backpressure), idle/drain, loopback only."""
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ import time
 
 import pytest
 
-from tools.faults.proxy import FaultProxy, ProxyCore, ProxyError, control_command, parse_address
-from vstore.net import wire as net
-from vstore.net.linkproxy import BURST, CHUNK, LinkProxy
+from tools.faults.proxy import control_command
+from vstore.net.client import Client
+from vstore.net.linkproxy import BURST, CHUNK, LinkProxy, ProxyCore, ProxyError, parse_address
+from vstore.net.server import bound_port, serve
+from vstore.net.wire import ConnectionFailed
 
 KEY = bytes(range(32))
 HOST = "127.0.0.1"
@@ -92,14 +94,14 @@ class SinkServer(TcpServer):
 
 
 class RpcServer:
-    """A `net.serve` site on its own loop thread."""
+    """A `serve` site on its own loop thread."""
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
-        self.server = asyncio.run_coroutine_threadsafe(net.serve(HOST, 0, KEY, self.handle), self.loop).result(10)
-        self.port = net.bound_port(self.server)
+        self.server = asyncio.run_coroutine_threadsafe(serve(HOST, 0, KEY, self.handle), self.loop).result(10)
+        self.port = bound_port(self.server)
 
     async def handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
         return {"method": method, "args": args}, data
@@ -134,7 +136,7 @@ def sink():
 
 @pytest.fixture
 def proxy(echo):
-    p = FaultProxy(("127.0.0.1", 0), (HOST, echo.port)).start()
+    p = LinkProxy(("127.0.0.1", 0), (HOST, echo.port)).start()
     yield p
     p.stop()
 
@@ -189,7 +191,7 @@ def test_forwarding(proxy):
 def test_rpc_through_proxy():
     site = RpcServer()
     try:
-        with FaultProxy(target=(HOST, site.port)) as p, net.Client(HOST, p.port, KEY) as c:
+        with LinkProxy(target=(HOST, site.port)) as p, Client(HOST, p.port, KEY) as c:
             assert c.call("echo", {"a": 1}, b"x" * 100_000) == ({"method": "echo", "args": {"a": 1}}, b"x" * 100_000)
     finally:
         site.stop()
@@ -327,15 +329,15 @@ def test_port_in_use_is_a_proxy_error():
 def test_rpc_drop_times_out_and_restore_recovers():
     site = RpcServer()
     try:
-        with FaultProxy(target=(HOST, site.port)) as p, net.Client(HOST, p.port, KEY, timeout=0.5) as c:
+        with LinkProxy(target=(HOST, site.port)) as p, Client(HOST, p.port, KEY, timeout=0.5) as c:
             assert c.call("echo")[0]["method"] == "echo"
             p.drop()
-            with pytest.raises(net.ConnectionFailed, match="no answer"):
+            with pytest.raises(ConnectionFailed, match="no answer"):
                 c.call("echo")
             p.restore()
             assert c.call("echo", {"n": 2})[0]["args"] == {"n": 2}  # reconnects
             p.cut()
-            with pytest.raises(net.ConnectionFailed):
+            with pytest.raises(ConnectionFailed):
                 c.call("echo")
             p.restore()
             assert c.call("echo", {"n": 3})[0]["args"] == {"n": 3}
@@ -350,7 +352,7 @@ def test_rpc_drop_times_out_and_restore_recovers():
 ])
 def test_refuses_non_loopback(listen, target):
     with pytest.raises(ProxyError, match="not loopback"):
-        FaultProxy(listen, target)
+        LinkProxy(listen, target)
 
 
 def test_parse_address():

@@ -72,8 +72,8 @@ def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target:
     read block by block from its site's daemon."""
     from vstore.daemons.processes import clients, coordinator
     from vstore.lab.topology import load_topology
+    from vstore.net.keys import load_key
     from vstore.net.remote import AppDevice, RemoteDevice
-    from vstore.net.wire import load_key
     try:
         client = coordinator(lab)
     except TricopyError:

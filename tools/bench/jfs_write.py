@@ -1,5 +1,5 @@
 """Benchmark: write a tree of files (4 KiB-1 MiB, seeded) into a jfs image vs the same bytes as
-plain files in a temporary directory; prints both times and the ratio (issue 3, "Benchmark").
+plain files in a temporary directory; prints both times and the ratio.
 
 Run: python -m tools.bench.jfs_write [--files 1000] [--seed 1]
 """

@@ -1,4 +1,4 @@
-"""Benchmark (issue 6): the network path of the site daemons, side by side in one run.
+"""Benchmark: the network path of the site daemons, side by side in one run.
 
 (a) Raw loopback TCP throughput between two processes (1 MiB `sendall`s into a sink process); for
     context, the authenticated RPC of `vstore.net` alone into a sink process that discards the data
@@ -41,13 +41,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tools.faults.proxy import FaultProxy
 from vstore.blocks.device import ImageDevice, create_image
 from vstore.daemons.processes import SHIPPER, lab_down, lab_up, running_pid, start_site, stop_site
 from vstore.lab.topology import Topology, load_topology
-from vstore.net import wire as net
-from vstore.net.remote import Peer
-from vstore.net.wire import load_key
+from vstore.net.client import AsyncClient, Peer
+from vstore.net.keys import load_key
+from vstore.net.linkproxy import LinkProxy
+from vstore.net.rpc import APP_WRITE, JOURNAL_APPLIED, PING, STATUS
+from vstore.net.server import bound_port, serve
 from vstore.procedures.create import free_base_port, init_lab
 
 HOST = "127.0.0.1"
@@ -121,8 +122,8 @@ def _rpc_sink(port_q: mp.Queue) -> None:
         return {"n": len(data)}, b""
 
     async def main() -> None:
-        server = await net.serve(HOST, 0, KEY, handler)
-        port_q.put(net.bound_port(server))
+        server = await serve(HOST, 0, KEY, handler)
+        port_q.put(bound_port(server))
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -150,7 +151,7 @@ def bench_rpc(total: int, chunk_size: int, window: int) -> float:
     payload = b"p" * chunk_size
 
     async def run() -> float:
-        client = await net.AsyncClient.connect(HOST, port, KEY, window=window, timeout=60)
+        client = await AsyncClient.connect(HOST, port, KEY, window=window, timeout=60)
         async with client:
             t0 = time.perf_counter()
             await client.call_many(("ship", {"i": i}, payload) for i in range(total // chunk_size))
@@ -192,7 +193,7 @@ def cpu_seconds(pid: int | None) -> float:
 
 
 def applied_seq(async_peer: Peer) -> int:
-    return int(async_peer.call("journal.applied")[0]["applied_seq"])
+    return int(async_peer.call(JOURNAL_APPLIED)[0]["applied_seq"])
 
 
 def wait_applied(async_peer: Peer, target: int, timeout: float) -> None:
@@ -204,7 +205,7 @@ def wait_applied(async_peer: Peer, target: int, timeout: float) -> None:
 
 
 def waiting_entries(primary: Peer) -> int:
-    status = primary.call("status")[0]["status"]
+    status = primary.call(STATUS)[0]["status"]
     return sum(p["entries_waiting"] for p in status["pairs"])
 
 
@@ -222,7 +223,7 @@ def bench_shipping(root: Path, writes: int, durable: bool) -> ShipResult:
             data = [random.Random(i).randbytes(SHIP_WRITE) for i in range(min(writes, 16))]
             t0 = time.perf_counter()
             for i in range(writes):
-                primary.call("app.write", {"volume": 0, "lba": (i % slots) * per}, data[i % len(data)])
+                primary.call(APP_WRITE, {"volume": 0, "lba": (i % slots) * per}, data[i % len(data)])
             write_seconds = time.perf_counter() - t0
             waiting = waiting_entries(primary)
             if waiting != writes or applied_seq(async_peer) != base:
@@ -281,7 +282,7 @@ def raw_rtts(samples: int) -> tuple[list[float], list[float]]:
     """Raw TCP round trips (4 KiB request, 1-byte reply) to an echo process: (direct, via a proxy
     with DELAY_MS each way)."""
     proc, port = _start(_echo, BS)
-    proxy = FaultProxy(listen=(HOST, 0), target=(HOST, port), delay_ms=DELAY_MS).start()
+    proxy = LinkProxy(listen=(HOST, 0), target=(HOST, port), delay_ms=DELAY_MS).start()
     request = b"e" * BS
 
     def measure(target: int) -> list[float]:
@@ -331,14 +332,14 @@ class LatencyResult:
 def bench_latency(root: Path, samples: int, durable: bool) -> LatencyResult:
     raw_direct, raw_rtt = raw_rtts(samples)
     local = local_write(root, samples, durable)
-    proxy: FaultProxy | None = None
+    proxy: LinkProxy | None = None
     # The sync daemon's port is only known once the lab exists: create the lab, then the proxy,
     # then route the link through it before the daemons start.
     lab = root / "latency"
     init_lab(lab, mode="provider", size=16 << 20, durable=durable, base_port=free_base_port())
     topo = load_topology(lab)
     try:
-        proxy = FaultProxy(listen=(HOST, 0), target=(HOST, topo.sites["sync"].port), delay_ms=DELAY_MS).start()
+        proxy = LinkProxy(listen=(HOST, 0), target=(HOST, topo.sites["sync"].port), delay_ms=DELAY_MS).start()
         with open(lab / "topology.toml", "a") as f:
             f.write(f'\n[links.primary-sync]\nvia = "{HOST}:{proxy.port}"\n')
         lab_up(lab)
@@ -347,9 +348,9 @@ def bench_latency(root: Path, samples: int, durable: bool) -> LatencyResult:
         blocks = topo.num_blocks
         data = [rng.randbytes(BS) for _ in range(16)]
         with Peer(HOST, proxy.port, key, timeout=30) as via_proxy, peer(topo, key, "primary") as primary:
-            ping_proxy = time_calls(lambda _: via_proxy.call("ping"), samples)
-            ping_primary = time_calls(lambda _: primary.call("ping"), samples)
-            sync_write = time_calls(lambda i: primary.call("app.write", {"volume": 0, "lba": rng.randrange(blocks)},
+            ping_proxy = time_calls(lambda _: via_proxy.call(PING), samples)
+            ping_primary = time_calls(lambda _: primary.call(PING), samples)
+            sync_write = time_calls(lambda i: primary.call(APP_WRITE, {"volume": 0, "lba": rng.randrange(blocks)},
                                                            data[i % len(data)]), samples)
     finally:
         lab_down(lab)
@@ -361,7 +362,7 @@ def bench_latency(root: Path, samples: int, durable: bool) -> LatencyResult:
 # -- report ------------------------------------------------------------------------------------------------
 def report(args: argparse.Namespace, raw: float, rpc: float, ship: ShipResult, lat: LatencyResult) -> str:
     durability = "durable=True (fsync)" if args.durable else "durable=False (topology default: no fsync)"
-    lines = [f"tricopy network benchmark (issue 6); labs: provider mode, {durability}", ""]
+    lines = [f"tricopy network benchmark; labs: provider mode, {durability}", ""]
     lines.append(f"(a) loopback throughput, {args.mib} MiB, two processes")
     lines.append(f"    raw TCP, 1 MiB sendall                       {raw:10.1f} MB/s")
     lines.append(f"    RPC alone, 64 KiB calls, window 8 (context)  {rpc:10.1f} MB/s   {rpc / raw:.3f}x raw")

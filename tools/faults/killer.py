@@ -1,15 +1,15 @@
-"""SIGKILL harness for the site daemons (issue 6): a writer sends writes to distinct blocks through
-the daemons while one process, chosen at random, is killed at a random moment and restarted: a
-site daemon (primary, sync or async), the shipper process, or the writing host process itself (a
-separate writer process, SIGKILLed mid-stream; the harness then carries on writing). Then the lab
-is checked:
+"""SIGKILL harness for the site daemons (DESIGN "Process model", invariants 2 and 5): a writer sends
+writes to distinct blocks through the daemons while one process, chosen at random, is killed at a
+random moment and restarted: a site daemon (primary, sync or async), the shipper process, or the
+writing host process itself (a separate writer process, SIGKILLed mid-stream; the harness then
+carries on writing). Then the lab is checked:
 
 - no acknowledged write is missing at C (the Sync site);
 - D (the Async site) is always the primary after a prefix of the acknowledged writes;
 - after the restart, shipping resumes with no gap and no entry applied twice (every acknowledged
   write reaches D; the receive journal refuses gaps and duplicates);
 - a write in progress at the kill is either fully present or absent (never torn), and the same on
-  A, C and D once the lab has settled (a restarted primary re-drives it: vstore/intent.py);
+  A, C and D once the lab has settled (a restarted primary re-drives it: vstore/daemons/intent.py);
 - at the end A, C and D are identical.
 
 Usage: python -m tools.faults.killer [--runs 100] [--seed 1]
@@ -28,9 +28,11 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from vstore.procedures.create import free_base_port
+from vstore.daemons.processes import lab_down, lab_up, running_pid, site_peer, start_site
+from vstore.net.client import Peer
+from vstore.net.rpc import APP_WRITE, RESYNC, STATUS
+from vstore.procedures.create import free_base_port, init_lab
 
 VICTIMS = ("primary", "sync", "async", "shipper", "host")
 
@@ -61,8 +63,7 @@ def assert_prefix(d: list[bytes], acked: list[int], in_doubt: list[int], victim:
         assert not missing, f"D holds write {last} but not earlier acknowledged {missing} (victim {victim})"
 
 
-def primary_peer(lab: Path):  # noqa: ANN201 - vstore.remote.Peer, imported late
-    from vstore.daemons.processes import site_peer
+def primary_peer(lab: Path) -> Peer:
     return site_peer(lab, "primary")
 
 
@@ -71,7 +72,7 @@ def writer(lab: Path, first: int, count: int) -> None:
     primary's daemon, printing each index once its write is acknowledged."""
     with primary_peer(lab) as primary:
         for i in range(first, first + count):
-            primary.call("app.write", {"volume": 0, "lba": i}, block(i))
+            primary.call(APP_WRITE, {"volume": 0, "lba": i}, block(i))
             print(i, flush=True)
 
 
@@ -104,7 +105,6 @@ class DaemonKiller(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
-        from vstore.daemons.processes import running_pid
         while self.acked() < self.after:
             time.sleep(0.0005)
         time.sleep(self.delay_s)
@@ -114,22 +114,18 @@ class DaemonKiller(threading.Thread):
         self.done.set()
 
 
-def restart(lab: Path, victim: str, primary: Any) -> None:
+def restart(lab: Path, victim: str, primary: Peer) -> None:
     """Start the killed process again (a restarted Async site first finishes its stored batch; a
     restarted primary re-drives the write in progress at the kill)."""
-    from vstore.daemons.processes import running_pid, start_site
     running_pid(lab, victim)  # reaps it if it has exited already
     # SIGKILL may not have finished the process yet; without its pid file start_site starts anew
     (lab / "run" / f"{victim}.pid").unlink(missing_ok=True)
     start_site(lab, victim)
     if victim == "sync":  # the fenced pair returns by resync (what `vstore heal` does)
-        primary.call("resync")
+        primary.call(RESYNC)
 
 
 def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | None = None) -> str:
-    from vstore.daemons.processes import lab_down, lab_up
-    from vstore.procedures.create import init_lab
-
     lab = root / f"lab{rng.randrange(10**9)}"
     mode = rng.choice(["provider", "mirror"])
     init_lab(lab, mode=mode, size=256 * BS, base_port=free_base_port())
@@ -158,7 +154,7 @@ def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | Non
                 restarted = True
                 assert_prefix(read_volume(lab, "async", "D", writes), acked, in_doubt, victim)
             try:
-                primary.call("app.write", {"volume": 0, "lba": i}, block(i))
+                primary.call(APP_WRITE, {"volume": 0, "lba": i}, block(i))
                 acked.append(i)
             except Exception:  # noqa: BLE001 - the write is in doubt: the daemon died or fenced it
                 in_doubt.append(i)
@@ -171,7 +167,7 @@ def run_once(root: Path, rng: random.Random, writes: int = 60, victim: str | Non
                 restart(lab, victim, primary)
         deadline = time.monotonic() + 30
         while True:  # shipping resumes by itself (the shipper process)
-            status = primary.call("status")[0]["status"]
+            status = primary.call(STATUS)[0]["status"]
             pairs = [(p["name"], p["state"], p["entries_waiting"]) for p in status["pairs"]]
             if all(state == "Duplex" and waiting == 0 for _, state, waiting in pairs):
                 break

@@ -1,9 +1,9 @@
-"""The fault proxy on the command line (DESIGN "Tools": delay, bandwidth, drop, cut); the relay is vstore.linkproxy.
+"""The fault proxy on the command line (DESIGN "Tools": delay, bandwidth, drop, cut); the relay is
+vstore.net.linkproxy.
 
 Keeps true:
-- The relay, its loopback-only check and its semantics are `vstore.linkproxy` (see there); this module
-  adds only the command and its control port, and re-exports the names tests and tools/bench import
-  (`FaultProxy` is `vstore.linkproxy.LinkProxy`).
+- The relay, its loopback-only check and its semantics are `vstore.net.linkproxy` (see there); this
+  module adds only the command and its control port (`control_command`).
 - A control line gets exactly one answer line: "ok ...", "error ..." or one JSON object (stats).
 
 Use:
@@ -20,12 +20,7 @@ import asyncio
 import json
 import sys
 
-from vstore.net.linkproxy import CHUNK, LinkProxy, ProxyCore, ProxyError, check_loopback, parse_address
-
-__all__ = ["CHUNK", "FaultProxy", "ProxyCore", "ProxyError", "check_loopback", "control_command", "main",
-           "parse_address"]
-
-FaultProxy = LinkProxy
+from vstore.net.linkproxy import ProxyCore, ProxyError, parse_address
 
 
 def control_command(core: ProxyCore, line: str) -> str:

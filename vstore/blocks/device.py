@@ -37,9 +37,6 @@ class BlockDevice(ABC):
     num_blocks: int
     readonly: bool = False
     name: str = "device"
-    # True when entries of this device are shipped by another process meanwhile (a lab that is up):
-    # a file system whose metadata log is full then waits for shipping instead of failing at once.
-    shipped_in_background: bool = False
 
     # -- checks shared by every device -------------------------------------------------------
     def check_range(self, lba: int, count: int) -> None:

@@ -25,6 +25,7 @@ from rich.table import Table
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size, parse_size
 from vstore.lab.topology import SITE_NAMES
+from vstore.net.rpc import APP_INFO, APP_WRITE, RESYNC, SHIP, STATUS, VOL_READ
 from vstore.replication.network import LINK_NAMES
 
 app = typer.Typer(help="tricopy: three-site remote copy of block volumes (Primary, near Sync, far Async).",
@@ -252,7 +253,7 @@ def status(lab: LabArg, as_json: Annotated[bool, typer.Option("--json", help="On
     with user_errors():
         client = daemon_client(lab, application=False)
         if client is not None:
-            doc = client.call("status")[0]["status"]
+            doc = client.call(STATUS)[0]["status"]
         else:
             with open_system(lab) as system:
                 doc = status_document(system)
@@ -321,9 +322,9 @@ def write(
         client = daemon_client(lab)
         if client is not None:
             vol = int(volume) if volume.isdigit() else volume
-            info = client.call("app.info", {"volume": vol})[0]
+            info = client.call(APP_INFO, {"volume": vol})[0]
             data = read_payload(file, info["block_size"], pad)
-            client.call("app.write", {"volume": vol, "lba": lba}, data)
+            client.call(APP_WRITE, {"volume": vol, "lba": lba}, data)
             name, block_size = info["name"], info["block_size"]
         else:
             with open_system(lab) as system:
@@ -358,10 +359,10 @@ def read(
         if is_up(lab):
             from vstore.daemons.processes import clients
             from vstore.lab.topology import load_topology
-            from vstore.net.wire import load_key
+            from vstore.net.keys import load_key
             topo = load_topology(lab)
             with clients(lab, topo, load_key(lab / topo.key_file))[site] as client:
-                data = client.call("vol.read", {"volume": volume, "lba": lba, "count": count})[1]
+                data = client.call(VOL_READ, {"volume": volume, "lba": lba, "count": count})[1]
         else:
             with open_system(lab) as system:
                 system.network.check(site, site)
@@ -419,7 +420,7 @@ def ship(
         client = daemon_client(lab)
     if client is not None:
         with user_errors():
-            r = client.call("ship", {"max": max_entries})[0]
+            r = client.call(SHIP, {"max": max_entries})[0]
         if r["error"]:
             die(f"cannot ship: {r['error']}")
         if r["batches"] is None:  # the shipper process ships; the daemon waited until it caught up
@@ -500,7 +501,7 @@ def heal(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or 
         edit_faults(lab, kind, name, broken=False)
         client = daemon_client(lab)
         if client is not None:
-            lines = client.call("resync")[0]["steps"]
+            lines = client.call(RESYNC)[0]["steps"]
         else:
             with open_system(lab) as system, progress_bars(quiet) as progress:
                 lines = resync_all(system, progress).steps

@@ -36,6 +36,7 @@ from rich.text import Text
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size
 from vstore.lab.topology import SITE_NAMES
+from vstore.net.rpc import SNAPSHOT
 from vstore.replication.registry import split_ref
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
@@ -94,7 +95,7 @@ def collect(lab: Path) -> dict:
     client = daemon_client(Path(lab), application=False)
     if client is not None:  # the daemons own the files: ask the coordinating one
         with client:
-            return client.call("snapshot")[0]["snapshot"]
+            return client.call(SNAPSHOT)[0]["snapshot"]
     with open_system(Path(lab)) as system:
         return snapshot_of(system)
 

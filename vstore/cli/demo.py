@@ -55,6 +55,7 @@ from rich.table import Table
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size, parse_size
 from vstore.net.linkproxy import LinkProxy, ProxyError
+from vstore.net.rpc import JOURNAL_APPLIED, STATUS
 from vstore.procedures.create import free_base_port
 
 log = logging.getLogger("vstore.demo")
@@ -234,14 +235,14 @@ def settled_applied_seq(lab: Path, timeout: float = 3.0) -> int | None:
     """The Async site's last applied entry once it stopped changing (it finishes what arrived)."""
     from vstore.daemons.processes import clients
     from vstore.lab.topology import load_topology
-    from vstore.net.wire import load_key
+    from vstore.net.keys import load_key
     topo = load_topology(lab)
     last: int | None = None
     deadline = time.monotonic() + timeout
     with clients(lab, topo, load_key(lab / topo.key_file))["async"] as client:
         while time.monotonic() < deadline:
             try:
-                seq = int(client.call("journal.applied")[0]["applied_seq"])
+                seq = int(client.call(JOURNAL_APPLIED)[0]["applied_seq"])
             except TricopyError:
                 return last
             if seq == last:
@@ -256,7 +257,7 @@ def async_backlog(lab: Path) -> int | None:
     from vstore.daemons.processes import coordinator
     try:
         with coordinator(lab) as client:
-            doc = client.call("status")[0]["status"]
+            doc = client.call(STATUS)[0]["status"]
         return sum(p["entries_waiting"] for p in doc["pairs"] if p["kind"] == "async")
     except (TricopyError, OSError):
         return None
@@ -301,8 +302,7 @@ def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult, link: 
     device = open_lab_target(f"lab:{lab}", writable=True)
     try:
         mkfs(device, label="demo")
-        fs = FileSystem.mount(device)
-        fs.log.wait_timeout = LOG_FULL_WAIT_S  # a full metadata log waits for shipping instead of failing
+        fs = FileSystem.mount(device, log_full_wait=LOG_FULL_WAIT_S)  # a full log waits for shipping
         fs.mkdir(DEMO_DIR)
         caught_up = wait_for_async(lab, CATCH_UP_TIMEOUT_S)
         fs.trim()

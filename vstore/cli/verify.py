@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from vstore.blocks.errors import TricopyError
+from vstore.net.rpc import VERIFY
 from vstore.replication.pairs import Pair, PairKind, PairState
 from vstore.replication.registry import split_ref
 
@@ -148,7 +149,7 @@ def register(app: typer.Typer) -> None:
             client = daemon_client(lab, application=False)
             if client is not None:  # online, while the daemons run: the coordinating one compares
                 with client:
-                    results = client.call("verify", {"pair": pair})[0]["pairs"]
+                    results = client.call(VERIFY, {"pair": pair})[0]["pairs"]
             else:
                 with open_system(lab) as system:
                     results = verify(system, pair)

@@ -1,5 +1,5 @@
-"""The write-intent record of the site running the application (issue 6: "a write in progress at
-the kill is either fully present or absent"; DESIGN invariant 5).
+"""The write-intent record of the site running the application: a write in progress at a kill is
+either fully present or absent (DESIGN invariant 5, "Process model").
 
 An application write touches several places one after another: C (sync copy), the entry (spool,
 hence D) and A (provider mode), or A, C, then B and its entry (mirror mode). A process killed
@@ -29,6 +29,7 @@ from construct import Checksum, Const, Flag, Int16ub, Int32ub, Int64ub, PaddedSt
 
 from vstore.blocks.codec import check_version, crc32, parse_checked
 from vstore.blocks.errors import FormatError
+from vstore.lab.system import System
 
 log = logging.getLogger("vstore.intent")
 
@@ -91,6 +92,32 @@ class WriteIntent:
         parsed = parse_checked(_INTENT, raw, where).body.value
         check_version(parsed.version, INTENT_VERSION, where)
         return Intent(parsed.volume, parsed.lba, parsed.count) if parsed.active else None
+
+    def redo(self, system: System, site: str) -> None:
+        """After an unclean stop of `site`'s daemon: re-drive the write that was in progress through
+        `system`, so it is present on every copy or on none, then clear the record. Raises (and
+        keeps the record) while that fails. A damaged record, or a site that no longer runs the
+        application (the failover settled that write), is logged and cleared."""
+        try:
+            intent = self.pending()
+        except FormatError as exc:
+            log.error("%s; cannot tell which write was in progress at the last crash: run `vstore verify`", exc)
+            self.clear()
+            return
+        if intent is None:
+            return
+        if system.active_site != site:  # a stale primary
+            log.warning("not re-driving the write in progress at the last crash (volume %s, blocks %d..): the "
+                        "application now runs at %s", intent.volume, intent.lba, system.active_site)
+            self.clear()
+            return
+        dev = system.device(intent.volume)
+        dev.write(intent.lba, dev.read(intent.lba, intent.count))
+        dev.flush()
+        system.save()
+        self.clear()
+        log.warning("re-drove the write in progress at the last crash (volume %s, blocks %d..%d) to every copy",
+                    intent.volume, intent.lba, intent.lba + intent.count - 1)
 
     def close(self) -> None:
         os.close(self._fd)

@@ -1,5 +1,5 @@
-"""The processes of a lab (issue 6; DESIGN "Process model"): `vstore lab up|down`, which daemon is
-running, and which one to ask.
+"""The processes of a lab (DESIGN "Process model"): `vstore lab up|down`, which daemon is running,
+and which one to ask.
 
 Keeps true:
 - Every process of a lab (a site daemon, or the shipper process of the site running the
@@ -9,7 +9,8 @@ Keeps true:
   re-drives an in-doubt write through the others), then the shipper; `lab down` stops the shipper
   first. Stopping is SIGTERM, then SIGKILL after a timeout, said in the log.
 - Requests go to the daemon of the site running the application (`coordinator`); status-like
-  requests may go to any daemon that answers when no site runs it.
+  requests may go to any daemon that answers when no site runs it. The `app.info` answer the
+  coordinator got from that very daemon travels with its `Peer` (`Peer.app_info`), not asked twice.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from typing import Any
 from vstore.blocks.codec import load_json
 from vstore.blocks.errors import TricopyError
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
-from vstore.net.remote import Peer
+from vstore.net.client import Peer
+from vstore.net.keys import load_key
+from vstore.net.rpc import APP_INFO
 from vstore.net.tls import client_context
-from vstore.net.wire import ConnectionFailed, load_key
+from vstore.net.wire import ConnectionFailed
 
 log = logging.getLogger("vstore.processes")
 RUN_DIR = "run"
@@ -38,6 +41,7 @@ SHIPPER = "shipper"  # the shipping process's name in LAB/run (pid and log files
 
 
 def clients(lab: Path, topo: Topology, key: bytes, *, timeout: float = 10.0) -> dict[str, Peer]:
+    """A client of every site's daemon, by site name (connected on first use)."""
     tls = client_context(lab, topo.tls)
     return {name: Peer(spec.host, spec.port, key, timeout=timeout, ssl_context=tls)
             for name, spec in topo.sites.items()}
@@ -202,7 +206,7 @@ def coordinator(lab: Path, *, application: bool = True) -> Peer:
     answering: list[str] = []
     for name, client in clients(lab, topo, key).items():
         try:
-            info = client.call("app.info")[0]
+            info = client.call(APP_INFO)[0]
         except ConnectionFailed:
             continue
         except TricopyError:  # it answers, but sees no site running the application
@@ -210,8 +214,10 @@ def coordinator(lab: Path, *, application: bool = True) -> Peer:
             continue
         finally:
             client.close()
-        spec = topo.sites[info["active"]]
-        return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo.tls))
+        active = info["active"]
+        spec = topo.sites[active]
+        return Peer(spec.host, spec.port, key, ssl_context=client_context(lab, topo.tls),
+                    app_info=info if name == active else None)
     if not answering:
         raise TricopyError(f"no daemon of lab {lab} answers; start them with `vstore lab up {lab}`")
     if not application:

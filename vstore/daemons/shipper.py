@@ -33,8 +33,19 @@ from typing import Any
 
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.lab.topology import SITE_NAMES, load_topology
+from vstore.net.client import AsyncClient
+from vstore.net.keys import load_key
+from vstore.net.rpc import (
+    JOURNAL_APPLIED,
+    JOURNAL_FINISH,
+    JOURNAL_RECEIVE,
+    SHIP,
+    SPOOL_ACKED,
+    SPOOL_CONFIRM,
+    SPOOL_PLAN,
+)
 from vstore.net.tls import client_context
-from vstore.net.wire import AsyncClient, ConnectionFailed, RemoteError, load_key
+from vstore.net.wire import ConnectionFailed, RemoteError
 from vstore.replication.entries import (
     ENTRY_HEADER_SIZE,
     Entry,
@@ -176,7 +187,7 @@ class Shipper:
 
     # -- one session: connected to the daemon and to the Async site -----------------------------
     async def session(self, daemon: AsyncClient) -> None:
-        plan = (await daemon.call("spool.plan"))[0]
+        plan = (await daemon.call(SPOOL_PLAN))[0]
         if not plan.get("active"):
             log.info("site %s does not run the application; nothing to ship", self.site)
             await self.sleep(5.0)
@@ -194,23 +205,23 @@ class Shipper:
     async def delegate(self, daemon: AsyncClient, plan: dict) -> None:
         """Suspended async group or a failed link: the daemon runs the in-process shipper (resync
         by Duplex-Pending, or Suspend with positions recorded)."""
-        answer = (await daemon.call("ship", {"in_process": True}, timeout=600.0))[0]
+        answer = (await daemon.call(SHIP, {"in_process": True}, timeout=600.0))[0]
         if answer.get("error"):
             log.warning("shipping to %s waits: %s", plan.get("target_site"), answer["error"])
             await self.sleep(1.0)
 
     async def stream(self, daemon: AsyncClient, remote: AsyncClient, plan: dict) -> None:
         targets = plan["targets"]
-        await remote.call("journal.finish", {"targets": targets})
-        applied = int((await remote.call("journal.applied"))[0]["applied_seq"])
-        acked = (await daemon.call("spool.acked"))[0]
+        await remote.call(JOURNAL_FINISH, {"targets": targets})
+        applied = int((await remote.call(JOURNAL_APPLIED))[0]["applied_seq"])
+        acked = (await daemon.call(SPOOL_ACKED))[0]
         if acked["confirmed"] < applied <= acked["acked"]:
-            await daemon.call("spool.confirm", {"seq": applied, "stats": self.meter.rates()})
+            await daemon.call(SPOOL_CONFIRM, {"seq": applied, "stats": self.meter.rates()})
         sent = max(applied, acked["confirmed"])
         log.info("shipping to %s from entry %d (the Async site applied %d)", plan["target_site"], sent + 1, applied)
         planned_at = time.monotonic()
         while not self.stopping:
-            acked = (await daemon.call("spool.acked"))[0]
+            acked = (await daemon.call(SPOOL_ACKED))[0]
             if not acked.get("active") or not acked["duplex"] or acked["version"] != plan["version"] \
                     or time.monotonic() - planned_at > PLAN_EVERY_S:
                 return  # pair states or faults changed, or time to re-plan: a new session
@@ -223,7 +234,7 @@ class Shipper:
             await self.send(remote, entries, plan)
             sent = entries[-1][0].seq
             self.meter.add(len(entries), sum(len(raw) for _, raw in entries))
-            await daemon.call("spool.confirm", {"seq": sent, "stats": self.meter.rates()})
+            await daemon.call(SPOOL_CONFIRM, {"seq": sent, "stats": self.meter.rates()})
 
     async def send(self, remote: AsyncClient, entries: list[tuple[Entry, bytes]], plan: dict) -> None:
         """Batches of `batch_entries`, built from the entries' bytes as the spool holds them."""
@@ -236,7 +247,7 @@ class Shipper:
                 raw = dict((e.seq, data) for e, data in batch)
                 kept = coalesce([e for e, _ in batch]) if plan["coalescing"] else [e for e, _ in batch]
                 data = encode_batch_raw([raw[e.seq] for e in kept], first, last, coalesced=len(kept) != len(batch))
-                yield "journal.receive", {"first_seq": first, "last_seq": last, "targets": plan["targets"]}, data
+                yield JOURNAL_RECEIVE, {"first_seq": first, "last_seq": last, "targets": plan["targets"]}, data
 
         await remote.call_many(calls())
 

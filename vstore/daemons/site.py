@@ -1,18 +1,22 @@
-"""Site daemons: `vstore serve --site NAME --config LAB/topology.toml` (issue 6; DESIGN "Process
-model"); starting and stopping them (`vstore lab up|down`) is vstore/processes.py.
+"""Site daemons: `vstore serve --site NAME --config LAB/topology.toml` (DESIGN "Process model",
+"Sites and links"); starting and stopping them (`vstore lab up|down`) is vstore/daemons/processes.py.
 
 Keeps true:
 - A daemon serves only its own site's directory: its volumes, its `state.json`, its receive
   journal, and (when its host runs the application) its entry spool. Everything about another site
   goes over the authenticated RPC of `vstore.net` to that site's daemon.
+- Requests are dispatched through one table keyed by the method names of `vstore.net.rpc` (the
+  `@rpc(NAME)` handlers below); a name not in it is refused with "unknown request 'NAME'".
 - One request at a time touches the site (a lock serialises request handlers), so writes to the
   consistency group are sequenced in one place. A coordinating request (an application write,
-  status, ship) works on a `System` with the other sites reached through `vstore.remote`, and saves
-  what changed before answering; the `System` is kept between requests and reloaded from every
-  site when a peer did not answer, a request failed, or faults.json changed.
-- Before an application write its range goes into the write-intent record (vstore/intent.py); a
-  daemon restarted after a kill re-drives it, so that write ends on every copy or on none.
-- Shipping is its own process (`vstore shipper`, vstore/shipper.py), started by `lab up` next to
+  status, ship) works on a `System` with the other sites reached through `vstore.net.remote`, and
+  saves what changed before answering; the `System` is kept between requests and reloaded from
+  every site when a peer did not answer, a request failed, or faults.json changed.
+- The receive journal and the spool are opened once, on first use: while the daemon runs it is the
+  only writer of its site's directory (procedures run with the daemons stopped).
+- Before an application write its range goes into the write-intent record (vstore/daemons/intent.py);
+  a daemon restarted after a kill re-drives it, so that write ends on every copy or on none.
+- Shipping is its own process (`vstore shipper`, vstore/daemons/shipper.py), started by `lab up` next to
   the daemon of the site running the application. That daemon owns the spool: it appends entries
   (under the site lock, durable before the ack), answers `spool.acked` (the last acknowledged
   entry: the shipper never sends past it) and `spool.plan`, and trims on `spool.confirm` once the
@@ -33,50 +37,59 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.device import ImageDevice
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.daemons.intent import WriteIntent
 from vstore.daemons.processes import RUN_DIR, SHIPPER, running_pid
+from vstore.lab.system import System
 from vstore.lab.topology import SITE_NAMES, load_topology
-from vstore.net.remote import Peer
+from vstore.net import rpc as names
+from vstore.net.client import Peer
+from vstore.net.keys import load_key
+from vstore.net.rpc import HandlerTable
+from vstore.net.server import serve
 from vstore.net.tls import contexts as tls_contexts
-from vstore.net.wire import ConnectionFailed, load_key, serve
+from vstore.net.wire import ConnectionFailed
+from vstore.procedures.setup import resync_all
 from vstore.replication.entries import EntryLog, ReceiveJournal, decode_batch_full
+from vstore.replication.network import link_name
 from vstore.replication.shipping import DEFAULT_BATCH_ENTRIES
 
 log = logging.getLogger("vstore.daemon")
+Answer = tuple[dict, bytes]
+# A handler runs as (daemon, args, data), or as (daemon, system, args, data) when `coordinated` (on
+# the lab's `System`); after one that `saves`, the System is saved, even when the request failed.
+HANDLERS = HandlerTable()
+rpc = HANDLERS.handler
 
 
 class SiteDaemon:
+    """The daemon of one site: its request handlers (`@rpc`), start-up recovery and serving loop."""
+
     def __init__(self, lab: Path, site: str) -> None:
         if site not in SITE_NAMES:
             raise TricopyError(f"unknown site {site!r}; use one of {', '.join(SITE_NAMES)}")
         self.lab = lab
         self.site = site
+        self.site_dir = lab / site
         self.topo = load_topology(lab)
         self.key = load_key(lab / self.topo.key_file)
         self.server_tls, self.client_tls = tls_contexts(lab, self.topo.tls)
-        self.peers = {}
-        for name in SITE_NAMES:
-            if name != site:
-                spec = self.topo.peer_address(site, name)  # maybe through a fault proxy on the link
-                self.peers[name] = Peer(spec.host, spec.port, self.key, timeout=5.0, ssl_context=self.client_tls)
+        addresses = {name: self.topo.peer_address(site, name) for name in SITE_NAMES if name != site}  # maybe proxied
+        self.peers = {name: Peer(spec.host, spec.port, self.key, timeout=5.0, ssl_context=self.client_tls)
+                      for name, spec in addresses.items()}
         self.lock = threading.RLock()
         self.entry_log: EntryLog | None = None
+        self._journal: ReceiveJournal | None = None
         self.ship_stats: dict = {}
         self._state_cache: tuple[tuple[int, int, int], dict] | None = None
         self.intent: WriteIntent | None = None
-        self._system: Any = None
+        self._system: System | None = None
         self._system_version = 0
         self.redo_needed = True  # until the record has been checked once, at start-up
         self.devices: dict[str, ImageDevice] = {}
-
-    @property
-    def site_dir(self) -> Path:
-        return self.lab / self.site
 
     # -- local primitives -----------------------------------------------------------------------
     def state(self) -> dict | None:
@@ -98,13 +111,15 @@ class SiteDaemon:
         state = self.state()
         if state is None or volume not in state.get("volumes", {}):
             raise TricopyError(f"site {self.site} has no volume {volume!r}")
-        if volume not in self.devices:
-            self.devices[volume] = ImageDevice(self.site_dir / state["volumes"][volume]["file"],
-                                               self.topo.block_size, durable=self.topo.durable)
+        self.devices[volume] = ImageDevice(self.site_dir / state["volumes"][volume]["file"],
+                                           self.topo.block_size, durable=self.topo.durable)
         return self.devices[volume]
 
     def journal(self) -> ReceiveJournal:
-        return ReceiveJournal(self.site_dir / "recv", durable=self.topo.durable)
+        """This site's receive journal, opened on first use (a site that never receives has no recv/)."""
+        if self._journal is None:
+            self._journal = ReceiveJournal(self.site_dir / "recv", durable=self.topo.durable)
+        return self._journal
 
     def apply_batch(self, entries: list, targets: dict[str, str]) -> None:
         used = set()
@@ -129,12 +144,11 @@ class SiteDaemon:
                                           block_size=self.topo.block_size)
         return self.entry_log
 
-    def system(self) -> contextlib.AbstractContextManager[Any]:
+    def system(self) -> contextlib.AbstractContextManager[System]:
         """The lab as this site sees it, for one request. The `System` is kept between requests
         (loading it costs a state request to every peer) while every peer answered when it was
         loaded and faults.json has not changed; a request that fails drops it, so the next one
         reloads every site's state from its owner."""
-        from vstore.lab.system import System
         faults = self.lab / "faults.json"
         version = faults.stat().st_mtime_ns if faults.is_file() else 0
         cached = self._system
@@ -147,7 +161,7 @@ class SiteDaemon:
         return self._borrow(cached)
 
     @contextlib.contextmanager
-    def _borrow(self, system: Any) -> Iterator[Any]:
+    def _borrow(self, system: System) -> Iterator[System]:
         try:
             yield system
         except BaseException:
@@ -170,35 +184,11 @@ class SiteDaemon:
             self.intent = WriteIntent(self.site_dir, durable=self.topo.durable)
         return self.intent
 
-    def redo_in_doubt_write(self, system: Any) -> None:
-        """After an unclean stop: re-drive the write that was in progress (vstore/intent.py), so it
-        is present on every copy or on none. Raises (and keeps the record) while that fails. The
-        record names the last write begun; only at start-up is it in doubt (`redo_needed`, which
-        `redo_at_start` clears at once on a site that does not run the application)."""
-        try:
-            intent = self.write_intent().pending()
-        except FormatError as exc:
-            log.error("%s; cannot tell which write was in progress at the last crash: run `vstore verify`", exc)
-            self.write_intent().clear()
-            self.redo_needed = False
-            return
-        if intent is None:
-            self.redo_needed = False
-            return
-        if system.active_site != self.site:  # a stale primary: the failover settled that write
-            log.warning("not re-driving the write in progress at the last crash (volume %s, blocks %d..): the "
-                        "application now runs at %s", intent.volume, intent.lba, system.active_site)
-            self.write_intent().clear()
-            self.redo_needed = False
-            return
-        dev = system.device(intent.volume)
-        dev.write(intent.lba, dev.read(intent.lba, intent.count))
-        dev.flush()
-        system.save()
-        self.write_intent().clear()
+    def redo_in_doubt_write(self, system: System) -> None:
+        """Re-drive the write in progress at an unclean stop (`WriteIntent.redo`; raises while that
+        fails). Only at start-up is it in doubt (`redo_needed`; `redo_at_start` clears it elsewhere)."""
+        self.write_intent().redo(system, self.site)
         self.redo_needed = False
-        log.warning("re-drove the write in progress at the last crash (volume %s, blocks %d..%d) to every copy",
-                    intent.volume, intent.lba, intent.lba + intent.count - 1)
 
     def redo_at_start(self) -> None:
         state = self.state() or {}
@@ -233,13 +223,13 @@ class SiteDaemon:
                 "duplex": self.async_group_duplex(state),
                 "version": faults.stat().st_mtime_ns if faults.is_file() else 0}
 
-    def spool_plan(self) -> dict:
+    @rpc(names.SPOOL_PLAN)
+    def spool_plan(self, args: dict, data: bytes) -> Answer:
         """Where and how to ship: the Async site's address (through a fault proxy if the link has
         one), which volume each entry volume id lands on, batching, and whether a fault blocks it."""
-        from vstore.replication.network import link_name
         answer = self.spool_acked()
         if not answer["active"]:
-            return answer
+            return answer, b""
         with self.system() as system:
             target = system.async_target_site()
             faults = system.faults
@@ -251,16 +241,19 @@ class SiteDaemon:
             spec = self.topo.peer_address(self.site, target)
             return {**answer, "target_site": target, "address": [spec.host, spec.port],
                     "targets": {str(k): v for k, v in system.receive_targets(target).items()},
-                    "coalescing": self.topo.coalesce, "batch_entries": DEFAULT_BATCH_ENTRIES, "blocked": blocked}
+                    "coalescing": self.topo.coalesce, "batch_entries": DEFAULT_BATCH_ENTRIES,
+                    "blocked": blocked}, b""
 
-    def spool_confirm(self, seq: int, stats: dict) -> dict:
-        spool = self.spool()
+    @rpc(names.SPOOL_CONFIRM)
+    def spool_confirm(self, args: dict, data: bytes) -> Answer:
+        """The Async site applied entries up to `seq`: trim the spool there; keep the shipper's rates."""
+        seq, stats, spool = int(args["seq"]), dict(args.get("stats") or {}), self.spool()
         if spool is None:
             raise TricopyError(f"site {self.site} does not run the application: no spool to confirm")
         if spool.confirmed_seq < seq < spool.next_seq:
             spool.confirm(seq)
         self.ship_stats = {**stats, "confirmed_seq": spool.confirmed_seq, "time": time.time()}
-        return {"confirmed": spool.confirmed_seq}
+        return {"confirmed": spool.confirmed_seq}, b""
 
     def shipping_status(self) -> dict:
         """The shipper process as status shows it: running or not, send rate, last confirmation."""
@@ -298,56 +291,85 @@ class SiteDaemon:
         return {"entries": now["confirmed"] - start["confirmed"], "batches": None, "error": error,
                 "blocks_sent": None, "blocks_written": None, "resynced_blocks": 0}
 
-    def handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
-        if method == "ship" and not args.get("in_process") and running_pid(self.lab, SHIPPER):
+    # -- requests -------------------------------------------------------------------------------
+    def handle(self, method: str, args: dict, data: bytes) -> Answer:
+        """Answer one request through the handler table, under the site lock (`ship` while a
+        shipper process runs only waits for it, without the lock)."""
+        if method == names.SHIP and not args.get("in_process") and running_pid(self.lab, SHIPPER):
             return self.wait_drained(float(args.get("timeout", 60.0))), b""
+        route = HANDLERS.route(method)
+        if route is None:
+            raise TricopyError(f"unknown request {method!r}")
         with self.lock:
-            return self._handle(method, args, data)
+            if not route.options.get("coordinated"):
+                return route.run(self, args, data)
+            with self.system() as system:
+                try:
+                    return route.run(self, system, args, data)
+                finally:
+                    if route.options.get("saves"):
+                        system.save()
 
-    def _handle(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
-        if method == "ping":
-            return {"site": self.site, "pid": os.getpid()}, b""
-        if method == "state.get":
-            return {"state": self.state()}, b""
-        if method == "state.put":
-            save_json_atomic(self.site_dir / "state.json", args["state"], durable=self.topo.durable)
-            return {}, b""
-        if method == "vol.read":
-            return {}, self.device(args["volume"]).read(int(args["lba"]), int(args["count"]))
-        if method == "vol.write":
-            dev = self.device(args["volume"])
-            dev.write(int(args["lba"]), data)
-            if args.get("flush", True):
-                dev.flush()
-            return {}, b""
-        if method == "vol.flush":
-            self.device(args["volume"]).flush()
-            return {}, b""
-        if method == "journal.applied":
-            return {"applied_seq": self.journal().applied_seq}, b""
-        if method == "journal.set_applied":
-            self.journal().set_applied_seq(int(args["seq"]))
-            return {}, b""
-        if method == "journal.receive":  # store, apply, record: the batch is decoded once
-            journal = self.journal()
-            self.save_targets(args["targets"])
-            batch = decode_batch_full(data)
-            if (batch.first_seq, batch.last_seq) != (int(args["first_seq"]), int(args["last_seq"])):
-                raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
-                                  f"{args['first_seq']}..{args['last_seq']}")
-            journal.store_encoded(batch, data)
-            self.apply_batch(batch.entries, args["targets"])
-            journal.mark_applied(batch.last_seq)
-            return {"applied": len(batch.entries)}, b""
-        if method == "journal.finish":
-            return {"applied": self._finish(self.journal(), args["targets"])}, b""
-        if method == "spool.acked":
-            return self.spool_acked(), b""
-        if method == "spool.plan":
-            return self.spool_plan(), b""
-        if method == "spool.confirm":
-            return self.spool_confirm(int(args["seq"]), dict(args.get("stats") or {})), b""
-        return self._coordinate(method, args, data)
+    @rpc(names.PING)
+    def ping(self, args: dict, data: bytes) -> Answer:
+        return {"site": self.site, "pid": os.getpid()}, b""
+
+    @rpc(names.STATE_GET)
+    def state_get(self, args: dict, data: bytes) -> Answer:
+        return {"state": self.state()}, b""
+
+    @rpc(names.STATE_PUT)
+    def state_put(self, args: dict, data: bytes) -> Answer:
+        save_json_atomic(self.site_dir / "state.json", args["state"], durable=self.topo.durable)
+        return {}, b""
+
+    @rpc(names.VOL_READ)
+    def vol_read(self, args: dict, data: bytes) -> Answer:
+        return {}, self.device(args["volume"]).read(int(args["lba"]), int(args["count"]))
+
+    @rpc(names.VOL_WRITE)
+    def vol_write(self, args: dict, data: bytes) -> Answer:
+        dev = self.device(args["volume"])
+        dev.write(int(args["lba"]), data)
+        if args.get("flush", True):
+            dev.flush()
+        return {}, b""
+
+    @rpc(names.VOL_FLUSH)
+    def vol_flush(self, args: dict, data: bytes) -> Answer:
+        self.device(args["volume"]).flush()
+        return {}, b""
+
+    @rpc(names.JOURNAL_APPLIED)
+    def journal_applied(self, args: dict, data: bytes) -> Answer:
+        return {"applied_seq": self.journal().applied_seq}, b""
+
+    @rpc(names.JOURNAL_SET_APPLIED)
+    def journal_set_applied(self, args: dict, data: bytes) -> Answer:
+        self.journal().set_applied_seq(int(args["seq"]))
+        return {}, b""
+
+    @rpc(names.JOURNAL_RECEIVE)
+    def journal_receive(self, args: dict, data: bytes) -> Answer:
+        """Store, apply, record: the batch is decoded once."""
+        journal = self.journal()
+        self.save_targets(args["targets"])
+        batch = decode_batch_full(data)
+        if (batch.first_seq, batch.last_seq) != (int(args["first_seq"]), int(args["last_seq"])):
+            raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
+                              f"{args['first_seq']}..{args['last_seq']}")
+        journal.store_encoded(batch, data)
+        self.apply_batch(batch.entries, args["targets"])
+        journal.mark_applied(batch.last_seq)
+        return {"applied": len(batch.entries)}, b""
+
+    @rpc(names.JOURNAL_FINISH)
+    def journal_finish(self, args: dict, data: bytes) -> Answer:
+        return {"applied": self._finish(self.journal(), args["targets"])}, b""
+
+    @rpc(names.SPOOL_ACKED)
+    def spool_acked_request(self, args: dict, data: bytes) -> Answer:
+        return self.spool_acked(), b""
 
     def save_targets(self, targets: dict[str, str]) -> None:
         """Remember which volume each entry volume id lands on, so a batch stored before a crash can
@@ -371,51 +393,59 @@ class SiteDaemon:
         journal.mark_applied()
         return len(batch)
 
-    def _coordinate(self, method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
-        with self.system() as system:
-            changes = method in ("app.write", "ship", "resync")
-            try:
-                if method == "app.info":
-                    dev = system.device(args.get("volume", 0))
-                    return {"block_size": dev.block_size, "num_blocks": dev.num_blocks, "name": dev.name,
-                            "active": system.active_site}, b""
-                if method == "app.write":
-                    volume = args.get("volume", 0)
-                    dev = system.device(volume)
-                    count = dev.check_payload(data)
-                    dev.check_range(int(args["lba"]), count)
-                    if self.redo_needed:
-                        self.redo_in_doubt_write(system)
-                    self.write_intent().mark(str(volume), int(args["lba"]), count)
-                    dev.write(int(args["lba"]), data)
-                    dev.flush()
-                    return {}, b""
-                if method == "app.read":
-                    return {}, system.device(args.get("volume", 0)).read(int(args["lba"]), int(args["count"]))
-                if method == "app.has_unshipped":
-                    dev = system.device(args.get("volume", 0))
-                    return {"answer": dev.has_unshipped([tuple(r) for r in args["ranges"]])}, b""
-                if method == "status":
-                    from vstore.cli.commands import status_document
-                    return {"status": self.with_shipping(status_document(system))}, b""
-                if method == "snapshot":
-                    from vstore.cli.dashboard import snapshot_of
-                    return {"snapshot": self.with_shipping(snapshot_of(system))}, b""
-                if method == "verify":
-                    from vstore.cli.verify import verify
-                    return {"pairs": verify(system, args.get("pair"))}, b""
-                if method == "resync":
-                    from vstore.procedures.setup import resync_all
-                    return {"steps": resync_all(system).steps}, b""
-                if method == "ship":
-                    report = system.shipper().ship(args.get("max"))
-                    return {"entries": report.entries, "batches": report.batches, "error": report.error,
-                            "blocks_sent": report.blocks_sent, "blocks_written": report.blocks_written,
-                            "resynced_blocks": report.resynced_blocks}, b""
-                raise TricopyError(f"unknown request {method!r}")
-            finally:
-                if changes:
-                    system.save()
+    @rpc(names.APP_INFO, coordinated=True)
+    def app_info(self, system: System, args: dict, data: bytes) -> Answer:
+        dev = system.device(args.get("volume", 0))
+        return {"block_size": dev.block_size, "num_blocks": dev.num_blocks, "name": dev.name,
+                "active": system.active_site}, b""
+
+    @rpc(names.APP_WRITE, coordinated=True, saves=True)
+    def app_write(self, system: System, args: dict, data: bytes) -> Answer:
+        volume = args.get("volume", 0)
+        dev = system.device(volume)
+        count = dev.check_payload(data)
+        dev.check_range(int(args["lba"]), count)
+        if self.redo_needed:
+            self.redo_in_doubt_write(system)
+        self.write_intent().mark(str(volume), int(args["lba"]), count)
+        dev.write(int(args["lba"]), data)
+        dev.flush()
+        return {}, b""
+
+    @rpc(names.APP_READ, coordinated=True)
+    def app_read(self, system: System, args: dict, data: bytes) -> Answer:
+        return {}, system.device(args.get("volume", 0)).read(int(args["lba"]), int(args["count"]))
+
+    @rpc(names.APP_HAS_UNSHIPPED, coordinated=True)
+    def app_has_unshipped(self, system: System, args: dict, data: bytes) -> Answer:
+        dev = system.device(args.get("volume", 0))
+        return {"answer": dev.has_unshipped([tuple(r) for r in args["ranges"]])}, b""
+
+    @rpc(names.STATUS, coordinated=True)
+    def status(self, system: System, args: dict, data: bytes) -> Answer:
+        from vstore.cli.commands import status_document
+        return {"status": self.with_shipping(status_document(system))}, b""
+
+    @rpc(names.SNAPSHOT, coordinated=True)
+    def snapshot(self, system: System, args: dict, data: bytes) -> Answer:
+        from vstore.cli.dashboard import snapshot_of
+        return {"snapshot": self.with_shipping(snapshot_of(system))}, b""
+
+    @rpc(names.VERIFY, coordinated=True)
+    def verify(self, system: System, args: dict, data: bytes) -> Answer:
+        from vstore.cli.verify import verify
+        return {"pairs": verify(system, args.get("pair"))}, b""
+
+    @rpc(names.RESYNC, coordinated=True, saves=True)
+    def resync(self, system: System, args: dict, data: bytes) -> Answer:
+        return {"steps": resync_all(system).steps}, b""
+
+    @rpc(names.SHIP, coordinated=True, saves=True)
+    def ship(self, system: System, args: dict, data: bytes) -> Answer:
+        report = system.shipper().ship(args.get("max"))
+        return {"entries": report.entries, "batches": report.batches, "error": report.error,
+                "blocks_sent": report.blocks_sent, "blocks_written": report.blocks_written,
+                "resynced_blocks": report.resynced_blocks}, b""
 
     # -- running --------------------------------------------------------------------------------
     async def run(self, ready: Path | None = None) -> None:

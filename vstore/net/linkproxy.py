@@ -1,7 +1,7 @@
 """A TCP proxy placed on a link between sites (127.0.0.1 only) that adds delay, limits bandwidth, drops or
 cuts the connection on command; `topology.toml` can route a link through it (`[links.primary-sync]
-via = "127.0.0.1:P"`). Issue 6 item 4; the fault proxy of `tools/faults/proxy.py` and the far link of
-`vstore demo` are this one relay.
+via = "127.0.0.1:P"`; DESIGN "Sites and links", "Tools"). The fault proxy of `tools/faults/proxy.py` and
+the far link of `vstore demo` are this one relay.
 
 Keeps true:
 - It listens and forwards only on loopback addresses (127.0.0.0/8, ::1, "localhost"); anything else is

@@ -1,5 +1,5 @@
 """Another site's storage, receive journal and the application's volume, reached over the
-authenticated RPC of `vstore.net` (DESIGN "Sites and links"; issue 6).
+authenticated RPC of `vstore.net` (DESIGN "Sites and links", "Process model"; SPEC §4).
 
 Keeps true: these classes offer exactly the methods the in-process code calls on a local
 `StorageSystem`, `ReceiveJournal`/`Receiver` and `BlockDevice`, so the sync copy program, the
@@ -10,58 +10,28 @@ already turn into failure Suspend.
 
 from __future__ import annotations
 
-import ssl
-import threading
 from collections.abc import Callable, Iterable, Sequence
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
-from vstore.net.wire import Client
+from vstore.net.client import Peer
+from vstore.net.rpc import (
+    APP_HAS_UNSHIPPED,
+    APP_INFO,
+    APP_READ,
+    APP_WRITE,
+    JOURNAL_APPLIED,
+    JOURNAL_FINISH,
+    JOURNAL_RECEIVE,
+    JOURNAL_SET_APPLIED,
+    VOL_FLUSH,
+    VOL_READ,
+    VOL_WRITE,
+)
 from vstore.replication.entries import Entry, encode_batch
 from vstore.replication.storage import Volume
 
 CHUNK = 256
-
-
-class Peer:
-    """An RPC client that connects on first use (a daemon may start before its peers) and again
-    after a failed call; calls are never retried."""
-
-    def __init__(self, host: str, port: int, key: bytes, *, timeout: float = 10.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        self.host, self.port, self.key, self.timeout = host, port, key, timeout
-        self.ssl_context = ssl_context
-        self._client: Peer | None = None
-        self._lock = threading.Lock()
-
-    def call(self, method: str, args: dict | None = None, data: bytes = b"") -> tuple[dict, bytes]:
-        with self._lock:
-            if self._client is None:
-                self._client = Client(self.host, self.port, self.key, timeout=self.timeout,
-                                      ssl_context=self.ssl_context)
-            client = self._client
-        return client.call(method, args, data)
-
-    def post(self, method: str, args: dict | None = None, data: bytes = b"") -> None:
-        """Send without waiting for the answer (`Client.post`)."""
-        with self._lock:
-            if self._client is None:
-                self._client = Client(self.host, self.port, self.key, timeout=self.timeout,
-                                      ssl_context=self.ssl_context)
-            client = self._client
-        client.post(method, args, data)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._client is not None:
-                self._client.close()
-                self._client = None
-
-    def __enter__(self) -> Peer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class RemoteDevice(BlockDevice):
@@ -73,13 +43,13 @@ class RemoteDevice(BlockDevice):
         self.name = f"{site}:{volume} (remote)"
 
     def _read(self, lba: int, count: int) -> bytes:
-        return self.client.call("vol.read", {"volume": self.volume, "lba": lba, "count": count})[1]
+        return self.client.call(VOL_READ, {"volume": self.volume, "lba": lba, "count": count})[1]
 
     def _write(self, lba: int, data: bytes) -> None:
-        self.client.call("vol.write", {"volume": self.volume, "lba": lba}, data)
+        self.client.call(VOL_WRITE, {"volume": self.volume, "lba": lba}, data)
 
     def flush(self) -> None:
-        self.client.call("vol.flush", {"volume": self.volume})
+        self.client.call(VOL_FLUSH, {"volume": self.volume})
 
 
 class RemoteStorage:
@@ -104,10 +74,10 @@ class RemoteStorage:
         return self.volume(volume).device.read(lba, count)
 
     def apply_copy(self, volume: str, lba: int, data: bytes) -> None:
-        self.client.call("vol.write", {"volume": volume, "lba": lba, "flush": True}, data)
+        self.client.call(VOL_WRITE, {"volume": volume, "lba": lba, "flush": True}, data)
 
     def flush_volume(self, volume: str) -> None:
-        self.client.call("vol.flush", {"volume": volume})
+        self.client.call(VOL_FLUSH, {"volume": volume})
 
     def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
                 progress: Callable[[int], None] | None = None, chunk: int = CHUNK, *,
@@ -143,10 +113,10 @@ class RemoteJournal:
 
     @property
     def applied_seq(self) -> int:
-        return int(self.client.call("journal.applied")[0]["applied_seq"])
+        return int(self.client.call(JOURNAL_APPLIED)[0]["applied_seq"])
 
     def set_applied_seq(self, seq: int) -> None:
-        self.client.call("journal.set_applied", {"seq": seq})
+        self.client.call(JOURNAL_SET_APPLIED, {"seq": seq})
 
 
 class RemoteReceiver:
@@ -162,35 +132,40 @@ class RemoteReceiver:
         return self.journal.applied_seq
 
     def receive(self, batch: Sequence[Entry], first_seq: int, last_seq: int, crash_after_store: bool = False) -> None:
-        self.client.call("journal.receive", {"first_seq": first_seq, "last_seq": last_seq, "targets": self.targets,
+        self.client.call(JOURNAL_RECEIVE, {"first_seq": first_seq, "last_seq": last_seq, "targets": self.targets,
                                              "crash_after_store": crash_after_store},
                          encode_batch(batch, first_seq=first_seq, last_seq=last_seq))
 
     def finish_stored(self) -> int:
-        return int(self.client.call("journal.finish", {"targets": self.targets})[0]["applied"])
-
+        return int(self.client.call(JOURNAL_FINISH, {"targets": self.targets})[0]["applied"])
 
 
 class AppDevice(BlockDevice):
     """The application's volume at the site running it, through that site's daemon (what
     `jfs ... lab:LAB` uses while the lab is up). Each write returns when the daemon acknowledged
-    it: A written (so C has it) and the entry durable in the spool."""
+    it: A written (so C has it) and the entry durable in the spool. The volume's geometry comes
+    from `app.info`, unless `client.app_info` already holds that daemon's answer for volume 0
+    (used once)."""
 
     def __init__(self, client: Peer, volume: int = 0, *, readonly: bool = False) -> None:
-        info = client.call("app.info", {"volume": volume})[0]
+        info, client.app_info = client.app_info, None
+        if info is None or volume != 0:
+            info = client.call(APP_INFO, {"volume": volume})[0]
         self.client, self.volume, self.readonly, self.active = client, volume, readonly, str(info["active"])
         self.block_size, self.num_blocks = int(info["block_size"]), int(info["num_blocks"])
         self.name = f"{info['name']} (via the {info['active']} daemon)"
-        self.shipped_in_background = True
+        # Another process (the shipper) ships this device's entries: a full jfs metadata log mounted on it
+        # waits this long for shipping before LogFull (jfs `FileSystem.mount` reads it).
+        self.log_full_wait = 60.0
 
     def _read(self, lba: int, count: int) -> bytes:
-        return self.client.call("app.read", {"volume": self.volume, "lba": lba, "count": count})[1]
+        return self.client.call(APP_READ, {"volume": self.volume, "lba": lba, "count": count})[1]
 
     def _write(self, lba: int, data: bytes) -> None:
-        self.client.call("app.write", {"volume": self.volume, "lba": lba}, data)
+        self.client.call(APP_WRITE, {"volume": self.volume, "lba": lba}, data)
 
     def has_unshipped(self, ranges: Iterable[tuple[int, int]]) -> bool:
-        answer = self.client.call("app.has_unshipped", {"volume": self.volume, "ranges": [list(r) for r in ranges]})
+        answer = self.client.call(APP_HAS_UNSHIPPED, {"volume": self.volume, "ranges": [list(r) for r in ranges]})
         return bool(answer[0]["answer"])
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""Optional TLS under the authenticated frames of `vstore.net` (issue 6 item 2).
+"""Optional TLS under the authenticated frames of `vstore.net.wire` (DESIGN "Sites and links"; the
+HMAC-SHA256 frames, the nonce handshake and replay refusal run unchanged inside it).
 
 Keeps true:
 - TLS is on for a lab exactly when its topology.toml has a `[tls]` table naming a certificate, its
@@ -6,22 +7,37 @@ Keeps true:
   only, and every client of the lab (CLI, daemons, shipper) presents the certificate and checks the
   peer's against the CA and the address it dialled; the HMAC'd frames run unchanged inside.
 - `vstore lab init --tls` makes a private lab CA and one certificate for every site address of the
-  topology (the key files are written 0600). Real deployments put their own files in `[tls]`.
+  topology (the private key is written 0600 by `vstore.net.keys.write_private`). Real deployments
+  put their own files in `[tls]`.
+- Both ends require TLS 1.2 or newer and a certificate signed by the lab's CA (mutual TLS).
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import os
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
 
 from vstore.blocks.errors import TricopyError
-from vstore.net.wire import make_ssl_contexts
+from vstore.net.keys import write_private
 
 TLS_DIR = "tls"
+
+
+def make_ssl_contexts(cert: Path, key: Path, ca: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context) for mutual TLS: both ends present `cert` and trust `ca`."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.minimum_version = ssl.TLSVersion.TLSv1_2
+    server.load_cert_chain(str(cert), str(key))
+    server.load_verify_locations(str(ca))
+    server.verify_mode = ssl.CERT_REQUIRED
+    client = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client.minimum_version = ssl.TLSVersion.TLSv1_2
+    client.load_cert_chain(str(cert), str(key))
+    client.load_verify_locations(str(ca))
+    return server, client
 
 
 def contexts(lab: Path, tls: Mapping[str, str] | None) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
@@ -39,13 +55,8 @@ def contexts(lab: Path, tls: Mapping[str, str] | None) -> tuple[ssl.SSLContext |
 
 
 def client_context(lab: Path, tls: Mapping[str, str] | None) -> ssl.SSLContext | None:
+    """The client half of `contexts` (None when TLS is off)."""
     return contexts(lab, tls)[1]
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def create_lab_certificates(lab: Path, hosts: list[str]) -> dict[str, str]:
@@ -86,7 +97,7 @@ def create_lab_certificates(lab: Path, hosts: list[str]) -> dict[str, str]:
     pem = serialization.Encoding.PEM
     (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
     (folder / "cert.pem").write_bytes(site.public_bytes(pem))
-    _write_private(folder / "key.pem", site_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+    write_private(folder / "key.pem", site_key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
                                                                serialization.NoEncryption()))
     # The CA key is not kept: nobody can mint another certificate this lab trusts.
     return {"cert": f"{TLS_DIR}/cert.pem", "key": f"{TLS_DIR}/key.pem", "ca": f"{TLS_DIR}/ca.pem"}

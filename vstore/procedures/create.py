@@ -12,9 +12,7 @@ Layout (one volume; with N > 1 volumes A0.img, A1.img, ...):
 
 from __future__ import annotations
 
-import os
 import random
-import secrets
 import socket
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from vstore.blocks.device import create_image
 from vstore.blocks.errors import TricopyError
 from vstore.lab.system import System, external_id, new_site_state
 from vstore.lab.topology import TOPOLOGY_FILE, Topology, default_sites, validate
+from vstore.net.keys import create_key
 from vstore.procedures.setup import Progress, StepLog, initial_setup, no_progress
 from vstore.replication.mirror import Member, MirrorSettings
 
@@ -65,9 +64,8 @@ def free_base_port(count: int = 3) -> int:
 
 
 def write_key(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
+    """A fresh lab key in a new 0600 file (`vstore.net.keys.create_key`)."""
+    create_key(path)
 
 
 def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes: int = 1, protect: bool = True,

@@ -22,9 +22,9 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-from jfs.metalog import merge_ranges
 from jfs.scan import metadata_ranges, scan_log
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.ranges import merge_ranges
 from vstore.lab.system import System
 from vstore.procedures.roles import drop_pairs_of, make_primary, start_async_without_copy, volumes_of
 from vstore.procedures.setup import Progress, StepLog, no_progress

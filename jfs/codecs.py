@@ -1,0 +1,165 @@
+"""Values <-> block images for the structures that `jfs.layout` declares (SPEC §8 [0160]; FORMAT.md).
+
+The model is dissect's c_*/logic split: `layout` declares each structure once with construct, this
+module turns Python values into the exact bytes of a block and back, and everything above (the file
+system, fsck, the recovery scan, mkfs) builds and reads blocks only through these functions.
+
+Keeps true:
+- Building then parsing gives back the same values; every parse of untrusted bytes goes through
+  `layout.parse`/`parse_checked`, so a bad magic, CRC or length is one `FormatError` sentence.
+- An all-zero inode slot is a free inode, never a corrupt one.
+- A superblock is usable when it parses and the regions it states fit the volume
+  (`Geometry.check`); `find_superblock` takes block 0, else the backup in the last block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from jfs import layout as L
+from vstore.blocks.device import BlockDevice
+from vstore.blocks.errors import FormatError
+
+TYPE_NAMES = {L.TYPE_FILE: "file", L.TYPE_DIR: "dir"}
+
+
+# -- inodes -------------------------------------------------------------------------------------
+@dataclass
+class Inode:
+    ino: int
+    type: int
+    mode: int
+    nlink: int
+    generation: int
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    direct: list[int] = field(default_factory=lambda: [0] * L.N_DIRECT)
+    indirect: int = 0
+    dindirect: int = 0
+    nblocks: int = 0
+
+    def build(self) -> bytes:
+        return L.build_checked(L.Inode, dict(
+            type=self.type, mode=self.mode, reserved=0, nlink=self.nlink, generation=self.generation,
+            size=self.size, atime_ns=self.atime_ns, mtime_ns=self.mtime_ns, ctime_ns=self.ctime_ns,
+            direct=self.direct, indirect=self.indirect, dindirect=self.dindirect, nblocks=self.nblocks))
+
+    @classmethod
+    def parse(cls, ino: int, raw: bytes) -> Inode | None:
+        """None for a free (all-zero) slot; FormatError for a corrupt one."""
+        if L.is_zero(raw):
+            return None
+        v = L.parse_checked(L.Inode, raw, f"inode {ino}")
+        if v.type not in TYPE_NAMES:
+            raise FormatError(f"inode {ino} has unknown type {v.type}; run 'jfs fsck' to repair")
+        return cls(ino, v.type, v.mode, v.nlink, v.generation, v.size, v.atime_ns, v.mtime_ns,
+                   v.ctime_ns, list(v.direct), v.indirect, v.dindirect, v.nblocks)
+
+
+# -- directory blocks -----------------------------------------------------------------------------
+@dataclass
+class DirBlock:
+    lba: int
+    entries: dict[str, tuple[int, int]]  # name -> (ino, type)
+
+    def used(self) -> int:
+        return sum(L.dir_entry_size(n) for n in self.entries)
+
+    def image(self, block_size: int, owner: int) -> bytes:
+        return L.build_checked(L.dir_block(block_size), dict(
+            count=len(self.entries), owner=owner,
+            entries=[dict(ino=i, type=t, name=n) for n, (i, t) in self.entries.items()]))
+
+
+def parse_dir_block(block_size: int, lba: int, raw: bytes, what: str) -> tuple[int, DirBlock]:
+    """(owner inode, entries) of the directory block at `lba`."""
+    v = L.parse_checked(L.dir_block(block_size), raw, what)
+    return v.owner, DirBlock(lba, {e.name: (e.ino, e.type) for e in v.entries})
+
+
+# -- pointer blocks -------------------------------------------------------------------------------
+def ptr_image(block_size: int, level: int, owner: int, ptrs: list[int]) -> bytes:
+    """A pointer block; `ptrs` shorter than a block's worth is padded with holes."""
+    full = ptrs + [0] * (L.ptrs_per_block(block_size) - len(ptrs))
+    return L.build_checked(L.ptr_block(block_size), dict(level=level, reserved=0, owner=owner, ptrs=full))
+
+
+def parse_ptr_block(block_size: int, raw: bytes, what: str) -> Any:
+    """The values (level, owner, ptrs) of a pointer block."""
+    return L.parse_checked(L.ptr_block(block_size), raw, what)
+
+
+# -- bitmaps ----------------------------------------------------------------------------------------
+def bitmap_image(block_size: int, magic: bytes, index: int, bits: bytes) -> bytes:
+    return L.build_checked(L.bitmap_block(block_size, magic), dict(reserved=0, index=index, bits=bits))
+
+
+def bitmap_images(geo: L.Geometry, bits: bytes, magic: bytes) -> list[bytes]:
+    nbytes = L.bits_per_bitmap_block(geo.block_size) // 8
+    return [bitmap_image(geo.block_size, magic, k, bits[k * nbytes:(k + 1) * nbytes])
+            for k in range(len(bits) // nbytes)]
+
+
+def parse_bitmap(block_size: int, magic: bytes, blocks: list[bytes], first_lba: int, what: str) -> bytearray:
+    """The bits of a whole bitmap from its blocks (each checked: magic, CRC, index)."""
+    st = L.bitmap_block(block_size, magic)
+    bits = bytearray()
+    for k, raw in enumerate(blocks):
+        v = L.parse_checked(st, raw, f"{what} block {first_lba + k}")
+        if v.index != k:
+            raise FormatError(f"{what} block {first_lba + k} is out of place; run 'jfs fsck'")
+        bits += v.bits
+    return bits
+
+
+def fresh_bitmaps(geo: L.Geometry) -> tuple[bytearray, bytearray]:
+    """Inode and block bitmaps of an empty file system (reserved and metadata bits set)."""
+    bpb = L.bits_per_bitmap_block(geo.block_size)
+    ib = bytearray(geo.ibitmap_blocks * bpb // 8)
+    bb = bytearray(geo.bbitmap_blocks * bpb // 8)
+
+    def setbit(buf: bytearray, i: int) -> None:
+        buf[i >> 3] |= 1 << (i & 7)
+
+    for i in [0, L.ROOT_INO, *range(geo.inode_count, len(ib) * 8)]:
+        setbit(ib, i)
+    for i in [*range(geo.data_start), *range(geo.data_end, len(bb) * 8)]:
+        setbit(bb, i)
+    return ib, bb
+
+
+# -- superblock ---------------------------------------------------------------------------------------
+def superblock_image(geo: L.Geometry, uuid: bytes, label: str, state: int, cp_seq: int,
+                     mkfs_time_ns: int) -> bytes:
+    return L.build_checked(L.Superblock, dict(
+        state=state, block_size=geo.block_size, num_blocks=geo.num_blocks,
+        inode_count=geo.inode_count, inode_size=L.INODE_SIZE, features=0,
+        log_start=geo.log_start, log_blocks=geo.log_blocks,
+        ibitmap_start=geo.ibitmap_start, ibitmap_blocks=geo.ibitmap_blocks,
+        bbitmap_start=geo.bbitmap_start, bbitmap_blocks=geo.bbitmap_blocks,
+        itable_start=geo.itable_start, itable_blocks=geo.itable_blocks, data_start=geo.data_start,
+        root_ino=L.ROOT_INO, checkpoint_seq=cp_seq, mkfs_time_ns=mkfs_time_ns, uuid=uuid, label=label),
+        geo.block_size)
+
+
+def read_superblock(raw: bytes, what: str = "superblock") -> Any:
+    """The superblock values in `raw` (a block, or at least its first SUPERBLOCK_BYTES)."""
+    return L.parse_checked(L.Superblock, raw[:L.SUPERBLOCK_BYTES], what)
+
+
+def superblock_at(device: BlockDevice, lba: int, what: str) -> Any:
+    """The superblock stored at `lba`, parsed and with regions that fit; FormatError otherwise."""
+    sb = read_superblock(device.read(lba), what)
+    L.Geometry.from_superblock(sb).check()
+    return sb
+
+
+def find_superblock(device: BlockDevice) -> Any:
+    """The superblock of block 0, or its backup in the last block when block 0 is not usable."""
+    try:
+        return superblock_at(device, 0, "superblock (block 0)")
+    except FormatError:
+        return superblock_at(device, device.num_blocks - 1, "backup superblock")
