@@ -1,8 +1,8 @@
 """`jfs`: the command line of the journaling file system (DESIGN.md "user surface", SPEC §8).
 
 Keeps true:
-- Every target goes through `open_target`, so image paths (and later `lab:LAB` targets) are
-  handled in one place.
+- Every TARGET goes through `jfs.targets`: an image path, or `PREFIX:...` opened by the kind
+  registered for PREFIX (`lab:LAB[@SITE]` from vstore); this module never reads past the prefix.
 - A user mistake (missing image, not a jfs image, corrupt image, no space, no such file) prints
   one sentence to stderr and exits non-zero; never a traceback.
 - `--json` prints exactly one JSON document on stdout with the keys of the JSON contract.
@@ -23,13 +23,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
+from jfs import targets
 from jfs.codecs import read_superblock
-from jfs.fs import FileSystem, open_image, probe_image
+from jfs.fs import FileSystem, probe_image
 from jfs.fs import mkfs as make_fs
 from jfs.fsck import EXIT_ERROR, Checker
 from jfs.fsck import fsck as run_fsck
+from jfs.fuse import fuse_available, serve
+from jfs.mounts import check_mountpoint, foreground_argv, start_background, state_path, unmount
 from jfs.scan import scan_log
-from vstore.blocks.device import BlockDevice, ImageDevice, create_image
+from vstore.blocks.device import ImageDevice, create_image
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.blocks.units import parse_size
 
@@ -46,14 +49,6 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def open_target(target: str, *, writable: bool) -> BlockDevice:
-    """The block device a TARGET names: an image path, or `lab:LAB[@SITE]` (vstore.labdev)."""
-    if target.startswith("lab:"):
-        from vstore.targets import open_lab_target
-        return open_lab_target(target, writable=writable)
-    return open_image(target, readonly=not writable)
-
-
 @contextmanager
 def errors(code: int = 1) -> Iterator[None]:
     try:
@@ -67,7 +62,7 @@ def errors(code: int = 1) -> Iterator[None]:
 @contextmanager
 def mounted(target: str, *, writable: bool) -> Iterator[FileSystem]:
     with errors():
-        dev = open_target(target, writable=writable)
+        dev = targets.open(target, writable=writable)
         try:
             fs = FileSystem.mount(dev, readonly=not writable)
             yield fs
@@ -88,8 +83,8 @@ def mkfs(target: str = typer.Argument(..., help="image file to format"),
     """Create a jfs on an image file or a lab volume (lab:LAB). Example: jfs mkfs disk.img --size 16M --label data"""
     with errors():
         path = Path(target)
-        if target.startswith("lab:"):
-            mkfs_lab(target, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks, force=force)
+        if targets.is_prefixed(target):
+            mkfs_target(target, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks, force=force)
             return
         if not path.exists():
             if size is None:
@@ -112,10 +107,11 @@ def mkfs(target: str = typer.Argument(..., help="image file to format"),
     out.print(f"created jfs on {target} ({path.stat().st_size} bytes, {block_size}-byte blocks)")
 
 
-def mkfs_lab(target: str, *, label: str, uuid: str | None, inodes: int | None, log_blocks: int | None,
-             force: bool) -> None:
-    """mkfs on a lab's replicated volume: every block goes through the provider or mirror group."""
-    dev = open_target(target, writable=True)
+def mkfs_target(target: str, *, label: str, uuid: str | None, inodes: int | None, log_blocks: int | None,
+                force: bool) -> None:
+    """mkfs on a prefixed target's device (a lab's replicated volume: every block goes through the
+    provider or mirror group)."""
+    dev = targets.open(target, writable=True)
     try:
         try:
             read_superblock(dev.read(0))
@@ -231,7 +227,7 @@ def fsck(target: str,
          quiet: bool = typer.Option(False, "--quiet", help="no progress display")) -> None:
     """Check and repair (exit 0 clean, 1 corrected, 4 left uncorrected, 8 error). Example: jfs fsck disk.img -n"""
     with errors(EXIT_ERROR):
-        dev = open_target(target, writable=not no_change)
+        dev = targets.open(target, writable=not no_change)
     try:
         if as_json or quiet:
             result = run_fsck(dev, repair=not no_change)
@@ -267,7 +263,7 @@ def fsck(target: str,
 def log(target: str, as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
     """Show the metadata log: which files each record touched. Example: jfs log disk.img --json"""
     with errors():
-        dev = open_target(target, writable=False)
+        dev = targets.open(target, writable=False)
         try:
             scan = scan_log(dev)
         finally:
@@ -297,28 +293,23 @@ def mount(target: str = typer.Argument(..., help="image file, lab:LAB, or lab:LA
           durable: bool = typer.Option(False, "--durable",
                                        help="image targets: fsync the image at every flush point")) -> None:
     """Mount a jfs through FUSE; returns once the mount is live. Example: jfs mount disk.img /mnt/disk"""
-    from jfs import fuse
-
     with errors():
-        why = fuse.fuse_available()
+        why = fuse_available()
         if why is not None:
             fail(why)
-        fuse.check_mountpoint(mountpoint)
+        check_mountpoint(mountpoint)
         mountpoint = mountpoint.resolve()
-        target = fuse.absolute_target(target)  # libfuse changes the directory to /
-        writable = not (target.startswith("lab:") and "@" in target)
+        target = targets.absolute(target)  # libfuse changes the directory to /
+        writable = not targets.replica(target)
         if not foreground:
-            dev = open_target(target, writable=False)  # fail here, in the caller, on a bad target
+            dev = targets.open(target, writable=False)  # fail here, in the caller, on a bad target
             dev.close()
-            fuse.start_background(fuse.foreground_argv(target, str(mountpoint), durable=durable), mountpoint)
+            start_background(foreground_argv(target, str(mountpoint), durable=durable), mountpoint)
             out.print(f"mounted {target} at {mountpoint}; unmount with: jfs umount {mountpoint}")
             return
-        if target.startswith("lab:"):
-            dev = open_target(target, writable=writable)
-        else:
-            dev = open_image(target, readonly=not writable, durable=durable)
+        dev = targets.open(target, writable=writable, durable=durable)
         try:
-            fuse.serve(dev, mountpoint, readonly=not writable, state=fuse.state_path(mountpoint))
+            serve(dev, mountpoint, readonly=not writable, state=state_path(mountpoint))
         finally:
             dev.close()
 
@@ -326,10 +317,8 @@ def mount(target: str = typer.Argument(..., help="image file, lab:LAB, or lab:LA
 @app.command()
 def umount(mountpoint: Path = typer.Argument(..., help="where a jfs is mounted")) -> None:
     """Unmount a jfs mount and wait until its volume is clean. Example: jfs umount /mnt/disk"""
-    from jfs import fuse
-
     with errors():
-        out.print(fuse.unmount(mountpoint))
+        out.print(unmount(mountpoint))
 
 
 def main() -> None:

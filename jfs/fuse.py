@@ -26,27 +26,18 @@ Keeps true:
 - jfs stores no owners: every file belongs to the mounting user, and chown is accepted and
   ignored (like vfat's `quiet`). There are no symlinks, hard links, device nodes or xattrs
   (those requests fail with ENOSYS / EOPNOTSUPP).
-- A background mount (`jfs mount` without `--foreground`) re-runs itself with `--foreground` in a
-  new session and returns once the mountpoint is live. The mount process keeps a small state
-  file (pid, target, log) in `$XDG_RUNTIME_DIR/jfs-mounts` (or the temp directory), never in a lab
-  or image directory; `jfs umount` unmounts and waits for that process to exit, so when it
-  returns the volume is clean.
+- `serve` runs the FUSE loop in this process; `jfs.mounts` runs it as a background mount process
+  and unmounts it. libfuse (mfusepy) is loaded only when a mount is checked for or served, so
+  importing this module works on a machine without it.
 """
 
 from __future__ import annotations
 
 import errno
 import functools
-import hashlib
-import json
 import logging
 import os
-import shutil
-import signal
 import stat as statmod
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -57,25 +48,17 @@ from typing import Any, TypeVar
 from jfs import layout as L
 from jfs.errors import LogFull
 from jfs.fs import FileSystem
+from jfs.mounts import check_mountpoint, write_state
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
 
-try:  # mfusepy loads libfuse at import time: keep `import jfs.fuse` usable without it
-    import mfusepy
-    from mfusepy import FuseOSError, Operations
 
-    FUSE_IMPORT_ERROR: str | None = None
-except (ImportError, OSError) as _exc:  # pragma: no cover - depends on the machine
-    mfusepy = None  # type: ignore[assignment]
-    FUSE_IMPORT_ERROR = f"mfusepy cannot load libfuse 3 ({_exc}); install the `fuse3` system package " \
-                        "and `pip install mfusepy`"
+class FuseOSError(OSError):
+    """A FUSE request's failure: libfuse answers it with `errno` (mfusepy turns any OSError so)."""
 
-    class FuseOSError(OSError):  # type: ignore[no-redef]
-        def __init__(self, err: int) -> None:
-            super().__init__(err, os.strerror(err))
+    def __init__(self, err: int) -> None:
+        super().__init__(err, os.strerror(err))
 
-    class Operations:  # type: ignore[no-redef]
-        pass
 
 log = logging.getLogger("jfs.fuse")
 
@@ -84,16 +67,26 @@ TOTAL_BUFFER_BYTES = 64 << 20  # all files together
 MAX_WRITE = 1 << 20  # largest FUSE write request asked of the kernel
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-READY_TIMEOUT = 30.0
-EXIT_TIMEOUT = 120.0
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@functools.cache
+def _mfusepy() -> tuple[Any, str | None]:
+    """(the mfusepy module or None, why it cannot be loaded); it loads libfuse at import time."""
+    try:
+        import mfusepy
+    except (ImportError, OSError) as exc:  # pragma: no cover - depends on the machine
+        return None, (f"mfusepy cannot load libfuse 3 ({exc}); install the `fuse3` system package "
+                      "and `pip install mfusepy`")
+    return mfusepy, None
+
+
 def fuse_available() -> str | None:
     """None when mounting can work here, else one sentence saying why not."""
-    if FUSE_IMPORT_ERROR is not None:
-        return FUSE_IMPORT_ERROR
+    why = _mfusepy()[1]
+    if why is not None:
+        return why
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse is missing; load the fuse kernel module (modprobe fuse) or run where FUSE is allowed"
     return None
@@ -146,8 +139,9 @@ class _Pending:
         return self.offset + self.size
 
 
-class JfsOperations(Operations):
-    """The FUSE operations of a mounted jfs (paths as libfuse gives them: '/a/b')."""
+class JfsOperations:
+    """The FUSE operations of a mounted jfs (paths as libfuse gives them: '/a/b'); mfusepy calls
+    the methods it finds, and leaves every other request to libfuse's default (ENOSYS)."""
 
     use_ns = True  # times in nanoseconds (mfusepy)
 
@@ -357,15 +351,19 @@ class JfsOperations(Operations):
                 log.error("writes gathered at unmount could not be committed: %s", exc)
 
 
-if mfusepy is not None:
-    class _Fuse(mfusepy.FUSE):
-        """mfusepy's FUSE, except that rename flags (RENAME_NOREPLACE / RENAME_EXCHANGE), which
-        mfusepy would drop, are refused with EINVAL so callers fall back to a plain rename."""
+@functools.cache
+def _fuse_class() -> type:
+    """mfusepy's FUSE, except that rename flags (RENAME_NOREPLACE / RENAME_EXCHANGE), which mfusepy
+    would drop, are refused with EINVAL so callers fall back to a plain rename."""
+    mfusepy = _mfusepy()[0]
 
+    class Fuse(mfusepy.FUSE):  # type: ignore[misc]
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             if flags:
                 return -errno.EINVAL
-            return super().rename_fuse_3(old, new, flags)
+            return super().rename_fuse_3(old, new, flags)  # type: ignore[no-any-return]
+
+    return Fuse
 
 
 # -- running a mount ------------------------------------------------------------------------------
@@ -392,7 +390,7 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
         if readonly:
             opts["ro"] = True
         try:
-            _Fuse(ops, str(mp), **opts)
+            _fuse_class()(ops, str(mp), **opts)
         except RuntimeError as exc:
             if ops.started:  # the loop ended by a signal (SIGTERM/SIGINT/SIGHUP): a normal unmount
                 log.info("FUSE loop ended (%s); unmounting", exc)
@@ -407,130 +405,3 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
                 fs.unmount()
                 if state is not None:
                     state.unlink(missing_ok=True)
-
-
-def check_mountpoint(mp: Path) -> None:
-    if not mp.is_dir():
-        raise TricopyError(f"{mp} is not a directory; create it first (mkdir -p {mp})")
-    if is_mounted(mp):
-        raise TricopyError(f"{mp} is already a mount point; unmount it first (jfs umount {mp})")
-
-
-def _unescape(field_: str) -> str:
-    return field_.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def is_mounted(mp: Path) -> bool:
-    """Whether `mp` is a mount point (read from /proc/self/mountinfo: never touches the mount)."""
-    real = os.path.realpath(mp)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            return any(_unescape(line.split()[4]) == real for line in f if len(line.split()) > 4)
-    except OSError:
-        return os.path.ismount(mp)
-
-
-def state_dir() -> Path:
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    d = Path(base) / "jfs-mounts"
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return d
-
-
-def state_path(mp: str | Path) -> Path:
-    key = hashlib.sha256(os.path.realpath(mp).encode()).hexdigest()[:16]
-    return state_dir() / f"{key}.json"
-
-
-def write_state(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(values))
-    tmp.replace(path)
-
-
-def read_state(mp: str | Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(state_path(mp).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
-    except OSError:
-        return False
-
-
-def start_background(argv: list[str], mountpoint: Path, *, timeout: float = READY_TIMEOUT) -> int:
-    """Run `argv` (a foreground mount) in a new session; return its pid once `mountpoint` is
-    live. Raises TricopyError with the mount process's last message if it stops first."""
-    logfile = state_path(mountpoint).with_suffix(".log")
-    with open(logfile, "wb") as out:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while not is_mounted(mountpoint):
-        if proc.poll() is not None:
-            lines = [x for x in logfile.read_text(errors="replace").splitlines() if x.strip()]
-            raise TricopyError(lines[-1].removeprefix("jfs: ") if lines else
-                               f"the mount process exited with status {proc.returncode}")
-        if time.monotonic() > deadline:
-            proc.send_signal(signal.SIGTERM)
-            raise TricopyError(f"{mountpoint} did not become a mount point within {timeout:.0f} s; "
-                               f"see {logfile}")
-        time.sleep(0.02)
-    return proc.pid
-
-
-def unmount(mountpoint: str | Path, *, timeout: float = EXIT_TIMEOUT) -> str:
-    """Unmount a jfs mount and wait until its process has exited (volume clean); returns a note."""
-    mp = Path(mountpoint)
-    st = read_state(mp)
-    if not is_mounted(mp):
-        if st is not None and pid_alive(int(st["pid"])):
-            raise TricopyError(f"{mp} is not mounted but its mount process {st['pid']} is still running; "
-                               "wait for it or stop it with kill -TERM")
-        state_path(mp).unlink(missing_ok=True)
-        raise TricopyError(f"{mp} is not mounted")
-    tool = shutil.which("fusermount3") or shutil.which("fusermount")
-    cmd = [tool, "-u", str(mp)] if tool else ["umount", str(mp)]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        msg = (res.stderr or res.stdout).strip().splitlines()
-        detail = msg[-1] if msg else f"{cmd[0]} exited with {res.returncode}"
-        raise TricopyError(f"could not unmount {mp}: {detail} (close the files open there and retry)")
-    if st is None:
-        return f"unmounted {mp}"
-    pid = int(st["pid"])
-    deadline = time.monotonic() + timeout
-    while pid_alive(pid):
-        if time.monotonic() > deadline:
-            raise TricopyError(f"{mp} is unmounted but its mount process {pid} has not exited within "
-                               f"{timeout:.0f} s; the volume is marked clean only when it exits")
-        time.sleep(0.02)
-    path = state_path(mp)
-    if path.exists():  # the process died without cleaning up (killed): the log replays at next mount
-        path.unlink(missing_ok=True)
-        return f"unmounted {mp}; its mount process had stopped, the next mount replays the log"
-    path.with_suffix(".log").unlink(missing_ok=True)  # kept only when something went wrong
-    return f"unmounted {mp} ({st.get('target', 'jfs')} is clean)"
-
-
-def absolute_target(target: str) -> str:
-    """TARGET with an absolute path (the mount process runs with / as its working directory)."""
-    if target.startswith("lab:"):
-        lab, at, site = target.removeprefix("lab:").partition("@")
-        return f"lab:{os.path.abspath(lab)}{at}{site}" if lab else target
-    return os.path.abspath(target)
-
-
-def foreground_argv(target: str, mountpoint: str, *, durable: bool) -> list[str]:
-    argv = [sys.executable, "-m", "jfs.cli", "mount", target, mountpoint, "--foreground"]
-    return [*argv, "--durable"] if durable else argv

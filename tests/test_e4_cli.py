@@ -1,14 +1,18 @@
-"""The embodiment-4 user surface (issue 4 item 2-4): jfs on lab targets, vstore ship/status,
+"""The embodiment-4 user surface: jfs on lab targets (and the target registry), vstore ship/status,
 recover --json with the primary's directory deleted, failover --to async after a double failure."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from importlib.metadata import EntryPoint
 
+from jfs import targets
 from jfs.cli import app as jfs_app
 from tests.labutil import invoke
 from vstore.cli.main import app as vstore_app
+from vstore.targets import open_lab_target
 
 
 def vstore(*args, ok=True, input=None):
@@ -79,3 +83,32 @@ def test_double_failure_failover_to_async(tmp_path):
     assert "b" not in jfs("ls", f"lab:{lab}").stdout.split()
     jfs("write", f"lab:{lab}", "/c", input="new at async\n")
     assert jfs("fsck", f"lab:{lab}", "-n").exit_code == 0
+
+
+def test_lab_targets_come_from_the_registry(tmp_path, monkeypatch):
+    assert targets.kind("lab", "lab:x") is open_lab_target  # the `jfs.targets` entry point `lab`
+    monkeypatch.chdir(tmp_path)
+    assert targets.split("lab:rel@sync") == ("lab", "rel@sync")
+    assert targets.absolute("lab:rel@sync") == f"lab:{tmp_path}/rel@sync"
+    assert targets.absolute("lab:rel") == f"lab:{tmp_path}/rel"
+    assert targets.replica("lab:rel@async") and not targets.replica("lab:rel")
+    assert targets.absolute("disk.img") == os.path.join(tmp_path, "disk.img") and not targets.replica("disk.img")
+    # an existing image is an image, whatever its name; so is a path whose first part is not a word
+    jfs("mkfs", "./a:b.img", "--size", "1M")
+    jfs("write", "a:b.img", "/x", input="x\n")
+    assert jfs("read", "./a:b.img", "/x").stdout == "x\n"
+
+
+def test_unknown_prefix_or_missing_opener_is_one_sentence(monkeypatch):
+    r = jfs("ls", "nope:thing", ok=False)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert "no opener is registered for nope: targets" in r.stderr and "known: lab:" in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    broken = EntryPoint(name="lab", value="vstore.no_such_module:open_lab_target", group=targets.GROUP)
+    monkeypatch.setattr(targets, "_registered", lambda: {"lab": broken})
+    r = jfs("ls", "lab:/tmp/lab", ok=False)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit)
+    assert "the opener of lab: targets (vstore.no_such_module:open_lab_target) cannot be loaded" in r.stderr
+    monkeypatch.setattr(targets, "_registered", lambda: {})
+    r = jfs("fsck", "lab:/tmp/lab", ok=False)
+    assert r.exit_code == 8 and "no opener is registered for lab: targets" in r.stderr

@@ -1,4 +1,4 @@
-"""Real programs on real FUSE mounts of jfs (issue 8): tar, sqlite3, SIGKILL during a copy, and a
+"""Real programs on real FUSE mounts of jfs (SPEC §8): tar, sqlite3, SIGKILL during a copy, and a
 lab whose primary is lost while the tree it holds is replicated."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import pytest
 
 from jfs import layout as L
 from jfs.codecs import read_superblock
-from jfs.fuse import fuse_available, is_mounted
+from jfs.fuse import fuse_available
+from jfs.mounts import is_mounted
 from tools.bench.fuse import make_tree
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=f"FUSE unavailable: {fuse_available()}")

@@ -1,1 +1,176 @@
-"""Read-only reports of an open lab: the status document, the dashboard snapshot and verify."""
+"""Read-only reports of an open lab, shared by the site daemon and the command line.
+
+Keeps true: these functions only read a `System` (pairs, states, spool positions, volumes) and never
+change it; they import no terminal code (typer, rich), so a daemon answering `status`, `snapshot`
+or `verify` loads only the replication stack. The documents are DESIGN.md's "JSON contract":
+- `status_document`: `vstore status --json` (sites, pairs, states, entries waiting);
+- `snapshot_of`: the dashboard's snapshot, the status document plus volumes, queue and events;
+- `verify`: `vstore verify --json`'s pairs, the blocks in which a pair's source and target differ
+  (blocks with unshipped entries or recorded positions are skipped, not reported), as DRBD's
+  online verify does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+from vstore.blocks.errors import TricopyError
+from vstore.lab.system import System
+from vstore.replication.entries import entry_size
+from vstore.replication.network import LINK_NAMES, SITE_NAMES
+from vstore.replication.pairs import Pair, PairKind, PairState
+from vstore.replication.registry import split_ref
+
+EVENTS_SHOWN = 8
+
+
+def status_document(system: System) -> dict:
+    """The `vstore status --json` document; waiting entries are counted per async pair (volume),
+    the oldest age is the consistency group's."""
+    doc: dict = {"lab": str(system.lab_dir), "mode": system.topo.mode, "sites": {}, "pairs": []}
+    for site in SITE_NAMES:
+        doc["sites"][site] = {"up": system.network.site_up(site), "role": system.role(site),
+                              "present": system.present(site)}
+    doc["links"] = {name: name not in system.faults.links_down for name in LINK_NAMES}
+    try:
+        active = system.active_site
+        stats = system.entry_log.stats()
+        per_volume: dict[int, list[int]] = {}  # entry volume id -> [entries, bytes] waiting
+        for vid, _lba, count in system.entry_log.pending_positions():
+            waiting_here = per_volume.setdefault(vid, [0, 0])
+            waiting_here[0] += 1
+            waiting_here[1] += entry_size(count, system.topo.block_size)
+    except TricopyError:
+        active, stats, per_volume = None, None, {}
+    for pair in system.registry:
+        waiting = {"entries_waiting": 0, "bytes_waiting": 0, "oldest_waiting_s": None}
+        if pair.kind == PairKind.ASYNC and stats is not None and split_ref(pair.source)[0] == active:
+            vid = system.async_program.volume_ids.get(split_ref(pair.source)[1])
+            entries, nbytes = per_volume.get(vid, [0, 0])
+            waiting = {"entries_waiting": entries, "bytes_waiting": nbytes,
+                       "oldest_waiting_s": (time.time_ns() - stats.oldest_timestamp_ns) / 1e9
+                       if stats.oldest_timestamp_ns and entries else None}
+        doc["pairs"].append({"name": pair.name, "source": pair.source, "target": pair.target,
+                             "kind": pair.kind.value, "state": pair.state.value, "reason": pair.reason,
+                             "failure": pair.failure, "recorded_blocks": pair.bitmap.count(), **waiting})
+    return doc
+
+
+def snapshot_of(system: System) -> dict:
+    """One snapshot of an open `System` (see `collect`)."""
+    doc = status_document(system)
+    doc["time"] = time.time()
+    pairs = {p.name: p for p in system.registry}
+    for site, info in doc["sites"].items():
+        volumes = []
+        if site in system.storages:
+            for name, vol in sorted(system.storages[site].volumes.items()):
+                ref = f"{site}:{name}"
+                roles = [f"source of {p.name}" for p in pairs.values() if p.source == ref]
+                roles += [f"target of {p.name}" for p in pairs.values() if p.target == ref]
+                volumes.append({"name": name, "external_id": vol.external_id,
+                                "size": vol.device.num_blocks * vol.device.block_size, "pairs": roles})
+        info["volumes"] = volumes
+    try:
+        log = system.entry_log
+        queue: dict | None = {"site": system.active_site, "confirmed_seq": log.confirmed_seq,
+                              "next_seq": log.next_seq}
+    except TricopyError:
+        queue = None
+    doc["queue"] = queue
+    for p in doc["pairs"]:
+        pair = pairs[p["name"]]
+        p["direction"] = f"{split_ref(pair.source)[0]} -> {split_ref(pair.target)[0]}"
+        p["source_generation"] = pair.source_generation
+        p["target_generation"] = pair.target_generation
+        p["confirmed_seq"] = (queue["confirmed_seq"] if queue and p["kind"] == "async"
+                              and split_ref(pair.source)[0] == queue["site"] else None)
+    events = []
+    for pair in pairs.values():
+        last = len(pair.history) - 1
+        for i, h in enumerate(pair.history):
+            failure = i == last and pair.failure and h.get("to") in ("Suspend", "Suspending")
+            events.append({"time": h.get("time", 0.0), "pair": pair.name, "from": h.get("from"), "to": h.get("to"),
+                           "reason": h.get("reason"), "failure": failure})
+    events.sort(key=lambda e: e["time"], reverse=True)
+    doc["events"] = events[:EVENTS_SHOWN * 4]
+    return doc
+
+
+def digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def merge_blocks(lbas: list[int]) -> list[list[int]]:
+    """Sorted block numbers -> [[first, count], ...] of adjacent runs."""
+    out: list[list[int]] = []
+    for lba in sorted(lbas):
+        if out and out[-1][0] + out[-1][1] == lba:
+            out[-1][1] += 1
+        else:
+            out.append([lba, 1])
+    return out
+
+
+def excluded_blocks(system: System, pair: Pair) -> set[int]:
+    """Blocks where the target may legitimately differ: unshipped entries and recorded positions."""
+    excluded = {lba for first, n in pair.bitmap.ranges() for lba in range(first, first + n)}
+    if pair.kind != PairKind.ASYNC:
+        return excluded
+    try:
+        program = system.async_program
+    except TricopyError:
+        return excluded
+    site, volume = split_ref(pair.source)
+    if program.source_site == site and volume in program.volume_ids:
+        excluded |= program.log.unshipped_blocks(program.volume_ids[volume])
+    return excluded
+
+
+def verify_pair(system: System, pair: Pair, chunk_blocks: int = 64) -> dict:
+    result: dict = {"name": pair.name, "differing_ranges": [], "blocks_compared": 0, "skipped_unshipped": 0}
+    src_site, src_vol = split_ref(pair.source)
+    dst_site, dst_vol = split_ref(pair.target)
+    try:
+        if pair.state == PairState.INITIAL_COPYING:
+            raise TricopyError("the initial copy has not finished; nothing to compare yet")
+        system.network.check(src_site, dst_site)
+        src, dst = system.storage(src_site), system.storage(dst_site)
+        num_blocks = src.volume(src_vol).device.num_blocks
+        if dst.volume(dst_vol).device.num_blocks != num_blocks:
+            raise TricopyError(f"{pair.source} and {pair.target} differ in size")
+        excluded = excluded_blocks(system, pair)
+        bs = src.volume(src_vol).device.block_size
+        differing: list[int] = []
+        for lba in range(0, num_blocks, chunk_blocks):
+            n = min(chunk_blocks, num_blocks - lba)
+            a, b = src.host_read(src_vol, lba, n), dst.host_read(dst_vol, lba, n)
+            if digest(a) == digest(b):
+                continue
+            for i in range(n):
+                if lba + i in excluded:
+                    continue
+                if digest(a[i * bs:(i + 1) * bs]) != digest(b[i * bs:(i + 1) * bs]):
+                    differing.append(lba + i)
+    except TricopyError as exc:
+        result["error"] = f"cannot verify {pair.source} -> {pair.target}: {exc}"
+        return result
+    skipped = sum(1 for lba in excluded if 0 <= lba < num_blocks)
+    result.update(differing_ranges=merge_blocks(differing), blocks_compared=num_blocks - skipped,
+                  skipped_unshipped=skipped)
+    return result
+
+
+def verify(system: System, pair_name: str | None = None, chunk_blocks: int = 64) -> list[dict]:
+    """Verify every non-Simplex pair (or only `pair_name`); one result dict per pair."""
+    if chunk_blocks < 1:
+        raise TricopyError("chunk_blocks must be at least 1")
+    if pair_name is not None:
+        pair = system.registry.get(pair_name)
+        if pair.state == PairState.SIMPLEX:
+            raise TricopyError(f"pair {pair_name} is Simplex: its volumes are not kept equal, nothing to verify")
+        pairs = [pair]
+    else:
+        pairs = [p for p in system.registry if p.state != PairState.SIMPLEX]
+    return [verify_pair(system, p, chunk_blocks) for p in pairs]

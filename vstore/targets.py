@@ -1,26 +1,40 @@
-"""`lab:LAB[@SITE]` targets: a lab's volume as a block device for jfs (DESIGN.md "user surface").
+"""`lab:LAB[@SITE]` targets: a lab's volume as a block device for jfs (DESIGN.md "user surface", SPEC §8).
 
-Keeps true: `lab:LAB` is the application's volume at the site that runs it, written through the
-replicating path (the provider in provider mode, the mirror group in mirror mode), so every block
-the file system writes is sync-copied and becomes an entry; `lab:LAB@sync` / `lab:LAB@async` is that
-site's replica, read-only unless that site runs the application (after a failover or recovery).
-Closing the device flushes it and saves every site's state.
+Keeps true:
+- `lab:LAB` is the application's volume at the site that runs it, written through the replicating
+  path (the provider in provider mode, the mirror group in mirror mode), so every block the file
+  system writes is sync-copied and becomes an entry; `lab:LAB@sync` / `lab:LAB@async` is that site's
+  replica, read-only unless that site runs the application (after a failover or recovery).
+- While the lab is up, the volume is reached through the daemons (the coordinator for the
+  application's volume, the site's own daemon for a replica); otherwise the lab is opened in this
+  process. Closing the device flushes it and saves every site's state.
+- `parse_lab_target` is the one parser of `lab:LAB[@SITE]`. jfs reaches this module only through
+  its target registry: `open_lab_target` is registered as the `jfs.targets` entry point `lab`, and
+  besides opening it answers jfs's two other questions about a target (`absolute`, `replica`).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import ReadOnlyError, TricopyError
+from vstore.daemons.processes import clients, coordinator, is_up
 from vstore.lab.system import System
-from vstore.lab.topology import SITE_NAMES
+from vstore.lab.topology import SITE_NAMES, load_topology
+from vstore.net.keys import load_key
+from vstore.net.remote import AppDevice, RemoteDevice
+from vstore.net.rpc import STATE_GET
 from vstore.procedures.roles import volumes_of
+
+PREFIX = "lab:"
 
 
 def parse_lab_target(target: str) -> tuple[Path, str | None]:
-    body = target.removeprefix("lab:")
+    """`lab:LAB[@SITE]` -> (LAB, SITE or None); a TricopyError names what is wrong."""
+    body = target.removeprefix(PREFIX)
     lab, _, site = body.partition("@")
     if not lab:
         raise TricopyError(f"{target}: name a lab directory, e.g. lab:/tmp/lab or lab:/tmp/lab@sync")
@@ -70,10 +84,6 @@ class LabDevice(BlockDevice):
 def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target: str) -> BlockDevice:
     """While the lab is up: the application's volume via the coordinating daemon, or a replica
     read block by block from its site's daemon."""
-    from vstore.daemons.processes import clients, coordinator
-    from vstore.lab.topology import load_topology
-    from vstore.net.keys import load_key
-    from vstore.net.remote import AppDevice, RemoteDevice
     try:
         client = coordinator(lab)
     except TricopyError:
@@ -90,7 +100,7 @@ def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target:
             raise TricopyError(f"{target} is a read-only replica: the application runs at {active}")
     topo = load_topology(lab)
     replica = clients(lab, topo, load_key(lab / topo.key_file))[site]
-    state = replica.call("state.get")[0]["state"] or {}
+    state = replica.call(STATE_GET)[0]["state"] or {}
     volume = next((v for v in sorted(state.get("volumes", {})) if v[0] in "CD" or site == "primary"), None)
     if volume is None:
         raise TricopyError(f"site {site} has no volume to read")
@@ -99,11 +109,11 @@ def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target:
     return remote
 
 
-def open_lab_target(target: str, *, writable: bool) -> BlockDevice:
+def open_lab(target: str, *, writable: bool) -> BlockDevice:
+    """The block device `lab:LAB[@SITE]` names (see the module docstring)."""
     lab, site = parse_lab_target(target)
     if not lab.is_dir():
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
-    from vstore.daemons.processes import is_up
     if is_up(lab):
         return open_through_daemons(lab, site, writable=writable, target=target)
     system = System(lab)
@@ -127,3 +137,22 @@ def open_lab_target(target: str, *, writable: bool) -> BlockDevice:
     except BaseException:
         system.close()
         raise
+
+
+class LabTargets:
+    """The `lab:` kind of jfs target: open one, and say what jfs must know of it before opening."""
+
+    def __call__(self, target: str, *, writable: bool) -> BlockDevice:
+        return open_lab(target, writable=writable)
+
+    def absolute(self, target: str) -> str:
+        """TARGET with its lab directory made absolute (a mount process does not share our directory)."""
+        lab, site = parse_lab_target(target)
+        return f"{PREFIX}{os.path.abspath(lab)}" + (f"@{site}" if site else "")
+
+    def replica(self, target: str) -> bool:
+        """Whether TARGET names one site's replica (`@SITE`), which jfs mounts read-only."""
+        return parse_lab_target(target)[1] is not None
+
+
+open_lab_target = LabTargets()

@@ -1,4 +1,4 @@
-"""Benchmark (issue 8): untar a generated tree into (a) a plain tmp directory, (b) a jfs image
+"""Benchmark (SPEC §8, `jfs mount`): untar a generated tree into (a) a plain tmp directory, (b) a jfs image
 mounted with `jfs mount`, (c) a `lab:LAB` mount (provider: sync copy to C + an entry per block),
 side by side in one run; prints the times, (b)/(a) (goal <= 5x) and (c)/(b).
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +26,7 @@ from vstore.blocks.units import format_size, parse_size
 from vstore.lab.topology import SITE_NAMES
 from vstore.net.rpc import APP_INFO, APP_WRITE, RESYNC, SHIP, STATUS, VOL_READ
 from vstore.replication.network import LINK_NAMES
+from vstore.reports import status_document
 
 app = typer.Typer(help="tricopy: three-site remote copy of block volumes (Primary, near Sync, far Async).",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -205,41 +205,6 @@ def daemon_client(lab: Path, *, application: bool = True) -> Any:
 
 
 # -- status ---------------------------------------------------------------------------------------
-def status_document(system: Any) -> dict:
-    """The `vstore status --json` document; waiting entries are counted per async pair (volume),
-    the oldest age is the consistency group's."""
-    from vstore.replication.entries import entry_size
-    from vstore.replication.pairs import PairKind
-    from vstore.replication.registry import split_ref
-    doc: dict = {"lab": str(system.lab_dir), "mode": system.topo.mode, "sites": {}, "pairs": []}
-    for site in SITE_NAMES:
-        doc["sites"][site] = {"up": system.network.site_up(site), "role": system.role(site),
-                              "present": system.present(site)}
-    doc["links"] = {name: name not in system.faults.links_down for name in LINK_NAMES}
-    try:
-        active = system.active_site
-        stats = system.entry_log.stats()
-        per_volume: dict[int, list[int]] = {}  # entry volume id -> [entries, bytes] waiting
-        for vid, _lba, count in system.entry_log.pending_positions():
-            waiting_here = per_volume.setdefault(vid, [0, 0])
-            waiting_here[0] += 1
-            waiting_here[1] += entry_size(count, system.topo.block_size)
-    except TricopyError:
-        active, stats, per_volume = None, None, {}
-    for pair in system.registry:
-        waiting = {"entries_waiting": 0, "bytes_waiting": 0, "oldest_waiting_s": None}
-        if pair.kind == PairKind.ASYNC and stats is not None and split_ref(pair.source)[0] == active:
-            vid = system.async_program.volume_ids.get(split_ref(pair.source)[1])
-            entries, nbytes = per_volume.get(vid, [0, 0])
-            waiting = {"entries_waiting": entries, "bytes_waiting": nbytes,
-                       "oldest_waiting_s": (time.time_ns() - stats.oldest_timestamp_ns) / 1e9
-                       if stats.oldest_timestamp_ns and entries else None}
-        doc["pairs"].append({"name": pair.name, "source": pair.source, "target": pair.target,
-                             "kind": pair.kind.value, "state": pair.state.value, "reason": pair.reason,
-                             "failure": pair.failure, "recorded_blocks": pair.bitmap.count(), **waiting})
-    return doc
-
-
 STATE_STYLE = {"Duplex": "green", "Simplex": "dim", "Suspend": "red", "Suspending": "yellow",
                "Duplex-Pending": "cyan", "Initial-Copying": "cyan"}
 

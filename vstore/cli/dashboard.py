@@ -3,7 +3,7 @@ DESIGN.md "Surfaces", "user surface"; invariant 5 "nothing silent").
 
 Keeps true:
 - A snapshot is plain data (`collect` returns a JSON-able dict): the status document of
-  `vstore.cli.status_document` (so every key of the DESIGN "JSON contract" is there, unchanged)
+  `vstore.reports.status_document` (so every key of the DESIGN "JSON contract" is there, unchanged)
   plus per-site volumes, per-pair direction and generations, the async group's sequence numbers and
   the newest pair state changes with their reasons, newest first. A daemon client can build the same
   dict and feed `History.add` / `render` without a lab directory.
@@ -37,58 +37,15 @@ from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size
 from vstore.lab.topology import SITE_NAMES
 from vstore.net.rpc import SNAPSHOT
-from vstore.replication.registry import split_ref
+from vstore.reports import EVENTS_SHOWN, snapshot_of
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 STATE_STYLE = {"Duplex": "green", "Simplex": "dim", "Suspend": "red", "Suspending": "yellow",
                "Duplex-Pending": "cyan", "Initial-Copying": "cyan"}
-EVENTS_SHOWN = 8
 SVG_WIDTH = 132
 
 
 # -- data ---------------------------------------------------------------------------------------------
-def snapshot_of(system: Any) -> dict:
-    """One snapshot of an open `System` (see `collect`)."""
-    from vstore.cli.commands import status_document
-    doc = status_document(system)
-    doc["time"] = time.time()
-    pairs = {p.name: p for p in system.registry}
-    for site, info in doc["sites"].items():
-        volumes = []
-        if site in system.storages:
-            for name, vol in sorted(system.storages[site].volumes.items()):
-                ref = f"{site}:{name}"
-                roles = [f"source of {p.name}" for p in pairs.values() if p.source == ref]
-                roles += [f"target of {p.name}" for p in pairs.values() if p.target == ref]
-                volumes.append({"name": name, "external_id": vol.external_id,
-                                "size": vol.device.num_blocks * vol.device.block_size, "pairs": roles})
-        info["volumes"] = volumes
-    try:
-        log = system.entry_log
-        queue: dict | None = {"site": system.active_site, "confirmed_seq": log.confirmed_seq,
-                              "next_seq": log.next_seq}
-    except TricopyError:
-        queue = None
-    doc["queue"] = queue
-    for p in doc["pairs"]:
-        pair = pairs[p["name"]]
-        p["direction"] = f"{split_ref(pair.source)[0]} -> {split_ref(pair.target)[0]}"
-        p["source_generation"] = pair.source_generation
-        p["target_generation"] = pair.target_generation
-        p["confirmed_seq"] = (queue["confirmed_seq"] if queue and p["kind"] == "async"
-                              and split_ref(pair.source)[0] == queue["site"] else None)
-    events = []
-    for pair in pairs.values():
-        last = len(pair.history) - 1
-        for i, h in enumerate(pair.history):
-            failure = i == last and pair.failure and h.get("to") in ("Suspend", "Suspending")
-            events.append({"time": h.get("time", 0.0), "pair": pair.name, "from": h.get("from"), "to": h.get("to"),
-                           "reason": h.get("reason"), "failure": failure})
-    events.sort(key=lambda e: e["time"], reverse=True)
-    doc["events"] = events[:EVENTS_SHOWN * 4]
-    return doc
-
-
 def collect(lab: Path) -> dict:
     """Open the lab just long enough to take one snapshot; raises TricopyError for a bad lab."""
     from vstore.cli.commands import daemon_client, open_system

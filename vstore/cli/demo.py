@@ -185,7 +185,8 @@ def start_far_link(base_port: int, opts: DemoOptions) -> LinkProxy:
 
 def kill_primary_host(lab: Path) -> dict[str, int]:
     """SIGKILL every process of the primary host, and wait until they are gone."""
-    from vstore.daemons.processes import alive, running_pid
+    from vstore.blocks.pids import alive
+    from vstore.daemons.processes import running_pid
     killed = {}
     for name in PRIMARY_HOST_PROCESSES:
         pid = running_pid(lab, name)

@@ -17,100 +17,19 @@ Keeps true:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from vstore.blocks.errors import TricopyError
 from vstore.net.rpc import VERIFY
-from vstore.replication.pairs import Pair, PairKind, PairState
-from vstore.replication.registry import split_ref
+from vstore.reports import verify
 
 EXIT_DIFFER = 1
 EXIT_UNVERIFIED = 2
-
-
-def digest(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def merge_blocks(lbas: list[int]) -> list[list[int]]:
-    """Sorted block numbers -> [[first, count], ...] of adjacent runs."""
-    out: list[list[int]] = []
-    for lba in sorted(lbas):
-        if out and out[-1][0] + out[-1][1] == lba:
-            out[-1][1] += 1
-        else:
-            out.append([lba, 1])
-    return out
-
-
-def excluded_blocks(system: Any, pair: Pair) -> set[int]:
-    """Blocks where the target may legitimately differ: unshipped entries and recorded positions."""
-    excluded = {lba for first, n in pair.bitmap.ranges() for lba in range(first, first + n)}
-    if pair.kind != PairKind.ASYNC:
-        return excluded
-    try:
-        program = system.async_program
-    except TricopyError:
-        return excluded
-    site, volume = split_ref(pair.source)
-    if program.source_site == site and volume in program.volume_ids:
-        excluded |= program.log.unshipped_blocks(program.volume_ids[volume])
-    return excluded
-
-
-def verify_pair(system: Any, pair: Pair, chunk_blocks: int = 64) -> dict:
-    result: dict = {"name": pair.name, "differing_ranges": [], "blocks_compared": 0, "skipped_unshipped": 0}
-    src_site, src_vol = split_ref(pair.source)
-    dst_site, dst_vol = split_ref(pair.target)
-    try:
-        if pair.state == PairState.INITIAL_COPYING:
-            raise TricopyError("the initial copy has not finished; nothing to compare yet")
-        system.network.check(src_site, dst_site)
-        src, dst = system.storage(src_site), system.storage(dst_site)
-        num_blocks = src.volume(src_vol).device.num_blocks
-        if dst.volume(dst_vol).device.num_blocks != num_blocks:
-            raise TricopyError(f"{pair.source} and {pair.target} differ in size")
-        excluded = excluded_blocks(system, pair)
-        bs = src.volume(src_vol).device.block_size
-        differing: list[int] = []
-        for lba in range(0, num_blocks, chunk_blocks):
-            n = min(chunk_blocks, num_blocks - lba)
-            a, b = src.host_read(src_vol, lba, n), dst.host_read(dst_vol, lba, n)
-            if digest(a) == digest(b):
-                continue
-            for i in range(n):
-                if lba + i in excluded:
-                    continue
-                if digest(a[i * bs:(i + 1) * bs]) != digest(b[i * bs:(i + 1) * bs]):
-                    differing.append(lba + i)
-    except TricopyError as exc:
-        result["error"] = f"cannot verify {pair.source} -> {pair.target}: {exc}"
-        return result
-    skipped = sum(1 for lba in excluded if 0 <= lba < num_blocks)
-    result.update(differing_ranges=merge_blocks(differing), blocks_compared=num_blocks - skipped,
-                  skipped_unshipped=skipped)
-    return result
-
-
-def verify(system: Any, pair_name: str | None = None, chunk_blocks: int = 64) -> list[dict]:
-    """Verify every non-Simplex pair (or only `pair_name`); one result dict per pair."""
-    if chunk_blocks < 1:
-        raise TricopyError("chunk_blocks must be at least 1")
-    if pair_name is not None:
-        pair = system.registry.get(pair_name)
-        if pair.state == PairState.SIMPLEX:
-            raise TricopyError(f"pair {pair_name} is Simplex: its volumes are not kept equal, nothing to verify")
-        pairs = [pair]
-    else:
-        pairs = [p for p in system.registry if p.state != PairState.SIMPLEX]
-    return [verify_pair(system, p, chunk_blocks) for p in pairs]
 
 
 def exit_code(results: list[dict]) -> int:

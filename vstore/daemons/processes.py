@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vstore.blocks import pids
 from vstore.blocks.codec import load_json
 from vstore.blocks.errors import TricopyError
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
@@ -59,27 +60,10 @@ def pid_file(lab: Path, site: str) -> Path:
     return lab / RUN_DIR / f"{site}.pid"
 
 
-def alive(pid: int) -> bool:
-    """True while process `pid` runs. A daemon started by this process (`lab up` inside a test or
-    the demo) is our child: once it exits it stays a zombie until reaped, so reap it here."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
 def running_pid(lab: Path, site: str) -> int | None:
-    try:
-        pid = int(pid_file(lab, site).read_text().strip())
-    except (OSError, ValueError):
-        return None
-    return pid if alive(pid) else None
+    """The pid of a lab process (`site` = a site or "shipper") while it runs, else None. A daemon
+    started by this process (`lab up` inside a test or the demo) is our child and is reaped here."""
+    return pids.running_pid(pid_file(lab, site))
 
 
 PROCESSES = (*SITE_NAMES, SHIPPER)
@@ -163,13 +147,13 @@ def stop_site(lab: Path, name: str, timeout: float = 10.0) -> bool:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not alive(pid):
+        if not pids.alive(pid):
             break
         time.sleep(0.02)
     else:
         log.warning("the %s daemon (pid %d) did not stop within %.0fs: killing it", name, pid, timeout)
         os.kill(pid, signal.SIGKILL)
-        alive(pid)
+        pids.alive(pid)
     pid_file(lab, name).unlink(missing_ok=True)
     return True
 

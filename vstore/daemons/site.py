@@ -56,6 +56,7 @@ from vstore.procedures.setup import resync_all
 from vstore.replication.entries import EntryLog, ReceiveJournal, decode_batch_full
 from vstore.replication.network import link_name
 from vstore.replication.shipping import DEFAULT_BATCH_ENTRIES
+from vstore.reports import snapshot_of, status_document, verify
 
 log = logging.getLogger("vstore.daemon")
 Answer = tuple[dict, bytes]
@@ -423,17 +424,14 @@ class SiteDaemon:
 
     @rpc(names.STATUS, coordinated=True)
     def status(self, system: System, args: dict, data: bytes) -> Answer:
-        from vstore.cli.commands import status_document
         return {"status": self.with_shipping(status_document(system))}, b""
 
     @rpc(names.SNAPSHOT, coordinated=True)
     def snapshot(self, system: System, args: dict, data: bytes) -> Answer:
-        from vstore.cli.dashboard import snapshot_of
         return {"snapshot": self.with_shipping(snapshot_of(system))}, b""
 
     @rpc(names.VERIFY, coordinated=True)
     def verify(self, system: System, args: dict, data: bytes) -> Answer:
-        from vstore.cli.verify import verify
         return {"pairs": verify(system, args.get("pair"))}, b""
 
     @rpc(names.RESYNC, coordinated=True, saves=True)

@@ -21,8 +21,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.device import BlockDevice, ImageDevice
@@ -57,6 +58,10 @@ def new_site_state(site: str, role: str, volumes: dict[str, dict], host: dict | 
 
 class System:
     """A lab opened in one process: three storages, the network between them and the host."""
+
+    # What the mirror program does when a member volume fails during a write (Fig 17). The
+    # procedures layer, which sits above the System, installs it (vstore/procedures/__init__.py).
+    volume_failure_reaction: ClassVar[Callable[[System, Any, int, bytes], Any] | None] = None
 
     def __init__(self, lab_dir: Path, *, lock: bool = True, local: str | None = None,
                  peers: dict[str, Any] | None = None, entry_log: EntryLog | None = None) -> None:
@@ -230,8 +235,9 @@ class System:
             self._mirror_site = self.active_site
             self._mirror = MirrorProgram(MirrorSettings.from_dict(self.host["mirror"]), self.storage(self.active_site))
             self._mirror.async_program = self.async_program
-            from vstore.procedures.failover import fig17_switch_sync_source  # procedures sit above the system
-            self._mirror.on_volume_failed = lambda member, lba, data: fig17_switch_sync_source(self, member, lba, data)
+            reaction = type(self).volume_failure_reaction
+            if reaction is not None:
+                self._mirror.on_volume_failed = lambda member, lba, data: reaction(self, member, lba, data)
         return self._mirror
 
     def async_target_site(self) -> str:
