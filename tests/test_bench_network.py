@@ -1,4 +1,4 @@
-"""Smoke test of the network benchmark (issue 6): `--quick` runs all three parts against real
+"""Smoke test of the network benchmark: `--quick` runs all three parts against real
 daemons and prints numbers. No timing is asserted (the machine is shared and noisy)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Embodiment 1 in one process: normal operation, the fence, Fig 9 undo, Fig 6, a full entry log,
-coalescing (issue 2 "Tests that must pass")."""
+coalescing."""
 
 from __future__ import annotations
 

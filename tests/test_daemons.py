@@ -1,4 +1,4 @@
-"""Site daemons on 127.0.0.1 (issue 6): the same results as in one process, SIGKILL of each
+"""Site daemons on 127.0.0.1: the same results as in one process, SIGKILL of each
 daemon at random moments, the fence through a fault proxy, security against a running daemon,
 and a key file with wrong permissions refused at start."""
 

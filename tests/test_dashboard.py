@@ -1,4 +1,4 @@
-"""`vstore dashboard` (issue 7 item 1, "Tests that must pass"): `collect()` and `--once` frames on
+"""`vstore dashboard`: `collect()` and `--once` frames on
 labs that are all Duplex, have entries waiting, are fenced, and have failed over; `--svg`; the
 ship rate and sparkline of `History`; the Live loop refreshing on a file change (watchdog)."""
 

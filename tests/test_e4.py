@@ -1,4 +1,4 @@
-"""Embodiment 4 end to end (issue 4): jfs on the provider, shipping, the trim-rule invariant,
+"""Embodiment 4 end to end: jfs on the provider, shipping, the trim-rule invariant,
 recovery that copies only touched files, the double failure, and the full-copy fallback."""
 
 from __future__ import annotations

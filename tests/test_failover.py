@@ -1,4 +1,4 @@
-"""Failover and failback (issue 5): Figs 10-17 in both modes, precondition refusals, split brain,
+"""Failover and failback: Figs 10-17 in both modes, precondition refusals, split brain,
 and procedures interrupted after each step and run again."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """`vstore ship --follow` (continuous, woken by watchdog) and `--period` (the prior art's periodic
-copy), as real processes on a lab that other commands write to meanwhile (issue 5 item 6)."""
+copy), as real processes on a lab that other commands write to meanwhile."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The README walkthrough is tested: every command between the walkthrough markers runs, in
-order, through typer's CliRunner on a fresh lab in a tmp directory (issue 7)."""
+order, through typer's CliRunner on a fresh lab in a tmp directory."""
 
 from __future__ import annotations
 

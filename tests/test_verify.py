@@ -1,4 +1,4 @@
-"""`vstore verify` (issue 7 item 3, "Tests that must pass"): a single flipped block on C, on D and
+"""`vstore verify`: a single flipped block on C, on D and
 on B is found and named exactly; a healthy lab reports nothing; blocks with unshipped entries or
 recorded positions are skipped, not reported; exit codes and `--json` keys through CliRunner."""
 

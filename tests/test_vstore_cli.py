@@ -1,4 +1,4 @@
-"""The `vstore` command for embodiment 1 in one process (issue 2 item 8), run through typer's
+"""The `vstore` command for embodiment 1 in one process, run through typer's
 CliRunner and, once, as a real subprocess."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Write-order fidelity at the Async site (DESIGN invariant 2; issue 2), as a hypothesis state
+"""Write-order fidelity at the Async site (DESIGN invariant 2), as a hypothesis state
 machine: random writes over two volumes of one consistency group, random partial shipping,
 random cuts of the async link, Async-site crashes between storing and applying a batch, with and
 without coalescing, in both modes. At every observation each D volume must equal a shadow model

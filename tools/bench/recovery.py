@@ -1,4 +1,4 @@
-"""Benchmark (issue 4): embodiment-4 recovery vs a full copy, side by side in one run.
+"""Benchmark: embodiment-4 recovery vs a full copy, side by side in one run.
 
 A provider-mode lab (1 GiB by default) gets 2,000 files written through jfs and shipped; then 1% of
 the files are rewritten without shipping and the primary is deleted. The surviving Sync and Async

@@ -1,4 +1,4 @@
-"""Benchmark (issue 5): the recovery point when Primary and Sync are destroyed together.
+"""Benchmark: the recovery point when Primary and Sync are destroyed together.
 
 A steady load of random 4 KiB writes runs against an in-process lab (provider and mirror modes)
 while a shipper runs beside it, either **continuously** (the patent: entries leave as soon as they

@@ -1,4 +1,4 @@
-"""Benchmark (issue 2): 4 KiB random writes, raw `os.pwrite` on one image vs the full
+"""Benchmark: 4 KiB random writes, raw `os.pwrite` on one image vs the full
 embodiment-1 path in one process (mirror program -> A and B, sync copy of A to C, an entry per
 write of B into the entry log), in the same durability mode, side by side in one run.
 

@@ -1,5 +1,5 @@
-"""`vstore dashboard LAB`: a rich screen of the sites, the pairs and the entry queues (issue 7 item 1;
-DESIGN.md "Surfaces", "user surface"; invariant 5 "nothing silent").
+"""`vstore dashboard LAB`: a rich screen of the sites, the pairs and the entry queues (DESIGN.md
+"Surfaces", "user surface"; invariant 5 "nothing silent").
 
 Keeps true:
 - A snapshot is plain data (`collect` returns a JSON-able dict): the status document of

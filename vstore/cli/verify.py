@@ -1,5 +1,5 @@
-"""`vstore verify LAB`: online verify in the manner of DRBD (issue 7 item 3; DESIGN.md "user surface",
-"JSON contract"; invariants 1-3 checked on the real images).
+"""`vstore verify LAB`: online verify in the manner of DRBD (DESIGN.md "user surface", "JSON contract";
+invariants 1-3 checked on the real images).
 
 Keeps true:
 - Nothing is moved or changed: each side digests its own volume (BLAKE2b per chunk of

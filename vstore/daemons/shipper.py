@@ -1,5 +1,5 @@
-"""The shipping process: `vstore shipper --site NAME --config LAB/topology.toml` (issue 6 item 3;
-SPEC §4 [0044]-[0045], DESIGN invariant 2).
+"""The shipping process: `vstore shipper --site NAME --config LAB/topology.toml` (SPEC §4
+[0044]-[0045], DESIGN invariant 2).
 
 Keeps true:
 - It sends only acknowledged entries, in sequence order: before each read it asks the site's

@@ -1,11 +1,12 @@
-"""The patent's procedures, each one named function that logs its steps (SPEC §5, Figs 3, 6, 10-17).
+"""Fig 3 initial set-up (with Fig 6 inside it) and the resync of suspended pairs (SPEC §5), and the step log
+every procedure keeps.
 
 Keeps true: every procedure checks all of its preconditions before its first step changes any
 state, and records each step in a `StepLog` (also sent to the `vstore.procedures` logger) so an
 operator can see exactly what was done and where it stopped.
 
-Issue 2 delivers Fig 3 (initial set-up, with Fig 6 inside it); the failover and failback figures
-follow in later issues.
+The failover figures (10, 13, 14, 17) are in `failover.py`, the failback figures (11, 12, 15, 16) in
+`failback.py`, the embodiment-4 recovery in `recovery.py`.
 """
 
 from __future__ import annotations
