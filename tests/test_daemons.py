@@ -1,4 +1,4 @@
-"""Site daemons on 127.0.0.1: the same results as in one process, SIGKILL of each
+"""Site daemons on 127.0.0.1 (DESIGN "Process model"): the same results as in one process, SIGKILL of each
 daemon at random moments, the fence through a fault proxy, security against a running daemon,
 and a key file with wrong permissions refused at start."""
 
@@ -93,7 +93,7 @@ def test_daemons_give_the_same_results_as_one_process(lab_factory, mode):
 
 def test_jfs_through_the_daemons(lab_factory):
     """The embodiment-4 workload through the daemons ends with the same file trees on A, C and D as
-    in one process, and fsck finds C and D clean (the oracles of the jfs and E4 issues)."""
+    in one process, and fsck finds C and D clean (the oracles of tests/test_jfs_* and tests/test_e4*)."""
     up, local = lab_factory("up", mode="provider"), lab_factory("local", mode="provider")
     vstore("lab", "up", up)
 

@@ -1,4 +1,4 @@
-"""`vstore demo LAB` (issue "vstore demo LAB"): real daemons on 127.0.0.1 in a tmp directory. Nothing
+"""`vstore demo LAB`: real daemons on 127.0.0.1 in a tmp directory. Nothing
 acknowledged is lost at the Sync site, what the Async site misses is a suffix of the written files
 (D is a prefix, invariant 2), every acknowledged file reads back from the new primary with the
 content the demo wrote, and the demo never overwrites an existing directory."""
@@ -13,7 +13,7 @@ import pytest
 
 from jfs.cli import app as jfs_app
 from tests.labutil import invoke
-from vstore.cli.demo import PRIMARY_HOST_PROCESSES, content_for
+from vstore.cli.demo_lab import PRIMARY_HOST_PROCESSES, content_for
 from vstore.cli.main import app as vstore_app
 from vstore.daemons.processes import lab_down, running_pid
 from vstore.lab.topology import SITE_NAMES

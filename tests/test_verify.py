@@ -11,6 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from tests.labutil import BS, blocks
+from vstore import reports
 from vstore.cli import verify
 from vstore.lab.system import System
 from vstore.procedures.create import init_lab
@@ -59,7 +60,7 @@ def flip(lab, site, volume, lba, offset=100):
 
 def results(lab, **kw):
     with System(lab) as system:
-        return {r["name"]: r for r in verify.verify(system, **kw)}
+        return {r["name"]: r for r in reports.verify(system, **kw)}
 
 
 def test_healthy_lab_reports_nothing(lab):

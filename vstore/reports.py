@@ -16,6 +16,7 @@ import hashlib
 import time
 
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.ranges import ranges_of
 from vstore.lab.system import System
 from vstore.replication.entries import entry_size
 from vstore.replication.network import LINK_NAMES, SITE_NAMES
@@ -99,18 +100,8 @@ def snapshot_of(system: System) -> dict:
 
 
 def digest(data: bytes) -> bytes:
+    """What each side of a verify sends instead of its blocks."""
     return hashlib.blake2b(data, digest_size=16).digest()
-
-
-def merge_blocks(lbas: list[int]) -> list[list[int]]:
-    """Sorted block numbers -> [[first, count], ...] of adjacent runs."""
-    out: list[list[int]] = []
-    for lba in sorted(lbas):
-        if out and out[-1][0] + out[-1][1] == lba:
-            out[-1][1] += 1
-        else:
-            out.append([lba, 1])
-    return out
 
 
 def excluded_blocks(system: System, pair: Pair) -> set[int]:
@@ -129,6 +120,7 @@ def excluded_blocks(system: System, pair: Pair) -> set[int]:
 
 
 def verify_pair(system: System, pair: Pair, chunk_blocks: int = 64) -> dict:
+    """One pair's `{"name", "differing_ranges", "blocks_compared", "skipped_unshipped"}` (or `error`)."""
     result: dict = {"name": pair.name, "differing_ranges": [], "blocks_compared": 0, "skipped_unshipped": 0}
     src_site, src_vol = split_ref(pair.source)
     dst_site, dst_vol = split_ref(pair.target)
@@ -157,7 +149,7 @@ def verify_pair(system: System, pair: Pair, chunk_blocks: int = 64) -> dict:
         result["error"] = f"cannot verify {pair.source} -> {pair.target}: {exc}"
         return result
     skipped = sum(1 for lba in excluded if 0 <= lba < num_blocks)
-    result.update(differing_ranges=merge_blocks(differing), blocks_compared=num_blocks - skipped,
+    result.update(differing_ranges=[list(run) for run in ranges_of(differing)], blocks_compared=num_blocks - skipped,
                   skipped_unshipped=skipped)
     return result
 

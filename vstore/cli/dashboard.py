@@ -35,20 +35,18 @@ from rich.text import Text
 
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size
+from vstore.cli.common import STATE_STYLE, daemon_client, open_system, user_errors
 from vstore.lab.topology import SITE_NAMES
 from vstore.net.rpc import SNAPSHOT
 from vstore.reports import EVENTS_SHOWN, snapshot_of
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
-STATE_STYLE = {"Duplex": "green", "Simplex": "dim", "Suspend": "red", "Suspending": "yellow",
-               "Duplex-Pending": "cyan", "Initial-Copying": "cyan"}
 SVG_WIDTH = 132
 
 
 # -- data ---------------------------------------------------------------------------------------------
 def collect(lab: Path) -> dict:
     """Open the lab just long enough to take one snapshot; raises TricopyError for a bad lab."""
-    from vstore.cli.commands import daemon_client, open_system
     client = daemon_client(Path(lab), application=False)
     if client is not None:  # the daemons own the files: ask the coordinating one
         with client:
@@ -360,8 +358,8 @@ def _live(lab: Path, history: History, interval: float, console: Console, *,
 def register(app: typer.Typer) -> None:
     """Add `vstore dashboard` to a typer app."""
 
-    @app.command()
-    def dashboard(
+    @app.command("dashboard")
+    def dashboard_command(
         lab: Annotated[Path, typer.Argument(help="The lab directory.", show_default=False)],
         once: Annotated[bool, typer.Option("--once", help="Print one frame and exit.")] = False,
         svg: Annotated[Path | None, typer.Option("--svg", help="Save one frame as an SVG file and exit.")] = None,
@@ -373,7 +371,6 @@ def register(app: typer.Typer) -> None:
 
         Example: vstore dashboard /tmp/lab --once
         """
-        from vstore.cli.commands import user_errors
         with user_errors():
             run(lab, once=once, svg=svg, interval=interval)
         if svg is not None:

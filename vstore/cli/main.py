@@ -1,9 +1,13 @@
-"""The `vstore` command: the core commands plus the dashboard, verify and demo, assembled in one
-place so that no command module has to import another to register it."""
+"""The `vstore` command (DESIGN.md "Surfaces"): every command module registered on the one root app
+of `vstore.cli.common`, in the order `vstore --help` lists them. This is the console script's entry
+point (`vstore = "vstore.cli.main:app"`, and `python -m vstore.cli`); no command module imports it.
+"""
 
-from vstore.cli import dashboard, demo, verify
-from vstore.cli.commands import app
+from vstore.cli import commands, dashboard, demo, lab_commands, verify
+from vstore.cli.common import app
 
+lab_commands.register(app)  # serve, shipper and the lab group
+commands.register(app)  # status .. failback
 dashboard.register(app)
 verify.register(app)
 demo.register(app)

@@ -1,8 +1,9 @@
-"""`vstore verify LAB`: online verify in the manner of DRBD (DESIGN.md "user surface", "JSON contract";
-invariants 1-3 checked on the real images).
+"""`vstore verify LAB`: online verify in the manner of DRBD (DESIGN.md "Surfaces", "user surface",
+"JSON contract"; invariants 1-3 checked on the real images).
 
 Keeps true:
-- Nothing is moved or changed: each side digests its own volume (BLAKE2b per chunk of
+- The comparison is `vstore.reports.verify`, the same one the coordinating daemon runs while the
+  lab is up: nothing is moved or changed; each side digests its own volume (BLAKE2b per chunk of
   `chunk_blocks` blocks, then per block inside a chunk whose digests differ), and only digests are
   compared, so the cost over a real link is the digests, not the data.
 - A difference the replication explains is not reported: for an async pair the blocks that still
@@ -13,8 +14,9 @@ Keeps true:
 - A pair that cannot be verified (its target site down or gone, the link between the sites cut,
   the initial copy unfinished) is reported with an `error` key, never silently passed.
 - Simplex pairs are not verified (nothing is claimed to be equal).
+- `--json` prints `{"pairs": [...]}`; the exit code is 1 when any pair differs, 2 when one could not
+  be verified, 0 when all are equal.
 """
-
 from __future__ import annotations
 
 import json
@@ -25,6 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from vstore.cli.common import JsonOption, LabArg, daemon_client, open_system, user_errors
 from vstore.net.rpc import VERIFY
 from vstore.reports import verify
 
@@ -33,6 +36,7 @@ EXIT_UNVERIFIED = 2
 
 
 def exit_code(results: list[dict]) -> int:
+    """1 when any pair differs, else 2 when any could not be verified, else 0."""
     if any(r["differing_ranges"] for r in results):
         return EXIT_DIFFER
     if any("error" in r for r in results):
@@ -41,56 +45,62 @@ def exit_code(results: list[dict]) -> int:
 
 
 def describe_ranges(ranges: list[list[int]], limit: int = 8) -> str:
+    """`3, 10-12, ... (n more ranges)`: the first `limit` ranges for a table cell."""
     parts = [f"{first}" if count == 1 else f"{first}-{first + count - 1}" for first, count in ranges[:limit]]
     if len(ranges) > limit:
         parts.append(f"... ({len(ranges) - limit} more ranges)")
     return ", ".join(parts)
 
 
+def print_results(lab: Path, results: list[dict]) -> None:
+    """One table row per pair: blocks compared, blocks skipped, and equal / the differing ranges / the error."""
+    out = Console()  # made now: it measures the terminal the command runs in
+    table = Table(title=f"verify {lab}")
+    for col in ("pair", "compared", "skipped (unshipped)", "result"):
+        table.add_column(col)
+    for r in results:
+        if "error" in r:
+            verdict = f"[yellow]{r['error']}[/]"
+        elif r["differing_ranges"]:
+            blocks = sum(n for _, n in r["differing_ranges"])
+            verdict = f"[bold red]{blocks} block(s) differ:[/] {describe_ranges(r['differing_ranges'])}"
+        else:
+            verdict = "[green]equal[/]"
+        counts = ("-", "-") if "error" in r else (str(r["blocks_compared"]), str(r["skipped_unshipped"]))
+        table.add_row(r["name"], *counts, verdict)
+    if not results:
+        table.add_row("(no pairs to verify)", "", "", "")
+    out.print(table)
+
+
+def verify_command(
+    lab: LabArg,
+    pair: Annotated[str | None, typer.Option("--pair", help="Verify only this pair (e.g. A->C).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Online verify (like DRBD's): compare per-range digests of every pair's source and target
+    without moving the data, and name the block ranges that differ. Blocks with unshipped entries
+    or recorded positions are skipped (the target legitimately lags there). Exit 1 when any pair
+    differs, 2 when a pair could not be verified, 0 when all are equal.
+
+    Example: vstore verify /tmp/lab --pair B->D --json
+    """
+    with user_errors():
+        client = daemon_client(lab, application=False)
+        if client is not None:  # online, while the daemons run: the coordinating one compares
+            with client:
+                results = client.call(VERIFY, {"pair": pair})[0]["pairs"]
+        else:
+            with open_system(lab) as system:
+                results = verify(system, pair)
+    code = exit_code(results)
+    if as_json:
+        print(json.dumps({"pairs": results}, indent=2))
+    else:
+        print_results(lab, results)
+    raise typer.Exit(code)
+
+
 def register(app: typer.Typer) -> None:
     """Add `vstore verify` to a typer app."""
-
-    @app.command("verify")
-    def verify_command(
-        lab: Annotated[Path, typer.Argument(help="The lab directory.", show_default=False)],
-        pair: Annotated[str | None, typer.Option("--pair", help="Verify only this pair (e.g. A->C).")] = None,
-        as_json: Annotated[bool, typer.Option("--json", help="One JSON document.")] = False,
-    ) -> None:
-        """Online verify (like DRBD's): compare per-range digests of every pair's source and target
-        without moving the data, and name the block ranges that differ. Blocks with unshipped entries
-        or recorded positions are skipped (the target legitimately lags there). Exit 1 when any pair
-        differs, 2 when a pair could not be verified, 0 when all are equal.
-
-        Example: vstore verify /tmp/lab --pair B->D --json
-        """
-        from vstore.cli.commands import daemon_client, open_system, user_errors
-        with user_errors():
-            client = daemon_client(lab, application=False)
-            if client is not None:  # online, while the daemons run: the coordinating one compares
-                with client:
-                    results = client.call(VERIFY, {"pair": pair})[0]["pairs"]
-            else:
-                with open_system(lab) as system:
-                    results = verify(system, pair)
-        code = exit_code(results)
-        if as_json:
-            print(json.dumps({"pairs": results}, indent=2))
-            raise typer.Exit(code)
-        out = Console()
-        table = Table(title=f"verify {lab}")
-        for col in ("pair", "compared", "skipped (unshipped)", "result"):
-            table.add_column(col)
-        for r in results:
-            if "error" in r:
-                verdict = f"[yellow]{r['error']}[/]"
-            elif r["differing_ranges"]:
-                blocks = sum(n for _, n in r["differing_ranges"])
-                verdict = f"[bold red]{blocks} block(s) differ:[/] {describe_ranges(r['differing_ranges'])}"
-            else:
-                verdict = "[green]equal[/]"
-            counts = ("-", "-") if "error" in r else (str(r["blocks_compared"]), str(r["skipped_unshipped"]))
-            table.add_row(r["name"], *counts, verdict)
-        if not results:
-            table.add_row("(no pairs to verify)", "", "", "")
-        out.print(table)
-        raise typer.Exit(code)
+    app.command("verify")(verify_command)

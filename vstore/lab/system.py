@@ -42,7 +42,6 @@ log = logging.getLogger("vstore.site")
 
 STATE_FORMAT = "tricopy-site-state"
 STATE_VERSION = 1
-FAULTS_FILE = "faults.json"
 EVIDENCE_EVERY_S = 1.0  # how often another site's copy of the write-count evidence is refreshed
 
 
@@ -72,7 +71,7 @@ class System:
         self.topo: Topology = load_topology(self.lab_dir)
         self.local, self.peers = local, peers or {}
         self._lock_fd = self._take_lock() if lock else None
-        self.faults = self._load_faults()
+        self.faults = Faults.load(self.lab_dir)
         self.states: dict[str, dict] = {}
         unreachable: set[str] = set()
         for site in SITE_NAMES:
@@ -145,10 +144,6 @@ class System:
         fd = os.open(self.lab_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(fd, fcntl.LOCK_EX)
         return fd
-
-    def _load_faults(self) -> Faults:
-        path = self.lab_dir / FAULTS_FILE
-        return Faults.from_dict(load_json(path)) if path.is_file() else Faults()
 
     def site_dir(self, site: str) -> Path:
         return self.lab_dir / site
@@ -373,7 +368,7 @@ class System:
             return None
 
     def save_faults(self) -> None:
-        save_json_atomic(self.lab_dir / FAULTS_FILE, self.faults.to_dict(), durable=False)
+        self.faults.save(self.lab_dir)
 
     def close(self) -> None:
         if self._entry_log is not None and not self.keep_entry_log:

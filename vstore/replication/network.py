@@ -13,7 +13,9 @@ site's directory is a disaster too, and `Network` treats a missing site director
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.errors import TricopyError
 
 
@@ -38,6 +40,7 @@ def link_name(a: str, b: str) -> str:
 
 
 LINK_NAMES = tuple(link_name(a, b) for i, a in enumerate(SITE_NAMES) for b in SITE_NAMES[i + 1:])
+FAULTS_FILE = "faults.json"  # in the lab directory; `Faults.load`/`Faults.save` are its one reader and writer
 
 
 @dataclass
@@ -63,6 +66,16 @@ class Faults:
     @classmethod
     def from_dict(cls, d: dict) -> Faults:
         return cls(set(d.get("sites_down", [])), set(d.get("links_down", [])), set(d.get("volumes_failed", [])))
+
+    @classmethod
+    def load(cls, lab: Path) -> Faults:
+        """LAB/faults.json; no file means nothing is broken."""
+        path = Path(lab) / FAULTS_FILE
+        return cls.from_dict(load_json(path)) if path.is_file() else cls()
+
+    def save(self, lab: Path) -> None:
+        """Replace LAB/faults.json atomically (daemons notice the change by its modification time)."""
+        save_json_atomic(Path(lab) / FAULTS_FILE, self.to_dict(), durable=False)
 
 
 class Network:

@@ -1,0 +1,123 @@
+"""The commands that create a lab and run its processes (DESIGN.md "Surfaces", "user surface"):
+`vstore lab init|up|down` and the foreground daemons `vstore serve` and `vstore shipper`.
+
+Keeps true: `lab init` leaves every pair Duplex (the Fig 3 set-up) or fails with one sentence;
+`lab up` starts the three site daemons and the shipper process in the background and names their
+pid and log files; `serve`/`shipper` run one process in the foreground until SIGTERM, with its
+ready file in LAB/run so that `lab up` knows when it listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from vstore.blocks.units import parse_size
+from vstore.cli.common import LabArg, QuietOption, out, progress_bars, user_errors
+from vstore.daemons.processes import SHIPPER, lab_down, lab_up
+from vstore.daemons.shipper import Shipper
+from vstore.daemons.site import SiteDaemon
+from vstore.procedures.create import init_lab
+
+
+def lab_init_command(
+    lab: LabArg,
+    mode: Annotated[str, typer.Option(help="provider = embodiment 4 (A, C, D; entries on the host); "
+                                           "mirror = embodiment 1 (A, B, C, D).")] = "provider",
+    size: Annotated[str, typer.Option(help="Size of every volume, e.g. 64M, 1G.")] = "64M",
+    volumes: Annotated[int, typer.Option(help="Volumes per site in one consistency group.")] = 1,
+    protect: Annotated[bool, typer.Option("--protect/--no-protect",
+                                          help="Fence: refuse writes once the sync copy fails [0040], [0068].")] = True,
+    coalesce: Annotated[bool, typer.Option(help="Coalesce repeated writes inside a shipped batch [0045].")] = False,
+    durable: Annotated[bool, typer.Option(help="fsync images, spool and state on every write.")] = False,
+    spool_capacity: Annotated[str, typer.Option(help="Entry log capacity before the async pair suspends.")] = "256M",
+    base_port: Annotated[int, typer.Option(help="TCP port of the primary's daemon; sync and async use the next "
+                                                "two (127.0.0.1).")] = 7401,
+    tls: Annotated[bool, typer.Option("--tls/--no-tls", help="Daemons talk TLS (a lab CA and certificate are made "
+                                                             "in LAB/tls; topology.toml [tls] names them).")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Create a lab and run the Fig 3 initial set-up; every pair ends Duplex.
+
+    Example: vstore lab init /tmp/lab --mode mirror --size 64M
+    """
+    with user_errors(), progress_bars(quiet) as progress:
+        steps = init_lab(lab, mode=mode, size=parse_size(size), volumes=volumes, protect=protect, coalesce=coalesce,
+                         durable=durable, spool_capacity=parse_size(spool_capacity), base_port=base_port,
+                         tls=tls, progress=progress)
+    for step in steps.steps:
+        out.print(f"  {step}", highlight=False)
+    out.print(f"lab [bold]{lab}[/] ready ({mode} mode)")
+
+
+def lab_up_command(lab: LabArg) -> None:
+    """Start the three site daemons on 127.0.0.1 (ports in topology.toml) and the shipper process of
+    the site running the application, in the background; pid and log files go to LAB/run/. While a
+    lab is up, vstore and jfs commands talk to the daemons.
+
+    Example: vstore lab up /tmp/lab
+    """
+    with user_errors():
+        pids = lab_up(lab)
+    for name, pid in pids.items():
+        what = "shipper process" if name == SHIPPER else f"site {name} daemon"
+        out.print(f"{what}: pid {pid} (log {lab / 'run' / name}.log)", highlight=False)
+
+
+def lab_down_command(lab: LabArg) -> None:
+    """Stop the lab's site daemons cleanly (SIGTERM, then wait).
+
+    Example: vstore lab down /tmp/lab
+    """
+    with user_errors():
+        stopped = lab_down(lab)
+    out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+def serve_command(
+    site: Annotated[str, typer.Option(help="primary, sync or async.")],
+    config: Annotated[Path, typer.Option(help="The lab's topology.toml.")],
+) -> None:
+    """Run one site's daemon in the foreground (what `vstore lab up` starts three of).
+
+    Example: vstore serve --site sync --config /tmp/lab/topology.toml
+    """
+    run_in_foreground(lambda: SiteDaemon(config.parent, site), config.parent / "run" / f"{site}.pid")
+
+
+def shipper_command(
+    site: Annotated[str, typer.Option(help="The site running the application (whose spool is shipped).")],
+    config: Annotated[Path, typer.Option(help="The lab's topology.toml.")],
+) -> None:
+    """Run the shipping process in the foreground (what `vstore lab up` starts next to the daemon of
+    the site running the application): follows that site's spool and sends acknowledged entries,
+    in order, to the Async site; resumes from the Async site's applied entry after any restart.
+
+    Example: vstore shipper --site primary --config /tmp/lab/topology.toml
+    """
+    run_in_foreground(lambda: Shipper(config.parent, site), config.parent / "run" / f"{SHIPPER}.pid")
+
+
+def run_in_foreground(make: Callable[[], SiteDaemon | Shipper], ready: Path) -> None:
+    """Build a daemon (site or shipper) and run its asyncio loop until SIGTERM; user errors in one line."""
+    logging.getLogger().setLevel(logging.INFO)
+    with user_errors():
+        process = make()
+        asyncio.run(process.run(ready=ready))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `vstore serve`, `vstore shipper` and the `vstore lab` group to a typer app."""
+    app.command("serve")(serve_command)
+    app.command("shipper")(shipper_command)
+    lab_app = typer.Typer(help="Create and run labs (a three-site deployment in one directory).",
+                          no_args_is_help=True)
+    lab_app.command("init")(lab_init_command)
+    lab_app.command("up")(lab_up_command)
+    lab_app.command("down")(lab_down_command)
+    app.add_typer(lab_app, name="lab")
