@@ -11,7 +11,7 @@
     from the moment the shipper process is ready (its start-up is shown apart, and a second figure
     counts it). Goal: (b) >= 0.6x (a) raw TCP.
 (c) Sync write latency: a second provider-mode lab whose primary-sync link goes through the fault
-    proxy (`tools/faults/proxy.py`) with 1 ms delay in each direction. `--samples` 4 KiB
+    proxy (`vstore.net.linkproxy`) with 1 ms delay in each direction. `--samples` 4 KiB
     application writes to the primary daemon, each acknowledged only once C has it through the
     proxy, p50/p99. Beside it: the proxy's round trip alone (a raw TCP 4 KiB request / 1-byte reply
     through a second 1 ms proxy to an echo process; also an authenticated `ping` RPC to the sync

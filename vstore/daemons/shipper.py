@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from vstore.blocks.errors import FormatError, TricopyError
+from vstore.daemons.processes import SHIPPER, running_pid
 from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.net.client import AsyncClient
 from vstore.net.keys import load_key
@@ -268,7 +269,6 @@ class Shipper:
             def on_any_event(self, event: Any) -> None:
                 loop.call_soon_threadsafe(wake.set)
 
-        from vstore.daemons.processes import SHIPPER, running_pid
         other = running_pid(self.lab, SHIPPER)
         if other and other != os.getpid():
             raise TricopyError(f"the shipper process of {self.lab} is already running (pid {other})")
