@@ -25,10 +25,8 @@ from rich.table import Table
 
 from jfs import targets
 from jfs.codecs import read_superblock
-from jfs.fs import FileSystem, probe_image
-from jfs.fs import mkfs as make_fs
-from jfs.fsck import EXIT_ERROR, Checker
-from jfs.fsck import fsck as run_fsck
+from jfs.fs import FileSystem, mkfs, probe_image
+from jfs.fsck import EXIT_ERROR, Checker, fsck
 from jfs.fuse import fuse_available, serve
 from jfs.mounts import check_mountpoint, foreground_argv, start_background, state_path, unmount
 from jfs.scan import scan_log
@@ -71,8 +69,8 @@ def mounted(target: str, *, writable: bool) -> Iterator[FileSystem]:
             dev.close()
 
 
-@app.command()
-def mkfs(target: str = typer.Argument(..., help="image file to format"),
+@app.command("mkfs")
+def mkfs_command(target: str = typer.Argument(..., help="image file to format"),
          size: str | None = typer.Option(None, "--size", help="create the image with this size, e.g. 64M"),
          block_size: int = typer.Option(4096, "--block-size", help="block size in bytes (2048-65536)"),
          inodes: int | None = typer.Option(None, "--inodes", help="number of inodes"),
@@ -101,7 +99,7 @@ def mkfs(target: str = typer.Argument(..., help="image file to format"),
                 pass
         dev = ImageDevice(path, block_size)
         try:
-            make_fs(dev, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks)
+            mkfs(dev, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks)
         finally:
             dev.close()
     out.print(f"created jfs on {target} ({path.stat().st_size} bytes, {block_size}-byte blocks)")
@@ -119,14 +117,14 @@ def mkfs_target(target: str, *, label: str, uuid: str | None, inodes: int | None
                 fail(f"{target} already holds a jfs; add --force to overwrite it")
         except FormatError:
             pass
-        make_fs(dev, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks)
+        mkfs(dev, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks)
     finally:
         dev.close()
     out.print(f"created jfs on {target} ({dev.num_blocks * dev.block_size} bytes, {dev.block_size}-byte blocks)")
 
 
-@app.command()
-def write(target: str, path: str,
+@app.command("write")
+def write_command(target: str, path: str,
           source: Path | None = typer.Option(None, "--from", help="read the content from this file")) -> None:
     """Write a file (whole content, from stdin by default). Example: jfs write disk.img /a.txt --from a.txt"""
     with errors():
@@ -135,8 +133,8 @@ def write(target: str, path: str,
         fs.write_file(path, data)
 
 
-@app.command()
-def read(target: str, path: str) -> None:
+@app.command("read")
+def read_command(target: str, path: str) -> None:
     """Print a file's bytes to stdout. Example: jfs read disk.img /a.txt > a.txt"""
     with mounted(target, writable=False) as fs:
         data = fs.read(path)
@@ -144,8 +142,8 @@ def read(target: str, path: str) -> None:
     sys.stdout.flush()
 
 
-@app.command()
-def ls(target: str, path: str = typer.Argument("/", help="directory to list")) -> None:
+@app.command("ls")
+def ls_command(target: str, path: str = typer.Argument("/", help="directory to list")) -> None:
     """List a directory as a table. Example: jfs ls disk.img /docs"""
     with mounted(target, writable=False) as fs:
         table = Table(title=f"{target}:{path}")
@@ -159,8 +157,8 @@ def ls(target: str, path: str = typer.Argument("/", help="directory to list")) -
     out.print(table)
 
 
-@app.command()
-def mkdir(target: str, path: str,
+@app.command("mkdir")
+def mkdir_command(target: str, path: str,
           parents: bool = typer.Option(False, "-p", "--parents", help="create missing parents too")) -> None:
     """Create a directory. Example: jfs mkdir disk.img /docs -p"""
     with mounted(target, writable=True) as fs:
@@ -184,8 +182,8 @@ def _remove_tree(fs: FileSystem, path: str) -> None:
     fs.rmdir(path)
 
 
-@app.command()
-def rm(target: str, path: str,
+@app.command("rm")
+def rm_command(target: str, path: str,
        recursive: bool = typer.Option(False, "-r", "--recursive", help="remove a directory tree")) -> None:
     """Remove a file (or a directory tree with -r). Example: jfs rm disk.img /old -r"""
     with mounted(target, writable=True) as fs:
@@ -197,15 +195,15 @@ def rm(target: str, path: str,
             fs.unlink(path)
 
 
-@app.command()
-def mv(target: str, old: str, new: str) -> None:
+@app.command("mv")
+def mv_command(target: str, old: str, new: str) -> None:
     """Rename or move (replacing a file there). Example: jfs mv disk.img /a.txt /docs/a.txt"""
     with mounted(target, writable=True) as fs:
         fs.rename(old, new)
 
 
-@app.command()
-def stat(target: str, path: str,
+@app.command("stat")
+def stat_command(target: str, path: str,
          as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
     """Show a file's inode. Example: jfs stat disk.img /a.txt"""
     with mounted(target, writable=False) as fs:
@@ -220,8 +218,8 @@ def stat(target: str, path: str,
     out.print(table)
 
 
-@app.command()
-def fsck(target: str,
+@app.command("fsck")
+def fsck_command(target: str,
          no_change: bool = typer.Option(False, "-n", help="check only; never write"),
          as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout"),
          quiet: bool = typer.Option(False, "--quiet", help="no progress display")) -> None:
@@ -230,7 +228,7 @@ def fsck(target: str,
         dev = targets.open(target, writable=not no_change)
     try:
         if as_json or quiet:
-            result = run_fsck(dev, repair=not no_change)
+            result = fsck(dev, repair=not no_change)
         else:
             with Progress(TextColumn("fsck {task.description}"), BarColumn(), MofNCompleteColumn(),
                           console=err, transient=True) as bars:
@@ -242,7 +240,7 @@ def fsck(target: str,
                     bars.update(task, description=name, completed=len(started))
                     started.append(name)
 
-                result = run_fsck(dev, repair=not no_change, on_pass=on_pass)
+                result = fsck(dev, repair=not no_change, on_pass=on_pass)
                 bars.update(task, completed=len(Checker.PASSES))
     finally:
         dev.close()
@@ -259,8 +257,8 @@ def fsck(target: str,
     raise typer.Exit(result.exit_code)
 
 
-@app.command()
-def log(target: str, as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
+@app.command("log")
+def log_command(target: str, as_json: bool = typer.Option(False, "--json", help="one JSON document on stdout")) -> None:
     """Show the metadata log: which files each record touched. Example: jfs log disk.img --json"""
     with errors():
         dev = targets.open(target, writable=False)
@@ -285,8 +283,8 @@ def log(target: str, as_json: bool = typer.Option(False, "--json", help="one JSO
         err.print(f"jfs: the log is incomplete: {scan.problem}", markup=False)
 
 
-@app.command()
-def mount(target: str = typer.Argument(..., help="image file, lab:LAB, or lab:LAB@sync|@async (read-only)"),
+@app.command("mount")
+def mount_command(target: str = typer.Argument(..., help="image file, lab:LAB, or lab:LAB@sync|@async (read-only)"),
           mountpoint: Path = typer.Argument(..., help="an empty directory"),
           foreground: bool = typer.Option(False, "--foreground", "-f",
                                           help="serve in this process until unmounted (Ctrl-C unmounts)"),
@@ -314,8 +312,8 @@ def mount(target: str = typer.Argument(..., help="image file, lab:LAB, or lab:LA
             dev.close()
 
 
-@app.command()
-def umount(mountpoint: Path = typer.Argument(..., help="where a jfs is mounted")) -> None:
+@app.command("umount")
+def umount_command(mountpoint: Path = typer.Argument(..., help="where a jfs is mounted")) -> None:
     """Unmount a jfs mount and wait until its volume is clean. Example: jfs umount /mnt/disk"""
     with errors():
         out.print(unmount(mountpoint))

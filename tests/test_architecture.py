@@ -44,12 +44,6 @@ def copy_tree(tmp_path: Path) -> Path:
     return tree
 
 
-# The house redesign is under way: these rules are the target and are not all met yet. Each is a strict xfail, so
-# it turns into a failure the moment the tree meets it and the mark must go (ARCHITECTURE.md "Layers" says what is
-# left).
-NOT_YET = pytest.mark.xfail(strict=True, reason="house redesign in progress: see ARCHITECTURE.md 'Layers'")
-
-
 def add_line(path: Path, line: str) -> None:
     text = path.read_text()
     head, sep, rest = text.partition('"""\n\n')  # after the module docstring
@@ -85,13 +79,11 @@ def function_level_project_imports(path: Path) -> list[str]:
     return found
 
 
-@NOT_YET
 def test_no_function_level_imports_of_project_modules() -> None:
     lazy = [hit for path in sources() for hit in function_level_project_imports(path)]
     assert not lazy, "import these at module level (a layer may import anything below it): " + ", ".join(lazy)
 
 
-@NOT_YET
 def test_no_module_over_500_lines() -> None:
     big = {str(p.relative_to(ROOT)): n for p in sources() if (n := len(p.read_text().splitlines())) > 500}
     assert not big, f"split these on their own seams: {big}"

@@ -131,7 +131,7 @@ def test_fig6_new_member_is_never_read_before_synced(tmp_path):
             seen_states.append(member.sync)
             assert group.read(0, 8) == blocks(4, 8)  # reads during the copy come from synced members
 
-        group.add_member("E", "primary/port0/lun9", progress=progress, chunk=64)
+        group.fig6_add_member("E", "primary/port0/lun9", progress=progress, chunk=64)
         assert SyncState.NOT_SYNCED in seen_states
         assert all(v in ("A", "B") for v in reads)  # E, not yet synced, was never read
         assert group.members[-1].sync == SyncState.SYNCED
@@ -174,7 +174,7 @@ def test_state_persists_across_commands(tmp_path):
     lab = make_lab(tmp_path, mode="mirror", protect=False)
     with open_lab(lab) as system:
         cut(system, "primary-sync")
-        system.save_faults()
+        system.faults.save(system.lab_dir)
         system.device(0).write(2, blocks(5))
         system.save()
     with open_lab(lab) as system:

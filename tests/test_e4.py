@@ -18,7 +18,7 @@ from jfs.scan import scan_log
 from tests.fsutil import image_tree, same_allocated_blocks, snapshot
 from vstore.lab.system import System
 from vstore.procedures.create import init_lab
-from vstore.procedures.failover import failover_to_async
+from vstore.procedures.failover import fig13_failover_to_async
 from vstore.procedures.recovery import recover
 
 SIZE = 8 << 20
@@ -171,7 +171,7 @@ def test_double_failure_async_is_a_prefix(tmp_path):
     shutil.rmtree(lab / "primary")
     shutil.rmtree(lab / "sync")
     with System(lab) as system:
-        steps = failover_to_async(system)
+        steps = fig13_failover_to_async(system)
         system.save()
         assert any("fsck" in s for s in steps.steps)
     d = snapshot(lab / "async" / "D.img")

@@ -16,6 +16,7 @@ from vstore.lab.system import System
 from vstore.procedures import failback as fb
 from vstore.procedures import failover as fo
 from vstore.procedures.create import init_lab
+from vstore.procedures.reactions import open_system
 from vstore.procedures.setup import StepLog
 from vstore.replication.pairs import PairState
 
@@ -101,7 +102,7 @@ def test_fig10_then_fig11_or_fig12(tmp_path, mode, sync_first, old_images):
     if old_images:
         with System(lab) as system:
             system.faults.set("site", "primary", True)
-            system.save_faults()
+            system.faults.save(system.lab_dir)
     else:
         shutil.rmtree(lab / "primary")
     steps = run(lab, fo.fig10_failover_to_sync)
@@ -114,7 +115,7 @@ def test_fig10_then_fig11_or_fig12(tmp_path, mode, sync_first, old_images):
         assert "still down" in str(r.value)
         with System(lab) as system:
             system.faults.set("site", "primary", False)
-            system.save_faults()
+            system.faults.save(system.lab_dir)
     run(lab, fb.failback, sync_first=sync_first)
     assert_original_layout(lab, mode, model)
 
@@ -151,9 +152,9 @@ def test_fig14_catch_up_then_failback(tmp_path, mode, sync_first):
 
 def test_fig17_volume_a_failure_keeps_sync_lossless(tmp_path):
     lab, model, rng = new_lab(tmp_path, "mirror", protect=False)
-    with System(lab) as system:
+    with open_system(lab) as system:
         system.faults.set("volume", "primary:A", True)
-        system.save_faults()
+        system.faults.save(system.lab_dir)
         model.write(system, rng, 6)  # the first write meets the failed A
         names = {p.name: p.state for p in system.registry}
         system.save()
@@ -173,7 +174,7 @@ def test_preconditions_refuse_without_changing_state(tmp_path):
     snapshot = {p: v for p, v in snapshot.items() if p.exists()}
     with System(lab) as system:
         system.faults.set("link", "sync-async", True)
-        system.save_faults()
+        system.faults.save(system.lab_dir)
     snapshot[lab / "faults.json"] = (lab / "faults.json").read_bytes()
     with pytest.raises(TricopyError, match="sync-async"):
         run(lab, fo.fig14_failover_to_async_catch_up)
@@ -185,19 +186,19 @@ def test_split_brain_is_detected_and_discard_site_resolves_it(tmp_path):
     lab, model, rng = new_lab(tmp_path, "mirror", protect=False)
     with System(lab) as system:  # the sync link breaks; the primary goes on writing (no protection)
         system.faults.set("link", "primary-sync", True)
-        system.save_faults()
+        system.faults.save(system.lab_dir)
         old_primary = Model()
         old_primary.image[:] = model.image
         old_primary.write(system, random.Random(1), 3)
         system.save()
         system.faults.set("site", "primary", True)  # then the operator believes it dead
-        system.save_faults()
+        system.faults.save(system.lab_dir)
     run(lab, fo.fig10_failover_to_sync)
     write_at_new_primary(lab, model, rng)
     with System(lab) as system:  # the old primary comes back with its own writes
         system.faults.set("site", "primary", False)
         system.faults.set("link", "primary-sync", False)
-        system.save_faults()
+        system.faults.save(system.lab_dir)
     with pytest.raises(fb.SplitBrain) as err:
         run(lab, fb.failback)
     msg = str(err.value)

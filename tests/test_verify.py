@@ -129,7 +129,7 @@ def test_protection_off_recorded_positions_are_skipped(tmp_path):
         system.device(0).write(30, blocks(3, 2))  # recorded in A->C's bitmap
         system.faults.set("link", "primary-sync", False)
         system.shipper().ship()
-        system.save_faults()
+        system.faults.save(system.lab_dir)
         system.save()
     res = results(lab)
     assert res["A->C"]["differing_ranges"] == [] and res["A->C"]["skipped_unshipped"] == 2
@@ -139,7 +139,7 @@ def test_protection_off_recorded_positions_are_skipped(tmp_path):
 def test_unreachable_target_is_an_error_not_a_pass(lab):
     with System(lab) as system:
         system.faults.set("site", "async", True)
-        system.save_faults()
+        system.faults.save(system.lab_dir)
     res = results(lab)
     assert "async" in res["B->D"]["error"] and res["A->C"]["differing_ranges"] == []
     r = run_verify(lab, "--json")

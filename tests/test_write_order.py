@@ -20,7 +20,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from vstore.lab.system import System
 from vstore.procedures.create import init_lab
-from vstore.replication.shipping import SimulatedCrash
+from vstore.replication.journal import SimulatedCrash
 
 BS = 4096
 NBLOCKS = 8

@@ -20,8 +20,7 @@ from vstore.blocks.ranges import ranges_of
 from vstore.lab.system import System
 from vstore.replication.entries import entry_size
 from vstore.replication.network import LINK_NAMES, SITE_NAMES
-from vstore.replication.pairs import Pair, PairKind, PairState
-from vstore.replication.registry import split_ref
+from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
 
 EVENTS_SHOWN = 8
 
@@ -83,8 +82,6 @@ def snapshot_of(system: System) -> dict:
     for p in doc["pairs"]:
         pair = pairs[p["name"]]
         p["direction"] = f"{split_ref(pair.source)[0]} -> {split_ref(pair.target)[0]}"
-        p["source_generation"] = pair.source_generation
-        p["target_generation"] = pair.target_generation
         p["confirmed_seq"] = (queue["confirmed_seq"] if queue and p["kind"] == "async"
                               and split_ref(pair.source)[0] == queue["site"] else None)
     events = []

@@ -27,6 +27,7 @@ from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.net.keys import load_key
 from vstore.net.remote import AppDevice, RemoteDevice
 from vstore.net.rpc import STATE_GET
+from vstore.procedures.reactions import open_system
 from vstore.procedures.roles import volumes_of
 
 PREFIX = "lab:"
@@ -116,7 +117,7 @@ def open_lab(target: str, *, writable: bool) -> BlockDevice:
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
     if is_up(lab):
         return open_through_daemons(lab, site, writable=writable, target=target)
-    system = System(lab)
+    system = open_system(lab)
     try:
         try:
             active = system.active_site

@@ -24,12 +24,12 @@ BS = 4096
 
 
 def trial(mode: str, period: float | None, rate: float, rng: random.Random) -> tuple[int, float]:
-    from vstore.lab.system import System
     from vstore.procedures.create import init_lab
+    from vstore.procedures.reactions import open_system
     with tempfile.TemporaryDirectory() as tmp:
         lab = Path(tmp) / "lab"
         init_lab(lab, mode=mode, size=16 << 20, spool_capacity=1 << 30)
-        system = System(lab)
+        system = open_system(lab)
         dev, shipper = system.device(0), system.shipper()
         lock, stop = threading.Lock(), threading.Event()
         acked_at: list[float] = []

@@ -44,10 +44,10 @@ def raw_writer(path: Path, durable: bool) -> tuple[Callable[[int, bytes], None],
 
 
 def full_writer(lab: Path, durable: bool, size: int) -> tuple[Callable[[int, bytes], None], Callable[[], None]]:
-    from vstore.lab.system import System
     from vstore.procedures.create import init_lab
+    from vstore.procedures.reactions import open_system
     init_lab(lab, mode="mirror", size=size, durable=durable, spool_capacity=4 << 30)
-    system = System(lab)
+    system = open_system(lab)
     dev = system.device(0)
 
     def write(lba: int, data: bytes) -> None:

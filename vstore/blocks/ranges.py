@@ -3,13 +3,16 @@
 Keeps true: `merge_ranges` returns runs in ascending order with no two runs overlapping or
 touching, and no run of count 0; every producer of block ranges in tricopy (the jfs metadata log,
 the pairs' position bitmaps, verify) goes through it, so a range means the same thing everywhere.
+`copy_ranges` is the one loop that copies block ranges between volumes (sync and async copy
+programs, a remote site's copies, Fig 6's member copy): chunk by chunk, in ascending order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 Ranges = list[tuple[int, int]]
+COPY_CHUNK = 256  # blocks per read and write of a copy
 
 
 def merge_ranges(ranges: Iterable[tuple[int, int]]) -> Ranges:
@@ -29,7 +32,19 @@ def ranges_of(blocks: Iterable[int]) -> Ranges:
     return merge_ranges((b, 1) for b in blocks)
 
 
-def overlaps(ranges: Iterable[tuple[int, int]], first: int, count: int) -> bool:
-    """True when any run touches a block of [first, first + count)."""
-    end = first + count
-    return any(f < end and first < f + c for f, c in ranges)
+def copy_ranges(read: Callable[[int, int], bytes], write: Callable[[int, bytes], None],
+                ranges: Iterable[tuple[int, int]], *, chunk: int = COPY_CHUNK,
+                progress: Callable[[int], None] | None = None, target_is_zero: bool = False) -> int:
+    """Copy each (first, count) run in chunks: `read(lba, n)` then `write(lba, data)`; returns the
+    blocks covered. With `target_is_zero` (a fresh target) an all-zero chunk is not written."""
+    copied = 0
+    for first, count in ranges:
+        for lba in range(first, first + count, chunk):
+            n = min(chunk, first + count - lba)
+            data = read(lba, n)
+            if not (target_is_zero and data.count(0) == len(data)):
+                write(lba, data)
+            copied += n
+            if progress:
+                progress(n)
+    return copied

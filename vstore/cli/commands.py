@@ -29,7 +29,7 @@ from vstore.cli.common import (
     daemon_client,
     die,
     err,
-    open_system,
+    open_lab,
     out,
     progress_bars,
     quiesced_lab,
@@ -65,7 +65,7 @@ def status_command(lab: LabArg, as_json: JsonOption = False) -> None:
         if client is not None:
             doc = client.call(STATUS)[0]["status"]
         else:
-            with open_system(lab) as system:
+            with open_lab(lab) as system:
                 doc = status_document(system)
     if as_json:
         print(json.dumps(doc, indent=2))
@@ -142,7 +142,7 @@ def write_command(
             client.call(APP_WRITE, {"volume": vol, "lba": lba}, data)
             name, block_size = info["name"], info["block_size"]
         else:
-            with open_system(lab) as system:
+            with open_lab(lab) as system:
                 try:
                     device = system.device(int(volume) if volume.isdigit() else volume)
                     data = read_payload(file, device.block_size, pad)
@@ -174,7 +174,7 @@ def read_command(
             with clients(lab, topo, load_key(lab / topo.key_file))[site] as client:
                 data = client.call(VOL_READ, {"volume": volume, "lba": lba, "count": count})[1]
         else:
-            with open_system(lab) as system:
+            with open_lab(lab) as system:
                 system.network.check(site, site)
                 data = system.storage(site).host_read(volume, lba, count)
     if output:
@@ -252,7 +252,7 @@ def ship_through_daemons(client: Peer, max_entries: int | None) -> None:
 
 def ship_in_process(lab: Path, max_entries: int | None, *, quiet: bool) -> None:
     """The lab is down: open it and ship here, with a progress bar for a long backlog."""
-    with user_errors(), open_system(lab) as system:
+    with user_errors(), open_lab(lab) as system:
         try:
             total = system.entry_log.stats().entries
             with progress_bars(quiet or total < 1000) as progress:
@@ -318,7 +318,7 @@ def heal_command(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, 
         if client is not None:
             lines = client.call(RESYNC)[0]["steps"]
         else:
-            with open_system(lab) as system, progress_bars(quiet) as progress:
+            with open_lab(lab) as system, progress_bars(quiet) as progress:
                 lines = resync_all(system, progress).steps
                 system.save()
     out.print(f"{kind} {name} healed")
@@ -340,7 +340,7 @@ def recover_command(
 
     Example: rm -rf /tmp/lab/primary && vstore recover /tmp/lab --to sync
     """
-    with user_errors(), quiesced_lab(lab), open_system(lab) as system, progress_bars(quiet or as_json) as progress:
+    with user_errors(), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet or as_json) as progress:
         report, steps = recover(system, to, progress, full_copy=full)
         system.save()
     if as_json:
@@ -371,7 +371,7 @@ def failover_command(
 
     Example: rm -rf /tmp/lab/primary && vstore failover /tmp/lab --to sync
     """
-    with user_errors(), quiesced_lab(lab), open_system(lab) as system, progress_bars(quiet) as progress:
+    with user_errors(), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet) as progress:
         if to == "sync":
             if catch_up:
                 raise TricopyError("--catch-up goes with --to async (Fig 14)")
@@ -401,7 +401,7 @@ def failback_command(
 
     Example: vstore failback /tmp/lab --sync-first
     """
-    with user_errors(), quiesced_lab(lab), open_system(lab) as system, progress_bars(quiet) as progress:
+    with user_errors(), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet) as progress:
         steps = failback(system, sync_first=sync_first, progress=progress, discard_site=discard_site)
         system.save()
     for step in steps.steps:

@@ -31,6 +31,7 @@ from vstore.blocks.errors import TricopyError
 from vstore.daemons.processes import coordinator, is_up, quiesced
 from vstore.lab.system import System
 from vstore.net.client import Peer
+from vstore.procedures.reactions import open_system
 from vstore.procedures.setup import Progress as ProgressFactory
 
 app = typer.Typer(help="tricopy: three-site remote copy of block volumes (Primary, near Sync, far Async).",
@@ -88,14 +89,14 @@ def progress_bars(quiet: bool) -> Iterator[ProgressFactory]:
         yield factory
 
 
-def open_system(lab: Path) -> System:
+def open_lab(lab: Path) -> System:
     """The lab opened in this process; refused while its daemons own the files."""
     if not lab.is_dir():
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
     if is_up(lab):
         raise TricopyError(f"the daemons of {lab} are running and own its files; this command works on a lab "
                            f"that is down: run `vstore lab down {lab}` first")
-    return System(lab)
+    return open_system(lab)
 
 
 def quiesced_lab(lab: Path) -> AbstractContextManager[list[str]]:

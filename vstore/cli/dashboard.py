@@ -4,7 +4,7 @@
 Keeps true:
 - A snapshot is plain data (`collect` returns a JSON-able dict): the status document of
   `vstore.reports.status_document` (so every key of the DESIGN "JSON contract" is there, unchanged)
-  plus per-site volumes, per-pair direction and generations, the async group's sequence numbers and
+  plus per-site volumes, per-pair direction, the async group's sequence numbers and
   the newest pair state changes with their reasons, newest first. A daemon client can build the same
   dict and feed `History.add` / `render` without a lab directory.
 - The lab is opened only for the instant of one snapshot (`System` holds LAB/.lock while open), so
@@ -35,8 +35,9 @@ from rich.text import Text
 
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size
-from vstore.cli.common import STATE_STYLE, daemon_client, open_system, user_errors
+from vstore.cli.common import STATE_STYLE, daemon_client, open_lab, user_errors
 from vstore.lab.topology import SITE_NAMES
+from vstore.lab.watch import watching
 from vstore.net.rpc import SNAPSHOT
 from vstore.reports import EVENTS_SHOWN, snapshot_of
 
@@ -51,7 +52,7 @@ def collect(lab: Path) -> dict:
     if client is not None:  # the daemons own the files: ask the coordinating one
         with client:
             return client.call(SNAPSHOT)[0]["snapshot"]
-    with open_system(Path(lab)) as system:
+    with open_lab(Path(lab)) as system:
         return snapshot_of(system)
 
 
@@ -165,7 +166,7 @@ def site_panel(name: str, info: dict) -> Panel:
     return Panel(grid, title=f"[bold]{name}[/]", border_style=border)
 
 
-WIDE = 120  # below this many columns the pairs table drops kind, direction and generations
+WIDE = 120  # below this many columns the pairs table drops kind and direction
 
 
 class PairsTable:
@@ -182,8 +183,6 @@ class PairsTable:
         if wide:
             cols += [("kind", {}), ("direction", {"no_wrap": True})]
         cols += [("state", {"no_wrap": True})]
-        if wide:
-            cols += [("gen s/t", {"justify": "right"})]
         cols += [("waiting", {"justify": "right"}), ("bytes", {"justify": "right", "no_wrap": True}),
                  ("oldest", {"justify": "right"}), ("ship rate", {"justify": "right", "no_wrap": True}),
                  ("queue depth", {"no_wrap": True, "min_width": 8})]
@@ -200,8 +199,6 @@ class PairsTable:
             if wide:
                 row += [p["kind"], f"{p['source']} -> {p['target']}"]
             row.append(styled_state(p["state"]))
-            if wide:
-                row.append(f"{p.get('source_generation', '?')}/{p.get('target_generation', '?')}")
             if is_async:
                 row += [str(p["entries_waiting"]), format_size(p["bytes_waiting"]), age(p.get("oldest_waiting_s")),
                         f"{rate:.1f}/s" if rate is not None else "-",
@@ -276,25 +273,6 @@ def error_frame(lab: Path, message: str) -> Panel:
 
 
 # -- running ------------------------------------------------------------------------------------------
-class _Wake:
-    """watchdog handler: wake the dashboard when a file under the lab is written, created, removed."""
-
-    KINDS = frozenset({"modified", "created", "deleted", "moved"})
-
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def dispatch(self, ev: Any) -> None:
-        if ev.event_type not in self.KINDS:  # opened/closed: our own snapshot reads would loop
-            return
-        paths = [str(ev.src_path), str(getattr(ev, "dest_path", "") or "")]
-        if all(p.endswith(".lock") or not p for p in paths):
-            return
-        if ev.is_directory and ev.event_type == "modified":
-            return
-        self.event.set()
-
-
 def run(lab: Path, once: bool = False, svg: Path | None = None, interval: float = 1.0,
         console: Console | None = None) -> None:
     lab = Path(lab)
@@ -317,15 +295,11 @@ def _live(lab: Path, history: History, interval: float, console: Console, *,
           stop: threading.Event | None = None, on_frame: Callable[[dict | None], None] | None = None) -> None:
     """The Live loop; `stop` and `on_frame` let a test (or an embedding program) end it and watch it."""
     from rich.live import Live
-    from watchdog.observers import Observer
-
     wake = threading.Event()
-    observer = Observer()
-    observer.schedule(_Wake(wake), str(lab), recursive=True)
-    observer.start()
     snapshot: dict | None = None
     try:
-        with Live(error_frame(lab, "loading..."), console=console, screen=True, auto_refresh=False) as live:
+        with watching(lab, wake.set, recursive=True), \
+                Live(error_frame(lab, "loading..."), console=console, screen=True, auto_refresh=False) as live:
             while True:
                 note = None
                 if lab_busy(lab):
@@ -350,9 +324,6 @@ def _live(lab: Path, history: History, interval: float, console: Console, *,
                 time.sleep(0.05)  # let a burst of file events settle into one refresh
     except KeyboardInterrupt:
         pass
-    finally:
-        observer.stop()
-        observer.join(timeout=2)
 
 
 def register(app: typer.Typer) -> None:

@@ -31,11 +31,11 @@ from vstore.blocks.units import format_size
 from vstore.cli.common import progress_bars
 from vstore.cli.demo_report import DEMO_DIR, DemoResult, Ui
 from vstore.daemons.processes import clients, coordinator, running_pid
-from vstore.lab.system import System
 from vstore.lab.topology import load_topology
 from vstore.net.keys import load_key
 from vstore.net.linkproxy import LinkProxy, ProxyError
 from vstore.net.rpc import JOURNAL_APPLIED, STATUS
+from vstore.procedures.reactions import open_system
 from vstore.procedures.recovery import recover
 from vstore.targets import open_lab_target
 
@@ -284,7 +284,7 @@ def write_files(lab: Path, opts: DemoOptions, ui: Ui, result: DemoResult, link: 
 
 def recover_at_sync(lab: Path, ui: Ui) -> dict:
     """`vstore recover LAB --to sync` on the lab (its daemons are down): touched files C -> D."""
-    with progress_bars(ui.quiet or ui.as_json) as progress, System(lab) as system:
+    with progress_bars(ui.quiet or ui.as_json) as progress, open_system(lab) as system:
         report, steps = recover(system, "sync", progress)
         system.save()
     for line in steps.steps:

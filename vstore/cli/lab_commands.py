@@ -20,7 +20,7 @@ import typer
 from vstore.blocks.units import parse_size
 from vstore.cli.common import LabArg, QuietOption, out, progress_bars, user_errors
 from vstore.daemons.processes import SHIPPER, lab_down, lab_up
-from vstore.daemons.shipper import Shipper
+from vstore.daemons.shipper import ShipperDaemon
 from vstore.daemons.site import SiteDaemon
 from vstore.procedures.create import init_lab
 
@@ -100,10 +100,10 @@ def shipper_command(
 
     Example: vstore shipper --site primary --config /tmp/lab/topology.toml
     """
-    run_in_foreground(lambda: Shipper(config.parent, site), config.parent / "run" / f"{SHIPPER}.pid")
+    run_in_foreground(lambda: ShipperDaemon(config.parent, site), config.parent / "run" / f"{SHIPPER}.pid")
 
 
-def run_in_foreground(make: Callable[[], SiteDaemon | Shipper], ready: Path) -> None:
+def run_in_foreground(make: Callable[[], SiteDaemon | ShipperDaemon], ready: Path) -> None:
     """Build a daemon (site or shipper) and run its asyncio loop until SIGTERM; user errors in one line."""
     logging.getLogger().setLevel(logging.INFO)
     with user_errors():

@@ -27,7 +27,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vstore.cli.common import JsonOption, LabArg, daemon_client, open_system, user_errors
+from vstore.cli.common import JsonOption, LabArg, daemon_client, open_lab, user_errors
 from vstore.net.rpc import VERIFY
 from vstore.reports import verify
 
@@ -91,7 +91,7 @@ def verify_command(
             with client:
                 results = client.call(VERIFY, {"pair": pair})[0]["pairs"]
         else:
-            with open_system(lab) as system:
+            with open_lab(lab) as system:
                 results = verify(system, pair)
     code = exit_code(results)
     if as_json:

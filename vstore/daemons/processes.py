@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from vstore.blocks import pids
-from vstore.blocks.codec import load_json
 from vstore.blocks.errors import TricopyError
+from vstore.lab.sitedir import lab_application_site
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
 from vstore.net.client import Peer
 from vstore.net.keys import load_key
@@ -74,19 +74,6 @@ def is_up(lab: Path) -> bool:
     return (lab / RUN_DIR).is_dir() and any(running_pid(lab, name) for name in PROCESSES)
 
 
-def application_site(lab: Path) -> str | None:
-    """The site whose host runs the application, from the site directories present here (the
-    newest promotion wins, as in `System.active_site`)."""
-    found = []
-    for site in SITE_NAMES:
-        path = lab / site / "state.json"
-        if path.is_file():
-            state = load_json(path)
-            if state.get("role") == "primary" and state.get("host"):
-                found.append((int(state["host"].get("epoch", 0)), site))
-    return max(found)[1] if found else None
-
-
 def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
     """Start a site's daemon (`name` = primary, sync or async) or the shipper process (`name` =
     "shipper", for the site running the application) in the background; return its pid."""
@@ -96,7 +83,7 @@ def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
         return pid
     config = str(lab / "topology.toml")
     if name == SHIPPER:
-        site = application_site(lab)
+        site = lab_application_site(lab)
         if site is None:
             raise TricopyError(f"no site of {lab} runs the application: there is nothing to ship")
         argv = ["shipper", "--site", site, "--config", config]
@@ -124,7 +111,7 @@ def lab_up(lab: Path) -> dict[str, int]:
     """Start the daemon of every site present, then the shipper of the site running the application."""
     topo = load_topology(lab)
     load_key(lab / topo.key_file)  # refuse a bad key before starting anything
-    app_site = application_site(lab)
+    app_site = lab_application_site(lab)
     order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == app_site)
     names = order + ([SHIPPER] if app_site in order else [])  # the application's site, then the shipper, last
     already = {name for name in names if running_pid(lab, name)}

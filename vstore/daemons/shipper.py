@@ -29,11 +29,12 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-from vstore.blocks.errors import FormatError, TricopyError
+from vstore.blocks.errors import TricopyError
 from vstore.daemons.processes import SHIPPER, running_pid
+from vstore.lab.sitedir import SPOOL_DIR
 from vstore.lab.topology import SITE_NAMES, load_topology
+from vstore.lab.watch import watching
 from vstore.net.client import AsyncClient
 from vstore.net.keys import load_key
 from vstore.net.rpc import (
@@ -47,104 +48,14 @@ from vstore.net.rpc import (
 )
 from vstore.net.tls import client_context
 from vstore.net.wire import ConnectionFailed, RemoteError
-from vstore.replication.entries import (
-    ENTRY_HEADER_SIZE,
-    Entry,
-    decode_entry,
-    encode_batch_raw,
-    entry_size,
-    parse_entry_header,
-    segment_files,
-    segment_name,
-)
+from vstore.replication.entries import Entry, encode_batch_raw
+from vstore.replication.segments import SpoolReader
 from vstore.replication.shipping import coalesce
 
 log = logging.getLogger("vstore.shipper")
 
-READ_BYTES = 16 << 20  # entries read (and pipelined) per round
 WINDOW = 8  # batches in flight
 PLAN_EVERY_S = 5.0
-
-
-class SpoolReader:
-    """Reads entries from the spool's segment files, read-only, following the appending daemon."""
-
-    def __init__(self, spool_dir: Path) -> None:
-        self.spool_dir = spool_dir
-        self._fd: int | None = None
-        self._first = 0  # first seq of the open segment
-        self._offset = 0
-        self._next = 0  # the seq expected at _offset
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        self._next = 0
-
-    def _open(self, first_seq: int, path: Path) -> None:
-        self.close()
-        self._fd = os.open(path, os.O_RDONLY)
-        self._first, self._offset, self._next = first_seq, 0, first_seq
-
-    def _seek(self, seq: int) -> None:
-        """Position at entry `seq` (scanning its segment's headers)."""
-        candidates = [(first, path) for first, path in segment_files(self.spool_dir) if first <= seq]
-        if not candidates:
-            raise FormatError(f"entry {seq} is not in the spool {self.spool_dir} (already trimmed?)")
-        self._open(*candidates[-1])
-        while self._next < seq:
-            if self._skip_one() is None:
-                raise FormatError(f"entry {seq} is not in the spool {self.spool_dir}")
-
-    def _header_at(self) -> Any | None:
-        assert self._fd is not None
-        raw = os.pread(self._fd, ENTRY_HEADER_SIZE, self._offset)
-        if len(raw) < ENTRY_HEADER_SIZE:
-            return None
-        return parse_entry_header(raw, f"{self.spool_dir} segment {self._first} offset {self._offset}")
-
-    def _skip_one(self) -> int | None:
-        header = self._header_at()
-        if header is None:
-            return None
-        self._offset += entry_size(header.block_count, header.block_size)
-        self._next += 1
-        return header.seq
-
-    def _read_one(self) -> tuple[Entry, bytes] | None:
-        assert self._fd is not None
-        header = self._header_at()
-        if header is None:
-            return None
-        length = entry_size(header.block_count, header.block_size)
-        raw = os.pread(self._fd, length, self._offset)
-        entry, _ = decode_entry(raw)  # checks the entry's CRC: a damaged spool is never shipped
-        if entry.seq != self._next:
-            raise FormatError(f"{self.spool_dir}: entry {entry.seq} found where {self._next} was expected")
-        self._offset += length
-        self._next += 1
-        return entry, raw
-
-    def read(self, after: int, upto: int, max_bytes: int = READ_BYTES) -> list[tuple[Entry, bytes]]:
-        """Entries after+1 .. upto (at most about `max_bytes`), in order, each with its encoded bytes."""
-        out: list[tuple[Entry, bytes]] = []
-        size = 0
-        if after >= upto:
-            return out
-        if self._fd is None or self._next != after + 1:
-            self._seek(after + 1)
-        while self._next <= upto and size < max_bytes:
-            found = self._read_one()
-            if found is None:  # the rest is in the next segment
-                path = self.spool_dir / segment_name(self._next)
-                if not path.is_file():
-                    raise FormatError(f"{self.spool_dir}: acknowledged entry {self._next} is in no segment")
-                self._open(self._next, path)
-                continue
-            out.append(found)
-            size += len(found[1])
-        return out
 
 
 class RateMeter:
@@ -170,8 +81,8 @@ class RateMeter:
                 "bytes_per_s": round(sum(s[2] for s in recent) / span, 1)}
 
 
-class Shipper:
-    """One site's shipping process."""
+class ShipperDaemon:
+    """The shipping process of the site running the application (`vstore shipper`)."""
 
     def __init__(self, lab: Path, site: str) -> None:
         if site not in SITE_NAMES:
@@ -180,7 +91,7 @@ class Shipper:
         self.topo = load_topology(lab)
         self.key = load_key(lab / self.topo.key_file)
         self.tls = client_context(lab, self.topo.tls)
-        self.spool_dir = lab / site / "spool"
+        self.spool_dir = lab / site / SPOOL_DIR
         self.reader = SpoolReader(self.spool_dir)
         self.meter = RateMeter()
         self.wake = asyncio.Event()
@@ -259,23 +170,15 @@ class Shipper:
 
     # -- running --------------------------------------------------------------------------------
     async def run(self, ready: Path | None = None) -> None:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-
         loop = asyncio.get_running_loop()
-        wake = self.wake
-
-        class Wake(FileSystemEventHandler):
-            def on_any_event(self, event: Any) -> None:
-                loop.call_soon_threadsafe(wake.set)
-
         other = running_pid(self.lab, SHIPPER)
         if other and other != os.getpid():
             raise TricopyError(f"the shipper process of {self.lab} is already running (pid {other})")
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        observer = Observer()
-        observer.schedule(Wake(), str(self.spool_dir), recursive=False)
-        observer.start()
+        with watching(self.spool_dir, lambda: loop.call_soon_threadsafe(self.wake.set)):
+            await self._serve(loop, ready)
+
+    async def _serve(self, loop: asyncio.AbstractEventLoop, ready: Path | None) -> None:
         main = asyncio.current_task()
 
         def stop() -> None:
@@ -307,5 +210,3 @@ class Shipper:
             pass
         finally:
             self.reader.close()
-            observer.stop()
-            observer.join(2)

@@ -43,6 +43,7 @@ from vstore.blocks.device import ImageDevice
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.daemons.intent import WriteIntent
 from vstore.daemons.processes import RUN_DIR, SHIPPER, running_pid
+from vstore.lab.sitedir import RECV_DIR, open_journal, open_spool
 from vstore.lab.system import System
 from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.net import rpc as names
@@ -52,10 +53,12 @@ from vstore.net.rpc import HandlerTable
 from vstore.net.server import serve
 from vstore.net.tls import contexts as tls_contexts
 from vstore.net.wire import ConnectionFailed
+from vstore.procedures.reactions import open_system
 from vstore.procedures.setup import resync_all
-from vstore.replication.entries import EntryLog, ReceiveJournal, decode_batch_full
+from vstore.replication.journal import ReceiveJournal, Receiver
 from vstore.replication.network import link_name
 from vstore.replication.shipping import DEFAULT_BATCH_ENTRIES
+from vstore.replication.spool import EntryLog
 from vstore.reports import snapshot_of, status_document, verify
 
 log = logging.getLogger("vstore.daemon")
@@ -119,19 +122,18 @@ class SiteDaemon:
     def journal(self) -> ReceiveJournal:
         """This site's receive journal, opened on first use (a site that never receives has no recv/)."""
         if self._journal is None:
-            self._journal = ReceiveJournal(self.site_dir / "recv", durable=self.topo.durable)
+            self._journal = open_journal(self.site_dir, self.topo)
         return self._journal
 
-    def apply_batch(self, entries: list, targets: dict[str, str]) -> None:
-        used = set()
-        for e in entries:
-            volume = targets.get(str(e.volume_id))
-            if volume is None:
-                raise TricopyError(f"entry {e.seq} for unknown volume id {e.volume_id} at site {self.site}")
-            self.device(volume).write(e.lba, e.payload)
-            used.add(volume)
-        for volume in used:
-            self.device(volume).flush()
+    def receiver(self, targets: dict[str, str]) -> Receiver:
+        """This site's receiver for entries whose volume ids `targets` maps to its volumes."""
+        try:
+            by_id = {int(volume_id): volume for volume_id, volume in targets.items()}
+        except (TypeError, ValueError):
+            raise FormatError(f"volume ids must be integers, got {sorted(targets)}") from None
+        return Receiver(self.journal(), self.site, by_id,
+                        lambda volume, lba, data: self.device(volume).write(lba, data),
+                        lambda volume: self.device(volume).flush())
 
     # -- coordination ---------------------------------------------------------------------------
     def spool(self) -> EntryLog | None:
@@ -140,9 +142,7 @@ class SiteDaemon:
         host = (state or {}).get("host") or {}
         if state and state.get("role") == "primary" and host:
             if self.entry_log is None:
-                self.entry_log = EntryLog(self.site_dir / "spool", durable=self.topo.durable,
-                                          capacity_bytes=host.get("spool_capacity", self.topo.spool_capacity),
-                                          block_size=self.topo.block_size)
+                self.entry_log = open_spool(self.site_dir, self.topo, host)
         return self.entry_log
 
     def system(self) -> contextlib.AbstractContextManager[System]:
@@ -156,7 +156,7 @@ class SiteDaemon:
         if cached is None or self._system_version != version or cached.network.unreachable \
                 or cached.entry_log_given is not self.spool():
             self.drop_system()
-            cached = self._system = System(self.lab, lock=False, local=self.site, peers=self.peers,
+            cached = self._system = open_system(self.lab, lock=False, local=self.site, peers=self.peers,
                                            entry_log=self.spool())
             self._system_version = version
         return self._borrow(cached)
@@ -353,20 +353,13 @@ class SiteDaemon:
     @rpc(names.JOURNAL_RECEIVE)
     def journal_receive(self, args: dict, data: bytes) -> Answer:
         """Store, apply, record: the batch is decoded once."""
-        journal = self.journal()
         self.save_targets(args["targets"])
-        batch = decode_batch_full(data)
-        if (batch.first_seq, batch.last_seq) != (int(args["first_seq"]), int(args["last_seq"])):
-            raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
-                              f"{args['first_seq']}..{args['last_seq']}")
-        journal.store_encoded(batch, data)
-        self.apply_batch(batch.entries, args["targets"])
-        journal.mark_applied(batch.last_seq)
-        return {"applied": len(batch.entries)}, b""
+        applied = self.receiver(args["targets"]).receive_encoded(data, int(args["first_seq"]), int(args["last_seq"]))
+        return {"applied": applied}, b""
 
     @rpc(names.JOURNAL_FINISH)
     def journal_finish(self, args: dict, data: bytes) -> Answer:
-        return {"applied": self._finish(self.journal(), args["targets"])}, b""
+        return {"applied": self.receiver(args["targets"]).finish_stored()}, b""
 
     @rpc(names.SPOOL_ACKED)
     def spool_acked_request(self, args: dict, data: bytes) -> Answer:
@@ -375,24 +368,16 @@ class SiteDaemon:
     def save_targets(self, targets: dict[str, str]) -> None:
         """Remember which volume each entry volume id lands on, so a batch stored before a crash can
         be finished at start-up, before the volume is used (invariant 2)."""
-        path = self.site_dir / "recv" / "targets.json"
+        path = self.site_dir / RECV_DIR / "targets.json"
         if not path.is_file() or load_json(path) != targets:
             save_json_atomic(path, targets, durable=self.topo.durable)
 
     def finish_at_start(self) -> None:
-        path = self.site_dir / "recv" / "targets.json"
-        if path.is_file() and (self.site_dir / "recv").is_dir():
-            applied = self._finish(self.journal(), load_json(path))
+        path = self.site_dir / RECV_DIR / "targets.json"
+        if path.is_file() and (self.site_dir / RECV_DIR).is_dir():
+            applied = self.receiver(load_json(path)).finish_stored()
             if applied:
                 log.warning("finished a batch of %d entries stored before a crash", applied)
-
-    def _finish(self, journal: ReceiveJournal, targets: dict[str, str]) -> int:
-        batch = journal.stored()
-        if batch is None:
-            return 0
-        self.apply_batch(batch, targets)
-        journal.mark_applied()
-        return len(batch)
 
     @rpc(names.APP_INFO, coordinated=True)
     def app_info(self, system: System, args: dict, data: bytes) -> Answer:

@@ -10,25 +10,16 @@ silently retried forever without a word.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
-
+from vstore.lab.sitedir import SPOOL_DIR
 from vstore.lab.system import System
+from vstore.lab.watch import watching
 from vstore.replication.shipping import ShipReport
-
-
-class _Wake(FileSystemEventHandler):
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
-
-    def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("created", "modified", "moved"):
-            self.event.set()
 
 
 def ship_round(lab: Path) -> ShipReport:
@@ -43,15 +34,11 @@ def follow(lab: Path, *, period: float | None = None, duration: float | None = N
            on_round: Callable[[ShipReport], None] = lambda r: None, idle_wake: float = 1.0) -> int:
     """Ship rounds until `duration` passes; returns the number of entries shipped."""
     with System(lab) as system:
-        spool = system.site_dir(system.active_site) / "spool"
+        spool = system.site_dir(system.active_site) / SPOOL_DIR
     wake = threading.Event()
-    observer = Observer()
-    if period is None:
-        observer.schedule(_Wake(wake), str(spool), recursive=False)
-        observer.start()
     deadline = None if duration is None else time.monotonic() + duration
     shipped = 0
-    try:
+    with watching(spool, wake.set) if period is None else contextlib.nullcontext():
         while deadline is None or time.monotonic() < deadline:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if period is None:
@@ -64,8 +51,4 @@ def follow(lab: Path, *, period: float | None = None, duration: float | None = N
             report = ship_round(lab)
             shipped += report.entries
             on_round(report)
-    finally:
-        if period is None:
-            observer.stop()
-            observer.join()
     return shipped

@@ -23,50 +23,51 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.device import BlockDevice, ImageDevice
 from vstore.blocks.errors import TricopyError
+from vstore.lab.sitedir import (
+    application_site,
+    check_site_state,
+    load_site_state,
+    open_journal,
+    open_spool,
+    save_site_state,
+)
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
-from vstore.replication.entries import EntryLog, ReceiveJournal
-from vstore.replication.mirror import MirrorProgram, MirrorSettings
+from vstore.net.remote import RemoteJournal, RemoteReceiver, RemoteStorage
+from vstore.net.wire import ConnectionFailed
+from vstore.replication.journal import AppliedJournal, BatchReceiver, ReceiveJournal, Receiver
+from vstore.replication.mirror import Member, MirrorProgram, MirrorSettings
 from vstore.replication.network import Faults, Network, SiteDown
-from vstore.replication.pairs import PairKind, PairState
+from vstore.replication.pairs import PairKind, PairRegistry, PairState, split_ref
 from vstore.replication.provider import Provider
-from vstore.replication.registry import PairRegistry, split_ref
-from vstore.replication.shipping import Receiver, Shipper
-from vstore.replication.storage import AsyncCopyProgram, StorageSystem, Volume
+from vstore.replication.shipping import GroupShipper
+from vstore.replication.spool import EntryLog
+from vstore.replication.storage import AsyncCopyProgram, SiteStorage, StorageSystem, Volume
 
 log = logging.getLogger("vstore.site")
 
-STATE_FORMAT = "tricopy-site-state"
-STATE_VERSION = 1
 EVIDENCE_EVERY_S = 1.0  # how often another site's copy of the write-count evidence is refreshed
 
 
-def external_id(site: str, index: int) -> str:
-    """An external identifier in the port+LUN style of [0031]."""
-    return f"{site}/port0/lun{index}"
-
-
-def new_site_state(site: str, role: str, volumes: dict[str, dict], host: dict | None = None) -> dict:
-    return {"format": STATE_FORMAT, "version": STATE_VERSION, "site": site, "role": role,
-            "volumes": volumes, "pairs": {}, "host": host}
+# (system, failed member, lba, data) -> anything: the reaction to a member failing during a write
+VolumeFailureReaction = Callable[["System", Member, int, bytes], object]
 
 
 class System:
     """A lab opened in one process: three storages, the network between them and the host."""
 
-    # What the mirror program does when a member volume fails during a write (Fig 17). The
-    # procedures layer, which sits above the System, installs it (vstore/procedures/__init__.py).
-    volume_failure_reaction: ClassVar[Callable[[System, Any, int, bytes], Any] | None] = None
-
     def __init__(self, lab_dir: Path, *, lock: bool = True, local: str | None = None,
-                 peers: dict[str, Any] | None = None, entry_log: EntryLog | None = None) -> None:
+                 peers: dict[str, Any] | None = None, entry_log: EntryLog | None = None,
+                 volume_failure_reaction: VolumeFailureReaction | None = None) -> None:
         """In one process (default) every site is opened from its directory. A site daemon passes
         `local` (its own site) and `peers` (RPC clients of the other sites' daemons): the other
-        sites' state, volumes and receive journals are then reached over the network."""
+        sites' state, volumes and receive journals are then reached over the network.
+        `volume_failure_reaction`: what the mirror program does when a member volume fails during
+        a write (Fig 17, handed down by `vstore.procedures.reactions.open_system`)."""
+        self.volume_failure_reaction = volume_failure_reaction
         self.lab_dir = Path(lab_dir)
         self.topo: Topology = load_topology(self.lab_dir)
         self.local, self.peers = local, peers or {}
@@ -83,7 +84,7 @@ class System:
         self.registry = self._merge_pairs()
         self._saved_pairs = {pair.name: pair.to_dict() for pair in self.registry}
         self._put_states: dict[str, tuple[str, float]] = {}
-        self.storages: dict[str, StorageSystem] = {}
+        self.storages: dict[str, SiteStorage] = {}
         for site, state in self.states.items():
             self.storages[site] = self._open_storage(site, state)
         self._entry_log: EntryLog | None = entry_log
@@ -102,20 +103,13 @@ class System:
 
     def _load_state(self, site: str, unreachable: set[str]) -> dict | None:
         if self.remote(site):
-            from vstore.net.wire import ConnectionFailed
             try:
                 state = self.peers[site].call("state.get")[0].get("state")
             except ConnectionFailed:
                 unreachable.add(site)
                 return None
-        else:
-            path = self.site_dir(site) / "state.json"
-            if not path.is_file():
-                return None
-            state = load_json(path)
-        if state is not None and state.get("format") != STATE_FORMAT:
-            raise TricopyError(f"site {site}: not a tricopy site state")
-        return state
+            return None if state is None else check_site_state(site, state)
+        return load_site_state(self.site_dir(site))
 
     @property
     def lab_epoch(self) -> int:
@@ -148,10 +142,9 @@ class System:
     def site_dir(self, site: str) -> Path:
         return self.lab_dir / site
 
-    def _open_storage(self, site: str, state: dict) -> StorageSystem:
+    def _open_storage(self, site: str, state: dict) -> SiteStorage:
         if self.remote(site):
-            from vstore.net.remote import RemoteStorage
-            return RemoteStorage(site, self.peers[site], state.get("volumes", {}), self.topo.block_size,  # type: ignore[return-value]
+            return RemoteStorage(site, self.peers[site], state.get("volumes", {}), self.topo.block_size,
                                  self.topo.num_blocks, self.storage)
         volumes = {}
         for name, spec in state.get("volumes", {}).items():
@@ -167,7 +160,7 @@ class System:
         self.storages[site] = self._open_storage(site, state)
 
     # -- look-ups ----------------------------------------------------------------------------------
-    def storage(self, site: str) -> StorageSystem:
+    def storage(self, site: str) -> SiteStorage:
         if site not in self.storages:
             raise TricopyError(f"site {site} has no state (its directory {self.site_dir(site)} is missing)")
         return self.storages[site]
@@ -184,10 +177,9 @@ class System:
     @property
     def active_site(self) -> str:
         """The site whose host runs the application (role "primary")."""
-        candidates = [(int(state["host"].get("epoch", 0)), site) for site, state in self.states.items()
-                      if state.get("role") == "primary" and state.get("host") and self.network.site_up(site)]
-        if candidates:
-            return max(candidates)[1]  # the newest promotion wins; an older one is a stale primary
+        site = application_site(self.states, [s for s in self.states if self.network.site_up(s)])
+        if site is not None:
+            return site
         raise TricopyError("no site runs the application: the primary is lost; run `vstore recover` or "
                            "`vstore failover` first")
 
@@ -207,9 +199,7 @@ class System:
     @property
     def entry_log(self) -> EntryLog:
         if self._entry_log is None:
-            self._entry_log = EntryLog(self.site_dir(self.active_site) / "spool", durable=self.topo.durable,
-                                       capacity_bytes=self.host.get("spool_capacity", self.topo.spool_capacity),
-                                       block_size=self.topo.block_size)
+            self._entry_log = open_spool(self.site_dir(self.active_site), self.topo, self.host)
         return self._entry_log
 
     @property
@@ -230,7 +220,7 @@ class System:
             self._mirror_site = self.active_site
             self._mirror = MirrorProgram(MirrorSettings.from_dict(self.host["mirror"]), self.storage(self.active_site))
             self._mirror.async_program = self.async_program
-            reaction = type(self).volume_failure_reaction
+            reaction = self.volume_failure_reaction
             if reaction is not None:
                 self._mirror.on_volume_failed = lambda member, lba, data: reaction(self, member, lba, data)
         return self._mirror
@@ -240,12 +230,14 @@ class System:
             return split_ref(pair.target)[0]
         raise TricopyError("no async copy pair is set up from the site running the application")
 
-    def journal(self, site: str) -> ReceiveJournal:
+    def journal(self, site: str) -> AppliedJournal:
         if self.remote(site):
-            from vstore.net.remote import RemoteJournal
-            return RemoteJournal(self.peers[site])  # type: ignore[return-value]
+            return RemoteJournal(self.peers[site])
+        return self._local_journal(site)
+
+    def _local_journal(self, site: str) -> ReceiveJournal:
         if site not in self._journals:
-            self._journals[site] = ReceiveJournal(self.site_dir(site) / "recv", durable=self.topo.durable)
+            self._journals[site] = open_journal(self.site_dir(site), self.topo)
         return self._journals[site]
 
     def receive_targets(self, site: str) -> dict[int, str]:
@@ -257,23 +249,12 @@ class System:
                 targets[self._volume_id(src_site, src_vol)] = split_ref(pair.target)[1]
         return targets
 
-    def receiver(self, site: str) -> Receiver:
+    def receiver(self, site: str) -> BatchReceiver:
         targets = self.receive_targets(site)
         if self.remote(site):
-            from vstore.net.remote import RemoteReceiver
-            return RemoteReceiver(self.peers[site], targets)  # type: ignore[return-value]
+            return RemoteReceiver(self.peers[site], targets)
         storage = self.storage(site)
-
-        def apply(volume_id: int, lba: int, data: bytes) -> None:
-            if volume_id not in targets:
-                raise TricopyError(f"entry for unknown volume id {volume_id} at site {site}")
-            storage.apply_copy(targets[volume_id], lba, data)
-
-        def flush() -> None:
-            for name in set(targets.values()):
-                storage.flush_volume(name)
-
-        return Receiver(self.journal(site), apply, flush)
+        return Receiver(self._local_journal(site), site, targets, storage.apply_copy, storage.flush_volume)
 
     def _volume_id(self, site: str, volume: str) -> int:
         host = self.states.get(site, {}).get("host") or {}
@@ -283,9 +264,9 @@ class System:
         digits = "".join(ch for ch in volume if ch.isdigit())
         return int(digits) if digits else 0
 
-    def shipper(self) -> Shipper:
+    def shipper(self) -> GroupShipper:
         target = self.async_target_site()
-        return Shipper(self.async_program, self.storage(self.active_site), self.network, target,
+        return GroupShipper(self.async_program, self.storage(self.active_site), self.network, target,
                        lambda: self.receiver(target), coalescing=self.topo.coalesce)
 
     # -- what the application writes to -------------------------------------------------------------
@@ -342,7 +323,7 @@ class System:
                         continue
                     self._put_states[site] = (doc, time.monotonic())
             else:
-                save_json_atomic(self.site_dir(site) / "state.json", state, durable=self.topo.durable)
+                save_site_state(self.site_dir(site), state, durable=self.topo.durable)
 
     def _count_writes(self) -> None:
         """Host writes per site, and how many of each source's writes its targets have seen: the
@@ -366,9 +347,6 @@ class System:
             return self.active_site
         except TricopyError:
             return None
-
-    def save_faults(self) -> None:
-        self.faults.save(self.lab_dir)
 
     def close(self) -> None:
         if self._entry_log is not None and not self.keep_entry_log:

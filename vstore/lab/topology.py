@@ -20,6 +20,9 @@ from vstore.replication.network import SITE_NAMES
 
 MODES = ("provider", "mirror")
 TOPOLOGY_FILE = "topology.toml"
+# The volume letters of each site (DESIGN "Lab layout"): A (and B in mirror mode) at the primary
+# site, C at the Sync site, D at the Async site; the first is the site's own copy of the data.
+SITE_LETTERS = {"primary": ("A", "B"), "sync": ("C",), "async": ("D",)}
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class Topology:
 
     def volume_names(self, letter: str) -> list[str]:
         return [self.volume_name(letter, i) for i in range(self.volumes)]
+
+    def letters_at(self, site: str) -> tuple[str, ...]:
+        """The volume letters `site` holds in this lab (B only in mirror mode)."""
+        letters = SITE_LETTERS[site]
+        return letters if self.mode == "mirror" or site != "primary" else letters[:1]
 
     def to_toml(self) -> str:
         doc = {

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.ranges import COPY_CHUNK, copy_ranges
 from vstore.net.client import Peer
 from vstore.net.rpc import (
     APP_HAS_UNSHIPPED,
@@ -29,9 +30,7 @@ from vstore.net.rpc import (
     VOL_WRITE,
 )
 from vstore.replication.entries import Entry, encode_batch
-from vstore.replication.storage import Volume
-
-CHUNK = 256
+from vstore.replication.storage import SiteStorage, Volume
 
 
 class RemoteDevice(BlockDevice):
@@ -56,7 +55,7 @@ class RemoteStorage:
     """The parts of `StorageSystem` that other sites use: copy-program apply, reads, copies."""
 
     def __init__(self, site: str, client: Peer, volumes: dict[str, dict], block_size: int, num_blocks: int,
-                 peers: Callable[[str], object]) -> None:
+                 peers: Callable[[str], SiteStorage]) -> None:
         self.site = site
         self.client = client
         self.peers = peers
@@ -80,20 +79,12 @@ class RemoteStorage:
         self.client.call(VOL_FLUSH, {"volume": volume})
 
     def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
-                progress: Callable[[int], None] | None = None, chunk: int = CHUNK, *,
+                progress: Callable[[int], None] | None = None, chunk: int = COPY_CHUNK, *,
                 target_is_zero: bool = False) -> int:
         dst = self.peers(dst_site)
-        copied = 0
-        for first, count in ranges:
-            for lba in range(first, first + count, chunk):
-                n = min(chunk, first + count - lba)
-                data = self.host_read(volume, lba, n)
-                if not (target_is_zero and data.count(0) == len(data)):
-                    dst.apply_copy(dst_volume, lba, data)  # type: ignore[attr-defined]
-                copied += n
-                if progress:
-                    progress(n)
-        return copied
+        return copy_ranges(lambda lba, n: self.host_read(volume, lba, n),
+                           lambda lba, data: dst.apply_copy(dst_volume, lba, data), ranges,
+                           chunk=chunk, progress=progress, target_is_zero=target_is_zero)
 
     def host_write(self, volume: str, lba: int, data: bytes) -> None:
         raise TricopyError(f"host writes to site {self.site} go through that site's own daemon")

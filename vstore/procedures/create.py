@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import random
 import socket
+from dataclasses import replace
 from pathlib import Path
 
-from vstore.blocks.codec import save_json_atomic
 from vstore.blocks.device import create_image
 from vstore.blocks.errors import TricopyError
-from vstore.lab.system import System, external_id, new_site_state
-from vstore.lab.topology import TOPOLOGY_FILE, Topology, default_sites, validate
+from vstore.lab.sitedir import RECV_DIR, SPOOL_DIR, external_id, new_site_state, save_site_state
+from vstore.lab.system import System
+from vstore.lab.topology import SITE_LETTERS, TOPOLOGY_FILE, Topology, default_sites, validate
 from vstore.net.keys import create_key
-from vstore.procedures.setup import Progress, StepLog, initial_setup, no_progress
+from vstore.net.tls import create_lab_certificates
+from vstore.procedures.setup import Progress, StepLog, fig3_initial_setup, no_progress
 from vstore.replication.mirror import Member, MirrorSettings
-
-SITE_LETTERS = {"primary": ("A", "B"), "sync": ("C",), "async": ("D",)}
 
 
 def ephemeral_low() -> int:
@@ -80,29 +80,25 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
         raise TricopyError(f"{lab} already exists and is not empty; choose a new directory (nothing was changed)")
     lab.mkdir(parents=True, exist_ok=True)
     if tls:
-        from dataclasses import replace
-
-        from vstore.net.tls import create_lab_certificates
         topo = replace(topo, tls=create_lab_certificates(lab, sorted({s.host for s in topo.sites.values()})))
     (lab / TOPOLOGY_FILE).write_text(topo.to_toml())
     write_key(lab / topo.key_file)
-    for site, letters in SITE_LETTERS.items():
+    for site in SITE_LETTERS:
         site_dir = lab / site
         site_dir.mkdir()
-        used = letters if (mode == "mirror" or site != "primary") else letters[:1]
         vols: dict[str, dict] = {}
-        for letter in used:
+        for letter in topo.letters_at(site):
             for i in range(volumes):
                 name = topo.volume_name(letter, i)
                 create_image(site_dir / f"{name}.img", size, block_size)
                 vols[name] = {"file": f"{name}.img", "external_id": external_id(site, len(vols))}
         host = primary_host(topo) if site == "primary" else None
         role = site
-        save_json_atomic(site_dir / "state.json", new_site_state(site, role, vols, host), durable=durable)
-    (lab / "async" / "recv").mkdir()
-    (lab / "primary" / "spool").mkdir()
+        save_site_state(site_dir, new_site_state(site, role, vols, host), durable=durable)
+    (lab / "async" / RECV_DIR).mkdir()
+    (lab / "primary" / SPOOL_DIR).mkdir()
     with System(lab) as system:
-        steps = initial_setup(system, progress, fresh_targets=True)
+        steps = fig3_initial_setup(system, progress, fresh_targets=True)
         system.save()
     return steps
 

@@ -30,8 +30,7 @@ from vstore.procedures.roles import (
     volumes_of,
 )
 from vstore.procedures.setup import Progress, StepLog, new_pair, no_progress, start_pair
-from vstore.replication.pairs import Pair, PairKind, PairState
-from vstore.replication.registry import split_ref
+from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
 
 
 class SplitBrain(TricopyError):
@@ -122,7 +121,7 @@ def add_members(system: System, letter: str, steps: StepLog, progress: Progress)
     for i, name in enumerate(volumes_of(system, "primary", letter)):
         group = system.mirror.group(system.topo.volume_name("A", i))
         steps.step(f"Fig 6: add {name} to the mirror group of virtual volume {group.virtual_volume}")
-        group.add_member(name, storage.volume(name).external_id, progress=progress(f"Fig 6 add {name}",
+        group.fig6_add_member(name, storage.volume(name).external_id, progress=progress(f"Fig 6 add {name}",
                                                                                      group.num_blocks))
 
 

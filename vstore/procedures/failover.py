@@ -17,10 +17,7 @@ from vstore.blocks.errors import FormatError, TricopyError
 from vstore.lab.system import System
 from vstore.procedures.recovery import equalise
 from vstore.procedures.roles import drop_pair, drop_pairs_of, make_primary, start_async_without_copy, volumes_of
-from vstore.procedures.setup import Progress, StepLog, new_pair, no_progress
-from vstore.replication.mirror import Member
-from vstore.replication.pairs import PairKind, PairState
-from vstore.replication.registry import split_ref
+from vstore.procedures.setup import Progress, StepLog, no_progress
 
 log = logging.getLogger("vstore.failover")
 
@@ -105,41 +102,4 @@ def fig14_failover_to_async_catch_up(system: System, progress: Progress = no_pro
     start_async_without_copy(system, "async", "sync", list(zip(ds, cs, strict=True)), steps)
     application_recovery(system, ds, steps)
     steps.step("application runs at the Async site; its updates are copied to the Sync site")
-    return steps
-
-
-def failover_to_async(system: System, progress: Progress = no_progress) -> StepLog:
-    """Fig 13, the double-failure case (kept as the issue-4 entry point)."""
-    return fig13_failover_to_async(system, progress)
-
-
-def fig17_switch_sync_source(system: System, failed: Member, lba: int, data: bytes) -> StepLog:
-    """Fig 7/17 [0119]-[0126]: volume A failed during a write in mirror mode. Keep the Sync site
-    lossless: back up D ([0126] safeguard), delete A->C, set B->D Simplex, start sync B->C without
-    initial copy (B and C hold the same data up to this write) and re-issue the write to B."""
-    steps = StepLog("Fig 17 volume A failure: sync copy from B")
-    site = system.active_site
-    a_ref = f"{site}:{failed.volume}"
-    ac = system.registry.from_source(a_ref, PairKind.SYNC)
-    if ac is None:
-        raise TricopyError(f"{failed.volume} failed and has no sync pair; nothing to switch")
-    group = next(g for g in system.mirror.settings.groups.values() if failed in g)
-    b = next((m for m in group if m is not failed and m.failure.value == "normal"), None)
-    if b is None:
-        raise TricopyError(f"{failed.volume} failed and the mirror group has no healthy member to take over")
-    b_ref = f"{site}:{b.volume}"
-    bd = system.registry.from_source(b_ref, PairKind.ASYNC)
-    sync_site, c = split_ref(ac.target)
-    if bd is not None:
-        dst_site, d = split_ref(bd.target)
-        backup = f"{d}.backup-before-fig17"
-        system.storage(dst_site).snapshot(d, backup)
-        steps.step(f"[0126] safeguard: {dst_site}:{d} backed up as {backup}.img before the switch")
-        drop_pair(system, bd, steps)
-    drop_pair(system, ac, steps)
-    pair = new_pair(system, PairKind.SYNC, b_ref, f"{sync_site}:{c}")
-    pair.transition(PairState.DUPLEX, None)
-    steps.step(f"pair {pair.name}: sync copy started without initial copy")
-    system.storage(site).host_write(b.volume, lba, data)
-    steps.step(f"failed write re-issued to {b.volume}: {b.volume} and {c} agree")
     return steps

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import shutil
 
-from vstore.blocks.codec import save_json_atomic
 from vstore.blocks.device import create_image
-from vstore.lab.system import System, external_id, new_site_state
+from vstore.lab.sitedir import RECV_DIR, SPOOL_DIR, external_id, new_site_state, save_site_state
+from vstore.lab.system import System
+from vstore.lab.topology import SITE_LETTERS
 from vstore.procedures.setup import StepLog, new_pair
 from vstore.replication.mirror import Member, MirrorSettings
 from vstore.replication.pairs import Pair, PairKind, PairState
 
-SITE_LETTER = {"primary": "A", "sync": "C", "async": "D"}
-
 
 def volumes_of(system: System, site: str, letter: str | None = None) -> list[str]:
     """The site's volumes of one letter in consistency-group order (A0, A1... / C... / D...)."""
-    return system.topo.volume_names(letter or SITE_LETTER[site])
+    return system.topo.volume_names(letter or SITE_LETTERS[site][0])
 
 
 def drop_pair(system: System, pair: Pair, steps: StepLog) -> None:
@@ -56,7 +55,7 @@ def reset_spool(system: System, site: str) -> None:
     system._mirror = None
     for storage in system.storages.values():
         storage.async_program = None
-    spool = system.site_dir(site) / "spool"
+    spool = system.site_dir(site) / SPOOL_DIR
     if spool.exists():
         shutil.rmtree(spool)
     spool.mkdir()
@@ -95,16 +94,10 @@ def start_async_without_copy(system: System, source_site: str, target_site: str,
         pair = new_pair(system, PairKind.ASYNC, f"{source_site}:{src_vol}", f"{target_site}:{dst_vol}")
         pair.transition(PairState.DUPLEX, None)
         steps.step(f"pair {pair.name}: Duplex without initial copy")
-    (system.site_dir(target_site) / "recv").mkdir(exist_ok=True)
+    (system.site_dir(target_site) / RECV_DIR).mkdir(exist_ok=True)
     system.journal(target_site).set_applied_seq(system.entry_log.next_seq - 1)
     if system.states[target_site].get("role") != "primary":
         system.states[target_site]["role"] = "async"
-
-
-def site_letters(system: System, site: str) -> tuple[str, ...]:
-    if site == "primary":
-        return ("A", "B") if system.topo.mode == "mirror" else ("A",)
-    return (SITE_LETTER[site],)
 
 
 def restore_site(system: System, site: str, steps: StepLog) -> None:
@@ -114,7 +107,7 @@ def restore_site(system: System, site: str, steps: StepLog) -> None:
     if site not in system.states:
         site_dir.mkdir(exist_ok=True)
         volumes = {}
-        for letter in site_letters(system, site):
+        for letter in system.topo.letters_at(site):
             for name in volumes_of(system, site, letter):
                 path = site_dir / f"{name}.img"
                 if path.exists():
@@ -123,7 +116,7 @@ def restore_site(system: System, site: str, steps: StepLog) -> None:
                 volumes[name] = {"file": f"{name}.img", "external_id": external_id(site, len(volumes))}
         state = new_site_state(site, "standby", volumes)
         state["epoch"] = system.lab_epoch
-        save_json_atomic(site_dir / "state.json", state, durable=system.topo.durable)
+        save_site_state(site_dir, state, durable=system.topo.durable)
         system.add_site(site, state)
         steps.step(f"site {site} restored with fresh images ({', '.join(volumes)}), no pairs, no settings")
         return

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 
 from vstore.blocks.errors import TricopyError
 from vstore.lab.system import System
-from vstore.replication.pairs import Pair, PairKind, PairState
-from vstore.replication.registry import split_ref
+from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
 
 log = logging.getLogger("vstore.procedures")
 
@@ -69,7 +68,7 @@ def new_pair(system: System, kind: PairKind, source: str, target: str) -> Pair:
     return system.registry.add(pair)
 
 
-def initial_setup(system: System, progress: Progress = no_progress, *, fresh_targets: bool = False) -> StepLog:
+def fig3_initial_setup(system: System, progress: Progress = no_progress, *, fresh_targets: bool = False) -> StepLog:
     """Fig 3 [0075]-[0080]: from A alone to A->C sync and B->D (or provider A->D) async, all Duplex.
     `fresh_targets`: B, C and D were just created (all zero), so zero chunks of A need not travel."""
     steps = StepLog("Fig 3 initial set-up")
@@ -86,7 +85,7 @@ def initial_setup(system: System, progress: Progress = no_progress, *, fresh_tar
             b = topo.volume_name("B", i)
             group = system.mirror.group(a)
             steps.step(f"Fig 6: add {b} to mirror group of virtual volume {a}")
-            group.add_member(b, system.storage(site).volume(b).external_id,
+            group.fig6_add_member(b, system.storage(site).volume(b).external_id,
                              progress=progress(f"Fig 6 add {b}", group.num_blocks), target_is_zero=fresh_targets)
             pairs.append(new_pair(system, PairKind.ASYNC, f"{site}:{b}", f"async:{d}"))
         else:

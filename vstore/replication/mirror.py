@@ -4,7 +4,7 @@ Keeps true:
 - Settings per virtual volume (Fig 8): per member the external identifier (801), sync state
   (802: synced / not synced) and failure state (803: normal / failed / write-inhibited by failure
   Suspend); per program the protection setting (804).
-- `MirrorGroup.write` is the Fig 9 procedure: with protection on, a write is refused before any
+- `MirrorGroup.fig9_write` is the Fig 9 procedure: with protection on, a write is refused before any
   member is touched when any member of any group is write-inhibited (steps 906-910, and [0128]
   for several virtual volumes); each member not failed is written in order; a member that fails
   is marked; if it failed because of the failure-Suspend write inhibit and protection is on, the
@@ -13,7 +13,7 @@ Keeps true:
   took it (steps 919-923) — without protection a write may succeed on B alone [0068].
 - Reads come only from synced members (Fig 6), so a member being added is never read before it
   holds the data.
-- `MirrorGroup.add_member` is the Fig 6 procedure: register not synced (writes reach it from now
+- `MirrorGroup.fig6_add_member` is the Fig 6 procedure: register not synced (writes reach it from now
   on), copy from a synced member (skipping ranges that need no copy), mark synced.
 """
 
@@ -26,6 +26,7 @@ from enum import StrEnum
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.ranges import COPY_CHUNK, copy_ranges, merge_ranges
 from vstore.replication.network import VolumeFailed
 from vstore.replication.storage import AsyncCopyProgram, StorageSystem, WriteInhibited
 
@@ -140,6 +141,13 @@ class MirrorGroup(BlockDevice):
 
     # -- Fig 9 -------------------------------------------------------------------------------------
     def _write(self, lba: int, data: bytes) -> None:
+        self.fig9_write(lba, data)  # `BlockDevice.write` checked the range
+
+    def fig9_write(self, lba: int, data: bytes) -> None:
+        """Fig 9 [0061]-[0068]: with protection on, refuse before any member is written while a
+        member is write-inhibited; write the normal members in order; a member that became
+        inhibited undoes the others; fail only when no member took the write; a failed volume
+        hands over to the Fig 17 reaction."""
         if self.protect:  # steps 906-910
             blocked = self.program.inhibited_member()
             if blocked is not None:
@@ -220,10 +228,18 @@ class MirrorGroup(BlockDevice):
         return any(program.has_unshipped(m.volume, ranges) for m in self.members if m.volume in program.volume_ids)
 
     # -- Fig 6 -------------------------------------------------------------------------------------
-    def add_member(self, volume: str, external_id: str, *, skip: Iterable[tuple[int, int]] = (),
-                   progress: Callable[[int], None] | None = None, chunk: int = 256,
-                   target_is_zero: bool = False) -> int:
-        """Add `volume` to the group: not synced -> copy from a synced member -> synced."""
+    def _chunks_not_skipped(self, skip: Iterable[tuple[int, int]], chunk: int) -> list[tuple[int, int]]:
+        """The chunk-aligned runs of the volume holding any block outside `skip`."""
+        skipped = {b for first, n in skip for b in range(first, first + n)}
+        runs = [(lba, min(chunk, self.num_blocks - lba)) for lba in range(0, self.num_blocks, chunk)
+                if any(b not in skipped for b in range(lba, min(lba + chunk, self.num_blocks)))]
+        return merge_ranges(runs)
+
+    def fig6_add_member(self, volume: str, external_id: str, *, skip: Iterable[tuple[int, int]] = (),
+                        progress: Callable[[int], None] | None = None, chunk: int = COPY_CHUNK,
+                        target_is_zero: bool = False) -> int:
+        """Fig 6 [0070]-[0074]: add `volume` to the group: registered not synced (writes reach it
+        from now on, reads do not), copied from a synced member, then synced (readable)."""
         storage = self.program.storage
         if any(m.volume == volume for m in self.members):
             raise TricopyError(f"{volume} is already a member of {self.name}")
@@ -234,18 +250,12 @@ class MirrorGroup(BlockDevice):
         member = Member(volume, external_id, SyncState.NOT_SYNCED)
         self.members.append(member)  # from here on every write reaches it, reads do not
         log.info("Fig 6: %s registered in %s as not synced", volume, self.name)
-        skipped = {b for first, n in skip for b in range(first, first + n)}
-        copied = 0
-        for lba in range(0, self.num_blocks, chunk):
-            n = min(chunk, self.num_blocks - lba)
-            wanted = [b for b in range(lba, lba + n) if b not in skipped]
-            if wanted:
-                data = storage.host_read(source.volume, lba, n)
-                if not (target_is_zero and data.count(0) == len(data)):  # a new all-zero member needs no zeros
-                    storage.host_write(volume, lba, data)
-                copied += n
-            if progress:
-                progress(n)
+        wanted = self._chunks_not_skipped(skip, chunk)
+        copied = copy_ranges(lambda lba, n: storage.host_read(source.volume, lba, n),
+                             lambda lba, data: storage.host_write(volume, lba, data), wanted,
+                             chunk=chunk, progress=progress, target_is_zero=target_is_zero)
+        if progress and copied < self.num_blocks:
+            progress(self.num_blocks - copied)  # the chunks skipped
         storage.flush_volume(volume)
         member.sync = SyncState.SYNCED
         log.info("Fig 6: %s synced from %s (%d blocks), now readable", volume, source.volume, copied)

@@ -12,8 +12,15 @@ Keeps true:
   Duplex-Pending copies only those positions [0041]. Leaving Suspend does not clear the bitmap:
   the caller `take()`s it when it starts the differential copy. Entering Initial-Copying clears it
   (a full copy supersedes any difference information).
-- Each side has a generation number; the layers above bump the generation of a side that is
-  written outside the pair (after a failover), so split brain is detected, never merged silently.
+- A pair holds no split-brain marker: split brain (both sides written after a failover) is
+  detected by write counts, each site's host writes against the writes its pair targets have
+  seen (`System` counts them, failback compares them), and is never merged silently.
+- `PairRegistry` holds the pairs of one deployment: at most one pair has a given name; a volume is
+  the source of at most one sync and one async pair and the target of at most one pair (so "where
+  does a write to primary:A go?" has one answer). Pairs are addressed as "site:volume". Both sites
+  of a pair persist it in their own state.json (SPEC §3: both storage systems keep the state);
+  `merge_copies` picks the newer copy when both survive and the surviving one when a site's
+  directory is gone.
 - `to_dict`/`from_dict` round-trip exactly (the pair lives in each site's `state.json`), and the
   bitmap's bytes (construct: magic, version, block count, zlib-compressed bits, CRC32) refuse any
   damage with `FormatError`.
@@ -29,6 +36,7 @@ import logging
 import re
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -122,6 +130,7 @@ class PositionBitmap:
             raise ValueError(f"a bitmap needs a non-negative block count, got {num_blocks}")
         self.num_blocks = num_blocks
         self._bits = bytearray((num_blocks + 7) // 8)
+        self._encoded: tuple[bytes, bytes] | None = None  # (bits, their encoding): saved on every write
 
     def mark(self, lba: int, count: int = 1) -> None:
         if count <= 0 or lba < 0 or lba + count > self.num_blocks:
@@ -172,17 +181,10 @@ class PositionBitmap:
     def clear(self) -> None:
         self._bits = bytearray(len(self._bits))
 
-    def merge(self, other: PositionBitmap) -> None:
-        if other.num_blocks != self.num_blocks:
-            raise ValueError(f"cannot merge a {other.num_blocks}-block bitmap into a {self.num_blocks}-block one")
-        merged = int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")
-        self._bits = bytearray(merged.to_bytes(len(self._bits), "little"))
-
     def to_bytes(self) -> bytes:
         bits = bytes(self._bits)
-        cached = getattr(self, "_encoded", None)  # saved on every write: encode only what changed
-        if cached is not None and cached[0] == bits:
-            return cached[1]
+        if self._encoded is not None and self._encoded[0] == bits:  # encode only what changed
+            return self._encoded[1]
         body = dict(magic=BITMAP_MAGIC, version=BITMAP_VERSION, num_blocks=self.num_blocks, zbits=zlib.compress(bits))
         encoded = _BITMAP.build(dict(body=dict(value=body)))
         self._encoded = (bits, encoded)
@@ -236,8 +238,6 @@ class Pair:
     reason: str | None = None
     failure: bool = False  # Suspend/Suspending entered by a failure (volume, storage, link)
     bitmap: PositionBitmap = field(default=None)  # type: ignore[assignment]  # set in __post_init__
-    source_generation: int = 1
-    target_generation: int = 1
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -292,7 +292,6 @@ class Pair:
             "name": self.name, "kind": self.kind.value, "source": self.source, "target": self.target,
             "num_blocks": self.num_blocks, "state": self.state.value, "reason": self.reason,
             "failure": self.failure, "bitmap": base64.b64encode(self.bitmap.to_bytes()).decode("ascii"),
-            "source_generation": self.source_generation, "target_generation": self.target_generation,
             "history": [dict(h) for h in self.history],
         }
 
@@ -305,8 +304,6 @@ class Pair:
             pair = cls(name=str(d["name"]), kind=PairKind(d["kind"]), source=str(d["source"]),
                        target=str(d["target"]), num_blocks=int(d["num_blocks"]), state=PairState(d["state"]),
                        reason=d.get("reason"), failure=bool(d.get("failure", False)), bitmap=bitmap,
-                       source_generation=int(d.get("source_generation", 1)),
-                       target_generation=int(d.get("target_generation", 1)),
                        history=[dict(h) for h in d.get("history", [])])
         except KeyError as err:
             raise FormatError(f"pair {name}: saved state lacks the field {err}") from None
@@ -315,3 +312,87 @@ class Pair:
         except FormatError as err:
             raise FormatError(f"pair {name}: {err}") from None
         return pair
+
+
+# --------------------------------------------------------------------------------------------
+# The registry of a deployment's pairs
+# --------------------------------------------------------------------------------------------
+def split_ref(ref: str) -> tuple[str, str]:
+    site, _, volume = ref.partition(":")
+    return site, volume
+
+
+class PairRegistry:
+    """The pairs of one deployment, by name (see "Keeps true" above)."""
+
+    def __init__(self, pairs: dict[str, Pair] | None = None) -> None:
+        self.pairs: dict[str, Pair] = dict(pairs or {})
+        self.versions: dict[str, int] = {name: 0 for name in self.pairs}
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(sorted(self.pairs.values(), key=lambda p: p.name))
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def get(self, name: str) -> Pair:
+        try:
+            return self.pairs[name]
+        except KeyError:
+            known = ", ".join(sorted(self.pairs)) or "none"
+            raise TricopyError(f"no pair named {name!r} (pairs: {known})") from None
+
+    def add(self, pair: Pair) -> Pair:
+        if pair.name in self.pairs:
+            raise TricopyError(f"pair {pair.name} already exists; delete it first")
+        for other in self.pairs.values():
+            if other.target == pair.target:
+                raise TricopyError(f"{pair.target} is already the target of pair {other.name}")
+            if other.source == pair.source and other.kind == pair.kind:
+                raise TricopyError(f"{pair.source} is already the source of {pair.kind.value} pair {other.name}")
+        self.pairs[pair.name] = pair
+        self.versions[pair.name] = 0
+        return pair
+
+    def remove(self, name: str) -> None:
+        self.get(name)
+        del self.pairs[name]
+        self.versions.pop(name, None)
+
+    def from_source(self, ref: str, kind: PairKind) -> Pair | None:
+        for p in self.pairs.values():
+            if p.source == ref and p.kind == kind:
+                return p
+        return None
+
+    def into(self, ref: str) -> Pair | None:
+        for p in self.pairs.values():
+            if p.target == ref:
+                return p
+        return None
+
+    def involving(self, site: str) -> list[Pair]:
+        return [p for p in self if split_ref(p.source)[0] == site or split_ref(p.target)[0] == site]
+
+    def group(self, kind: PairKind, source_site: str) -> list[Pair]:
+        """The pairs of one consistency group: same kind, same source site [0128]."""
+        return [p for p in self if p.kind == kind and split_ref(p.source)[0] == source_site]
+
+    # -- persistence ---------------------------------------------------------------------------
+    def bump(self, pair: Pair) -> None:
+        self.versions[pair.name] = self.versions.get(pair.name, 0) + 1
+
+    def to_records(self, site: str) -> dict[str, dict]:
+        return {p.name: {"version": self.versions.get(p.name, 0), "pair": p.to_dict()} for p in self.involving(site)}
+
+    @classmethod
+    def merge_copies(cls, copies: list[dict[str, dict]]) -> PairRegistry:
+        """Each site's saved pairs -> one registry; a pair present twice keeps its newer copy."""
+        best: dict[str, dict] = {}
+        for records in copies:
+            for name, rec in records.items():
+                if name not in best or rec.get("version", 0) > best[name].get("version", 0):
+                    best[name] = rec
+        reg = cls({name: Pair.from_dict(rec["pair"]) for name, rec in best.items()})
+        reg.versions = {name: int(rec.get("version", 0)) for name, rec in best.items()}
+        return reg

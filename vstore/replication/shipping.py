@@ -20,20 +20,15 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from vstore.blocks.errors import TricopyError
-from vstore.replication.entries import Entry, ReceiveJournal
+from vstore.replication.entries import Entry
+from vstore.replication.journal import BatchReceiver
 from vstore.replication.network import LinkDown, Network, SiteDown, VolumeFailed
-from vstore.replication.pairs import PairState
-from vstore.replication.registry import split_ref
-from vstore.replication.storage import AsyncCopyProgram, StorageSystem
+from vstore.replication.pairs import PairState, split_ref
+from vstore.replication.storage import AsyncCopyProgram, SiteStorage
 
 log = logging.getLogger("vstore.shipping")
 
 DEFAULT_BATCH_ENTRIES = 64
-
-
-class SimulatedCrash(TricopyError):
-    """Raised by test hooks to stop a procedure where a real crash would."""
 
 
 def coalesce(batch: Sequence[Entry]) -> list[Entry]:
@@ -50,38 +45,6 @@ def coalesce(batch: Sequence[Entry]) -> list[Entry]:
     return kept
 
 
-class Receiver:
-    """The Async site's side: store a batch durably, apply it in order, record it applied."""
-
-    def __init__(self, journal: ReceiveJournal, apply: Callable[[int, int, bytes], None],
-                 flush: Callable[[], None]) -> None:
-        self.journal = journal
-        self._apply = apply
-        self._flush = flush
-
-    @property
-    def applied_seq(self) -> int:
-        return self.journal.applied_seq
-
-    def receive(self, batch: Sequence[Entry], first_seq: int, last_seq: int,
-                crash_after_store: bool = False) -> None:
-        self.journal.store(batch, first_seq=first_seq, last_seq=last_seq)
-        if crash_after_store:
-            raise SimulatedCrash("Async site crashed after storing a batch, before applying it")
-        self.finish_stored()
-
-    def finish_stored(self) -> int:
-        """Apply the stored batch, if any (also the crash-recovery path). Returns entries applied."""
-        batch = self.journal.stored()
-        if batch is None:
-            return 0
-        for entry in batch:
-            self._apply(entry.volume_id, entry.lba, entry.payload)
-        self._flush()
-        self.journal.mark_applied()
-        return len(batch)
-
-
 @dataclass
 class ShipReport:
     entries: int = 0
@@ -92,11 +55,12 @@ class ShipReport:
     error: str | None = None
 
 
-class Shipper:
-    """The primary's sender for one consistency group."""
+class GroupShipper:
+    """The primary's sender for one consistency group, in this process (the daemons ship with
+    `vstore.daemons.shipper.ShipperDaemon`; pair-state work such as resync is done here for both)."""
 
-    def __init__(self, program: AsyncCopyProgram, source: StorageSystem, network: Network,
-                 target_site: str, receiver: Callable[[], Receiver], *,
+    def __init__(self, program: AsyncCopyProgram, source: SiteStorage, network: Network,
+                 target_site: str, receiver: Callable[[], BatchReceiver], *,
                  batch_entries: int = DEFAULT_BATCH_ENTRIES, coalescing: bool = False) -> None:
         self.program = program
         self.source = source
@@ -136,7 +100,7 @@ class Shipper:
                 progress(len(batch))
         return report
 
-    def skip_confirmed(self, receiver: Receiver) -> None:
+    def skip_confirmed(self, receiver: BatchReceiver) -> None:
         """Resume from the Async site's applied sequence: entries it already has are confirmed,
         never sent twice (after a crash between its apply and our confirm)."""
         log_ = self.program.log

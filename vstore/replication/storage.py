@@ -26,13 +26,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import ReadOnlyError, TricopyError
-from vstore.replication.entries import Entry, EntryLog, EntryLogFull
+from vstore.blocks.ranges import COPY_CHUNK, copy_ranges
+from vstore.replication.entries import Entry
 from vstore.replication.network import LinkDown, Network, SiteDown, VolumeFailed
-from vstore.replication.pairs import Pair, PairKind, PairState
-from vstore.replication.registry import PairRegistry, split_ref
+from vstore.replication.pairs import Pair, PairKind, PairRegistry, PairState, split_ref
+from vstore.replication.spool import EntryLog, EntryLogFull
 
 log = logging.getLogger("vstore.storage")
 
@@ -53,11 +55,38 @@ class Volume:
         return f"{self.site}:{self.name}"
 
 
+class SiteStorage(Protocol):
+    """What the copy programs, the shipper and the procedures use of a site's storage: a
+    `StorageSystem` in this process, or `vstore.net.remote.RemoteStorage` behind its daemon."""
+
+    site: str
+    volumes: dict[str, Volume]
+    host_writes: int
+
+    def volume(self, name: str) -> Volume: ...
+
+    def host_read(self, volume: str, lba: int, count: int = 1) -> bytes: ...
+
+    def host_write(self, volume: str, lba: int, data: bytes) -> None: ...
+
+    def apply_copy(self, volume: str, lba: int, data: bytes) -> None: ...
+
+    def flush_volume(self, volume: str) -> None: ...
+
+    def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
+                progress: Callable[[int], None] | None = None, chunk: int = COPY_CHUNK, *,
+                target_is_zero: bool = False) -> int: ...
+
+    def group_fenced(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class StorageSystem:
     """One site's storage: its volumes and its sync copy program."""
 
     def __init__(self, site: str, volumes: dict[str, Volume], registry: PairRegistry, network: Network,
-                 peers: Callable[[str], StorageSystem], *, fence_reject: bool) -> None:
+                 peers: Callable[[str], SiteStorage], *, fence_reject: bool) -> None:
         self.site = site
         self.volumes = volumes
         self.registry = registry
@@ -159,23 +188,15 @@ class StorageSystem:
 
     # -- copies between sites -------------------------------------------------------------------
     def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
-                progress: Callable[[int], None] | None = None, chunk: int = 256, *,
+                progress: Callable[[int], None] | None = None, chunk: int = COPY_CHUNK, *,
                 target_is_zero: bool = False) -> int:
         """Copy block ranges of a local volume to a volume of another site; returns blocks copied.
         `target_is_zero` (a freshly created target): all-zero source chunks need not travel."""
         src = self._device(volume)
         self.network.check(self.site, dst_site)
         dst = self.peers(dst_site)
-        copied = 0
-        for first, count in ranges:
-            for lba in range(first, first + count, chunk):
-                n = min(chunk, first + count - lba)
-                data = src.read(lba, n)
-                if not (target_is_zero and data.count(0) == len(data)):
-                    dst.apply_copy(dst_volume, lba, data)
-                copied += n
-                if progress:
-                    progress(n)
+        copied = copy_ranges(src.read, lambda lba, data: dst.apply_copy(dst_volume, lba, data), ranges,
+                             chunk=chunk, progress=progress, target_is_zero=target_is_zero)
         dst.flush_volume(dst_volume)
         return copied
 

@@ -1,0 +1,238 @@
+"""The receive journal at the Async site and the one receiver that stores, applies and records a
+batch (SPEC §4 [0044]-[0045]; DESIGN invariant 2).
+
+Keeps true:
+- `ReceiveJournal` stores a received batch durably before it is applied and remembers the last
+  applied sequence, so that after a crash the stored batch is finished (applied again, which is
+  idempotent) before the volume is used.
+- `Receiver` is the only code that applies a batch: store, then write every entry to the volume its
+  volume id names and flush those volumes, then mark applied. The lab in one process and the site
+  daemon both use it; only how a volume is written differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from vstore.blocks.codec import fsync_dir, load_json, remove_stale_temps, save_json_atomic, write_file_atomic
+from vstore.blocks.errors import FormatError, TricopyError
+from vstore.replication.entries import Batch, Entry, decode_batch, encode_batch
+
+log = logging.getLogger("vstore.journal")
+
+# --------------------------------------------------------------------------------------------
+_BATCH_FILE = "batch.bin"
+_APPLIED_FILE = "applied.json"
+
+
+class ReceiveJournal:
+    """Receive a batch durably, then apply it, then confirm (DESIGN invariant 2).
+
+    The stored batch survives a crash; until `mark_applied` it is returned by `stored()` and must
+    be applied (again: applying a batch twice leaves the same blocks) before the volume is used.
+    """
+
+    def __init__(self, recv_dir: Path, *, durable: bool = True) -> None:
+        self.recv_dir = Path(recv_dir)
+        self.durable = durable
+        self._lock = threading.RLock()
+        self.recv_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(self.recv_dir)
+        self._applied = self._load_applied()
+        self._drop_batch_if_applied()
+
+    @property
+    def applied_seq(self) -> int:
+        return self._applied
+
+    @property
+    def _batch_path(self) -> Path:
+        return self.recv_dir / _BATCH_FILE
+
+    def _load_applied(self) -> int:
+        path = self.recv_dir / _APPLIED_FILE
+        try:
+            value = load_json(path).get("applied_seq")
+        except FileNotFoundError:
+            return 0
+        if not isinstance(value, int) or value < 0:
+            raise FormatError(f"{path}: applied_seq is missing or not a non-negative integer")
+        return value
+
+    def _drop_batch_if_applied(self) -> None:
+        """A crash inside mark_applied (after saving applied_seq) leaves an applied batch.bin.
+        A damaged batch stays where it is: `stored()` reports it, `set_applied_seq` clears it."""
+        try:
+            batch = self.stored_batch()
+        except FormatError as err:
+            log.warning("%s", err)
+            return
+        if batch is not None and batch.last_seq <= self._applied:
+            self._batch_path.unlink()
+
+    def _save_applied(self, seq: int) -> None:
+        save_json_atomic(self.recv_dir / _APPLIED_FILE, {"applied_seq": seq}, durable=self.durable)
+        self._applied = seq
+
+    def store(self, entries: Sequence[Entry], *, first_seq: int | None = None,
+              last_seq: int | None = None) -> None:
+        """Durably store the next batch; it must start right after applied_seq. A coalesced batch
+        names the range it covers with first_seq/last_seq (see `encode_batch`)."""
+        with self._lock:
+            if not entries:
+                raise TricopyError("refusing to store an empty batch")
+            first = entries[0].seq if first_seq is None else first_seq
+            self._check_next(first)
+            data = encode_batch(entries, first_seq=first_seq, last_seq=last_seq)
+            write_file_atomic(self._batch_path, data, durable=self.durable)
+
+    def _check_next(self, first: int) -> None:
+        if self._batch_path.exists():
+            raise TricopyError(f"{self._batch_path}: a received batch is not applied yet; apply it "
+                               "and mark it applied before storing the next one")
+        if first != self._applied + 1:
+            raise FormatError(f"batch starts at entry {first} but entry {self._applied} was the "
+                              f"last applied: gap or duplicate; resend from entry {self._applied + 1}")
+
+    def store_encoded(self, batch: Batch, data: bytes) -> None:
+        """`store` for a batch received as bytes: `batch` is `decode_batch(data)` (so the
+        bytes were checked); they are stored as they came, not encoded again."""
+        with self._lock:
+            if not batch.entries:
+                raise TricopyError("refusing to store an empty batch")
+            self._check_next(batch.first_seq)
+            write_file_atomic(self._batch_path, data, durable=self.durable)
+
+    def stored_batch(self) -> Batch | None:
+        """The stored batch not yet applied, with its range, or None."""
+        with self._lock:
+            try:
+                data = self._batch_path.read_bytes()
+            except FileNotFoundError:
+                return None
+            try:
+                return decode_batch(data)
+            except FormatError as err:
+                raise FormatError(f"{self._batch_path}: {err}") from None
+
+    def stored(self) -> list[Entry] | None:
+        """The entries of the stored batch not yet applied, or None."""
+        batch = self.stored_batch()
+        return None if batch is None else batch.entries
+
+    def mark_applied(self, last_seq: int | None = None) -> None:
+        """Record the stored batch as applied, then delete it. `last_seq`: the stored batch's last
+        entry when the caller has it at hand (it just stored the batch), saving a re-read."""
+        with self._lock:
+            if last_seq is None:
+                batch = self.stored_batch()
+                if batch is None:
+                    raise TricopyError(f"{self.recv_dir}: no stored batch to mark applied")
+                last_seq = batch.last_seq
+            elif not self._batch_path.exists():
+                raise TricopyError(f"{self.recv_dir}: no stored batch to mark applied")
+            self._save_applied(last_seq)
+            self._batch_path.unlink()
+            if self.durable:
+                fsync_dir(self.recv_dir)
+
+    def set_applied_seq(self, seq: int) -> None:
+        """After a full/differential resync: D now reflects everything up to `seq`; any stored
+        batch is obsolete and is deleted."""
+        with self._lock:
+            if seq < 0:
+                raise ValueError(f"applied sequence must be >= 0, got {seq}")
+            self._save_applied(seq)
+            self._batch_path.unlink(missing_ok=True)
+            if self.durable:
+                fsync_dir(self.recv_dir)
+
+
+class AppliedJournal(Protocol):
+    """What the sender and the procedures use of a receive journal, local or behind a daemon."""
+
+    @property
+    def applied_seq(self) -> int: ...
+
+    def set_applied_seq(self, seq: int) -> None: ...
+
+
+class BatchReceiver(Protocol):
+    """What the sender uses of a receiving site: `Receiver`, or `vstore.net.remote.RemoteReceiver`."""
+
+    @property
+    def journal(self) -> AppliedJournal: ...
+
+    @property
+    def applied_seq(self) -> int: ...
+
+    def receive(self, entries: Sequence[Entry], first_seq: int, last_seq: int,
+                crash_after_store: bool = False) -> None: ...
+
+    def finish_stored(self) -> int: ...
+
+
+class SimulatedCrash(TricopyError):
+    """Raised by a test hook to stop a procedure where a real crash would."""
+
+
+class Receiver:
+    """The Async site's side of shipping: store a batch durably, apply it in order, record it
+    applied. `targets` maps an entry's volume id to the volume receiving it; `write` and `flush`
+    reach those volumes (a storage system's copy-program writes, or a daemon's image files)."""
+
+    def __init__(self, journal: ReceiveJournal, site: str, targets: Mapping[int, str],
+                 write: Callable[[str, int, bytes], None], flush: Callable[[str], None]) -> None:
+        self.journal = journal
+        self.site = site
+        self.targets = dict(targets)
+        self._write = write
+        self._flush = flush
+
+    @property
+    def applied_seq(self) -> int:
+        return self.journal.applied_seq
+
+    def receive(self, entries: Sequence[Entry], first_seq: int, last_seq: int,
+                crash_after_store: bool = False) -> None:
+        """Store the batch covering first_seq..last_seq, apply it, record it applied."""
+        self.journal.store(entries, first_seq=first_seq, last_seq=last_seq)
+        if crash_after_store:
+            raise SimulatedCrash("Async site crashed after storing a batch, before applying it")
+        self._apply(entries)
+        self.journal.mark_applied(last_seq)
+
+    def receive_encoded(self, data: bytes, first_seq: int, last_seq: int) -> int:
+        """`receive` for a batch that arrived as bytes: decoded once, stored as it came."""
+        batch = decode_batch(data)
+        if (batch.first_seq, batch.last_seq) != (first_seq, last_seq):
+            raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
+                              f"{first_seq}..{last_seq}")
+        self.journal.store_encoded(batch, data)
+        self._apply(batch.entries)
+        self.journal.mark_applied(batch.last_seq)
+        return len(batch.entries)
+
+    def finish_stored(self) -> int:
+        """Apply the stored batch, if any (the crash-recovery path). Returns entries applied."""
+        entries = self.journal.stored()
+        if entries is None:
+            return 0
+        self._apply(entries)
+        self.journal.mark_applied()
+        return len(entries)
+
+    def _apply(self, entries: Sequence[Entry]) -> None:
+        used: set[str] = set()
+        for e in entries:
+            volume = self.targets.get(e.volume_id)
+            if volume is None:
+                raise TricopyError(f"entry {e.seq} for unknown volume id {e.volume_id} at site {self.site}")
+            self._write(volume, e.lba, e.payload)
+            used.add(volume)
+        for volume in sorted(used):
+            self._flush(volume)
