@@ -93,6 +93,7 @@ class System:
         self._program: AsyncCopyProgram | None = None
         self._mirror: MirrorProgram | None = None
         self._mirror_site = ""
+        self._providers: dict[tuple[str, str], Provider] = {}
         self._journals: dict[str, ReceiveJournal] = {}
         for site in self.receiving_sites():
             self.receiver(site).finish_stored()
@@ -289,7 +290,10 @@ class System:
         if self.topo.mode == "mirror":
             self.async_program  # noqa: B018 - the storage's async program must be armed before writes
             return self.mirror.group(name)
-        return Provider(self.storage(self.active_site), name, self.async_program)
+        key = (self.active_site, name)
+        if key not in self._providers:
+            self._providers[key] = Provider(self.storage(self.active_site), name, self.async_program)
+        return self._providers[key]
 
     # -- persistence ---------------------------------------------------------------------------------
     def save(self, *, all_evidence: bool = False) -> None:
@@ -347,6 +351,19 @@ class System:
             return self.active_site
         except TricopyError:
             return None
+
+    def reset_async_programs(self) -> None:
+        """Close the entry log and forget the async and mirror programs: the host's role changed,
+        so the next use opens them again from the new settings."""
+        if self._entry_log is not None:
+            self._entry_log.close()
+        self._entry_log = None
+        self._program = None
+        self._mirror = None
+        self._providers = {}
+        for storage in self.storages.values():
+            if isinstance(storage, StorageSystem):
+                storage.async_program = None
 
     def close(self) -> None:
         if self._entry_log is not None and not self.keep_entry_log:

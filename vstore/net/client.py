@@ -130,10 +130,6 @@ class AsyncClient:
             raise EOFError("the site closed the connection")
         return client_finish(key, nonce, raw, max_payload)
 
-    @property
-    def closed(self) -> bool:
-        return self._failure is not None
-
     def _fail(self, reason: object) -> ConnectionFailed:
         if self._failure is None:
             host, port = self._address

@@ -63,11 +63,6 @@ def free_base_port(count: int = 3) -> int:
     raise TricopyError("found no free loopback ports for the lab; pass --base-port")
 
 
-def write_key(path: Path) -> None:
-    """A fresh lab key in a new 0600 file (`vstore.net.keys.create_key`)."""
-    create_key(path)
-
-
 def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes: int = 1, protect: bool = True,
              coalesce: bool = False, durable: bool = False, block_size: int = 4096, base_port: int = 7401,
              spool_capacity: int = 256 << 20, tls: bool = False, progress: Progress = no_progress) -> StepLog:
@@ -82,7 +77,7 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
     if tls:
         topo = replace(topo, tls=create_lab_certificates(lab, sorted({s.host for s in topo.sites.values()})))
     (lab / TOPOLOGY_FILE).write_text(topo.to_toml())
-    write_key(lab / topo.key_file)
+    create_key(lab / topo.key_file)
     for site in SITE_LETTERS:
         site_dir = lab / site
         site_dir.mkdir()

@@ -48,13 +48,7 @@ def drop_pairs_between(system: System, a: str, b: str, steps: StepLog) -> None:
 
 def reset_spool(system: System, site: str) -> None:
     """A fresh, empty entry spool for `site`'s host (stale entries of an old role are obsolete)."""
-    if system._entry_log is not None:
-        system._entry_log.close()
-    system._entry_log = None
-    system._program = None
-    system._mirror = None
-    for storage in system.storages.values():
-        storage.async_program = None
+    system.reset_async_programs()
     spool = system.site_dir(site) / SPOOL_DIR
     if spool.exists():
         shutil.rmtree(spool)
