@@ -6,6 +6,9 @@ Keeps true:
 - A user mistake (missing image, not a jfs image, corrupt image, no space, no such file) prints
   one sentence to stderr and exits non-zero; never a traceback.
 - `--json` prints exactly one JSON document on stdout with the keys of the JSON contract.
+- A command that writes (and `mkfs --force`, `fsck` without -n, a mount) holds its volume's
+  claim, refused at once while another writer has it (a mount, another command), naming that
+  holder; readers share with readers (`vstore.blocks.holders`).
 - `fsck` exits with e2fsck's codes: 0 clean, 1 corrected, 4 left uncorrected, 8 operational error.
 """
 
@@ -28,7 +31,7 @@ from jfs.codecs import read_superblock
 from jfs.fs import FileSystem, mkfs, probe_image
 from jfs.fsck import EXIT_ERROR, Checker, fsck
 from jfs.fuse import fuse_available, serve
-from jfs.mounts import check_mountpoint, foreground_argv, start_background, state_path, unmount
+from jfs.mounts import as_mount, check_mountpoint, foreground_argv, start_background, state_path, unmount
 from jfs.scan import scan_log
 from vstore.blocks.device import ImageDevice, create_image
 from vstore.blocks.errors import FormatError, TricopyError
@@ -72,11 +75,13 @@ def mounted(target: str, *, writable: bool) -> Iterator[FileSystem]:
 @app.command("mkfs")
 def mkfs_command(target: str = typer.Argument(..., help="image file to format"),
          size: str | None = typer.Option(None, "--size", help="create the image with this size, e.g. 64M"),
-         block_size: int = typer.Option(4096, "--block-size", help="block size in bytes (2048-65536)"),
-         inodes: int | None = typer.Option(None, "--inodes", help="number of inodes"),
+         block_size: int = typer.Option(4096, "--block-size", min=2048, max=65536,
+                                        help="block size in bytes (a power of two, 2048-65536)"),
+         inodes: int | None = typer.Option(None, "--inodes", min=1, help="number of inodes (at least 1)"),
          label: str = typer.Option("", "--label", help="volume label"),
          uuid: str | None = typer.Option(None, "--uuid", help="volume UUID (random by default)"),
-         log_blocks: int | None = typer.Option(None, "--log-blocks", help="size of the metadata log"),
+         log_blocks: int | None = typer.Option(None, "--log-blocks", min=1,
+                                               help="size of the metadata log in blocks (at least 1)"),
          force: bool = typer.Option(False, "--force", help="overwrite an existing jfs")) -> None:
     """Create a jfs on an image file or a lab volume (lab:LAB). Example: jfs mkfs disk.img --size 16M --label data"""
     with errors():
@@ -84,21 +89,22 @@ def mkfs_command(target: str = typer.Argument(..., help="image file to format"),
         if targets.is_prefixed(target):
             mkfs_target(target, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks, force=force)
             return
-        if not path.exists():
+        existed = path.exists()
+        if not existed:
             if size is None:
                 fail(f"{target} does not exist; give --size (e.g. --size 16M) to create it")
             create_image(path, parse_size(size), block_size)
-        else:
-            if size is not None and path.stat().st_size != parse_size(size):
-                fail(f"{target} exists with another size; remove it or drop --size")
+        elif size is not None and path.stat().st_size != parse_size(size):
+            fail(f"{target} exists with another size; remove it or drop --size")
+        dev = ImageDevice(path, block_size, claim=True)  # refused while the image is in use (mounted, written)
+        try:
             try:
-                probe_image(path)
-                if not force:
-                    fail(f"{target} already holds a jfs; add --force to overwrite it")
+                if existed:
+                    probe_image(path)
+                    if not force:
+                        fail(f"{target} already holds a jfs; add --force to overwrite it")
             except FormatError:
                 pass
-        dev = ImageDevice(path, block_size)
-        try:
             mkfs(dev, label=label, uuid=uuid, inodes=inodes, log_blocks=log_blocks)
         finally:
             dev.close()
@@ -300,12 +306,13 @@ def mount_command(target: str = typer.Argument(..., help="image file, lab:LAB, o
         target = targets.absolute(target)  # libfuse changes the directory to /
         writable = not targets.replica(target)
         if not foreground:
-            dev = targets.open(target, writable=False)  # fail here, in the caller, on a bad target
+            dev = targets.open(target, writable=False)  # fail here, in the caller, on a bad target or one in use
             dev.close()
             start_background(foreground_argv(target, str(mountpoint), durable=durable), mountpoint)
             out.print(f"mounted {target} at {mountpoint}; unmount with: jfs umount {mountpoint}")
             return
-        dev = targets.open(target, writable=writable, durable=durable)
+        with as_mount(mountpoint):  # the volume's claim names this mount until it is unmounted
+            dev = targets.open(target, writable=writable, durable=durable)
         try:
             serve(dev, mountpoint, readonly=not writable, state=state_path(mountpoint))
         finally:

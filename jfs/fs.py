@@ -19,7 +19,11 @@ Keeps true:
   trim rule asks `device.has_unshipped` ([0169]). How long a full log waits for shipping is the
   caller's choice at mount (`log_full_wait`), since only the caller knows whether another process
   ships meanwhile.
-- Any failure inside an operation (no space, log full, bad name...) leaves the volume unchanged.
+- Any failure inside an operation (no space, log full, bad name...) leaves the volume unchanged;
+  one the device causes part-way through a commit leaves the transaction either complete or absent
+  (the log decides, as at mount), and memory is re-read to agree with it.
+- Space can be held ahead for a write committed later (`write_cost`, `reserve`, `release`): held
+  blocks and log space go to no other operation, and `statfs` reports them as used.
 - mkfs writes the primary superblock last, after a flush of everything else, so a volume with a
   valid primary superblock is a complete empty file system.
 
@@ -425,7 +429,9 @@ class FileSystem(Directories):
         return self.log.trim()
 
     def statfs(self) -> StatFs:
-        return StatFs(self.bs, self.geo.num_blocks, self.bbits.nfree, self.geo.inode_count,
+        """Sizes and free counts; blocks held for writes not yet committed (`reserve`) count as used."""
+        free = max(0, self.bbits.nfree - self.reserved_blocks)
+        return StatFs(self.bs, self.geo.num_blocks, free, self.geo.inode_count,
                       self.ibits.nfree, L.MAX_NAME, self.geo.log_blocks, self.log.used(), self.label,
                       str(uuidlib.UUID(bytes=self.uuid)))
 

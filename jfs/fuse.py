@@ -10,12 +10,17 @@ Keeps true:
   A failed operation returns the errno its `TricopyError` carries (ENOENT, EEXIST, ENOTEMPTY,
   ENOSPC, ENAMETOOLONG, EISDIR, ENOTDIR, EINVAL, EFBIG, EROFS); a full metadata log (`LogFull`,
   entries not yet shipped, [0169]) is reported as ENOSPC; anything unexpected as EIO.
-- Writes are group-committed per open file: consecutive `write` requests are gathered (up to
-  `BUFFER_BYTES`) and committed as one `fs.write` transaction at the latest on flush (every
+- Writes are group-committed per open file (`jfs.wbuf`): consecutive `write` requests are gathered
+  (up to `BUFFER_BYTES`) and committed as one `fs.write` transaction at the latest on flush (every
   close()), fsync, release, or before any request that could observe or rename them (read,
-  truncate, setattr, unlink, rmdir, rename, statfs). `getattr` reports the gathered size.
-  A commit that fails at close() or fsync() returns its errno there; before the gathered bytes
-  could exceed the free blocks, the write commits at once so ENOSPC surfaces on write().
+  truncate, setattr, unlink, rmdir, rename). `getattr` reports the gathered size.
+- POSIX error semantics for data: a byte `write` accepted stays, or the error is returned later.
+  Each accepted write reserves the blocks and log space its commit can need, so `statfs` (df)
+  counts gathered bytes as used and a write that cannot get its reservation returns ENOSPC itself
+  (or a short count): running out of space never drops accepted data. A commit that still fails
+  (EIO, a write the storage refuses) is reported, errseq-style, once to every file description
+  open when it happened: its next fsync, close() (flush) or write fails with that errno; after that
+  the description is clear again. No other request fails because of it.
 - `fsync` commits the file's gathered writes and then calls `fs.fsync(path)`, which flushes
   through the device (the provider's `flush()` on `lab:LAB`; an fsync of the image file when the
   image is mounted `durable`) before it returns.
@@ -41,14 +46,13 @@ import stat as statmod
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from jfs import layout as L
-from jfs.errors import LogFull
 from jfs.fs import FileSystem
 from jfs.mounts import check_mountpoint, write_state
+from jfs.wbuf import WriteBuffer, errno_of
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
 
@@ -92,18 +96,6 @@ def fuse_available() -> str | None:
     return None
 
 
-def errno_of(exc: BaseException) -> int:
-    """The POSIX error a FUSE request returns for `exc`."""
-    if isinstance(exc, LogFull):
-        return errno.ENOSPC
-    if isinstance(exc, TricopyError):
-        code = getattr(exc, "errno", None)
-        return code if isinstance(code, int) and code > 0 else errno.EIO
-    if isinstance(exc, OSError) and isinstance(exc.errno, int) and exc.errno > 0:
-        return exc.errno
-    return errno.EIO
-
-
 def _request(method: F) -> F:
     """One FUSE request: serialized, and every error turned into its errno."""
 
@@ -126,19 +118,6 @@ def _request(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-@dataclass
-class _Pending:
-    """Consecutive writes to one file not yet committed."""
-
-    offset: int
-    chunks: list[bytes] = field(default_factory=list)
-    size: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.size
-
-
 class JfsOperations:
     """The FUSE operations of a mounted jfs (paths as libfuse gives them: '/a/b'); mfusepy calls
     the methods it finds, and leaves every other request to libfuse's default (ENOSYS)."""
@@ -148,40 +127,22 @@ class JfsOperations:
     def __init__(self, fs: FileSystem, *, buffer_bytes: int = BUFFER_BYTES) -> None:
         self.fs = fs
         self._mutex = threading.RLock()
-        self.buffer_bytes = buffer_bytes
-        self.pending: dict[str, _Pending] = {}
-        self.pending_total = 0
-        self.next_fh = 1
+        self.buffer = WriteBuffer(fs, buffer_bytes=buffer_bytes, total_bytes=TOTAL_BUFFER_BYTES)
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started = False  # the kernel connection was set up (libfuse called init)
 
-    # -- gathered writes ------------------------------------------------------------------------
+    # -- gathered writes (a failure is recorded for the open files, never raised here) ------------
     def commit(self, path: str) -> None:
-        """Commit `path`'s gathered writes as one transaction (dropped if it fails)."""
-        p = self.pending.pop(path, None)
-        if p is None:
-            return
-        self.pending_total -= p.size
-        self.fs.write(path, p.offset, b"".join(p.chunks))
+        self.buffer.commit(path)
 
     def commit_all(self) -> None:
-        first: BaseException | None = None
-        for path in list(self.pending):
-            try:
-                self.commit(path)
-            except (TricopyError, OSError) as exc:
-                first = first or exc
-        if first is not None:
-            raise first
+        self.buffer.commit_all()
 
     # -- attributes -----------------------------------------------------------------------------
     @_request
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
         st = self.fs.stat(path)
-        size = st.size
-        p = self.pending.get(path)
-        if p is not None:
-            size = max(size, p.end)
+        size = max(st.size, self.buffer.end_of(path) or 0)
         kind = statmod.S_IFDIR if st.type == "dir" else statmod.S_IFREG
         return {
             "st_mode": kind | st.mode, "st_ino": st.ino, "st_nlink": st.nlink, "st_size": size,
@@ -224,8 +185,7 @@ class JfsOperations:
 
     @_request
     def statfs(self, path: str) -> dict[str, int]:
-        self.commit_all()
-        s = self.fs.statfs()
+        s = self.fs.statfs()  # blocks held for gathered writes count as used
         return {"f_bsize": s.block_size, "f_frsize": s.block_size, "f_blocks": s.blocks,
                 "f_bfree": s.blocks_free, "f_bavail": s.blocks_free, "f_files": s.inodes,
                 "f_ffree": s.inodes_free, "f_favail": s.inodes_free, "f_namemax": s.name_max}
@@ -273,21 +233,16 @@ class JfsOperations:
         return 0
 
     # -- files ----------------------------------------------------------------------------------
-    def _new_fh(self) -> int:
-        self.next_fh += 1
-        return self.next_fh
-
     @_request
     def create(self, path: str, mode: int, flags: int = 0) -> int:
-        self.fs.create(path, mode & 0o7777)
-        return self._new_fh()
+        return self.buffer.created(self.fs.create(path, mode & 0o7777))
 
     @_request
     def open(self, path: str, flags: int) -> int:
         st = self.fs.stat(path)
         if st.type == "dir" and flags & (os.O_WRONLY | os.O_RDWR):
             raise FuseOSError(errno.EISDIR)
-        return self._new_fh()
+        return self.buffer.open(st.ino)
 
     @_request
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -298,22 +253,7 @@ class JfsOperations:
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         if offset + len(data) > L.max_file_blocks(self.fs.bs) * self.fs.bs:
             raise FuseOSError(errno.EFBIG)
-        p = self.pending.get(path)
-        if p is not None and offset != p.end:
-            self.commit(path)
-            p = None
-        if p is None:
-            p = self.pending[path] = _Pending(offset)
-        p.chunks.append(data)
-        p.size += len(data)
-        self.pending_total += len(data)
-        room = (self.fs.statfs().blocks_free - 64) * self.fs.bs
-        if p.size >= self.buffer_bytes or self.pending_total >= min(TOTAL_BUFFER_BYTES, room):
-            if self.pending_total >= TOTAL_BUFFER_BYTES:
-                self.commit_all()
-            else:
-                self.commit(path)
-        return len(data)
+        return self.buffer.write(fh, path, offset, data)
 
     @_request
     def truncate(self, path: str, length: int, fh: int | None = None) -> int:
@@ -324,17 +264,18 @@ class JfsOperations:
     @_request
     def flush(self, path: str, fh: int) -> int:
         self.commit(path)
+        self.buffer.check(fh)
         return 0
 
     @_request
     def fsync(self, path: str, datasync: int, fh: int) -> int:
-        self.commit(path)
-        self.fs.fsync(path)
+        self.buffer.fsync(fh, path)
         return 0
 
     @_request
     def release(self, path: str, fh: int) -> int:
         self.commit(path)
+        self.buffer.close(fh)
         return 0
 
     def init_with_config(self, conn: Any, config: Any) -> None:
@@ -345,10 +286,7 @@ class JfsOperations:
 
     def destroy(self, path: str) -> None:
         with self._mutex:
-            try:
-                self.commit_all()
-            except (TricopyError, OSError) as exc:
-                log.error("writes gathered at unmount could not be committed: %s", exc)
+            self.commit_all()  # what cannot be stored now is logged (jfs.wbuf)
 
 
 @functools.cache

@@ -11,6 +11,11 @@ Keeps true:
 - `unmount` unmounts and waits for that process to exit, so when it returns the volume is clean
   (or, after a kill, its committed log is replayed at the next mount; the note says which).
 - Whether a directory is mounted is read from /proc/self/mountinfo, never by touching the mount.
+- The mount process holds its volume's claim (`vstore.blocks.holders`) from before the mount is
+  live until after it has unmounted and the volume is clean: it opens the volume `as_mount`, so
+  the claim names it ("mounted at MP", lasting: nobody waits for it, `jfs umount MP` releases it).
+  `jfs mount` opens the target once for reading before it starts that process, so a volume that
+  has a writer is refused at once, naming it, in the caller.
 """
 
 from __future__ import annotations
@@ -24,10 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.holders import acting_as
 from vstore.blocks.pids import alive
 
 READY_TIMEOUT = 30.0  # seconds for a background mount to become live
@@ -83,6 +90,12 @@ def read_state(mp: str | Path) -> dict[str, Any] | None:
         return json.loads(state_path(mp).read_text())
     except (OSError, ValueError):
         return None
+
+
+def as_mount(mountpoint: str | Path) -> AbstractContextManager[None]:
+    """While the mount process opens its volume: the claims it takes name the mount at `mountpoint`."""
+    return acting_as(f"mounted at {mountpoint}", mountpoint=str(mountpoint), lasting=True,
+                     release=f"unmount it first: jfs umount {mountpoint}")
 
 
 def foreground_argv(target: str, mountpoint: str, *, durable: bool) -> list[str]:

@@ -14,6 +14,10 @@ Keeps true:
   target is its own absolute form and is not a replica.
 - A prefix no kind is registered for, or a kind that cannot be loaded, is a `TricopyError` of one
   sentence, never a traceback.
+- An image opened here holds its claim (`IMG.lock`, `vstore.blocks.holders`) until the device is
+  closed: one writer (a mount, a command that writes, mkfs, fsck) or any number of readers. A kind
+  guards its own volumes the same way (the `lab` kind: the lab's claim, or the application
+  writer's claim through the daemons).
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ import re
 from importlib.metadata import EntryPoint, entry_points
 from typing import Protocol
 
-from jfs.fs import open_image
-from vstore.blocks.device import BlockDevice
+from jfs.fs import probe_image
+from vstore.blocks.device import BlockDevice, ImageDevice
 from vstore.blocks.errors import TricopyError
 
 GROUP = "jfs.targets"
@@ -69,10 +73,12 @@ def kind(prefix: str, target: str) -> TargetKind:
 
 
 def open(target: str, *, writable: bool, durable: bool = False) -> BlockDevice:
-    """The block device TARGET names. `durable` (image files only): fsync the image at every flush."""
+    """The block device TARGET names, claimed for writing or for reading (see the module docstring).
+    `durable` (image files only): fsync the image at every flush."""
     prefix, _ = split(target)
     if prefix is None:
-        return open_image(target, readonly=not writable, durable=durable)
+        block_size, _ = probe_image(target)  # the block size its superblock states
+        return ImageDevice(target, block_size, readonly=not writable, durable=durable, claim=True)
     return kind(prefix, target)(target, writable=writable)
 
 

@@ -15,14 +15,21 @@ Keeps true:
 - Directory blocks, pointer blocks, inodes and bitmaps reach their home location only through a
   committed transaction.
 - The caches (`inodes`, `maps`, `dirs`, `itable`) always equal what the volume holds after the last
-  commit.
+  commit. A commit that fails part-way (the device refused a write after the log was touched) may
+  leave its transaction committed or not: before the next operation the log is opened again (its
+  committed transaction replayed, exactly as at mount) and the state re-read, so memory never
+  disagrees with the volume; until that succeeds every operation fails.
+- Blocks and log space `reserve`d for writes not yet committed are never handed to another
+  operation: `_alloc_blocks` and every transaction see only what is free beyond them, and `statfs`
+  counts them as used. `write_cost` is an upper bound of what one `write` transaction allocates and
+  logs, so a write whose cost was reserved (and released just before it) never lacks space.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,7 +37,7 @@ from jfs import layout as L
 from jfs.alloc import Bitmap
 from jfs.blockmap import FileMap, read_map, store_map
 from jfs.codecs import DirBlock, Inode, bitmap_image, parse_bitmap
-from jfs.errors import FileTooLarge, ReadOnlyFs
+from jfs.errors import FileTooLarge, LogFull, NoSpace, ReadOnlyFs
 from jfs.metalog import BlockView, MetaLog, RecordSpec
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
@@ -48,6 +55,16 @@ class _Txn:
     bitmap_dirty: set[tuple[str, int]] = field(default_factory=set)
 
 
+class _Log(MetaLog):
+    """The live metadata log, whose free space excludes the blocks `reserved` for writes not yet
+    committed (so no other transaction takes them)."""
+
+    reserved: int = 0
+
+    def free(self) -> int:
+        return super().free() - self.reserved
+
+
 class Transactions:
     """The state of a mounted jfs (caches, allocators, the log) and the transaction machinery."""
 
@@ -60,22 +77,45 @@ class Transactions:
         self.uuid: bytes = sb.uuid
         self.label: str = sb.label
         self.readonly = view.readonly
-        self.log = MetaLog.open(view, self.geo, self.uuid, owned_ranges=self.data_ranges_of,
-                                has_unshipped=device.has_unshipped, log_full_wait=log_full_wait)
+        self.log_full_wait = log_full_wait
+        self.log = self._open_log()
+        self.reserved_blocks = 0  # held by `reserve` for writes not yet committed
         self._txn: _Txn | None = None
+        self._torn = False  # a commit failed after it may have written part of its transaction
+        self._stale = False  # the in-memory state must be read again before the next operation
         self._load()
+
+    def _open_log(self) -> _Log:
+        """Open the log, replaying the transaction committed but not checkpointed (as at mount)."""
+        log = _Log.open(self.view, self.geo, self.uuid, owned_ranges=self.data_ranges_of,
+                        has_unshipped=self.device.has_unshipped, log_full_wait=self.log_full_wait)
+        assert isinstance(log, _Log)
+        return log
 
     # -- in-memory state loaded from disk ------------------------------------------------------
     def _load(self) -> None:
         geo = self.geo
-        self.ibits = self._load_bitmap(geo.ibitmap_start, geo.ibitmap_blocks, L.INODE_BITMAP_MAGIC,
-                                       geo.inode_count, 2, "inode bitmap")
-        self.bbits = self._load_bitmap(geo.bbitmap_start, geo.bbitmap_blocks, L.BLOCK_BITMAP_MAGIC,
-                                       geo.data_end, geo.data_start, "block bitmap")
         self.inodes: dict[int, Inode | None] = {}
         self.maps: dict[int, FileMap] = {}
         self.dirs: dict[int, list[DirBlock]] = {}
         self.itable: dict[int, bytes] = {}
+        self.ibits = self._load_bitmap(geo.ibitmap_start, geo.ibitmap_blocks, L.INODE_BITMAP_MAGIC,
+                                       geo.inode_count, 2, "inode bitmap")
+        self.bbits = self._load_bitmap(geo.bbitmap_start, geo.bbitmap_blocks, L.BLOCK_BITMAP_MAGIC,
+                                       geo.data_end, geo.data_start, "block bitmap")
+
+    def _reload(self) -> None:
+        """Read the state back from the volume after a failed operation; after a torn commit, first
+        re-open the log so that its transaction is either replayed in full or not there at all."""
+        self._stale = True
+        self.inodes, self.maps, self.dirs, self.itable = {}, {}, {}, {}
+        if self._torn:
+            reserved = self.log.reserved
+            self.log = self._open_log()
+            self.log.reserved = reserved
+            self._torn = False
+        self._load()
+        self._stale = False
 
     def _load_bitmap(self, start: int, count: int, magic: bytes, limit: int, first: int,
                      what: str) -> Bitmap:
@@ -93,6 +133,8 @@ class Transactions:
         if ino in self.inodes:
             node = self.inodes[ino]
         else:
+            if self._stale and self._txn is None:
+                self._reload()  # reads, too, see the volume only once the log has settled it
             if not 0 < ino < self.geo.inode_count:
                 raise FormatError(f"inode number {ino} is outside the inode table; run 'jfs fsck'")
             blk, off = self.geo.inode_location(ino)
@@ -126,8 +168,58 @@ class Transactions:
         self._dirty(ino)
         return written
 
+    # -- reservations for writes not yet committed -------------------------------------------------
+    def write_cost(self, path: str, offset: int, size: int) -> tuple[int, int]:
+        """(blocks, log blocks) that one `write(path, offset, size bytes)` transaction can need at
+        most: every touched block anew (copy-on-write), every pointer block over them, and a
+        transaction that lists each of them as its own range and touches a bitmap block for each
+        block allocated or freed."""
+        if size <= 0:
+            return 0, 0
+        bs, p = self.bs, L.ptrs_per_block(self.bs)
+        k0, k1 = offset // bs, (offset + size - 1) // bs
+        ptrs = 0
+        single, double = L.N_DIRECT, L.N_DIRECT + p  # first file block under each pointer tree
+        if k1 >= single and k0 < double:
+            ptrs += 1
+        if k1 >= double:
+            ptrs += 2 + (k1 - double) // p - (max(k0, double) - double) // p  # the root and its children
+        blocks = k1 - k0 + 1 + ptrs
+        meta = 1 + min(self.geo.bbitmap_blocks, 2 * blocks) + ptrs  # inode table, bitmaps, pointers
+        body = 16 + 4 * meta + 16 + len(path.encode()) + 8 * blocks
+        desc = -(-(L.TXN_HEAD_BYTES + body) // bs)
+        return blocks, desc + meta + 1
+
+    def reservable(self) -> tuple[int, int]:
+        """(blocks, log blocks) that `reserve` can hold now (the log trimmed as far as the rule allows)."""
+        if not self.readonly:
+            self.log.trim()
+        return max(0, self.bbits.nfree - self.reserved_blocks), max(0, self.log.free())
+
+    def reserve(self, blocks: int, log_blocks: int) -> None:
+        """Hold `blocks` free blocks and `log_blocks` log blocks for a write committed later, or raise
+        NoSpace / LogFull and hold nothing."""
+        if self.readonly:
+            raise ReadOnlyFs("the file system is mounted read-only")
+        if blocks > self.bbits.nfree - self.reserved_blocks:
+            raise NoSpace("the file system has no free blocks left; delete files or use a larger image")
+        if log_blocks > self.log.free():
+            self.log.trim()
+            if log_blocks > self.log.free():
+                raise LogFull("the metadata log has no room for more writes until its records are shipped "
+                              "to the Async site; ship them and retry")
+        self.reserved_blocks += blocks
+        self.log.reserved += log_blocks
+
+    def release(self, blocks: int, log_blocks: int) -> None:
+        """Give back what `reserve` held (before committing the write it was for, or instead of it)."""
+        self.reserved_blocks = max(0, self.reserved_blocks - blocks)
+        self.log.reserved = max(0, self.log.reserved - log_blocks)
+
     # -- allocation -------------------------------------------------------------------------------
     def _alloc_blocks(self, n: int) -> list[int]:
+        if n > self.bbits.nfree - self.reserved_blocks:
+            raise NoSpace("the file system has no free blocks left; delete files or use a larger image")
         out = self.bbits.alloc(n, "blocks")
         bpb = L.bits_per_bitmap_block(self.bs)
         self._t().bitmap_dirty.update(("b", i // bpb) for i in out)
@@ -251,14 +343,17 @@ class Transactions:
     def _op(self) -> Iterator[_Txn]:
         if self.readonly:
             raise ReadOnlyFs("the file system is mounted read-only")
+        if self._stale:
+            self._reload()  # an earlier failure could not read the volume back: it must work first
         self._txn = _Txn()
         try:
             yield self._txn
             self._commit(self._txn)
         except BaseException:
             self._txn = None
-            self._load()  # nothing of the failed operation reached the volume: start over
-            raise
+            with suppress(Exception):  # the operation's own error is the one to report
+                self._reload()  # memory holds the failed operation: read the volume's state back
+            raise  # when the reload failed too, the state stays `_stale`: retried before the next operation
         finally:
             self._txn = None
 
@@ -289,7 +384,13 @@ class Transactions:
             magic = L.INODE_BITMAP_MAGIC if kind == "i" else L.BLOCK_BITMAP_MAGIC
             start = geo.ibitmap_start if kind == "i" else geo.bbitmap_start
             t.meta[start + k] = bitmap_image(self.bs, magic, k, bytes(chunk))
-        self.log.commit(t.meta, list(t.records.values()), t.data)
+        self._torn = True  # from the first write on, a failure may leave part of it on the volume
+        try:
+            self.log.commit(t.meta, list(t.records.values()), t.data)
+        except LogFull:
+            self._torn = False  # refused before anything was written
+            raise
+        self._torn = False
         for lba, img in t.meta.items():
             if geo.itable_start <= lba < geo.data_start:
                 self.itable[lba] = img

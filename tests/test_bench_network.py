@@ -12,6 +12,7 @@ from tools.bench import network
 
 @pytest.mark.timeout(60)
 def test_quick_run_prints_the_three_parts(capsys):
+    """`--quick` runs all three parts of the network benchmark and prints a number for every row and goal."""
     network.main(["--quick"])
     out = capsys.readouterr().out
     for part in ("(a) loopback throughput", "(b) async shipping", "(c) 4 KiB sync write latency"):

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import pytest
 
-from tests.labutil import BS, blocks, image, make_lab, open_lab
+from tests.helpers import BS, blocks, image, open_lab
+from vstore.blocks.device import ImageDevice, create_image
 from vstore.procedures.setup import resync_all
 from vstore.replication.mirror import FailureState, SyncState
 from vstore.replication.pairs import PairState
-from vstore.replication.storage import WriteInhibited
+from vstore.replication.storage import Volume, WriteInhibited
 
 
-def test_normal_operation_c_equals_a_after_every_write_and_d_equals_b_after_shipping(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror")
+def test_normal_operation_c_equals_a_after_every_write_and_d_equals_b_after_shipping(make_lab):
+    """C equals A after every acknowledged write; D lags until shipping and then equals B."""
+    lab = make_lab(mode="mirror")
     with open_lab(lab) as system:
         dev = system.device(0)
         for i in range(20):
@@ -33,8 +35,9 @@ def cut(system, link):
 
 
 @pytest.mark.parametrize("durable", [False, True])  # durable labs fsync C and the entry log
-def test_fence_with_protection_rejects_and_changes_nothing(tmp_path, durable):
-    lab = make_lab(tmp_path, mode="mirror", protect=True, durable=durable)
+def test_fence_with_protection_rejects_and_changes_nothing(make_lab, durable):
+    """With protection, a write that cannot reach C is refused, changes no volume, and later writes are refused."""
+    lab = make_lab(mode="mirror", protect=True, durable=durable)
     with open_lab(lab) as system:
         dev = system.device(0)
         dev.write(0, blocks(1))
@@ -54,8 +57,9 @@ def test_fence_with_protection_rejects_and_changes_nothing(tmp_path, durable):
         system.save()
 
 
-def test_protection_off_records_positions_and_duplex_pending_copies_exactly_them(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror", protect=False)
+def test_protection_off_records_positions_and_duplex_pending_copies_exactly_them(make_lab):
+    """Without protection, writes during a Suspend record their positions, and the resync copies exactly those."""
+    lab = make_lab(mode="mirror", protect=False)
     with open_lab(lab) as system:
         dev = system.device(0)
         cut(system, "primary-sync")
@@ -76,9 +80,9 @@ def test_protection_off_records_positions_and_duplex_pending_copies_exactly_them
 
 
 @pytest.mark.parametrize("durable", [False, True])
-def test_mirror_without_protection_succeeds_on_b_alone(tmp_path, durable):
-    """[0068]: the storage fences A, the mirror program has no protection -> B alone takes it."""
-    lab = make_lab(tmp_path, mode="mirror", protect=True, durable=durable)
+def test_mirror_without_protection_succeeds_on_b_alone(make_lab, durable):
+    """With the storage fencing A and no protection in the mirror program, a write succeeds on B alone ([0068])."""
+    lab = make_lab(mode="mirror", protect=True, durable=durable)
     with open_lab(lab) as system:
         system.mirror.settings.protect = False
         dev = system.device(0)
@@ -91,8 +95,9 @@ def test_mirror_without_protection_succeeds_on_b_alone(tmp_path, durable):
 
 
 @pytest.mark.parametrize("durable", [False, True])
-def test_fig9_undo_restores_b_from_inhibited_a(tmp_path, durable):
-    lab = make_lab(tmp_path, mode="mirror", protect=True, durable=durable)
+def test_fig9_undo_restores_b_from_inhibited_a(make_lab, durable):
+    """A write refused after it reached B is undone: B is restored from the inhibited A (Fig 9)."""
+    lab = make_lab(mode="mirror", protect=True, durable=durable)
     with open_lab(lab) as system:
         group = system.mirror.settings.groups["A"]
         group.reverse()  # write B first, then A: "any order" (Fig 4)
@@ -105,15 +110,14 @@ def test_fig9_undo_restores_b_from_inhibited_a(tmp_path, durable):
         assert image(lab, "primary", "A") == image(lab, "primary", "B")
 
 
-def test_fig6_new_member_is_never_read_before_synced(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror")
+def test_fig6_new_member_is_never_read_before_synced(make_lab):
+    """A member added to a mirror group is never read before its copy finishes; reads come from synced members."""
+    lab = make_lab(mode="mirror")
     with open_lab(lab) as system:
         group = system.device(0)
         group.write(0, blocks(4, 8))
         storage = system.storage("primary")
         # make a spare volume at the primary to add as a third member
-        from vstore.blocks.device import ImageDevice, create_image
-        from vstore.replication.storage import Volume
         create_image(lab / "primary" / "E.img", 256 * BS)
         storage.volumes["E"] = Volume("primary", "E", ImageDevice(lab / "primary" / "E.img"), "primary/port0/lun9")
         reads: list[str] = []
@@ -138,8 +142,9 @@ def test_fig6_new_member_is_never_read_before_synced(tmp_path):
         assert image(lab, "primary", "E") == image(lab, "primary", "A")
 
 
-def test_full_entry_log_suspends_records_positions_and_resyncs(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror", spool_capacity=16 * BS)
+def test_full_entry_log_suspends_records_positions_and_resyncs(make_lab):
+    """A full entry log suspends the async pair recording positions; shipping resyncs them, then entries flow."""
+    lab = make_lab(mode="mirror", spool_capacity=16 * BS)
     with open_lab(lab) as system:
         dev = system.device(0)
         for i in range(40):  # far more than 16 blocks of entries
@@ -158,8 +163,9 @@ def test_full_entry_log_suspends_records_positions_and_resyncs(tmp_path):
         system.save()
 
 
-def test_coalescing_ships_fewer_blocks_and_keeps_prefix(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror", coalesce=True)
+def test_coalescing_ships_fewer_blocks_and_keeps_prefix(make_lab):
+    """Coalescing ships far fewer blocks than were written and still leaves D equal to B."""
+    lab = make_lab(mode="mirror", coalesce=True)
     with open_lab(lab) as system:
         dev = system.device(0)
         for i in range(200):
@@ -170,8 +176,9 @@ def test_coalescing_ships_fewer_blocks_and_keeps_prefix(tmp_path):
         assert image(lab, "primary", "B") == image(lab, "async", "D")
 
 
-def test_state_persists_across_commands(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror", protect=False)
+def test_state_persists_across_commands(make_lab):
+    """Pair states, recorded positions and waiting entries survive closing and reopening the lab."""
+    lab = make_lab(mode="mirror", protect=False)
     with open_lab(lab) as system:
         cut(system, "primary-sync")
         system.faults.save(system.lab_dir)
@@ -183,10 +190,9 @@ def test_state_persists_across_commands(tmp_path):
         assert system.entry_log.stats().entries == 1
 
 
-def test_one_inhibited_a_fences_every_a_of_the_consistency_group(tmp_path):
-    """[0127]-[0128]: with two virtual volumes, a failure Suspend of A0->C0 (C0 failed) refuses
-    writes to A1 too, so the set of volumes stays consistent."""
-    lab = make_lab(tmp_path, mode="mirror", volumes=2, protect=True)
+def test_one_inhibited_a_fences_every_a_of_the_consistency_group(make_lab):
+    """A failure Suspend of one pair (C0 failed) refuses writes to every A of the group, A1 too ([0127]-[0128])."""
+    lab = make_lab(mode="mirror", volumes=2, protect=True)
     with open_lab(lab) as system:
         system.device(1).write(0, blocks(1))
         system.faults.set("volume", "sync:C0", True)

@@ -8,26 +8,21 @@ import io
 import shutil
 import threading
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
 from rich.console import Console
-from typer.testing import CliRunner
 
-from tests.labutil import BS, blocks
+from jfs.fs import mkfs
+from tests.helpers import BS, blocks, invoke
 from vstore.blocks.units import format_size
 from vstore.cli import dashboard
 from vstore.lab.system import System
-from vstore.procedures.create import init_lab
+from vstore.procedures.recovery import recover
 from vstore.replication.storage import WriteInhibited
-
-runner = CliRunner()
-
-
-def make(tmp_path, mode, **kw):
-    lab = tmp_path / "lab"
-    init_lab(lab, mode=mode, size=1 << 20, **kw)
-    return lab
 
 
 def frame_text(snapshot, history=None, width=160) -> str:
@@ -51,9 +46,15 @@ def by_name(snapshot):
     return {p["name"]: p for p in snapshot["pairs"]}
 
 
-def test_all_duplex_mirror_lab(tmp_path):
-    lab = make(tmp_path, "mirror")
-    snap = dashboard.collect(lab)
+@pytest.fixture
+def duplex_mirror_lab(make_lab: Callable[..., Path]) -> Path:
+    """A new mirror lab: both pairs Duplex, nothing written."""
+    return make_lab(mode="mirror")
+
+
+def test_all_duplex_mirror_lab(duplex_mirror_lab):
+    """`collect` of a new mirror lab: both pairs Duplex, nothing waiting, every site up, events newest first."""
+    snap = dashboard.collect(duplex_mirror_lab)
     pairs = by_name(snap)
     assert {n: p["state"] for n, p in pairs.items()} == {"A->C": "Duplex", "B->D": "Duplex"}
     assert pairs["B->D"]["entries_waiting"] == 0 and pairs["B->D"]["oldest_waiting_s"] is None
@@ -63,17 +64,27 @@ def test_all_duplex_mirror_lab(tmp_path):
     assert snap["events"] and snap["events"][0]["to"] == "Duplex"
     times = [e["time"] for e in snap["events"]]
     assert times == sorted(times, reverse=True)
-    text = frame_text(snap)
+
+
+def test_frame_of_an_all_duplex_lab_names_every_site_pair_and_volume(duplex_mirror_lab):
+    """The frame of an all-Duplex lab names every site, pair and volume, and no Suspend."""
+    text = frame_text(dashboard.collect(duplex_mirror_lab))
     for word in ("primary", "sync", "async", "A->C", "B->D", "Duplex", "primary:B -> async:D", "vol C"):
         assert word in text
     assert "Suspend" not in text
-    # the lock is released: another command can open the lab at once
-    with System(lab) as system:
+
+
+def test_collect_releases_the_lab_lock(duplex_mirror_lab):
+    """After `collect`, another command can open the lab at once."""
+    dashboard.collect(duplex_mirror_lab)
+    with System(duplex_mirror_lab) as system:
         assert system.role("primary") == "primary"
 
 
-def test_entries_waiting_counts_and_bytes(tmp_path):
-    lab = make(tmp_path, "provider")
+@pytest.fixture
+def three_waiting_entries(make_lab: Callable[..., Path]) -> tuple[Path, Any]:
+    """A provider lab with three writes (6 blocks) waiting to ship; (the lab, the entry log's stats)."""
+    lab = make_lab(mode="provider")
     with System(lab) as system:
         dev = system.device(0)
         dev.write(1, blocks(1, 2))
@@ -81,6 +92,12 @@ def test_entries_waiting_counts_and_bytes(tmp_path):
         dev.write(40, blocks(3, 1))
         system.save()
         stats = system.entry_log.stats()
+    return lab, stats
+
+
+def test_entries_waiting_counts_and_bytes(three_waiting_entries):
+    """The async pair shows the entries and bytes waiting as the entry log counts them, in the frame too."""
+    lab, stats = three_waiting_entries
     snap = dashboard.collect(lab)
     ad = next(p for p in snap["pairs"] if p["kind"] == "async")
     assert ad["entries_waiting"] == 3 == stats.entries
@@ -91,6 +108,10 @@ def test_entries_waiting_counts_and_bytes(tmp_path):
     row = next(line for line in frame_text(snap).splitlines() if ad["name"] in line and "async" in line)
     assert " 3 " in row and format_size(ad["bytes_waiting"]) in row
 
+
+def test_nothing_waits_after_shipping(three_waiting_entries):
+    """After shipping nothing waits and the queue's confirmed sequence is the last entry's."""
+    lab, _ = three_waiting_entries
     with System(lab) as system:
         system.shipper().ship()
         system.save()
@@ -100,8 +121,9 @@ def test_entries_waiting_counts_and_bytes(tmp_path):
     assert snap["queue"]["confirmed_seq"] == 3
 
 
-def test_fenced_mirror_lab_shows_suspend_with_reason(tmp_path):
-    lab = make(tmp_path, "mirror", protect=True)
+def test_fenced_mirror_lab_shows_suspend_with_reason(make_lab):
+    """A fenced lab shows A->C Suspend with its reason and the link down, newest event first, even at 80 columns."""
+    lab = make_lab(mode="mirror", protect=True)
     with System(lab) as system:
         system.faults.set("link", "primary-sync", True)
         system.faults.save(system.lab_dir)
@@ -124,18 +146,18 @@ def test_fenced_mirror_lab_shows_suspend_with_reason(tmp_path):
     assert "Suspend" in narrow and "Duplex" in narrow and "A->C Suspend: link primary-sync is down" in narrow
 
 
-def test_lab_busy_probe(tmp_path):
-    lab = make(tmp_path, "provider")
+def test_lab_busy_probe(make_lab):
+    """`lab_busy` is true exactly while a command holds the lab open."""
+    lab = make_lab(mode="provider")
     assert not dashboard.lab_busy(lab)
     with System(lab):
         assert dashboard.lab_busy(lab)
     assert not dashboard.lab_busy(lab)
 
 
-def test_failed_over_provider_lab(tmp_path):
-    from jfs.fs import mkfs
-    from vstore.procedures.recovery import recover
-    lab = make(tmp_path, "provider")
+def test_failed_over_provider_lab(make_lab):
+    """After recovery to Sync the primary shows as lost and the one pair is sync:C -> async:D, Duplex."""
+    lab = make_lab(mode="provider")
     with System(lab) as system:
         mkfs(system.device(0))
         system.shipper().ship()
@@ -156,19 +178,24 @@ def test_failed_over_provider_lab(tmp_path):
     assert "LOST" in text and "sync:C -> async:D" in text and "A->C" not in text.split("recent state")[0]
 
 
-def test_once_and_svg_through_the_cli(tmp_path):
-    lab = make(tmp_path, "mirror")
-    app = cli_app()
-    r = runner.invoke(app, ["dashboard", str(lab), "--once"])
-    assert r.exit_code == 0, r.output + str(r.exception)
+def test_once_prints_one_frame_through_the_cli(duplex_mirror_lab):
+    """`dashboard --once` prints one frame showing the pairs and their states."""
+    r = invoke(cli_app(), "dashboard", duplex_mirror_lab, "--once")
     assert "A->C" in r.stdout and "B->D" in r.stdout and "Duplex" in r.stdout
+
+
+def test_svg_writes_the_frame_as_svg_through_the_cli(duplex_mirror_lab, tmp_path):
+    """`dashboard --svg FILE` writes the frame as an SVG image naming the pairs."""
     svg = tmp_path / "frame.svg"
-    r = runner.invoke(app, ["dashboard", str(lab), "--svg", str(svg)])
-    assert r.exit_code == 0, r.output + str(r.exception)
+    invoke(cli_app(), "dashboard", duplex_mirror_lab, "--svg", svg)
     body = svg.read_text()
     assert body.lstrip().startswith("<svg")
     assert "A-&gt;C" in body and "B-&gt;D" in body
-    r = runner.invoke(app, ["dashboard", str(tmp_path / "nope"), "--once"])
+
+
+def test_dashboard_of_a_missing_lab_is_one_sentence(tmp_path):
+    """`dashboard` of a lab that does not exist fails with one sentence, no traceback."""
+    r = invoke(cli_app(), "dashboard", tmp_path / "nope", "--once", ok=False)
     assert r.exit_code == 1 and "does not exist" in r.stderr and "Traceback" not in r.output
 
 
@@ -178,6 +205,7 @@ def snap_at(t, depth, confirmed, name="B->D"):
 
 
 def test_history_rate_and_sparkline():
+    """History gives the confirmed-entries rate and a queue-depth sparkline over its window, never negative."""
     h = dashboard.History(window_s=80, rate_window_s=30)
     assert h.rate("B->D") is None and h.sparkline("B->D") == ""
     h.add(snap_at(1000, 0, 10))
@@ -196,8 +224,9 @@ def test_history_rate_and_sparkline():
     assert dashboard.spark([0, 0]) == "▁▁" and dashboard.spark([0, 7]) == "▁█"
 
 
-def test_live_refreshes_on_file_change_and_stops(tmp_path):
-    lab = make(tmp_path, "provider")
+def test_live_refreshes_on_file_change_and_stops(make_lab):
+    """The live view redraws when the lab's files change (long before its interval) and stops when told."""
+    lab = make_lab(mode="provider")
     frames: list = []
     stop = threading.Event()
     console = Console(file=io.StringIO(), width=160)

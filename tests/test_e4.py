@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from jfs.fs import FileSystem, mkfs
 from jfs.fsck import fsck
 from jfs.scan import scan_log
-from tests.fsutil import image_tree, same_allocated_blocks, snapshot
+from tests.helpers import image_tree, same_allocated_blocks, snapshot
 from vstore.lab.system import System
 from vstore.procedures.create import init_lab
 from vstore.procedures.failover import fig13_failover_to_async
@@ -121,6 +121,7 @@ def check_trim_invariant(ops: list[tuple], seed: int) -> int:
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=ops_strategy, seed=st.integers(0, 1000))
 def test_recovery_oracle(to, ops, seed):
+    """Recovery after any workload leaves C and D clean and equal, with every acknowledged write, by a partial copy."""
     with tempfile.TemporaryDirectory() as tmp:
         lab = new_lab(Path(tmp))
         system = System(lab)
@@ -154,6 +155,7 @@ def test_recovery_oracle(to, ops, seed):
 
 
 def test_double_failure_async_is_a_prefix(tmp_path):
+    """After losing the primary and Sync, D holds a prefix of the acknowledged writes, fsck-clean and writable."""
     lab = new_lab(tmp_path)
     system = System(lab)
     fs = FileSystem.mount(system.device(0))
@@ -189,6 +191,7 @@ def test_double_failure_async_is_a_prefix(tmp_path):
 
 
 def test_corrupt_log_record_falls_back_to_full_copy(tmp_path):
+    """A damaged record in C's log makes recovery fall back to a full copy, after which C equals D."""
     lab = new_lab(tmp_path)
     system = System(lab)
     fs = FileSystem.mount(system.device(0))

@@ -82,6 +82,7 @@ def segments(path: Path) -> list[Path]:
        lba=st.integers(0, 2**40), count=st.integers(1, 4))
 @settings(max_examples=50)
 def test_entry_round_trip(seq: int, ts: int, vol: int, lba: int, count: int) -> None:
+    """An entry decodes to itself from any offset of a buffer, and decoding ends where it ends."""
     e = Entry(seq, ts, vol, lba, count, block(seq, count))
     data = b"junk" + encode_entry(e) + b"more"
     decoded, end = decode_entry(data, 4)
@@ -94,7 +95,7 @@ def test_entry_round_trip(seq: int, ts: int, vol: int, lba: int, count: int) -> 
 @settings(max_examples=200)
 def test_fast_entry_decode_agrees_with_the_declaration(seq: int, count: int, damage: list) -> None:
     """`decode_entry` (compiled header, CRC over the body) accepts and refuses exactly what a parse
-    through the `_ENTRY` declaration does, and decodes the same entry."""
+    through the `ENTRY` declaration does, and decodes the same entry."""
     raw = bytearray(encode_entry(Entry(seq, 5, 1, seq % 1000, count, block(seq, count))))
     for pos, xor in damage:
         raw[pos % len(raw)] ^= xor
@@ -109,6 +110,7 @@ def test_fast_entry_decode_agrees_with_the_declaration(seq: int, count: int, dam
 
 
 def test_store_encoded_keeps_the_received_bytes(tmp_path: Path) -> None:
+    """A batch stored as received keeps those exact bytes; the journal refuses a second or a repeated batch."""
     entries = make_entries(1, 5)
     data = encode_batch_raw([encode_entry(e) for e in entries], 1, 5, coalesced=False)
     assert data == encode_batch(entries)
@@ -125,6 +127,7 @@ def test_store_encoded_keeps_the_received_bytes(tmp_path: Path) -> None:
 
 
 def test_every_flipped_bit_in_an_entry_is_refused() -> None:
+    """A flipped bit in an entry's header or payload is refused."""
     data = encode_entry(make_entries(7, 1)[0])
     for pos in list(range(ENTRY_HEADER_SIZE + 8)) + [len(data) // 2, len(data) - 1]:
         bad = bytearray(data)
@@ -134,6 +137,7 @@ def test_every_flipped_bit_in_an_entry_is_refused() -> None:
 
 
 def test_truncated_entry_is_refused() -> None:
+    """An entry cut short anywhere is refused as truncated."""
     data = encode_entry(make_entries(1, 1)[0])
     for cut in (0, 10, ENTRY_HEADER_SIZE, len(data) - 1):
         with pytest.raises(FormatError, match="truncated"):
@@ -141,6 +145,7 @@ def test_truncated_entry_is_refused() -> None:
 
 
 def test_batch_round_trip_and_damage() -> None:
+    """A batch decodes to its entries; a flipped bit, a trailing byte or a bad magic is refused."""
     entries = make_entries(5, 4)
     data = encode_batch(entries)
     assert decode_batch(data).entries == entries
@@ -156,6 +161,7 @@ def test_batch_round_trip_and_damage() -> None:
 
 
 def test_damaged_batch_changes_nothing_at_the_receiver(tmp_path: Path) -> None:
+    """A damaged batch is refused before the receive journal stores anything."""
     j = ReceiveJournal(tmp_path, durable=False)
     data = encode_batch(make_entries(1, 2))
     for pos in range(0, len(data), 37):
@@ -167,6 +173,7 @@ def test_damaged_batch_changes_nothing_at_the_receiver(tmp_path: Path) -> None:
 
 
 def test_batch_gap_is_refused() -> None:
+    """A batch with a gap or a duplicate in its sequence numbers cannot be built."""
     entries = make_entries(1, 3)
     with pytest.raises(FormatError, match="gap or duplicate"):
         encode_batch([entries[0], entries[2]])
@@ -175,6 +182,7 @@ def test_batch_gap_is_refused() -> None:
 
 
 def test_coalesced_batch_covers_its_range() -> None:
+    """A coalesced batch names the whole sequence range it covers; kept entries must end it, inside and in order."""
     e = make_entries(10, 5)
     kept = [e[1], e[3], e[4]]  # 10 and 12 were overwritten later in the batch
     b = decode_batch(encode_batch(kept, first_seq=10, last_seq=14))
@@ -190,6 +198,7 @@ def test_coalesced_batch_covers_its_range() -> None:
 
 
 def test_receive_journal_coalesced_batch(tmp_path: Path) -> None:
+    """The receive journal takes a coalesced batch as covering its whole range, and the next must follow it."""
     j = ReceiveJournal(tmp_path, durable=False)
     e = make_entries(1, 4)
     j.store([e[1], e[3]], first_seq=1, last_seq=4)
@@ -205,6 +214,7 @@ def test_receive_journal_coalesced_batch(tmp_path: Path) -> None:
 
 # -- the entry log -----------------------------------------------------------------------------
 def test_append_pending_confirm_and_trim(tmp_path: Path) -> None:
+    """Appended entries get consecutive seqs and stay pending until confirmed; confirmed segments are deleted."""
     log = open_log(tmp_path, segment_bytes=3 * ONE)
     appended = [log.append(1, i, block(i)) for i in range(10)]
     assert [e.seq for e in appended] == list(range(1, 11))
@@ -227,6 +237,7 @@ def test_append_pending_confirm_and_trim(tmp_path: Path) -> None:
 
 
 def test_reopen_keeps_sequence_gap_free(tmp_path: Path) -> None:
+    """A reopened entry log continues its sequence with no gap, even with every segment trimmed."""
     log = open_log(tmp_path, segment_bytes=2 * ONE)
     for i in range(5):
         log.append(3, i, block(i))
@@ -244,6 +255,7 @@ def test_reopen_keeps_sequence_gap_free(tmp_path: Path) -> None:
 
 
 def test_append_many_group_commit(tmp_path: Path) -> None:
+    """append_many gives consecutive seqs and its entries survive a reopen."""
     log = open_log(tmp_path, durable=True, segment_bytes=2 * ONE)
     out = log.append_many([(0, i, block(i)) for i in range(5)])
     assert [e.seq for e in out] == [1, 2, 3, 4, 5]
@@ -255,6 +267,7 @@ def test_append_many_group_commit(tmp_path: Path) -> None:
 
 
 def test_bad_payload_size_is_refused(tmp_path: Path) -> None:
+    """A payload that is not whole blocks is refused and appends nothing."""
     log = open_log(tmp_path)
     with pytest.raises(ValueError):
         log.append(0, 0, b"x" * (BS + 1))
@@ -262,6 +275,7 @@ def test_bad_payload_size_is_refused(tmp_path: Path) -> None:
 
 
 def test_capacity_refuses_without_writing(tmp_path: Path) -> None:
+    """An append over the capacity raises EntryLogFull and writes nothing; a confirmation makes room."""
     one = len(encode_entry(make_entries(1, 1)[0]))
     log = open_log(tmp_path, capacity_bytes=3 * one)
     for i in range(3):
@@ -282,6 +296,7 @@ def test_capacity_refuses_without_writing(tmp_path: Path) -> None:
 
 
 def test_stats(tmp_path: Path) -> None:
+    """stats counts the pending entries, their bytes, seqs and the oldest timestamp."""
     log = open_log(tmp_path)
     assert log.stats().oldest_timestamp_ns is None
     log.append(0, 0, block(0), timestamp_ns=111)
@@ -302,6 +317,7 @@ queries = st.lists(st.tuples(st.integers(0, 2), st.integers(0, 35), st.integers(
 @given(ops=ops, queries=queries)
 @settings(max_examples=40, deadline=None)
 def test_has_unshipped_matches_a_brute_force_model(ops: list[tuple], queries: list[tuple]) -> None:
+    """has_unshipped and unshipped_blocks match a brute-force model through appends, confirms and reopens."""
     with tempfile.TemporaryDirectory() as d:
         log = open_log(Path(d), segment_bytes=1500)
         model: list[tuple[int, int, int, int]] = []  # (seq, vol, lba, count)
@@ -329,6 +345,7 @@ def test_has_unshipped_matches_a_brute_force_model(ops: list[tuple], queries: li
 
 
 def test_corrupt_byte_in_a_middle_segment_is_refused(tmp_path: Path) -> None:
+    """A damaged entry in a middle segment makes the log refuse to open, naming the segment and offset."""
     log = open_log(tmp_path, segment_bytes=2 * ONE)
     for i in range(6):
         log.append(0, i, block(i))
@@ -342,6 +359,7 @@ def test_corrupt_byte_in_a_middle_segment_is_refused(tmp_path: Path) -> None:
 
 
 def test_corrupt_entry_followed_by_good_ones_in_last_segment_is_refused(tmp_path: Path) -> None:
+    """A damaged entry followed by valid ones is refused (not a torn tail), and nothing is changed."""
     log = open_log(tmp_path)
     for i in range(4):
         log.append(0, i, block(i))
@@ -357,6 +375,7 @@ def test_corrupt_entry_followed_by_good_ones_in_last_segment_is_refused(tmp_path
 
 
 def test_torn_tail_is_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A torn last entry is dropped with a warning; the entries before it and later appends are kept."""
     log = open_log(tmp_path)
     for i in range(3):
         log.append(0, i, block(i))
@@ -376,6 +395,7 @@ def test_torn_tail_is_dropped_with_a_warning(tmp_path: Path, caplog: pytest.LogC
 
 
 def test_torn_first_entry_removes_the_segment(tmp_path: Path) -> None:
+    """A segment whose only entry is torn is removed, and its seq is used again."""
     log = open_log(tmp_path, segment_bytes=BS)
     log.append(0, 0, block(0))
     log.append(0, 1, block(1))
@@ -441,6 +461,7 @@ def test_sigkill_keeps_every_acknowledged_entry(tmp_path: Path, round_: int) -> 
 
 # -- the receive journal -----------------------------------------------------------------------
 def test_receive_journal_store_apply(tmp_path: Path) -> None:
+    """A stored batch is kept until marked applied; the applied seq survives a reopen."""
     j = ReceiveJournal(tmp_path)
     assert j.applied_seq == 0 and j.stored() is None
     batch = make_entries(1, 3)
@@ -458,6 +479,7 @@ def test_receive_journal_store_apply(tmp_path: Path) -> None:
 
 
 def test_receive_journal_refuses_gaps_and_duplicates(tmp_path: Path) -> None:
+    """The receive journal refuses a batch that does not follow the applied seq, and an empty one."""
     j = ReceiveJournal(tmp_path, durable=False)
     j.store(make_entries(1, 2))
     j.mark_applied()
@@ -470,6 +492,7 @@ def test_receive_journal_refuses_gaps_and_duplicates(tmp_path: Path) -> None:
 
 
 def test_receive_journal_crash_before_mark_applied_keeps_the_batch(tmp_path: Path) -> None:
+    """A crash before mark_applied leaves the stored batch to be applied again."""
     j = ReceiveJournal(tmp_path)
     j.store(make_entries(1, 2))
     # crash after applying some blocks, before mark_applied: the batch is still there to re-apply
@@ -478,6 +501,7 @@ def test_receive_journal_crash_before_mark_applied_keeps_the_batch(tmp_path: Pat
 
 
 def test_receive_journal_crash_inside_mark_applied(tmp_path: Path) -> None:
+    """A crash inside mark_applied (after the seq is saved) leaves no batch and the next one follows."""
     j = ReceiveJournal(tmp_path)
     j.store(make_entries(1, 2))
     save_json_atomic(tmp_path / "applied.json", {"applied_seq": 2})  # crash before batch.bin unlink
@@ -487,12 +511,14 @@ def test_receive_journal_crash_inside_mark_applied(tmp_path: Path) -> None:
 
 
 def test_receive_journal_crash_inside_store_leaves_nothing(tmp_path: Path) -> None:
+    """A crash inside store leaves no batch and no temporary file after reopening."""
     (tmp_path / ".batch.bin.abc.tmp").write_bytes(b"half a batch")
     j = ReceiveJournal(tmp_path)
     assert j.stored() is None and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_receive_journal_damaged_batch_and_resync(tmp_path: Path) -> None:
+    """A damaged stored batch is refused but the journal opens, so a resync can set the applied seq past it."""
     j = ReceiveJournal(tmp_path)
     j.store(make_entries(1, 2))
     path = tmp_path / "batch.bin"
@@ -512,6 +538,7 @@ def test_receive_journal_damaged_batch_and_resync(tmp_path: Path) -> None:
 
 # -- state files -------------------------------------------------------------------------------
 def test_statefile_round_trip_and_errors(tmp_path: Path) -> None:
+    """State files round-trip atomically, and a missing, non-JSON or non-object file is refused by name."""
     path = tmp_path / "state.json"
     save_json_atomic(path, {"a": [1, 2], "b": None})
     assert load_json(path) == {"a": [1, 2], "b": None}
@@ -529,6 +556,7 @@ def test_statefile_round_trip_and_errors(tmp_path: Path) -> None:
 
 
 def test_fast_encoder_matches_the_declaration():
+    """The fast entry encoder gives the same bytes as building through the `ENTRY` declaration."""
     for n in (1, 3):
         e = Entry(seq=7, timestamp_ns=123, volume_id=2, lba=99, block_count=n, payload=bytes(range(256)) * 16 * n)
         assert encode_entry(e) == encode_entry_by_declaration(e)

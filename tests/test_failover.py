@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.labutil import BS
+from tests.helpers import BS, image
 from vstore.blocks.errors import TricopyError
 from vstore.lab.system import System
 from vstore.procedures import failback as fb
 from vstore.procedures import failover as fo
 from vstore.procedures.create import init_lab
 from vstore.procedures.reactions import open_system
-from vstore.procedures.setup import StepLog
+from vstore.procedures.steps import StepLog
 from vstore.replication.pairs import PairState
 
 NBLOCKS = 64
@@ -42,10 +42,6 @@ class Model:
 
     def is_prefix(self, data: bytes) -> bool:
         return hashlib.sha256(data).hexdigest() in self.prefixes
-
-
-def img(lab: Path, site: str, vol: str) -> bytes:
-    return (lab / site / f"{vol}.img").read_bytes()
 
 
 def new_lab(tmp_path: Path, mode: str, **kw) -> tuple[Path, Model, random.Random]:
@@ -77,7 +73,7 @@ def write_at_new_primary(lab: Path, model: Model, rng: random.Random) -> None:
 def assert_original_layout(lab: Path, mode: str, model: Model) -> None:
     vols = [("primary", "A"), ("sync", "C"), ("async", "D")] + ([("primary", "B")] if mode == "mirror" else [])
     for site, vol in vols:
-        assert img(lab, site, vol) == bytes(model.image), f"{site}:{vol} differs from the acknowledged writes"
+        assert image(lab, site, vol) == bytes(model.image), f"{site}:{vol} differs from the acknowledged writes"
     with System(lab) as system:
         states = {p.name: p.state for p in system.registry}
         assert system.active_site == "primary"
@@ -89,7 +85,7 @@ def assert_original_layout(lab: Path, mode: str, model: Model) -> None:
         model.write(system, rng, 5)
         system.shipper().ship()
         system.save()
-    assert img(lab, "primary", "A") == img(lab, "sync", "C") == img(lab, "async", "D") == bytes(model.image)
+    assert image(lab, "primary", "A") == image(lab, "sync", "C") == image(lab, "async", "D") == bytes(model.image)
 
 
 MODES = ["mirror", "provider"]
@@ -98,6 +94,7 @@ MODES = ["mirror", "provider"]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sync_first,old_images", [(True, False), (False, True)])
 def test_fig10_then_fig11_or_fig12(tmp_path, mode, sync_first, old_images):
+    """Failover to Sync loses no acknowledged write, and failback restores the original layout with every write."""
     lab, model, rng = new_lab(tmp_path, mode)
     if old_images:
         with System(lab) as system:
@@ -106,10 +103,10 @@ def test_fig10_then_fig11_or_fig12(tmp_path, mode, sync_first, old_images):
     else:
         shutil.rmtree(lab / "primary")
     steps = run(lab, fo.fig10_failover_to_sync)
-    assert steps.steps and img(lab, "sync", "C") == bytes(model.image)  # nothing acknowledged lost at Sync
-    assert img(lab, "async", "D") == img(lab, "sync", "C")  # resynced, C -> D Duplex
+    assert steps.steps and image(lab, "sync", "C") == bytes(model.image)  # nothing acknowledged lost at Sync
+    assert image(lab, "async", "D") == image(lab, "sync", "C")  # resynced, C -> D Duplex
     write_at_new_primary(lab, model, rng)
-    assert img(lab, "async", "D") == bytes(model.image)
+    assert image(lab, "async", "D") == bytes(model.image)
     if old_images:
         r = pytest.raises(TricopyError, run, lab, fb.failback, sync_first=sync_first)
         assert "still down" in str(r.value)
@@ -123,12 +120,13 @@ def test_fig10_then_fig11_or_fig12(tmp_path, mode, sync_first, old_images):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sync_first", [True, False])
 def test_fig13_double_failure_then_fig15_or_fig16(tmp_path, mode, sync_first):
+    """After a double failure D is a prefix of the acknowledged writes, and failback from Async restores the layout."""
     lab, model, rng = new_lab(tmp_path, mode)
     shutil.rmtree(lab / "primary")
     shutil.rmtree(lab / "sync")
     run(lab, fo.fig13_failover_to_async)
-    assert model.is_prefix(img(lab, "async", "D")), "D is not a prefix of the acknowledged writes"
-    d_now = img(lab, "async", "D")
+    assert model.is_prefix(image(lab, "async", "D")), "D is not a prefix of the acknowledged writes"
+    d_now = image(lab, "async", "D")
     model.image[:] = d_now  # the application resumes from D's data
     with System(lab) as system:
         model.write(system, rng, 10)
@@ -140,17 +138,19 @@ def test_fig13_double_failure_then_fig15_or_fig16(tmp_path, mode, sync_first):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("sync_first", [True, False])
 def test_fig14_catch_up_then_failback(tmp_path, mode, sync_first):
+    """Failover to Async with catch-up from Sync loses no acknowledged write, and failback restores the layout."""
     lab, model, rng = new_lab(tmp_path, mode)
     shutil.rmtree(lab / "primary")
     run(lab, fo.fig14_failover_to_async_catch_up)
-    assert img(lab, "async", "D") == img(lab, "sync", "C") == bytes(model.image)
+    assert image(lab, "async", "D") == image(lab, "sync", "C") == bytes(model.image)
     write_at_new_primary(lab, model, rng)  # D -> C async
-    assert img(lab, "sync", "C") == bytes(model.image)
+    assert image(lab, "sync", "C") == bytes(model.image)
     run(lab, fb.failback, sync_first=sync_first)
     assert_original_layout(lab, mode, model)
 
 
 def test_fig17_volume_a_failure_keeps_sync_lossless(tmp_path):
+    """When volume A fails, B takes its place towards C with no acknowledged write lost, and D is kept aside."""
     lab, model, rng = new_lab(tmp_path, "mirror", protect=False)
     with open_system(lab) as system:
         system.faults.set("volume", "primary:A", True)
@@ -159,11 +159,12 @@ def test_fig17_volume_a_failure_keeps_sync_lossless(tmp_path):
         names = {p.name: p.state for p in system.registry}
         system.save()
     assert names == {"B->C": PairState.DUPLEX}
-    assert img(lab, "sync", "C") == img(lab, "primary", "B") == bytes(model.image)
+    assert image(lab, "sync", "C") == image(lab, "primary", "B") == bytes(model.image)
     assert (lab / "async" / "D.backup-before-fig17.img").exists()  # [0126] safeguard
 
 
 def test_preconditions_refuse_without_changing_state(tmp_path):
+    """A procedure whose precondition does not hold is refused and changes no file of the lab."""
     lab, model, rng = new_lab(tmp_path, "mirror")
     snapshot = {p: p.read_bytes() for p in lab.rglob("*") if p.is_file() and p.name != ".lock"}
     with pytest.raises(TricopyError, match="primary site is up"):
@@ -182,7 +183,11 @@ def test_preconditions_refuse_without_changing_state(tmp_path):
     assert after == snapshot
 
 
-def test_split_brain_is_detected_and_discard_site_resolves_it(tmp_path):
+@pytest.fixture
+def split_brain(tmp_path: Path) -> tuple[Path, Model, Model]:
+    """A mirror lab (no protection) in split brain: the sync link broke and the primary went on with 3 writes,
+    then failed over to Sync, which took 10 writes; now the old primary and its link are back.
+    (the lab, the model of what Sync holds, the model of what the old primary holds)."""
     lab, model, rng = new_lab(tmp_path, "mirror", protect=False)
     with System(lab) as system:  # the sync link breaks; the primary goes on writing (no protection)
         system.faults.set("link", "primary-sync", True)
@@ -199,17 +204,32 @@ def test_split_brain_is_detected_and_discard_site_resolves_it(tmp_path):
         system.faults.set("site", "primary", False)
         system.faults.set("link", "primary-sync", False)
         system.faults.save(system.lab_dir)
+    return lab, model, old_primary
+
+
+def test_split_brain_is_detected_and_changes_nothing(split_brain):
+    """Failback after a split brain is refused, naming the writes each side took, and changes nothing."""
+    lab, _, old_primary = split_brain
     with pytest.raises(fb.SplitBrain) as err:
         run(lab, fb.failback)
     msg = str(err.value)
     assert "primary holds 6 volume write(s)" in msg  # 3 writes, each to A and B
     assert "sync took 10 volume write(s)" in msg and "(blocks A " in msg
-    assert img(lab, "primary", "A") == bytes(old_primary.image)  # nothing changed
-    shutil.copytree(lab, tmp_path / "keep-old")
+    assert image(lab, "primary", "A") == bytes(old_primary.image)  # nothing changed
+
+
+def test_split_brain_failback_discarding_the_primary_keeps_what_sync_took(split_brain):
+    """Failback with discard_site="primary" restores the original layout holding Sync's writes."""
+    lab, model, _ = split_brain
     run(lab, fb.failback, discard_site="primary")
     assert_original_layout(lab, "mirror", model)
-    run(tmp_path / "keep-old", fb.failback, discard_site="sync")
-    assert_original_layout(tmp_path / "keep-old", "mirror", old_primary)
+
+
+def test_split_brain_failback_discarding_sync_keeps_what_the_old_primary_wrote(split_brain):
+    """Failback with discard_site="sync" restores the original layout holding the old primary's writes."""
+    lab, _, old_primary = split_brain
+    run(lab, fb.failback, discard_site="sync")
+    assert_original_layout(lab, "mirror", old_primary)
 
 
 class InjectedCrash(Exception):
@@ -219,6 +239,7 @@ class InjectedCrash(Exception):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scenario", ["fig10+fig11", "fig13+fig15", "fig14+fig16", "fig10+fig12"])
 def test_interrupted_procedures_can_be_rerun(tmp_path, monkeypatch, scenario, mode):
+    """A failover or failback interrupted after any step completes when run again, with the same result."""
     lab0, model, rng = new_lab(tmp_path, mode)
     shutil.rmtree(lab0 / "primary")
     first, second = scenario.split("+")
@@ -253,10 +274,10 @@ def test_interrupted_procedures_can_be_rerun(tmp_path, monkeypatch, scenario, mo
                 run(lab, over) if phase == "over" else run(lab, fb.failback, **back)
             if phase == "over":
                 if first != "fig13":
-                    assert img(lab, "sync", "C") == bytes(model.image)
+                    assert image(lab, "sync", "C") == bytes(model.image)
             else:
                 expected = Model()
-                expected.image[:] = img(lab0, "async" if first != "fig10" else "sync",
+                expected.image[:] = image(lab0, "async" if first != "fig10" else "sync",
                                         "D" if first != "fig10" else "C")
                 assert_original_layout(lab, mode, expected)
             shutil.rmtree(lab)

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from tests.labutil import blocks, image, make_lab
+from tests.helpers import blocks, image
 
 VSTORE = [sys.executable, "-m", "vstore.cli"]
 
@@ -26,8 +26,9 @@ def wait_until(predicate, timeout=20.0):
     return False
 
 
-def test_follow_ships_new_entries_as_they_arrive(tmp_path):
-    lab = make_lab(tmp_path, mode="mirror")
+def test_follow_ships_new_entries_as_they_arrive(make_lab):
+    """`ship --follow` ships entries written by other commands as they arrive, until D equals B."""
+    lab = make_lab(mode="mirror")
     follower = subprocess.Popen(VSTORE + ["ship", str(lab), "--follow", "--duration", "30", "--quiet"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -39,8 +40,9 @@ def test_follow_ships_new_entries_as_they_arrive(tmp_path):
         follower.wait(10)
 
 
-def test_periodic_mode_updates_the_async_site_only_once_per_period(tmp_path):
-    lab = make_lab(tmp_path, mode="provider")
+def test_periodic_mode_updates_the_async_site_only_once_per_period(make_lab):
+    """`ship --follow --period N` ships once per period: a write just after a round waits for the next one."""
+    lab = make_lab(mode="provider")
     follower = subprocess.Popen(VSTORE + ["ship", str(lab), "--follow", "--period", "3", "--duration", "30"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:

@@ -83,6 +83,7 @@ def new_lab(tmp_path: Path, *, log_blocks: int = 16384, size: str = "128M") -> P
 
 # -- 1. untar a tree of ~500 files -------------------------------------------------------------------
 def test_untar_fsck_remount_diff(tmp_path: Path) -> None:
+    """A tree of ~500 files untarred onto a mount fscks clean and reads back identical, modes too, after a remount."""
     src = tmp_path / "src"
     total = make_tree(src, 500, seed=8)
     assert total > 20 << 20
@@ -131,6 +132,7 @@ def check_db(path: Path, n: int = 1000) -> None:
 
 @pytest.mark.parametrize("journal", ["DELETE", "WAL"])
 def test_sqlite_on_lab_mount(tmp_path: Path, journal: str) -> None:
+    """sqlite3 (DELETE and WAL journals) on a lab mount keeps an intact database, the same at the Async site."""
     lab = new_lab(tmp_path)
     mp = tmp_path / "mnt"
     with mounted(f"lab:{lab}", mp):
@@ -174,6 +176,7 @@ def copier(mp: Path, run_no: int, rng: random.Random, synced: dict[str, str], st
 
 
 def test_sigkill_during_copy(tmp_path: Path) -> None:
+    """A mount killed during a copy leaves an image that replays clean, with every file whose fsync returned intact."""
     img = tmp_path / "disk.img"
     run([*JFS, "mkfs", str(img), "--size", "128M"])
     mp = tmp_path / "mnt"
@@ -217,6 +220,7 @@ def test_sigkill_during_copy(tmp_path: Path) -> None:
 
 # -- 4. lose the primary while a tree is on it ---------------------------------------------------------
 def test_lab_primary_lost_recover_to_sync(tmp_path: Path) -> None:
+    """A tree copied onto a lab mount is whole at Sync after losing the primary, and at Async read-only."""
     src = tmp_path / "src"
     make_tree(src, 80, seed=4)
     lab = new_lab(tmp_path)
@@ -240,6 +244,7 @@ def test_lab_primary_lost_recover_to_sync(tmp_path: Path) -> None:
 
 # -- errno mapping --------------------------------------------------------------------------------------
 def test_errors_map_to_errno(tmp_path: Path) -> None:
+    """Through FUSE, every jfs error reaches programs as the POSIX errno, and the image stays fsck-clean."""
     img = tmp_path / "disk.img"
     run([*JFS, "mkfs", str(img), "--size", "16M"])
     mp = tmp_path / "mnt"
@@ -277,6 +282,7 @@ def test_errors_map_to_errno(tmp_path: Path) -> None:
 
 
 def test_sigterm_leaves_image_clean(tmp_path: Path) -> None:
+    """SIGTERM to the mount process unmounts cleanly: the image is marked clean and keeps what was written."""
     img = tmp_path / "disk.img"
     run([*JFS, "mkfs", str(img), "--size", "16M"])
     mp = tmp_path / "mnt"

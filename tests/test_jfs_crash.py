@@ -13,7 +13,7 @@ from jfs import layout as L
 from jfs.errors import JfsError
 from jfs.fs import FileSystem, mkfs
 from jfs.fsck import fsck
-from tests.fsutil import tree
+from tests.helpers import tree
 from tools.crash.recording import RecordingDevice, Write
 from vstore.blocks.device import MemoryDevice
 from vstore.blocks.errors import FormatError
@@ -85,6 +85,7 @@ def check_state(dev: MemoryDevice, allowed: list[dict[str, Any]]) -> None:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, min_size=1, max_size=5))
 def test_every_prefix_is_the_last_committed_tree(workload: list[tuple[Any, ...]]) -> None:
+    """Every prefix of the block writes mounts fsck-clean showing exactly the tree after its last commit."""
     rec, geo, states = run(workload)
     commits = 0
     for n, dev in rec.prefix_states():
@@ -97,6 +98,7 @@ def test_every_prefix_is_the_last_committed_tree(workload: list[tuple[Any, ...]]
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(ops, min_size=1, max_size=2))
 def test_reordering_inside_a_flush_epoch(workload: list[tuple[Any, ...]]) -> None:
+    """Any reordering of the writes inside one flush epoch shows the tree before or after that epoch's commit."""
     rec, geo, states = run(workload)
     epochs = rec.epochs()
     before = [sum(is_commit(w, geo) for ep in epochs[:e] for w in ep) for e in range(len(epochs))]
@@ -107,6 +109,7 @@ def test_reordering_inside_a_flush_epoch(workload: list[tuple[Any, ...]]) -> Non
 
 
 def test_fixed_workload_all_epoch_reorderings() -> None:
+    """For a fixed workload, every reordering of every flush epoch shows a committed tree, never a mix."""
     rec, geo, states = run([("mkdir", "/d"), ("write_file", "/d/c", b"x" * 3000),
                             ("rename", "/d/c", "/a"), ("truncate", "/a", 10)])
     assert len(states) == 5

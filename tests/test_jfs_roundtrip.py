@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,20 +22,11 @@ from jfs.errors import (
     NotADirectory,
     NotEmpty,
 )
-from jfs.fs import FileSystem, mkfs, open_image
+from jfs.fs import FileSystem, open_image
 from jfs.fsck import fsck
-from tests.fsutil import tree
-from vstore.blocks.device import ImageDevice, create_image
+from tests.helpers import tree
+from vstore.blocks.device import ImageDevice
 from vstore.blocks.errors import FormatError
-
-
-def make_image(tmp_path: Path, size: int = 8 << 20, bs: int = 4096, **kw: object) -> Path:
-    path = tmp_path / "fs.img"
-    create_image(path, size, bs)
-    dev = ImageDevice(path, bs)
-    mkfs(dev, label="test", **kw)  # type: ignore[arg-type]
-    dev.close()
-    return path
 
 
 def remount(path: Path) -> tuple[FileSystem, ImageDevice]:
@@ -42,8 +34,9 @@ def remount(path: Path) -> tuple[FileSystem, ImageDevice]:
     return FileSystem.mount(dev), dev  # type: ignore[return-value]
 
 
-def test_every_operation_round_trips(tmp_path: Path) -> None:
-    path = make_image(tmp_path)
+def test_every_operation_round_trips(jfs_image: Path) -> None:
+    """Every operation reads back as done (data, size, mode, times, links); a remounted image shows the same tree."""
+    path = jfs_image
     fs, dev = remount(path)
     fs.mkdir("/docs")
     fs.create("/docs/empty")
@@ -79,8 +72,9 @@ def test_every_operation_round_trips(tmp_path: Path) -> None:
     assert fsck(open_image(path)).exit_code == 0
 
 
-def test_rename_replaces_like_posix(tmp_path: Path) -> None:
-    fs, dev = remount(make_image(tmp_path))
+def test_rename_replaces_like_posix(jfs_image: Path) -> None:
+    """rename replaces a file or an empty directory like POSIX, and refuses what POSIX refuses."""
+    fs, dev = remount(jfs_image)
     fs.write_file("/a", b"new")
     fs.write_file("/b", b"old")
     fs.rename("/a", "/b")
@@ -103,8 +97,9 @@ def test_rename_replaces_like_posix(tmp_path: Path) -> None:
     assert fsck(dev).exit_code == 0
 
 
-def test_errors_carry_errno_and_change_nothing(tmp_path: Path) -> None:
-    fs, dev = remount(make_image(tmp_path, 2 << 20))
+def test_errors_carry_errno_and_change_nothing(make_image: Callable[..., Path]) -> None:
+    """A failing operation raises the error with the POSIX errno and changes neither the tree nor the free space."""
+    fs, dev = remount(make_image(size=2 << 20))
     fs.write_file("/f", b"x")
     fs.mkdir("/d")
     fs.write_file("/d/g", b"y")
@@ -132,8 +127,9 @@ def test_errors_carry_errno_and_change_nothing(tmp_path: Path) -> None:
     assert fsck(dev).exit_code == 0
 
 
-def test_file_of_64_mib_uses_double_indirect(tmp_path: Path) -> None:
-    fs, dev = remount(make_image(tmp_path, 4 << 20, 2048))
+def test_file_of_64_mib_uses_double_indirect(make_image: Callable[..., Path]) -> None:
+    """A sparse 64 MiB file uses the double-indirect block, reads back after a remount and truncates away from it."""
+    fs, dev = remount(make_image(size=4 << 20, block_size=2048))
     end = 64 << 20
     fs.create("/sparse")
     fs.write("/sparse", end - 5, b"12345")
@@ -204,8 +200,9 @@ def random_workload(fs: FileSystem, rng: random.Random, steps: int) -> dict[str,
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_random_workloads_fsck_clean_and_reopen(tmp_path: Path, seed: int) -> None:
-    path = make_image(tmp_path, 8 << 20, 2048 if seed % 2 else 4096, log_blocks=24)
+def test_random_workloads_fsck_clean_and_reopen(make_image: Callable[..., Path], seed: int) -> None:
+    """After random operations checked against a model, fsck is clean and a reopened image shows the same tree."""
+    path = make_image(block_size=2048 if seed % 2 else 4096, log_blocks=24)
     fs, dev = remount(path)
     random_workload(fs, random.Random(seed), 120)
     expected = tree(fs)
@@ -219,14 +216,16 @@ def test_random_workloads_fsck_clean_and_reopen(tmp_path: Path, seed: int) -> No
 
 
 def test_open_image_rejects_non_jfs(tmp_path: Path) -> None:
+    """Opening a file that is not a jfs image is refused with FormatError."""
     bad = tmp_path / "junk.img"
     bad.write_bytes(b"x" * 8192)
     with pytest.raises(FormatError, match="not a jfs image"):
         open_image(bad)
 
 
-def test_mount_without_unmount_replays(tmp_path: Path) -> None:
-    path = make_image(tmp_path)
+def test_mount_without_unmount_replays(jfs_image: Path) -> None:
+    """A file committed before a crash (no unmount) is there after the next mount replays the log."""
+    path = jfs_image
     fs, dev = remount(path)
     fs.write_file("/kept", b"data")
     dev.close()  # no unmount: a crash after the last commit

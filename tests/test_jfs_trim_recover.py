@@ -3,17 +3,17 @@ of the touched-files scan [0171]."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 
 from jfs.errors import IncompleteLog, LogFull
-from jfs.fs import FileSystem, mkfs, open_image
+from jfs.fs import FileSystem, open_image
 from jfs.fsck import fsck
 from jfs.scan import metadata_ranges, scan_log, touched_files
-from tests.fsutil import tree
-from vstore.blocks.device import ImageDevice, create_image
+from tests.helpers import tree
+from vstore.blocks.device import ImageDevice
 
 
 class ShippingDevice(ImageDevice):
@@ -34,21 +34,13 @@ class ShippingDevice(ImageDevice):
         self.pending.clear()
 
 
-def image(tmp_path: Path, log_blocks: int | None = None) -> Path:
-    path = tmp_path / "t.img"
-    create_image(path, 8 << 20, 4096)
-    dev = ImageDevice(path)
-    mkfs(dev, log_blocks=log_blocks)
-    dev.close()
-    return path
-
-
 def live_inodes(fs: FileSystem) -> list[int]:
     return [r.ino for r in fs.log.records()]
 
 
-def test_record_with_unshipped_blocks_is_never_trimmed(tmp_path: Path) -> None:
-    dev = ShippingDevice(image(tmp_path))
+def test_record_with_unshipped_blocks_is_never_trimmed(jfs_image: Path) -> None:
+    """A log record is trimmed only when a newer record of its file exists or its blocks are shipped, never before."""
+    dev = ShippingDevice(jfs_image)
     fs = FileSystem.mount(dev)
     dev.ship()
     fs.write_file("/a", b"1" * 10000)  # records /a and / (its directory block)
@@ -66,8 +58,9 @@ def test_record_with_unshipped_blocks_is_never_trimmed(tmp_path: Path) -> None:
     fs.unmount()
 
 
-def test_checkpointed_record_of_other_file_trims_independently(tmp_path: Path) -> None:
-    dev = ShippingDevice(image(tmp_path))
+def test_checkpointed_record_of_other_file_trims_independently(jfs_image: Path) -> None:
+    """Each file's records trim on their own: a shipped file's record goes while another file's unshipped one stays."""
+    dev = ShippingDevice(jfs_image)
     fs = FileSystem.mount(dev)
     fs.write_file("/a", b"a" * 5000)
     dev.ship()
@@ -78,8 +71,9 @@ def test_checkpointed_record_of_other_file_trims_independently(tmp_path: Path) -
     fs.unmount()
 
 
-def test_full_log_fails_with_logfull_and_changes_nothing(tmp_path: Path) -> None:
-    dev = ShippingDevice(image(tmp_path, log_blocks=16))
+def test_full_log_fails_with_logfull_and_changes_nothing(make_image: Callable[..., Path]) -> None:
+    """A log full of untrimmable records fails the write with LogFull naming the Async site and changes nothing."""
+    dev = ShippingDevice(make_image(log_blocks=16))
     fs = FileSystem.mount(dev)
     dev.ship()
     with pytest.raises(LogFull, match="shipped"):
@@ -103,8 +97,9 @@ def test_full_log_fails_with_logfull_and_changes_nothing(tmp_path: Path) -> None
     fs.unmount()
 
 
-def test_touched_files_are_exactly_the_changed_files(tmp_path: Path) -> None:
-    path = image(tmp_path)
+def test_touched_files_are_exactly_the_changed_files(jfs_image: Path) -> None:
+    """touched_files lists exactly the files changed since the last trim, each with all its blocks."""
+    path = jfs_image
     dev = open_image(path)
     fs = FileSystem.mount(dev)
     for name in "abcd":
@@ -131,8 +126,9 @@ def test_touched_files_are_exactly_the_changed_files(tmp_path: Path) -> None:
     assert meta[0] == (0, fs.geo.data_start) and meta[-1] == (fs.geo.num_blocks - 1, 1)
 
 
-def test_scan_reports_incomplete_log(tmp_path: Path) -> None:
-    path = image(tmp_path)
+def test_scan_reports_incomplete_log(jfs_image: Path) -> None:
+    """A damaged log makes the scan incomplete (recovery must copy the whole volume) until a trim empties it."""
+    path = jfs_image
     dev = open_image(path)
     fs = FileSystem.mount(dev)
     fs.write_file("/a", b"a")

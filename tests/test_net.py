@@ -17,6 +17,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers import (
+    HOST,
+    KEY,
+    assert_closed_by_server,
+    handshake,
+    raw_connect,
+    read_frame,
+    request,
+    send_quietly,
+)
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.net.client import AsyncClient, Client
 from vstore.net.keys import create_key, load_key
@@ -24,11 +34,9 @@ from vstore.net.server import bound_port, serve
 from vstore.net.tls import make_ssl_contexts
 from vstore.net.wire import (
     _HEADER,
-    DEFAULT_MAX_PAYLOAD,
     FRAME_MAGIC,
     FRAME_VERSION,
     HEADER_SIZE,
-    MAC_SIZE,
     T_REQUEST,
     T_RESPONSE,
     ConnectionFailed,
@@ -41,14 +49,11 @@ from vstore.net.wire import (
     decode_request,
     decode_response,
     encode_request,
-    parse_header,
     server_accept,
     session_key,
 )
 
-KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
-HOST = "127.0.0.1"
 
 
 class ServerThread:
@@ -102,62 +107,6 @@ def server():
     s.stop()
 
 
-# --------------------------------------------------------------------------------------------
-# raw-socket helpers (an attacker or a recorder of frames)
-# --------------------------------------------------------------------------------------------
-def raw_connect(port: int) -> socket.socket:
-    sock = socket.create_connection((HOST, port), timeout=5)
-    sock.settimeout(5)
-    return sock
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError
-        buf += chunk
-    return buf
-
-
-def read_frame(sock: socket.socket) -> bytes:
-    head = recv_exactly(sock, HEADER_SIZE)
-    header = parse_header(head, DEFAULT_MAX_PAYLOAD)
-    return head + recv_exactly(sock, header.length + MAC_SIZE)
-
-
-def handshake(sock: socket.socket, key: bytes = KEY) -> tuple[Session, bytes]:
-    nonce, hello = client_hello(key)
-    sock.sendall(hello)
-    return client_finish(key, nonce, read_frame(sock), DEFAULT_MAX_PAYLOAD), hello
-
-
-def request(session: Session, rid: int = 1, method: str = "echo") -> bytes:
-    return session.seal(rid, encode_request(method, {"rid": rid}, b"payload"))
-
-
-def assert_closed_by_server(sock: socket.socket) -> None:
-    """The server closes the connection (EOF or reset) without answering, within the timeout."""
-    try:
-        while True:
-            data = sock.recv(65536)
-            assert not data.startswith(FRAME_MAGIC), "server answered a bad frame"
-            if not data:
-                break
-    except ConnectionResetError:
-        pass
-    finally:
-        sock.close()
-
-
-def send_quietly(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-
-
 def assert_still_serving(server: ServerThread) -> None:
     before = server.calls
     with Client(HOST, server.port, KEY) as c:
@@ -173,6 +122,7 @@ def warnings_text(caplog) -> str:
 # RPC
 # --------------------------------------------------------------------------------------------
 def test_round_trip_json_and_binary(server):
+    """A call returns exactly the JSON arguments and binary payload sent, from empty to several MiB."""
     args = {"a": [1, 2.5, None, "é"], "b": {"nested": True}}
     rng = random.Random(1)
     with Client(HOST, server.port, KEY) as c:
@@ -183,6 +133,7 @@ def test_round_trip_json_and_binary(server):
 
 
 def test_async_client_pipelines_with_window(server):
+    """Pipelined calls through a window return every answer in request order."""
     async def main() -> None:
         client = await AsyncClient.connect(HOST, server.port, KEY, window=4)
         async with client:
@@ -196,6 +147,7 @@ def test_async_client_pipelines_with_window(server):
 
 
 def test_call_many_stops_at_first_failure(server):
+    """call_many raises the first failure and sends at most a window's worth of calls after it."""
     async def main() -> None:
         async with await AsyncClient.connect(HOST, server.port, KEY, window=2) as client:
             calls = [("echo", {}, b"")] * 3 + [("fail", {"msg": "stop here"}, b"")] + [("echo", {}, b"")] * 20
@@ -208,6 +160,7 @@ def test_call_many_stops_at_first_failure(server):
 
 
 def test_handler_tricopy_error_becomes_remote_error(server):
+    """A TricopyError in a handler reaches the client as a RemoteError with its message; the connection stays usable."""
     with Client(HOST, server.port, KEY) as c:
         with pytest.raises(RemoteError) as info:
             c.call("fail", {"msg": "volume C is read-only; suspend the pair first"})
@@ -218,6 +171,7 @@ def test_handler_tricopy_error_becomes_remote_error(server):
 
 
 def test_handler_crash_is_generic_error_and_logged(server, caplog):
+    """A handler crash is logged at the server and reaches the client only as a generic internal error."""
     with Client(HOST, server.port, KEY) as c:
         with pytest.raises(RemoteError) as info:
             c.call("crash")
@@ -228,6 +182,7 @@ def test_handler_crash_is_generic_error_and_logged(server, caplog):
 
 
 def test_concurrent_clients(server):
+    """Many clients at once each get their own answers, and every call reaches the handler once."""
     errors: list[BaseException] = []
 
     def worker(n: int) -> None:
@@ -250,6 +205,7 @@ def test_concurrent_clients(server):
 
 
 def test_shared_sync_client_is_thread_safe(server):
+    """One sync client shared by threads gives each thread its own answers."""
     with Client(HOST, server.port, KEY) as c:
         def worker(n: int) -> None:
             for i in range(20):
@@ -264,6 +220,7 @@ def test_shared_sync_client_is_thread_safe(server):
 
 
 def test_a_slow_connection_does_not_block_others(server):
+    """A slow call on one connection does not delay calls on another."""
     async def main() -> None:
         slow = await AsyncClient.connect(HOST, server.port, KEY)
         fast = await AsyncClient.connect(HOST, server.port, KEY)
@@ -280,6 +237,7 @@ def test_a_slow_connection_does_not_block_others(server):
 
 
 def test_unreachable_site():
+    """Connecting to a port nobody listens on fails with ConnectionFailed naming the address."""
     with socket.socket() as s:
         s.bind((HOST, 0))
         port = s.getsockname()[1]
@@ -294,6 +252,7 @@ def test_unreachable_site():
 
 
 def test_call_timeout_closes_async_client(server):
+    """An async call with no answer in time fails and closes that client."""
     async def main() -> None:
         client = await AsyncClient.connect(HOST, server.port, KEY)
         with pytest.raises(ConnectionFailed, match="no answer to 'sleep'"):
@@ -306,6 +265,7 @@ def test_call_timeout_closes_async_client(server):
 
 
 def test_sync_client_timeout_then_reconnects(server):
+    """A sync call with no answer in time fails; the next call reconnects and succeeds."""
     with Client(HOST, server.port, KEY, timeout=0.3) as c:
         with pytest.raises(ConnectionFailed, match="no answer"):
             c.call("sleep", {"s": 1})
@@ -313,6 +273,7 @@ def test_sync_client_timeout_then_reconnects(server):
 
 
 def test_oversized_message_refused_before_sending():
+    """A request or answer over max_payload is refused by the sender; the connection stays usable."""
     s = ServerThread(max_payload=1 << 20)
     try:
         with Client(HOST, s.port, KEY, max_payload=1 << 20) as c:
@@ -329,6 +290,7 @@ def test_oversized_message_refused_before_sending():
 # Security: every bad input closes that connection, never reaches the handler
 # --------------------------------------------------------------------------------------------
 def test_garbage_from_keyless_client(server, caplog):
+    """Garbage from a client without the key closes that connection, is logged, never reaches the handler."""
     sock = raw_connect(server.port)
     send_quietly(sock, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + os.urandom(64))
     assert_closed_by_server(sock)
@@ -339,6 +301,7 @@ def test_garbage_from_keyless_client(server, caplog):
 
 
 def test_wrong_key_is_refused(server, caplog):
+    """A client with the wrong lab key fails the handshake and never reaches the handler."""
     with pytest.raises(HandshakeFailed, match="lab key"):
         Client(HOST, server.port, OTHER_KEY)
 
@@ -353,6 +316,7 @@ def test_wrong_key_is_refused(server, caplog):
 
 
 def test_server_with_wrong_key_is_refused_by_client():
+    """A client refuses a server that does not hold the lab key."""
     s = ServerThread(key=OTHER_KEY)
     try:
         with pytest.raises(HandshakeFailed):
@@ -362,24 +326,34 @@ def test_server_with_wrong_key_is_refused_by_client():
         s.stop()
 
 
-def test_frame_from_another_session_is_rejected(server):
-    a = raw_connect(server.port)
-    session_a, hello_a = handshake(a)
-    frame = request(session_a)
-    a.sendall(frame)
-    session_a.open(read_frame(a))
+def record_a_request(server: ServerThread) -> tuple[socket.socket, bytes, bytes]:
+    """A legitimate session that sent one request and got its answer: (its socket, its HELLO, the request)."""
+    sock = raw_connect(server.port)
+    session, hello = handshake(sock)
+    frame = request(session)
+    sock.sendall(frame)
+    session.open(read_frame(sock))
     assert server.calls == 1
+    return sock, hello, frame
 
-    # Into a fresh, properly authenticated session: its key differs.
+
+def test_frame_from_another_session_is_rejected(server):
+    """A frame recorded in one session is refused in another authenticated session (its key differs)."""
+    a, _, frame = record_a_request(server)
     b = raw_connect(server.port)
     handshake(b)
     b.sendall(frame)
     assert_closed_by_server(b)
+    a.close()
+    assert server.calls == 1
+    assert_still_serving(server)
 
-    # Replaying the whole recorded conversation (HELLO + request) byte for byte: the server's new
-    # nonce gives a new session key, so the recorded request no longer verifies.
+
+def test_replayed_conversation_is_rejected(server):
+    """A whole conversation replayed byte for byte is refused: the server's new nonce gives a new session key."""
+    a, hello, frame = record_a_request(server)
     c = raw_connect(server.port)
-    c.sendall(hello_a)
+    c.sendall(hello)
     read_frame(c)  # WELCOME with a fresh nonce
     c.sendall(frame)
     assert_closed_by_server(c)
@@ -389,6 +363,7 @@ def test_frame_from_another_session_is_rejected(server):
 
 
 def test_frame_replayed_in_same_session_is_rejected(server, caplog):
+    """A frame sent twice in one session is refused the second time and closes the connection."""
     sock = raw_connect(server.port)
     session, _ = handshake(sock)
     frame = request(session)
@@ -402,6 +377,7 @@ def test_frame_replayed_in_same_session_is_rejected(server, caplog):
 
 
 def test_reordered_frames_are_rejected(server):
+    """Frames of one session that arrive out of order are refused."""
     sock = raw_connect(server.port)
     session, _ = handshake(sock)
     first, second = request(session, 1), request(session, 2)
@@ -413,6 +389,7 @@ def test_reordered_frames_are_rejected(server):
 
 @pytest.mark.parametrize("where", ["header", "payload", "mac"])
 def test_bit_flipped_frame_is_rejected(server, where):
+    """One flipped bit anywhere in a frame (header, payload or MAC) is refused."""
     sock = raw_connect(server.port)
     session, _ = handshake(sock)
     frame = bytearray(request(session))
@@ -426,6 +403,7 @@ def test_bit_flipped_frame_is_rejected(server, where):
 
 @pytest.mark.parametrize("after_handshake", [False, True])
 def test_huge_length_rejected_from_header_alone(server, caplog, after_handshake):
+    """A header claiming a payload over the limit is refused at once, without waiting for the payload."""
     sock = raw_connect(server.port)
     if after_handshake:
         handshake(sock)
@@ -441,6 +419,7 @@ def test_huge_length_rejected_from_header_alone(server, caplog, after_handshake)
 
 
 def test_wrong_frame_version_is_rejected(server, caplog):
+    """A frame of an unsupported format version is refused, and the log names the version."""
     sock = raw_connect(server.port)
     nonce, hello = client_hello(KEY)
     bad = bytearray(hello)
@@ -452,6 +431,7 @@ def test_wrong_frame_version_is_rejected(server, caplog):
 
 
 def test_request_before_handshake_is_rejected(server):
+    """A request before the handshake is refused, never reaching the handler."""
     sock = raw_connect(server.port)
     skey = session_key(KEY, b"\0" * 32, b"\0" * 32)
     send_quietly(sock, build_frame(skey, T_REQUEST, 1, 1, encode_request("echo", {}, b"")))
@@ -460,6 +440,7 @@ def test_request_before_handshake_is_rejected(server):
 
 
 def test_plain_garbage_bytes(server):
+    """Random bytes of any length close the connection and never reach the handler."""
     rng = random.Random(7)
     for size in (HEADER_SIZE, 100, 5000):
         sock = raw_connect(server.port)
@@ -470,6 +451,7 @@ def test_plain_garbage_bytes(server):
 
 
 def test_handshake_timeout_closes_silent_connection(server, caplog):
+    """A connection that does not finish the handshake in time is closed."""
     sock = raw_connect(server.port)
     t0 = time.monotonic()
     sock.sendall(FRAME_MAGIC)  # a few bytes, then silence
@@ -482,6 +464,7 @@ def test_handshake_timeout_closes_silent_connection(server, caplog):
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.binary(max_size=300))
 def test_frame_parsing_of_arbitrary_bytes_only_raises_format_error(data):
+    """Parsing arbitrary bytes as a frame or a message raises only FormatError (or RemoteError)."""
     session = Session(KEY, KEY, T_REQUEST, T_RESPONSE, 1 << 20)
     for parse in (session.open, lambda raw: server_accept(KEY, raw, 1 << 20),
                   lambda raw: client_finish(KEY, b"\0" * 32, raw, 1 << 20)):
@@ -497,17 +480,28 @@ def test_frame_parsing_of_arbitrary_bytes_only_raises_format_error(data):
 # --------------------------------------------------------------------------------------------
 # Keys
 # --------------------------------------------------------------------------------------------
-def test_load_key_permissions_and_content(tmp_path: Path):
-    path = tmp_path / "lab.key"
+def test_missing_key_file_is_refused(tmp_path: Path):
+    """A key file that does not exist is refused by name."""
     with pytest.raises(TricopyError, match="does not exist"):
-        load_key(path)
+        load_key(tmp_path / "lab.key")
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path):
+    """A key file is loaded only with mode 600; otherwise the error names the chmod to run."""
+    path = tmp_path / "lab.key"
     path.write_text(KEY.hex() + "\n")
     path.chmod(0o644)
     with pytest.raises(TricopyError, match=f"chmod 600 {path}"):
         load_key(path)
     path.chmod(0o600)
     assert load_key(path) == KEY
+
+
+def test_key_file_must_hold_a_long_hex_key(tmp_path: Path):
+    """A key file holds at least 32 bytes in hex; anything else is refused."""
+    path = tmp_path / "lab.key"
     path.write_text("zz" * 32)
+    path.chmod(0o600)
     with pytest.raises(TricopyError, match="not hold a hex key"):
         load_key(path)
     path.write_text("ab" * 16)
@@ -516,6 +510,7 @@ def test_load_key_permissions_and_content(tmp_path: Path):
 
 
 def test_create_key(tmp_path: Path):
+    """A created key file has mode 600, loads back as the same 32 bytes, and is never overwritten."""
     path = tmp_path / "new.key"
     key = create_key(path)
     assert path.stat().st_mode & 0o777 == 0o600
@@ -525,6 +520,7 @@ def test_create_key(tmp_path: Path):
 
 
 def test_short_key_refused_in_api():
+    """A client with a key shorter than 32 bytes is refused before connecting."""
     with pytest.raises(TricopyError, match="at least 32 bytes"):
         Client(HOST, 1, b"short")
 
@@ -555,6 +551,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_tls_round_trip(tmp_path: Path):
+    """A TLS site serves sync and async clients with TLS and refuses a plain-TCP client."""
     cert, pkey = _self_signed(tmp_path)
     server_ctx, client_ctx = make_ssl_contexts(cert, pkey, cert)
     s = ServerThread(ssl_context=server_ctx)
@@ -593,6 +590,7 @@ def test_a_kept_connection_to_a_restarted_site_is_renewed_once():
 
 
 def test_posted_requests_a_restarted_site_never_answered_are_sent_again():
+    """A posted request a restarted site never answered is sent again on the new connection."""
     first = ServerThread()
     port = first.port
     client = Client(HOST, port, KEY, timeout=5)

@@ -54,6 +54,7 @@ def reachable(kind: PairKind) -> list[PairState]:
 
 
 def test_table_matches_the_spec() -> None:
+    """The transition table holds exactly the moves the SPEC allows for each pair kind."""
     for kind in PairKind:
         table = {(frm.value, to.value) for (k, frm), tos in TRANSITIONS.items() if k is kind for to in tos}
         assert table == EXPECTED[kind.value]
@@ -62,6 +63,7 @@ def test_table_matches_the_spec() -> None:
 
 @pytest.mark.parametrize("kind", list(PairKind))
 def test_every_legal_transition_works(kind: PairKind) -> None:
+    """Every legal transition moves the pair and is recorded in its history."""
     for frm, to in sorted(EXPECTED[kind.value]):
         p = pair_in(kind, S(frm))
         p.transition(S(to), "test")
@@ -71,6 +73,7 @@ def test_every_legal_transition_works(kind: PairKind) -> None:
 
 @pytest.mark.parametrize("kind", list(PairKind))
 def test_every_illegal_transition_raises_and_changes_nothing(kind: PairKind) -> None:
+    """Every illegal transition raises, naming the pair and both states, and changes nothing."""
     for frm in reachable(kind):
         for to in PairState:
             if (frm.value, to.value) in EXPECTED[kind.value]:
@@ -84,6 +87,7 @@ def test_every_illegal_transition_raises_and_changes_nothing(kind: PairKind) -> 
 
 
 def test_suspending_only_for_async() -> None:
+    """Only an async pair passes through Suspending, and its suspension keeps the failure and reason."""
     sync = pair_in(PairKind.SYNC, S.DUPLEX)
     with pytest.raises(IllegalTransition):
         sync.transition(S.SUSPENDING)
@@ -96,6 +100,7 @@ def test_suspending_only_for_async() -> None:
 
 
 def test_failure_flag_reason_and_log(caplog: pytest.LogCaptureFixture) -> None:
+    """A transition sets the failure flag and reason and is logged; a later transition replaces them."""
     p = pair_in(PairKind.SYNC, S.DUPLEX)
     with caplog.at_level(logging.INFO, logger="vstore.pairs"):
         p.transition(S.SUSPEND, "link primary-sync down", failure=True)
@@ -106,6 +111,7 @@ def test_failure_flag_reason_and_log(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_record_write_only_while_suspended() -> None:
+    """Written positions are recorded only in Suspending and Suspend, and kept when leaving Suspend."""
     p = pair_in(PairKind.ASYNC, S.DUPLEX)
     p.record_write(1, 2)
     assert p.bitmap.count() == 0
@@ -120,6 +126,7 @@ def test_record_write_only_while_suspended() -> None:
 
 
 def test_initial_copy_clears_the_bitmap() -> None:
+    """Starting an initial copy clears the recorded positions."""
     p = pair_in(PairKind.SYNC, S.SUSPEND)
     p.record_write(3, 3)
     p.transition(S.SIMPLEX)
@@ -129,6 +136,7 @@ def test_initial_copy_clears_the_bitmap() -> None:
 
 
 def test_history_is_bounded() -> None:
+    """A pair's history keeps only the newest HISTORY_LIMIT transitions."""
     p = pair_in(PairKind.SYNC, S.DUPLEX)
     for _ in range(40):
         p.transition(S.SUSPEND)
@@ -155,6 +163,7 @@ def model_ranges(blocks: set[int]) -> list[tuple[int, int]]:
 @given(num_blocks=st.integers(1, 240), marks=marks, other=marks)
 @settings(max_examples=150)
 def test_bitmap_against_a_set_model(num_blocks: int, marks: list, other: list) -> None:
+    """The position bitmap agrees with a set model: marks, ranges, merge, take and a bytes round trip."""
     bm, bm2 = PositionBitmap(num_blocks), PositionBitmap(num_blocks)
     model: set[int] = set()
     model2: set[int] = set()
@@ -176,6 +185,7 @@ def test_bitmap_against_a_set_model(num_blocks: int, marks: list, other: list) -
 
 
 def test_bitmap_edges() -> None:
+    """The bitmap covers its whole range and refuses marks outside it or of no blocks."""
     bm = PositionBitmap(1000)
     bm.mark(0, 1000)
     assert bm.ranges() == [(0, 1000)] and bm.count() == 1000
@@ -187,6 +197,7 @@ def test_bitmap_edges() -> None:
 
 
 def test_damaged_bitmap_bytes_are_refused() -> None:
+    """Any flipped bit, truncation or extra byte in a saved bitmap is refused."""
     bm = PositionBitmap(300)
     bm.mark(7, 50)
     data = bm.to_bytes()
@@ -202,6 +213,7 @@ def test_damaged_bitmap_bytes_are_refused() -> None:
 
 # -- persistence -------------------------------------------------------------------------------
 def test_pair_round_trip_through_json() -> None:
+    """A pair saved as JSON loads back equal, with its state, kind and positions, and still works."""
     p = pair_in(PairKind.ASYNC, S.DUPLEX, num_blocks=1 << 14)
     p.transition(S.SUSPENDING, "link down", failure=True)
     p.record_write(100, 300)
@@ -214,6 +226,7 @@ def test_pair_round_trip_through_json() -> None:
 
 
 def test_damaged_pair_dict_is_refused() -> None:
+    """A saved pair with a missing key, an unknown state or a damaged or mismatched bitmap is refused."""
     d = pair_in(PairKind.SYNC, S.DUPLEX).to_dict()
     for key in ("name", "kind", "bitmap", "state"):
         broken = dict(d)

@@ -14,14 +14,12 @@ import time
 
 import pytest
 
+from tests.helpers import HOST, KEY
 from tools.faults.proxy import control_command
 from vstore.net.client import Client
 from vstore.net.linkproxy import BURST, CHUNK, LinkProxy, ProxyCore, ProxyError, parse_address
 from vstore.net.server import bound_port, serve
 from vstore.net.wire import ConnectionFailed
-
-KEY = bytes(range(32))
-HOST = "127.0.0.1"
 
 
 class TcpServer:
@@ -179,6 +177,7 @@ def assert_refused(port: int) -> None:
 
 
 def test_forwarding(proxy):
+    """The proxy forwards bytes both ways unchanged and counts them."""
     with connect(proxy.port) as sock:
         for size in (1, 1000, 300_000):
             data = bytes(i % 251 for i in range(size))
@@ -189,6 +188,7 @@ def test_forwarding(proxy):
 
 
 def test_rpc_through_proxy():
+    """An RPC session works through the proxy."""
     site = RpcServer()
     try:
         with LinkProxy(target=(HOST, site.port)) as p, Client(HOST, p.port, KEY) as c:
@@ -198,6 +198,7 @@ def test_rpc_through_proxy():
 
 
 def test_delay_adds_latency(proxy):
+    """A delay is added to each direction of a round trip."""
     with connect(proxy.port) as sock:
         round_trip(sock, b"warm")
         proxy.set_delay(50)
@@ -209,6 +210,7 @@ def test_delay_adds_latency(proxy):
 
 
 def test_delay_preserves_order(proxy):
+    """A delayed stream arrives in order."""
     proxy.set_delay(5)
     with connect(proxy.port) as sock:
         data = b"".join(i.to_bytes(4, "big") for i in range(20000))
@@ -216,6 +218,7 @@ def test_delay_preserves_order(proxy):
 
 
 def test_bandwidth_limit(proxy):
+    """A bandwidth limit holds a transfer to that rate; the limit can be removed."""
     proxy.set_bandwidth(200_000)
     with connect(proxy.port) as sock:
         t0 = time.monotonic()
@@ -228,6 +231,7 @@ def test_bandwidth_limit(proxy):
 
 
 def test_cut_closes_and_refuses_until_restore(proxy):
+    """A cut closes open connections and refuses new ones until restore."""
     sock = connect(proxy.port)
     assert round_trip(sock, b"hi") == b"hi"
     proxy.cut()
@@ -241,6 +245,7 @@ def test_cut_closes_and_refuses_until_restore(proxy):
 
 
 def test_drop_black_holes_then_restore(proxy):
+    """A drop black-holes traffic on a connection it keeps open; after restore the connection works again."""
     sock = connect(proxy.port)
     proxy.drop()
     sock.sendall(b"into the void")
@@ -308,6 +313,7 @@ def test_the_wire_is_bounded_and_pushes_back(sink):
 
 
 def test_bandwidth_changes_while_running(sink):
+    """A bandwidth change applies at once to what is not yet transmitted."""
     with LinkProxy(target=(HOST, sink.port), bandwidth=10_000) as link, connect(link.port) as sock:
         sock.sendall(b"s" * 200_000)  # 20 s at 10 kB/s
         time.sleep(0.3)
@@ -321,12 +327,14 @@ def test_bandwidth_changes_while_running(sink):
 
 
 def test_port_in_use_is_a_proxy_error():
+    """Listening on a port in use is a ProxyError naming it."""
     with socket.create_server((HOST, 0)) as busy:
         with pytest.raises(ProxyError, match="cannot listen on"):
             LinkProxy(busy.getsockname(), (HOST, 1)).start()
 
 
 def test_rpc_drop_times_out_and_restore_recovers():
+    """Through a drop or a cut an RPC call fails (times out); after restore the client reconnects."""
     site = RpcServer()
     try:
         with LinkProxy(target=(HOST, site.port)) as p, Client(HOST, p.port, KEY, timeout=0.5) as c:
@@ -351,11 +359,13 @@ def test_rpc_drop_times_out_and_restore_recovers():
     ((HOST, 0), ("example.com", 80)),
 ])
 def test_refuses_non_loopback(listen, target):
+    """The proxy listens on and forwards to loopback addresses only."""
     with pytest.raises(ProxyError, match="not loopback"):
         LinkProxy(listen, target)
 
 
 def test_parse_address():
+    """Addresses parse as HOST:PORT or [IPv6]:PORT, loopback only."""
     assert parse_address("127.0.0.1:5000", "x") == ("127.0.0.1", 5000)
     assert parse_address("[::1]:7", "x") == ("::1", 7)
     with pytest.raises(ProxyError, match="not loopback"):
@@ -365,6 +375,7 @@ def test_parse_address():
 
 
 def test_control_commands():
+    """Each control command changes the proxy and answers ok; a bad one answers error."""
     core = ProxyCore((HOST, 0), (HOST, 1))
     assert control_command(core, "delay 30") == "ok delay 30 ms" and core.delay_ms == 30
     assert control_command(core, "bandwidth 1000000") == "ok bandwidth 1000000"
@@ -380,6 +391,7 @@ def test_control_commands():
 
 
 def test_cli_with_control_port(echo):
+    """The proxy program forwards data and obeys commands on its control port."""
     ports = []
     for _ in range(2):
         with socket.socket() as s:
@@ -408,6 +420,7 @@ def test_cli_with_control_port(echo):
 
 
 def test_cli_refuses_non_loopback():
+    """The proxy program refuses a non-loopback address with exit 2."""
     out = subprocess.run([sys.executable, "-m", "tools.faults.proxy", "--listen", "0.0.0.0:0",
                           "--target", "127.0.0.1:1"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2 and "not loopback" in out.stderr

@@ -25,13 +25,15 @@ def walkthrough() -> list[str]:
 
 
 def test_readme_opens_with_install_and_test_commands():
+    """The README opens with the install, test and demo commands, and CI runs the same test command."""
     first_block = re.search(r"```sh\n(.*?)```", README.read_text(), re.S).group(1).splitlines()
     assert first_block[0] == "pip install -e '.[test]'" and first_block[1] == "pytest"
-    assert first_block[2].startswith("vstore demo ")  # the main demo (tests/test_demo.py runs it)
+    assert first_block[2].startswith("vstore demo ")  # the main demo (test_demo.py runs it)
     assert "pytest" in (README.parent / ".ci" / "run").read_text()
 
 
 def test_walkthrough_runs(tmp_path):
+    """Every command of the README walkthrough succeeds in order and shows what the README says it shows."""
     runner = CliRunner()
     lab = tmp_path / "lab"
     outputs = []

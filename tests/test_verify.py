@@ -5,12 +5,14 @@ recorded positions are skipped, not reported; exit codes and `--json` keys throu
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
-from tests.labutil import BS, blocks
+from tests.helpers import BS, blocks
 from vstore import reports
 from vstore.cli import verify
 from vstore.lab.system import System
@@ -37,10 +39,10 @@ def run_verify(lab, *args):
     return runner.invoke(APP, ["verify", str(lab), *args])
 
 
-@pytest.fixture
-def lab(tmp_path):
-    """A mirror lab with data on many blocks, everything shipped: all four volumes equal."""
-    lab = tmp_path / "lab"
+@pytest.fixture(scope="module")
+def shipped_mirror_lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Built once: a mirror lab with data on many blocks, everything shipped: all four volumes equal."""
+    lab = tmp_path_factory.mktemp("verify") / "lab"
     init_lab(lab, mode="mirror", size=1 << 20)
     with System(lab) as system:
         dev = system.device(0)
@@ -49,6 +51,12 @@ def lab(tmp_path):
         system.shipper().ship()
         system.save()
     return lab
+
+
+@pytest.fixture
+def lab(shipped_mirror_lab: Path, tmp_path: Path) -> Path:
+    """A private copy of the shipped mirror lab."""
+    return shutil.copytree(shipped_mirror_lab, tmp_path / "lab")
 
 
 def flip(lab, site, volume, lba, offset=100):
@@ -64,11 +72,16 @@ def results(lab, **kw):
 
 
 def test_healthy_lab_reports_nothing(lab):
+    """On a lab whose copies are equal, every pair compares every block and reports no difference."""
     res = results(lab)
     assert set(res) == {"A->C", "B->D"}
     for r in res.values():
         assert r["differing_ranges"] == [] and r["blocks_compared"] == 256 and r["skipped_unshipped"] == 0
         assert "error" not in r
+
+
+def test_cli_on_a_healthy_lab_says_equal_and_exits_0(lab):
+    """`vstore verify` of a healthy lab exits 0 saying equal; `--json` lists both pairs with no difference."""
     r = run_verify(lab)
     assert r.exit_code == 0, r.output
     assert "equal" in r.stdout
@@ -77,20 +90,40 @@ def test_healthy_lab_reports_nothing(lab):
     assert all(p["differing_ranges"] == [] for p in doc["pairs"])
 
 
-@pytest.mark.parametrize(("site", "volume", "pair", "lba"), [
+FLIPS = pytest.mark.parametrize(("site", "volume", "pair", "lba"), [
     ("sync", "C", "A->C", 41),      # a block with data, inside a chunk
     ("async", "D", "B->D", 250),    # an all-zero block
     ("primary", "B", "B->D", 63),   # the last block of the first chunk
 ])
+
+
+def other_pair(pair: str) -> str:
+    """The mirror lab's pair that is not `pair`."""
+    return ({"A->C", "B->D"} - {pair}).pop()
+
+
+@FLIPS
 def test_single_flipped_block_is_named(lab, site, volume, pair, lba):
+    """One flipped block on C, D or B is reported as exactly that block of its pair, and the other pair is clean."""
     flip(lab, site, volume, lba)
     res = results(lab)
     assert res[pair]["differing_ranges"] == [[lba, 1]]
-    other = ({"A->C", "B->D"} - {pair}).pop()
-    assert res[other]["differing_ranges"] == []
+    assert res[other_pair(pair)]["differing_ranges"] == []
+
+
+@FLIPS
+def test_cli_names_the_flipped_block_and_exits_1(lab, site, volume, pair, lba):
+    """`vstore verify` exits 1 naming the pair and the block that differ."""
+    flip(lab, site, volume, lba)
     r = run_verify(lab)
     assert r.exit_code == 1
     assert pair in r.stdout and str(lba) in r.stdout and "differ" in r.stdout
+
+
+@FLIPS
+def test_cli_json_names_the_flipped_block(lab, site, volume, pair, lba):
+    """`vstore verify --json` exits 1 with one `pairs` list whose entry for the pair names the block."""
+    flip(lab, site, volume, lba)
     r = run_verify(lab, "--json")
     assert r.exit_code == 1
     doc = json.loads(r.stdout)
@@ -98,11 +131,19 @@ def test_single_flipped_block_is_named(lab, site, volume, pair, lba):
     by = {p["name"]: p for p in doc["pairs"]}
     assert by[pair]["differing_ranges"] == [[lba, 1]]
     assert {"name", "differing_ranges", "blocks_compared", "skipped_unshipped"} <= set(by[pair])
+
+
+@FLIPS
+def test_pair_option_verifies_only_that_pair(lab, site, volume, pair, lba):
+    """`verify --pair P` compares P only: the other pair's flipped block does not count."""
+    flip(lab, site, volume, lba)
+    other = other_pair(pair)
     r = run_verify(lab, "--pair", other, "--json")
     assert r.exit_code == 0 and [p["name"] for p in json.loads(r.stdout)["pairs"]] == [other]
 
 
 def test_adjacent_blocks_merge_into_one_range_and_small_chunks_agree(lab):
+    """Adjacent differing blocks merge into one range, and every comparison chunk size finds the same ranges."""
     for lba in (62, 63, 64, 65, 130):
         flip(lab, "sync", "C", lba, offset=lba)
     for chunk in (1, 7, 64, 256):
@@ -110,6 +151,7 @@ def test_adjacent_blocks_merge_into_one_range_and_small_chunks_agree(lab):
 
 
 def test_unshipped_entries_and_recorded_positions_are_skipped(lab):
+    """Blocks with unshipped entries are skipped and counted, not reported; a real difference beside them is."""
     with System(lab) as system:
         system.device(0).write(5, blocks(50, 2))  # unshipped: D lags on 5-6
         system.save()
@@ -122,6 +164,7 @@ def test_unshipped_entries_and_recorded_positions_are_skipped(lab):
 
 
 def test_protection_off_recorded_positions_are_skipped(tmp_path):
+    """Blocks whose positions a pair recorded (not copied yet) are skipped and counted, not reported."""
     lab = tmp_path / "lab"
     init_lab(lab, mode="mirror", size=1 << 20, protect=False)
     with System(lab) as system:
@@ -137,6 +180,7 @@ def test_protection_off_recorded_positions_are_skipped(tmp_path):
 
 
 def test_unreachable_target_is_an_error_not_a_pass(lab):
+    """A pair whose target cannot be reached is an error (exit 2), never reported as equal."""
     with System(lab) as system:
         system.faults.set("site", "async", True)
         system.faults.save(system.lab_dir)
@@ -149,6 +193,7 @@ def test_unreachable_target_is_an_error_not_a_pass(lab):
 
 
 def test_user_errors(lab, tmp_path):
+    """An unknown pair or a missing lab fails with one sentence, exit 1, no traceback."""
     r = run_verify(lab, "--pair", "X->Y")
     assert r.exit_code == 1 and "no pair named" in r.stderr and "Traceback" not in r.output
     r = run_verify(tmp_path / "missing")

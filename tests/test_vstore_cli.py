@@ -6,68 +6,98 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from typer.testing import CliRunner
+import pytest
+from click.testing import Result
 
-from tests.labutil import BS, blocks, image
-from vstore.cli.main import app
-
-runner = CliRunner()
-
-
-def run(*args, input=None, ok=True):
-    result = runner.invoke(app, [str(a) for a in args], input=input)
-    if ok:
-        assert result.exit_code == 0, result.output + str(result.exception)
-    return result
+from tests.helpers import BS, blocks, image
 
 
-def test_mirror_lab_end_to_end(tmp_path):
+@pytest.fixture
+def mirror_lab(tmp_path: Path, vstore: Callable[..., Result]) -> Path:
+    """A new 1 MiB mirror lab made by `vstore lab init`."""
     lab = tmp_path / "lab"
-    run("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--quiet")
+    vstore("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--quiet")
+    return lab
+
+
+@pytest.fixture
+def written_lab(mirror_lab: Path, tmp_path: Path, vstore: Callable[..., Result]) -> Path:
+    """The mirror lab after two acknowledged writes, neither shipped: 3 blocks at 4 (from a file), 1 at 9."""
+    data = tmp_path / "data"
+    data.write_bytes(blocks(1, 3))
+    vstore("write", mirror_lab, "--lba", 4, "--file", data)
+    vstore("write", mirror_lab, "--lba", 9, input=blocks(2, 1))
+    return mirror_lab
+
+
+def test_lab_init_creates_every_site_file_and_a_private_key(mirror_lab):
+    """`lab init` creates the topology, the volumes and state of every site, and a key only the owner reads."""
+    lab = mirror_lab
     for f in ("topology.toml", "lab.key", "primary/A.img", "primary/B.img", "primary/spool", "primary/state.json",
               "sync/C.img", "sync/state.json", "async/D.img", "async/recv", "async/state.json"):
         assert (lab / f).exists(), f
     assert (lab / "lab.key").stat().st_mode & 0o777 == 0o600
-    doc = json.loads(run("status", lab, "--json").stdout)
+
+
+def test_status_of_a_new_lab_shows_every_site_and_duplex_pairs(mirror_lab, vstore):
+    """`status --json` of a new mirror lab names its three sites and both pairs Duplex, with every pair key."""
+    doc = json.loads(vstore("status", mirror_lab, "--json").stdout)
     assert doc["mode"] == "mirror" and set(doc["sites"]) == {"primary", "sync", "async"}
     assert {p["name"]: p["state"] for p in doc["pairs"]} == {"A->C": "Duplex", "B->D": "Duplex"}
     for key in ("name", "source", "target", "kind", "state", "reason", "entries_waiting", "bytes_waiting",
                 "oldest_waiting_s"):
         assert key in doc["pairs"][0]
 
-    data = tmp_path / "data"
-    data.write_bytes(blocks(1, 3))
-    run("write", lab, "--lba", 4, "--file", data)
-    run("write", lab, "--lba", 9, input=blocks(2, 1))
+
+def test_acknowledged_writes_are_on_c_and_wait_for_shipping(written_lab, vstore):
+    """An acknowledged write is on C at once (and reads back from it) and waits as an entry for D."""
+    lab = written_lab
     assert image(lab, "primary", "A") == image(lab, "sync", "C")
-    doc = json.loads(run("status", lab, "--json").stdout)
+    doc = json.loads(vstore("status", lab, "--json").stdout)
     bd = next(p for p in doc["pairs"] if p["name"] == "B->D")
     assert bd["entries_waiting"] == 2 and bd["bytes_waiting"] >= 4 * BS and bd["oldest_waiting_s"] >= 0
-    out = run("read", lab, "--site", "sync", "--volume", "C", "--lba", 4, "--count", 3).stdout_bytes
+    out = vstore("read", lab, "--site", "sync", "--volume", "C", "--lba", 4, "--count", 3).stdout_bytes
     assert out == blocks(1, 3)
-    run("ship", lab, "--max", "1")
-    assert json.loads(run("status", lab, "--json").stdout)["pairs"][1]["entries_waiting"] == 1
-    run("ship", lab)
+
+
+def test_ship_max_ships_that_many_entries_and_ship_catches_d_up(written_lab, vstore):
+    """`ship --max N` ships N entries; a plain `ship` ships the rest, and then D equals B."""
+    lab = written_lab
+    vstore("ship", lab, "--max", "1")
+    assert json.loads(vstore("status", lab, "--json").stdout)["pairs"][1]["entries_waiting"] == 1
+    vstore("ship", lab)
     assert image(lab, "primary", "B") == image(lab, "async", "D")
 
-    # fence: cut the sync link, the write is refused naming the fence, nothing changes
-    run("fail", lab, "primary-sync")
+
+def test_cut_sync_link_refuses_writes_naming_the_fence_and_changes_nothing(mirror_lab, vstore):
+    """With the sync link cut, a write is refused naming the fence, no volume changes, and A->C is Suspend."""
+    lab = mirror_lab
+    vstore("fail", lab, "primary-sync")
     before = [image(lab, s, v) for s, v in (("primary", "A"), ("primary", "B"), ("sync", "C"))]
-    r = run("write", lab, "--lba", 0, input=blocks(3), ok=False)
+    r = vstore("write", lab, "--lba", 0, input=blocks(3), ok=False)
     assert r.exit_code == 1 and "fence" in r.stderr and "Traceback" not in r.output
     assert before == [image(lab, s, v) for s, v in (("primary", "A"), ("primary", "B"), ("sync", "C"))]
-    doc = json.loads(run("status", lab, "--json").stdout)
+    doc = json.loads(vstore("status", lab, "--json").stdout)
     ac = next(p for p in doc["pairs"] if p["name"] == "A->C")
     assert ac["state"] == "Suspend" and "primary-sync" in ac["reason"]
-    run("heal", lab, "primary-sync")
-    run("write", lab, "--lba", 0, input=blocks(3))
+
+
+def test_healed_sync_link_takes_writes_again(mirror_lab, vstore):
+    """After `heal` of a cut sync link, writes are accepted again and reach C."""
+    lab = mirror_lab
+    vstore("fail", lab, "primary-sync")
+    vstore("write", lab, "--lba", 0, input=blocks(3), ok=False)
+    vstore("heal", lab, "primary-sync")
+    vstore("write", lab, "--lba", 0, input=blocks(3))
     assert image(lab, "primary", "A") == image(lab, "sync", "C")
 
 
-def test_bad_input_gives_one_clear_sentence(tmp_path):
-    lab = tmp_path / "lab"
-    run("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--quiet")
+def test_bad_input_gives_one_clear_sentence(mirror_lab, tmp_path, vstore):
+    """Every kind of bad input fails with one clear sentence, no traceback, and leaves A equal to C."""
+    lab = mirror_lab
     cases = [
         (["write", lab, "--lba", 10_000], blocks(1), "outside the device"),
         (["write", lab, "--lba", 0], b"short", "whole number"),
@@ -78,19 +108,23 @@ def test_bad_input_gives_one_clear_sentence(tmp_path):
         (["lab", "init", tmp_path / "x", "--size", "12Q"], None, "cannot read size"),
     ]
     for args, stdin, words in cases:
-        r = run(*args, input=stdin, ok=False)
+        r = vstore(*args, input=stdin, ok=False)
         assert r.exit_code != 0 and words in r.stderr, (args, r.output)
         assert "Traceback" not in r.output
     a_before = image(lab, "primary", "A")
     assert a_before == image(lab, "sync", "C")
-    # a truncated image: clear error, nothing changed
-    c = lab / "sync" / "C.img"
+
+
+def test_truncated_image_is_a_clear_error(mirror_lab, vstore):
+    """A volume image cut short is reported as not a whole number of blocks."""
+    c = mirror_lab / "sync" / "C.img"
     c.write_bytes(c.read_bytes()[:1000])
-    r = run("status", lab, ok=False)
+    r = vstore("status", mirror_lab, ok=False)
     assert "not a whole number" in r.stderr
 
 
 def test_console_script_runs_as_a_process(tmp_path):
+    """`python -m vstore.cli` works as a real process: init a lab, then read its status as JSON."""
     lab = tmp_path / "lab"
     r = subprocess.run([sys.executable, "-m", "vstore.cli", "lab", "init", str(lab), "--size", "1M", "--mode",
                         "mirror", "--quiet"], capture_output=True, text=True)
@@ -100,12 +134,13 @@ def test_console_script_runs_as_a_process(tmp_path):
     assert json.loads(r.stdout)["pairs"][0]["state"] == "Duplex"
 
 
-def test_status_counts_waiting_entries_per_volume(tmp_path):
+def test_status_counts_waiting_entries_per_volume(tmp_path, vstore):
+    """`status` counts the entries and bytes waiting for each volume's async pair separately."""
     lab = tmp_path / "lab"
-    run("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--volumes", "2", "--quiet")
-    run("write", lab, "--volume", "0", "--lba", 1, input=blocks(1, 2))
-    run("write", lab, "--volume", "0", "--lba", 5, input=blocks(2, 1))
-    run("write", lab, "--volume", "1", "--lba", 5, input=blocks(3, 1))
-    pairs = {p["name"]: p for p in json.loads(run("status", lab, "--json").stdout)["pairs"]}
+    vstore("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--volumes", "2", "--quiet")
+    vstore("write", lab, "--volume", "0", "--lba", 1, input=blocks(1, 2))
+    vstore("write", lab, "--volume", "0", "--lba", 5, input=blocks(2, 1))
+    vstore("write", lab, "--volume", "1", "--lba", 5, input=blocks(3, 1))
+    pairs = {p["name"]: p for p in json.loads(vstore("status", lab, "--json").stdout)["pairs"]}
     assert pairs["B0->D0"]["entries_waiting"] == 2 and pairs["B1->D1"]["entries_waiting"] == 1
     assert pairs["B0->D0"]["bytes_waiting"] > 3 * BS and BS < pairs["B1->D1"]["bytes_waiting"] < 2 * BS

@@ -3,7 +3,9 @@
 Keeps true: these functions only read a `System` (pairs, states, spool positions, volumes) and never
 change it; they import no terminal code (typer, rich), so a daemon answering `status`, `snapshot`
 or `verify` loads only the replication stack. The documents are DESIGN.md's "JSON contract":
-- `status_document`: `vstore status --json` (sites, pairs, states, entries waiting);
+- `status_document`: `vstore status --json` (sites, pairs, states, entries waiting, and the copies
+  a stopped command left unfinished; a pair whose target such a copy was writing is never shown
+  Duplex: it is shown Suspend, with the command that continues the copy as its reason);
 - `snapshot_of`: the dashboard's snapshot, the status document plus volumes, queue and events;
 - `verify`: `vstore verify --json`'s pairs, the blocks in which a pair's source and target differ
   (blocks with unshipped entries or recorded positions are skipped, not reported), as DRBD's
@@ -17,7 +19,9 @@ import time
 
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.ranges import ranges_of
+from vstore.lab.copies import unfinished
 from vstore.lab.system import System
+from vstore.procedures.create import INIT_MARKER
 from vstore.replication.entries import entry_size
 from vstore.replication.network import LINK_NAMES, SITE_NAMES
 from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
@@ -54,6 +58,15 @@ def status_document(system: System) -> dict:
         doc["pairs"].append({"name": pair.name, "source": pair.source, "target": pair.target,
                              "kind": pair.kind.value, "state": pair.state.value, "reason": pair.reason,
                              "failure": pair.failure, "recorded_blocks": pair.bitmap.count(), **waiting})
+    doc["unfinished_copies"] = unfinished(system.lab_dir)
+    doc["unfinished_setup"] = (system.lab_dir / INIT_MARKER).is_file()
+    for copy in doc["unfinished_copies"]:
+        for p in doc["pairs"]:
+            if p["target"] == copy["target"] and p["state"] == PairState.DUPLEX.value:
+                # the saved state predates a stopped copy into this target: it is not a copy of anything yet
+                p.update(state=PairState.SUSPEND.value, failure=True,
+                         reason=f"a copy {copy['source']} -> {copy['target']} stopped at block {copy['done']} of "
+                                f"{copy['total']}; run `{copy['command']}` again to continue")
     return doc
 
 

@@ -8,6 +8,12 @@ Keeps true:
 - While the lab is up, the volume is reached through the daemons (the coordinator for the
   application's volume, the site's own daemon for a replica); otherwise the lab is opened in this
   process. Closing the device flushes it and saves every site's state.
+- One writer at a time: in process, the device holds the lab's claim (the `System`'s, `LAB/.lock`)
+  until closed, exclusive for the application's volume, shared for a replica (replica readers share);
+  through the daemons, the application's volume holds the application writer's claim
+  (`LAB/run/app-0.lock`, `APP_LOCK`), exclusive when writable, shared when read-only, taken here in
+  the client's process since every client of `lab:LAB` names the lab's directory. A second writer
+  (or a reader of the application's volume while a writer has it) is refused at once, naming it.
 - `parse_lab_target` is the one parser of `lab:LAB[@SITE]`. jfs reaches this module only through
   its target registry: `open_lab_target` is registered as the `jfs.targets` entry point `lab`, and
   besides opening it answers jfs's two other questions about a target (`absolute`, `replica`).
@@ -21,7 +27,8 @@ from pathlib import Path
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import ReadOnlyError, TricopyError
-from vstore.daemons.processes import clients, coordinator, is_up
+from vstore.blocks.holders import claim
+from vstore.daemons.processes import RUN_DIR, clients, coordinator, is_up
 from vstore.lab.system import System
 from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.net.keys import load_key
@@ -31,6 +38,7 @@ from vstore.procedures.reactions import open_system
 from vstore.procedures.roles import volumes_of
 
 PREFIX = "lab:"
+APP_LOCK = "app-0.lock"  # in LAB/run/: the claim of the application's volume through the daemons
 
 
 def parse_lab_target(target: str) -> tuple[Path, str | None]:
@@ -95,6 +103,11 @@ def open_through_daemons(lab: Path, site: str | None, *, writable: bool, target:
         device = AppDevice(client, 0, readonly=not writable)
         active = device.active
         if site is None or site == active:
+            try:
+                device.claim = claim(lab / RUN_DIR / APP_LOCK, exclusive=writable, resource=f"lab:{lab.absolute()}")
+            except BaseException:
+                device.close()
+                raise
             return device
         device.close()
         if writable:
@@ -117,12 +130,17 @@ def open_lab(target: str, *, writable: bool) -> BlockDevice:
         raise TricopyError(f"{lab} does not exist; create a lab with `vstore lab init {lab}`")
     if is_up(lab):
         return open_through_daemons(lab, site, writable=writable, target=target)
-    system = open_system(lab)
+    shared = site is not None and not writable  # a replica's readers share the lab
+    system = open_system(lab, shared=shared)
     try:
         try:
             active = system.active_site
         except TricopyError:
             active = None
+        if shared and site == active:  # the application's volume after all: only under the exclusive claim
+            system.close()
+            system = open_system(lab)
+            active = system.active_site
         if site is None or site == active:
             if active is None:
                 raise TricopyError(f"{target}: no site runs the application (the primary is lost); run "

@@ -6,7 +6,9 @@ Keeps true:
   crash at any moment leaves either the old or the new document, never a mix (DESIGN invariant 5;
   used for each site's `state.json`, the spool's confirmed sequence and the receive journal).
 - `load_json` raises `FileNotFoundError` for a missing file and `FormatError` naming the file for
-  anything that is not a JSON object.
+  anything that is not a JSON object; `parse_json_object` is the same rule for bytes from elsewhere
+  (a network message). Neither lets another exception out: nesting too deep to decode and integers
+  too long to convert are bad bytes like any other.
 - `parse_checked` is the one door through which untrusted bytes enter a construct format: every
   construct failure (bad magic, CRC, truncation...) becomes a one-sentence `FormatError`.
 """
@@ -64,19 +66,45 @@ def save_json_atomic(path: Path, data: dict, *, durable: bool = True) -> None:
     write_file_atomic(Path(path), text.encode(), durable=durable)
 
 
+def _decode_json(raw: bytes) -> Any:
+    """`json.loads`, with every way bytes can fail to be JSON as one ValueError."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    # json.JSONDecodeError, UnicodeDecodeError and "Exceeds the limit ... for integer string
+    # conversion" are ValueErrors themselves
+
+
 def load_json(path: Path) -> dict:
     """Read a JSON object from `path`; FileNotFoundError if missing, FormatError if not valid."""
     path = Path(path)
     text = path.read_bytes()
     try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = _decode_json(text)
+    except ValueError as e:
         raise FormatError(
             f"{path} is not valid JSON ({e}); restore it from a backup or re-create the site state"
         ) from None
     if not isinstance(data, dict):
         raise FormatError(f"{path} holds a JSON {type(data).__name__}, not an object; restore it from a backup")
     return data
+
+
+def parse_json_object(raw: bytes, what: str) -> dict:
+    """The JSON object in `raw`; FormatError("<what>: ...") for anything else."""
+    try:
+        value = _decode_json(raw)
+    except ValueError as e:
+        raise FormatError(f"{what}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{what}: JSON {type(value).__name__} where an object was expected")
+    return value
+
+
+def is_count(value: object, limit: int | None = None) -> bool:
+    """A JSON value that is a non-negative integer (not a bool), below `limit` when given."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0 and (limit is None or value < limit)
 
 
 def crc32(data: bytes) -> int:

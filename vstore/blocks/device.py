@@ -9,6 +9,9 @@ Keeps true:
 - `flush()` makes every completed write durable (fsync) when the device was opened `durable`.
 - `has_unshipped(ranges)` answers the trim-rule question of SPEC §8 [0169]: does any write to
   these blocks still wait to be shipped to the Async site? A plain image never has any.
+- An `ImageDevice` opened with `claim=True` holds the image's claim (`IMG.lock` beside it, see
+  `vstore.blocks.holders`) until it is closed: exclusive when read-write, shared when read-only; a
+  second writer, or a reader while a writer has it, is refused naming the holder.
 
 Everything above (jfs, the mirror program, the provider) talks only to `BlockDevice`, so the file
 system runs on a plain image, on a mirror group or on the provider alike.
@@ -23,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vstore.blocks.errors import BlockDeviceError, ReadOnlyError
+from vstore.blocks.holders import Claim
+from vstore.blocks.holders import claim as claim_lock
 
 DEFAULT_BLOCK_SIZE = 4096
 
@@ -109,11 +114,20 @@ def create_image(path: str | Path, size_bytes: int, block_size: int = DEFAULT_BL
         f.truncate(size_bytes)
 
 
+def lock_path(image: str | Path) -> Path:
+    """The lock file of an image: `IMG.lock` beside the file it resolves to (a symlink or another
+    spelling of the path names the same lock)."""
+    real = Path(os.path.realpath(image))
+    return real.with_name(real.name + ".lock")
+
+
 class ImageDevice(BlockDevice):
     """A block device on a raw image file."""
 
     def __init__(self, path: str | Path, block_size: int = DEFAULT_BLOCK_SIZE, *,
-                 durable: bool = False, readonly: bool = False) -> None:
+                 durable: bool = False, readonly: bool = False, claim: bool = False) -> None:
+        """`claim`: hold the image's claim while open (see the module docstring); the lab's own
+        volumes are guarded by the lab's claim instead, and open theirs without."""
         self.path = Path(path)
         self.name = str(self.path)
         self.block_size = block_size
@@ -128,8 +142,16 @@ class ImageDevice(BlockDevice):
                 "(truncated or not an image)"
             )
         self.num_blocks = size // block_size
+        self.claim: Claim | None = None
+        if claim:
+            self.claim = claim_lock(lock_path(self.path), exclusive=not readonly, resource=str(self.path))
         flags = os.O_RDONLY if readonly else os.O_RDWR
-        self._fd: int | None = os.open(self.path, flags)
+        try:
+            self._fd: int | None = os.open(self.path, flags)
+        except BaseException:
+            if self.claim is not None:
+                self.claim.release()
+            raise
         self._lock = threading.Lock()
 
     def _fdn(self) -> int:
@@ -161,6 +183,8 @@ class ImageDevice(BlockDevice):
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self.claim is not None:
+            self.claim.release()
 
 
 class MemoryDevice(BlockDevice):

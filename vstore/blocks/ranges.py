@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from vstore.blocks.interrupts import deferred_interrupts
+
 Ranges = list[tuple[int, int]]
 COPY_CHUNK = 256  # blocks per read and write of a copy
 
@@ -36,14 +38,16 @@ def copy_ranges(read: Callable[[int, int], bytes], write: Callable[[int, bytes],
                 ranges: Iterable[tuple[int, int]], *, chunk: int = COPY_CHUNK,
                 progress: Callable[[int], None] | None = None, target_is_zero: bool = False) -> int:
     """Copy each (first, count) run in chunks: `read(lba, n)` then `write(lba, data)`; returns the
-    blocks covered. With `target_is_zero` (a fresh target) an all-zero chunk is not written."""
+    blocks covered. With `target_is_zero` (a fresh target) an all-zero chunk is not written. A
+    Ctrl-C lands between chunks, so every chunk reported done is wholly on the target."""
     copied = 0
     for first, count in ranges:
         for lba in range(first, first + count, chunk):
             n = min(chunk, first + count - lba)
-            data = read(lba, n)
-            if not (target_is_zero and data.count(0) == len(data)):
-                write(lba, data)
+            with deferred_interrupts():
+                data = read(lba, n)
+                if not (target_is_zero and data.count(0) == len(data)):
+                    write(lba, data)
             copied += n
             if progress:
                 progress(n)

@@ -7,12 +7,16 @@ non-zero (never a traceback); `--json` prints exactly one JSON document on stdou
 of the DESIGN.md "JSON contract"; long copies show a rich progress bar unless `--quiet`/`--json`.
 A command goes through the coordinating daemon while the lab is up and opens the lab's files in
 process while it is down; the disaster procedures stop the daemons, run, and start them again.
+`fail`/`heal` change exactly the site, link or site:volume named (an unknown one is a usage error,
+exit 2, listing the valid forms) and say so; healing what is not failed says "nothing to heal"
+and exits 0. An output file (`read --out`) is checked before any work is done.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -26,6 +30,7 @@ from vstore.cli.common import (
     JsonOption,
     LabArg,
     QuietOption,
+    check_output_path,
     daemon_client,
     die,
     err,
@@ -33,10 +38,13 @@ from vstore.cli.common import (
     out,
     progress_bars,
     quiesced_lab,
+    stoppable,
     user_errors,
 )
 from vstore.daemons.processes import clients, is_up
+from vstore.lab.copies import unfinished
 from vstore.lab.follow import follow as follow_spool
+from vstore.lab.sitedir import load_site_state
 from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.net.client import Peer
 from vstore.net.keys import load_key
@@ -49,7 +57,7 @@ from vstore.procedures.failover import (
 )
 from vstore.procedures.recovery import recover
 from vstore.procedures.setup import resync_all
-from vstore.replication.network import LINK_NAMES, Faults
+from vstore.replication.network import Faults, FaultTarget, UnknownFaultTarget, resolve_target
 from vstore.replication.shipping import ShipReport
 from vstore.reports import status_document
 
@@ -93,6 +101,12 @@ def print_status(doc: dict) -> None:
     down = [name for name, up in doc["links"].items() if not up]
     if down:
         out.print(f"links down: {', '.join(down)}")
+    if doc.get("unfinished_setup"):
+        out.print(f"[yellow]the set-up of this lab did not finish[/]: run `vstore lab init {doc['lab']}` again to "
+                  "continue it", highlight=False)
+    for copy in doc.get("unfinished_copies", []):
+        out.print(f"[yellow]unfinished copy[/] {copy['source']} -> {copy['target']}: {copy['done']} of "
+                  f"{copy['total']} blocks; run `{copy['command']}` again to continue", highlight=False)
     shipping = doc.get("shipping")
     if shipping:
         last = f"{shipping['last_confirm_s']:.1f}s ago" if shipping["last_confirm_s"] is not None else "never"
@@ -158,15 +172,18 @@ def read_command(
     lab: LabArg,
     site: Annotated[str, typer.Option(help="primary, sync or async.")],
     volume: Annotated[str, typer.Option(help="Volume at that site (A, B, C, D, A0...).")],
-    lba: Annotated[int, typer.Option(help="First block.")],
-    count: Annotated[int, typer.Option(help="Number of blocks.")] = 1,
-    output: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+    lba: Annotated[int, typer.Option(min=0, help="First block.")],
+    count: Annotated[int, typer.Option(min=1, help="Number of blocks.")] = 1,
+    output: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout (its "
+                                                              "directory must exist).")] = None,
 ) -> None:
     """Read blocks of one site's volume (the raw replica, whatever its pair state).
 
     Example: vstore read /tmp/lab --site sync --volume C --lba 10 --count 2 | xxd | head
     """
     with user_errors():
+        if output is not None:
+            check_output_path(output)
         if site not in SITE_NAMES:
             raise TricopyError(f"unknown site {site!r}; use one of {', '.join(SITE_NAMES)}")
         if is_up(lab):
@@ -178,7 +195,10 @@ def read_command(
                 system.network.check(site, site)
                 data = system.storage(site).host_read(volume, lba, count)
     if output:
-        output.write_bytes(data)
+        try:
+            output.write_bytes(data)
+        except OSError as exc:
+            die(f"cannot write {output}: {exc.strerror or exc}")
     else:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -187,12 +207,13 @@ def read_command(
 # -- shipping -------------------------------------------------------------------------------------
 def ship_command(
     lab: LabArg,
-    max_entries: Annotated[int | None, typer.Option("--max", help="Ship at most N entries.")] = None,
+    max_entries: Annotated[int | None, typer.Option("--max", min=0, help="Ship at most N entries.")] = None,
     follow: Annotated[bool, typer.Option("--follow", help="Keep shipping as new entries arrive (watchdog "
                                                            "on the spool) until Ctrl-C or --duration.")] = False,
     period: Annotated[float | None, typer.Option("--period", help="With --follow: ship only every S seconds "
                                                                   "(the periodic copy of the prior art).")] = None,
-    duration: Annotated[float | None, typer.Option("--duration", help="With --follow: stop after S seconds.")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0.0,
+                                                   help="With --follow: stop after S seconds.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
 ) -> None:
     """Send waiting entries to the Async site in order (it stores each batch, applies it, confirms).
@@ -271,57 +292,89 @@ def ship_in_process(lab: Path, max_entries: int | None, *, quiet: bool) -> None:
 
 
 # -- faults ---------------------------------------------------------------------------------------
-def parse_target(target: str) -> tuple[str, str]:
-    """A fault target -> ("site" | "link" | "volume", its name; a volume as SITE:NAME, primary by default)."""
-    if target in SITE_NAMES:
-        return "site", target
-    if target in LINK_NAMES:
-        return "link", target
-    if target.startswith("volume:"):
-        ref = target.removeprefix("volume:")
-        site, _, vol = ref.rpartition(":")
-        return "volume", f"{site or 'primary'}:{vol}"
-    raise TricopyError(f"unknown target {target!r}: use a site ({', '.join(SITE_NAMES)}), a link "
-                       f"({', '.join(LINK_NAMES)}) or volume:NAME (e.g. volume:A)")
+FaultTargetArg = Annotated[str, typer.Argument(
+    help="A site (primary, sync, async), a link (primary-sync, primary-async, sync-async) or a volume with "
+         "its site, volume:SITE:VOLUME (e.g. volume:sync:C; volume:C when only one site has a C).",
+    show_default=False)]
 
 
-def set_fault(lab: Path, kind: str, name: str, *, broken: bool) -> None:
-    """Change LAB/faults.json (the lab's simulation control; daemons read it on every request)."""
+def lab_volumes(lab: Path) -> dict[str, list[str]]:
+    """The volume names of every site whose state the lab holds (a destroyed site has none)."""
     load_topology(lab)  # a clear error for a directory that is not a lab
-    faults = Faults.load(lab)
-    faults.set(kind, name, broken)
-    faults.save(lab)
+    return {site: sorted(state.get("volumes", {})) for site in SITE_NAMES
+            if (state := load_site_state(lab / site)) is not None}
 
 
-def fail_command(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or volume:NAME.")]) -> None:
-    """Inject a failure: a site goes down, a link is cut, or a volume fails.
+def fault_target(lab: Path, target: str, faults: Faults) -> FaultTarget:
+    """The site, link or volume `target` names in this lab; an unknown one is a usage error (exit 2).
+    A volume already failed stays nameable after its site is gone, so that it can be healed."""
+    volumes = lab_volumes(lab)
+    try:
+        return resolve_target(target, volumes)
+    except UnknownFaultTarget as exc:
+        gone: dict[str, list[str]] = {}  # the failed volumes of sites whose state is gone
+        for ref in faults.volumes_failed:
+            site, _, volume = ref.partition(":")
+            if site not in volumes:
+                gone.setdefault(site, []).append(volume)
+        if target.startswith("volume:") and gone:
+            with suppress(UnknownFaultTarget):
+                return resolve_target(target, gone)
+        die(str(exc), code=2)
 
-    Example: vstore fail /tmp/lab primary-sync
+
+def short_form(target: FaultTarget) -> str:
+    """For a volume named without its site, which site's volume that was: " (volume:C is sync:C)"."""
+    if target.kind == "volume" and target.typed != f"volume:{target.name}":
+        return f" ({target.typed} is {target.name}, the only volume of that name)"
+    return ""
+
+
+def fail_command(lab: LabArg, target: FaultTargetArg) -> None:
+    """Inject a failure: a site goes down, a link is cut, or one site's volume fails (its reads and
+    writes, by the host and by the copy programs, are rejected). Only targets that exist are
+    accepted; failing what is already failed changes nothing (exit 0).
+
+    Example: vstore fail /tmp/lab primary-sync      (or: vstore fail /tmp/lab volume:sync:C)
     """
     with user_errors():
-        kind, name = parse_target(target)
-        set_fault(lab, kind, name, broken=True)
-    out.print(f"{kind} {name} failed")
+        faults = Faults.load(lab) if lab.is_dir() else Faults()
+        resolved = fault_target(lab, target, faults)
+        changed = faults.set(resolved.kind, resolved.name, True)
+        if changed:
+            faults.save(lab)  # the lab's simulation control; daemons read it on every request
+    what = "failed" if changed else "is already failed; nothing changed"
+    out.print(f"{resolved} {what}{short_form(resolved)}", highlight=False, soft_wrap=True)
 
 
-def heal_command(lab: LabArg, target: Annotated[str, typer.Argument(help="Site, link or volume:NAME.")],
-                 quiet: QuietOption = False) -> None:
+def heal_command(lab: LabArg, target: FaultTargetArg, quiet: QuietOption = False) -> None:
     """Repair an injected failure, then resync the pairs it suspended (Duplex-Pending copies only the
-    recorded positions) and clear the mirror program's write inhibit.
+    recorded positions) and clear the mirror program's write inhibit. Healing what is not failed
+    says so and changes nothing, except that pairs a stopped heal left Suspend are resynced; exit 0.
 
     Example: vstore heal /tmp/lab primary-sync
     """
     with user_errors():
-        kind, name = parse_target(target)
-        set_fault(lab, kind, name, broken=False)
+        faults = Faults.load(lab) if lab.is_dir() else Faults()
+        resolved = fault_target(lab, target, faults)
+        healed = faults.set(resolved.kind, resolved.name, False)
+        if not healed:
+            out.print(f"{resolved} is not failed; nothing to heal{short_form(resolved)}", highlight=False,
+                      soft_wrap=True)
+            if not unfinished(lab):
+                return
+            out.print("continuing the resync a stopped heal left unfinished", highlight=False)
+        else:
+            faults.save(lab)
         client = daemon_client(lab)
         if client is not None:
             lines = client.call(RESYNC)[0]["steps"]
         else:
-            with open_lab(lab) as system, progress_bars(quiet) as progress:
+            with stoppable(lab), open_lab(lab) as system, progress_bars(quiet) as progress:
                 lines = resync_all(system, progress).steps
                 system.save()
-    out.print(f"{kind} {name} healed")
+    if healed:
+        out.print(f"{resolved} healed{short_form(resolved)}", highlight=False, soft_wrap=True)
     for step in lines:
         out.print(f"  {step}", highlight=False)
 
@@ -340,7 +393,8 @@ def recover_command(
 
     Example: rm -rf /tmp/lab/primary && vstore recover /tmp/lab --to sync
     """
-    with user_errors(), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet or as_json) as progress:
+    with user_errors(), stoppable(lab), quiesced_lab(lab), open_lab(lab) as system, \
+            progress_bars(quiet or as_json) as progress:
         report, steps = recover(system, to, progress, full_copy=full)
         system.save()
     if as_json:
@@ -371,7 +425,7 @@ def failover_command(
 
     Example: rm -rf /tmp/lab/primary && vstore failover /tmp/lab --to sync
     """
-    with user_errors(), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet) as progress:
+    with user_errors(), stoppable(lab), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet) as progress:
         if to == "sync":
             if catch_up:
                 raise TricopyError("--catch-up goes with --to async (Fig 14)")
@@ -401,7 +455,7 @@ def failback_command(
 
     Example: vstore failback /tmp/lab --sync-first
     """
-    with user_errors(), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet) as progress:
+    with user_errors(), stoppable(lab), quiesced_lab(lab), open_lab(lab) as system, progress_bars(quiet) as progress:
         steps = failback(system, sync_first=sync_first, progress=progress, discard_site=discard_site)
         system.save()
     for step in steps.steps:

@@ -14,6 +14,7 @@ Keeps true:
   guesses: with fewer than two samples the rate is unknown ("-").
 - `run` draws one frame (`once`, optionally saved as SVG) or a Live screen refreshed when a file
   under the lab changes (watchdog) and at least every `interval` seconds; Ctrl-C exits cleanly.
+  The `--svg` file is checked (`check_output_path`) before the lab is read.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from rich.text import Text
 
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size
-from vstore.cli.common import STATE_STYLE, daemon_client, open_lab, user_errors
+from vstore.cli.common import STATE_STYLE, check_output_path, daemon_client, open_lab, user_errors
 from vstore.lab.topology import SITE_NAMES
 from vstore.lab.watch import watching
 from vstore.net.rpc import SNAPSHOT
@@ -343,6 +344,8 @@ def register(app: typer.Typer) -> None:
         Example: vstore dashboard /tmp/lab --once
         """
         with user_errors():
+            if svg is not None:
+                check_output_path(svg)
             run(lab, once=once, svg=svg, interval=interval)
         if svg is not None:
             Console(stderr=True).print(f"saved the frame to {svg}", highlight=False)

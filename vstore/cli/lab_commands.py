@@ -1,7 +1,8 @@
 """The commands that create a lab and run its processes (DESIGN.md "Surfaces", "user surface"):
 `vstore lab init|up|down` and the foreground daemons `vstore serve` and `vstore shipper`.
 
-Keeps true: `lab init` leaves every pair Duplex (the Fig 3 set-up) or fails with one sentence;
+Keeps true: `lab init` leaves every pair Duplex (the Fig 3 set-up) or fails with one sentence
+(out-of-range numbers are refused by their option bounds before anything is created);
 `lab up` starts the three site daemons and the shipper process in the background and names their
 pid and log files; `serve`/`shipper` run one process in the foreground until SIGTERM, with its
 ready file in LAB/run so that `lab up` knows when it listens.
@@ -18,7 +19,7 @@ from typing import Annotated
 import typer
 
 from vstore.blocks.units import parse_size
-from vstore.cli.common import LabArg, QuietOption, out, progress_bars, user_errors
+from vstore.cli.common import LabArg, QuietOption, command_line, out, progress_bars, stoppable, user_errors
 from vstore.daemons.processes import SHIPPER, lab_down, lab_up
 from vstore.daemons.shipper import ShipperDaemon
 from vstore.daemons.site import SiteDaemon
@@ -30,26 +31,31 @@ def lab_init_command(
     mode: Annotated[str, typer.Option(help="provider = embodiment 4 (A, C, D; entries on the host); "
                                            "mirror = embodiment 1 (A, B, C, D).")] = "provider",
     size: Annotated[str, typer.Option(help="Size of every volume, e.g. 64M, 1G.")] = "64M",
-    volumes: Annotated[int, typer.Option(help="Volumes per site in one consistency group.")] = 1,
+    volumes: Annotated[int, typer.Option(min=1, max=64, help="Volumes per site in one consistency group "
+                                                             "(1-64).")] = 1,
     protect: Annotated[bool, typer.Option("--protect/--no-protect",
                                           help="Fence: refuse writes once the sync copy fails [0040], [0068].")] = True,
     coalesce: Annotated[bool, typer.Option(help="Coalesce repeated writes inside a shipped batch [0045].")] = False,
     durable: Annotated[bool, typer.Option(help="fsync images, spool and state on every write.")] = False,
     spool_capacity: Annotated[str, typer.Option(help="Entry log capacity before the async pair suspends.")] = "256M",
-    base_port: Annotated[int, typer.Option(help="TCP port of the primary's daemon; sync and async use the next "
-                                                "two (127.0.0.1).")] = 7401,
+    base_port: Annotated[int, typer.Option(min=1024, max=65533,
+                                           help="TCP port of the primary's daemon; sync and async use the next "
+                                                "two (127.0.0.1); 1024-65533.")] = 7401,
     tls: Annotated[bool, typer.Option("--tls/--no-tls", help="Daemons talk TLS (a lab CA and certificate are made "
                                                              "in LAB/tls; topology.toml [tls] names them).")] = False,
+    overcommit: Annotated[bool, typer.Option("--overcommit", help="Create the (sparse) images even when the "
+                                             "disk cannot hold them at their full size.")] = False,
     quiet: QuietOption = False,
 ) -> None:
-    """Create a lab and run the Fig 3 initial set-up; every pair ends Duplex.
+    """Create a lab and run the Fig 3 initial set-up; every pair ends Duplex. An interrupted set-up
+    continues where its copies stopped when the same command is run again.
 
     Example: vstore lab init /tmp/lab --mode mirror --size 64M
     """
-    with user_errors(), progress_bars(quiet) as progress:
+    with user_errors(), stoppable(lab), progress_bars(quiet) as progress:
         steps = init_lab(lab, mode=mode, size=parse_size(size), volumes=volumes, protect=protect, coalesce=coalesce,
                          durable=durable, spool_capacity=parse_size(spool_capacity), base_port=base_port,
-                         tls=tls, progress=progress)
+                         tls=tls, overcommit=overcommit, progress=progress, command=command_line())
     for step in steps.steps:
         out.print(f"  {step}", highlight=False)
     out.print(f"lab [bold]{lab}[/] ready ({mode} mode)")

@@ -14,6 +14,8 @@ Keeps true:
 - A pair that cannot be verified (its target site down or gone, the link between the sites cut,
   the initial copy unfinished) is reported with an `error` key, never silently passed.
 - Simplex pairs are not verified (nothing is claimed to be equal).
+- `--repair` copies exactly the differing ranges of each Duplex pair source -> target, then verifies
+  again and reports that second result, each pair with the `repaired_ranges` it copied.
 - `--json` prints `{"pairs": [...]}`; the exit code is 1 when any pair differs, 2 when one could not
   be verified, 0 when all are equal.
 """
@@ -27,8 +29,20 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vstore.cli.common import JsonOption, LabArg, daemon_client, open_lab, user_errors
+from vstore.cli.common import (
+    JsonOption,
+    LabArg,
+    daemon_client,
+    open_lab,
+    progress_bars,
+    quiesced_lab,
+    stoppable,
+    user_errors,
+)
+from vstore.lab.system import System
 from vstore.net.rpc import VERIFY
+from vstore.procedures.setup import repair_pair
+from vstore.procedures.steps import StepLog
 from vstore.reports import verify
 
 EXIT_DIFFER = 1
@@ -73,23 +87,48 @@ def print_results(lab: Path, results: list[dict]) -> None:
     out.print(table)
 
 
+def verify_and_repair(system: System, pair: str | None, quiet: bool) -> list[dict]:
+    """Verify, copy every differing range of a Duplex pair source -> target, verify again; each
+    result names what was copied in `repaired_ranges`."""
+    first = verify(system, pair)
+    steps = StepLog("repair")
+    repaired: dict[str, list[list[int]]] = {}
+    with progress_bars(quiet) as progress:
+        for result in first:
+            if result["differing_ranges"]:
+                ranges = [(f, n) for f, n in result["differing_ranges"]]
+                repair_pair(system, system.registry.get(result["name"]), ranges, steps, progress)
+                repaired[result["name"]] = result["differing_ranges"]
+    system.save()
+    again = verify(system, pair)
+    for result in again:
+        result["repaired_ranges"] = repaired.get(result["name"], [])
+    return again
+
+
 def verify_command(
     lab: LabArg,
     pair: Annotated[str | None, typer.Option("--pair", help="Verify only this pair (e.g. A->C).")] = None,
+    repair: Annotated[bool, typer.Option("--repair", help="Copy every differing range source -> target, then "
+                                         "verify again (the daemons are stopped meanwhile).")] = False,
     as_json: JsonOption = False,
 ) -> None:
     """Online verify (like DRBD's): compare per-range digests of every pair's source and target
     without moving the data, and name the block ranges that differ. Blocks with unshipped entries
-    or recorded positions are skipped (the target legitimately lags there). Exit 1 when any pair
-    differs, 2 when a pair could not be verified, 0 when all are equal.
+    or recorded positions are skipped (the target legitimately lags there). With --repair, copy
+    exactly the differing ranges of each Duplex pair from its source and verify again. Exit 1 when
+    any pair differs, 2 when a pair could not be verified, 0 when all are equal.
 
-    Example: vstore verify /tmp/lab --pair B->D --json
+    Example: vstore verify /tmp/lab --pair B->D --json      (or: vstore verify /tmp/lab --repair)
     """
     with user_errors():
-        client = daemon_client(lab, application=False)
+        client = None if repair else daemon_client(lab, application=False)
         if client is not None:  # online, while the daemons run: the coordinating one compares
             with client:
                 results = client.call(VERIFY, {"pair": pair})[0]["pairs"]
+        elif repair:
+            with stoppable(lab), quiesced_lab(lab), open_lab(lab) as system:
+                results = verify_and_repair(system, pair, quiet=as_json)
         else:
             with open_lab(lab) as system:
                 results = verify(system, pair)

@@ -8,6 +8,11 @@ Keeps true:
 - `lab up` starts the daemons of the sites present, the application's site last (its restart
   re-drives an in-doubt write through the others), then the shipper; `lab down` stops the shipper
   first. Stopping is SIGTERM, then SIGKILL after a timeout, said in the log.
+- While they run, the lab's daemons hold its daemons' claim (`LAB/run/daemons.lock`, shared among
+  them, `daemons_claim`), so no `System` opens the lab in another process meanwhile; and `lab up`
+  refuses at once, naming the holder, while any process has the lab open (a mount of lab:LAB with
+  the daemons down, a command), before it starts anything. A daemon checks that too, after
+  claiming, so a lab opened between the two is caught (see `System._take_lock`).
 - Requests go to the daemon of the site running the application (`coordinator`); status-like
   requests may go to any daemon that answers when no site runs it. The `app.info` answer the
   coordinator got from that very daemon travels with its `Peer` (`Peer.app_info`), not asked twice.
@@ -28,7 +33,9 @@ from typing import Any
 
 from vstore.blocks import pids
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.holders import Claim, check_free, claim
 from vstore.lab.sitedir import lab_application_site
+from vstore.lab.system import DAEMONS_LOCK, LAB_LOCK
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
 from vstore.net.client import Peer
 from vstore.net.keys import load_key
@@ -107,10 +114,32 @@ def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
     raise TricopyError(f"the {name} daemon did not come up within {timeout:.0f}s; see {lab / RUN_DIR}/{name}.log")
 
 
+def check_lab_free(lab: Path) -> None:
+    """Refuse (`Busy`, naming the holder) while a process has the lab open: the daemons would write
+    under it (a brief holder, a command about to end, is waited for)."""
+    check_free(lab / LAB_LOCK, resource=f"lab {lab.absolute()}")
+
+
+def daemons_claim(lab: Path) -> Claim:
+    """The claim a daemon of the lab holds while it runs (its command line names its site): shared
+    with the lab's other daemons, refused while a process has the lab open (`check_lab_free`)."""
+    (lab / RUN_DIR).mkdir(exist_ok=True)
+    held = claim(lab / DAEMONS_LOCK, exclusive=False, resource=f"lab {lab.absolute()}", lasting=True,
+                 what="served by the lab's daemons", release=f"stop them first: vstore lab down {lab}")
+    try:
+        check_lab_free(lab)  # claimed first, checked second (System._take_lock does the reverse)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
 def lab_up(lab: Path) -> dict[str, int]:
-    """Start the daemon of every site present, then the shipper of the site running the application."""
+    """Start the daemon of every site present, then the shipper of the site running the application.
+    Refused before anything starts while a process has the lab open (`check_lab_free`)."""
     topo = load_topology(lab)
     load_key(lab / topo.key_file)  # refuse a bad key before starting anything
+    check_lab_free(lab)
     app_site = lab_application_site(lab)
     order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == app_site)
     names = order + ([SHIPPER] if app_site in order else [])  # the application's site, then the shipper, last

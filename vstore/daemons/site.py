@@ -23,6 +23,9 @@ Keeps true:
   Async site has applied a batch. Pair-state work (a Suspended async group's Duplex-Pending
   resync) stays in this daemon: the shipper asks for it with `ship {"in_process": true}`.
 - The key file must be private (mode 0600) or the daemon refuses to start.
+- While it runs, a daemon holds the lab's daemons' claim (`daemons_claim`, shared with the lab's other
+  daemons): it does not start while another process has the lab open (a mount of lab:LAB with the
+  daemons down, a command), and no process opens the lab in-process while it serves.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.device import ImageDevice
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.daemons.intent import WriteIntent
-from vstore.daemons.processes import RUN_DIR, SHIPPER, running_pid
+from vstore.daemons.processes import RUN_DIR, SHIPPER, daemons_claim, running_pid
 from vstore.lab.sitedir import RECV_DIR, open_journal, open_spool
 from vstore.lab.system import System
 from vstore.lab.topology import SITE_NAMES, load_topology
@@ -239,6 +242,9 @@ class SiteDaemon:
                 blocked = f"site {target} is down"
             elif link_name(self.site, target) in faults.links_down:
                 blocked = f"link {link_name(self.site, target)} is down"
+            elif failed := sorted(f"{target}:{v}" for v in system.receive_targets(target).values()
+                                  if f"{target}:{v}" in faults.volumes_failed):
+                blocked = f"volume {failed[0]} has failed"
             spec = self.topo.peer_address(self.site, target)
             return {**answer, "target_site": target, "address": [spec.host, spec.port],
                     "targets": {str(k): v for k, v in system.receive_targets(target).items()},
@@ -432,6 +438,12 @@ class SiteDaemon:
 
     # -- running --------------------------------------------------------------------------------
     async def run(self, ready: Path | None = None) -> None:
+        """Serve until SIGTERM, holding the lab's daemons' claim from before the port opens until
+        everything is closed (refused at once, naming the holder, while the lab is open elsewhere)."""
+        with daemons_claim(self.lab):
+            await self._serve(ready)
+
+    async def _serve(self, ready: Path | None) -> None:
         spec = self.topo.sites[self.site]
         other = running_pid(self.lab, self.site)
         if other and other != os.getpid():

@@ -11,15 +11,16 @@ Keeps true:
   of its volumes is used (invariant 2).
 - `save` writes each reachable site's state atomically; a pair's copy at a site that is down or
   gone keeps its older version and loses to the newer copy when the site returns.
-- One command at a time works on a lab (an exclusive lock on `LAB/.lock`).
+- One process at a time writes a lab: while open, the `System` holds the lab's claim (`LAB/.lock`,
+  `vstore.blocks.holders`), exclusive, or `shared` among readers of replicas. A conflicting open is
+  refused at once, naming the holder (a mount, another command), and so is any open while the lab's
+  daemons serve it (they hold `LAB/run/daemons.lock`); none waits longer than a brief holder takes.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any
 
 from vstore.blocks.device import BlockDevice, ImageDevice
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.holders import Claim, check_free, claim
+from vstore.lab.copies import clear_finished
 from vstore.lab.sitedir import (
     application_site,
     check_site_state,
@@ -49,6 +52,8 @@ from vstore.replication.storage import AsyncCopyProgram, SiteStorage, StorageSys
 
 log = logging.getLogger("vstore.site")
 
+LAB_LOCK = ".lock"  # the lab's claim, held by an open System
+DAEMONS_LOCK = "run/daemons.lock"  # held (shared) by the lab's daemons while they run, in LAB/run/ with their pid files
 EVIDENCE_EVERY_S = 1.0  # how often another site's copy of the write-count evidence is refreshed
 
 
@@ -59,19 +64,23 @@ VolumeFailureReaction = Callable[["System", Member, int, bytes], object]
 class System:
     """A lab opened in one process: three storages, the network between them and the host."""
 
-    def __init__(self, lab_dir: Path, *, lock: bool = True, local: str | None = None,
+    def __init__(self, lab_dir: Path, *, lock: bool = True, shared: bool = False, local: str | None = None,
                  peers: dict[str, Any] | None = None, entry_log: EntryLog | None = None,
                  volume_failure_reaction: VolumeFailureReaction | None = None) -> None:
         """In one process (default) every site is opened from its directory. A site daemon passes
         `local` (its own site) and `peers` (RPC clients of the other sites' daemons): the other
         sites' state, volumes and receive journals are then reached over the network.
         `volume_failure_reaction`: what the mirror program does when a member volume fails during
-        a write (Fig 17, handed down by `vstore.procedures.reactions.open_system`)."""
+        a write (Fig 17, handed down by `vstore.procedures.reactions.open_system`).
+        `shared`: open to read replicas only, sharing the lab with other such readers (`_take_lock`);
+        `lock=False`: take no claim (a site daemon, whose processes hold the lab together)."""
         self.volume_failure_reaction = volume_failure_reaction
+        self.command = "the same command"  # what continues a stopped copy; the CLI names itself here
+        self.copies_finished = False  # a checkpointed copy ended since the last save
         self.lab_dir = Path(lab_dir)
         self.topo: Topology = load_topology(self.lab_dir)
         self.local, self.peers = local, peers or {}
-        self._lock_fd = self._take_lock() if lock else None
+        self._claim = self._take_lock(shared) if lock else None
         self.faults = Faults.load(self.lab_dir)
         self.states: dict[str, dict] = {}
         unreachable: set[str] = set()
@@ -95,8 +104,11 @@ class System:
         self._mirror_site = ""
         self._providers: dict[tuple[str, str], Provider] = {}
         self._journals: dict[str, ReceiveJournal] = {}
-        for site in self.receiving_sites():
-            self.receiver(site).finish_stored()
+        if self._claim is None or self._claim.exclusive:  # a reader who joins others: they finished them
+            for site in self.receiving_sites():
+                self.receiver(site).finish_stored()
+        if shared and self._claim is not None:
+            self._claim.share()
 
     # -- opening -----------------------------------------------------------------------------------
     def remote(self, site: str) -> bool:
@@ -135,10 +147,21 @@ class System:
                                       for ref in (rec["pair"]["source"], rec["pair"]["target"]))})
         return PairRegistry.merge_copies(copies)
 
-    def _take_lock(self) -> int:
-        fd = os.open(self.lab_dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        return fd
+    def _take_lock(self, shared: bool) -> Claim:
+        """This process's claim on the lab (`LAB/.lock`): exclusive, or shared by readers of replicas,
+        the first of whom holds it alone until the lab is open (so that it alone finishes stored
+        batches; the claim is shared at the end of `__init__`). Refused at once, naming the holder,
+        while another process has it, or while the lab's daemons serve it: they claim
+        `DAEMONS_LOCK` first and check `LAB_LOCK` second, this claims `LAB_LOCK` first and checks
+        `DAEMONS_LOCK` second, so of a daemon and a System starting together one sees the other."""
+        resource = f"lab {self.lab_dir.absolute()}"
+        held = claim(self.lab_dir / LAB_LOCK, exclusive=not shared, resource=resource, share_at_once=False)
+        try:
+            check_free(self.lab_dir / DAEMONS_LOCK, resource=resource)
+        except BaseException:
+            held.release()
+            raise
+        return held
 
     def site_dir(self, site: str) -> Path:
         return self.lab_dir / site
@@ -328,6 +351,9 @@ class System:
                     self._put_states[site] = (doc, time.monotonic())
             else:
                 save_site_state(self.site_dir(site), state, durable=self.topo.durable)
+        if self.copies_finished:  # the copies' results are in the saved state now
+            clear_finished(self.lab_dir)
+            self.copies_finished = False
 
     def _count_writes(self) -> None:
         """Host writes per site, and how many of each source's writes its targets have seen: the
@@ -371,9 +397,9 @@ class System:
         for storage in self.storages.values():
             for vol in storage.volumes.values():
                 vol.device.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._claim is not None:
+            self._claim.release()
+            self._claim = None
 
     def __enter__(self) -> System:
         return self

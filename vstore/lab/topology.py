@@ -5,24 +5,43 @@ volume set (count, size, block size), the mode (`provider` = embodiment 4, `mirr
 embodiment 1), the protection setting (SPEC §5 field 804 and the fence choice of [0040]) and the
 key file. It is read once through `load_topology`, which turns every problem into one clear
 sentence. Volume names follow DESIGN.md: A, B, C, D, or A0.., B0.. when `volumes` > 1.
-"""
 
+What the file may hold is `TABLES`/`LAB_KEYS`/`SITE_KEYS`/`LINK_KEYS`/`TLS_KEYS`: a key not there
+is refused naming the key, its table and the known keys ("unknown key 'prot' in [sites.primary]
+of LAB/topology.toml; known keys: host, port"), and a value of the wrong type is refused naming
+the key. Every port is 1-65535; no two sites or link proxies share a host:port; a site's port (one
+its daemon binds) is 1024 or more unless `[lab] allow_privileged_ports = true` opts in (a link's
+`via` address is only connected to, so any port 1-65535 will do there).
+"""
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import tomli_w
 
 from vstore.blocks.errors import TricopyError
-from vstore.replication.network import SITE_NAMES
+from vstore.replication.network import LINK_NAMES, SITE_NAMES
 
 MODES = ("provider", "mirror")
 TOPOLOGY_FILE = "topology.toml"
 # The volume letters of each site (DESIGN "Lab layout"): A (and B in mirror mode) at the primary
 # site, C at the Sync site, D at the Async site; the first is the site's own copy of the data.
 SITE_LETTERS = {"primary": ("A", "B"), "sync": ("C",), "async": ("D",)}
+# What topology.toml may hold: its tables, and the keys of each with the type of their values.
+TABLES = ("lab", "sites", "links", "tls")  # TOP holds these
+TOP = "the top level"
+LAB_KEYS: dict[str, type] = {"name": str, "mode": str, "size": int, "block_size": int, "volumes": int,
+                             "protect": bool, "coalesce": bool, "durable": bool, "spool_capacity": int,
+                             "key_file": str, "allow_privileged_ports": bool}
+SITE_KEYS: dict[str, type] = {"host": str, "port": int}
+LINK_KEYS: dict[str, type] = {"via": str}
+TLS_KEYS: dict[str, type] = {"cert": str, "key": str, "ca": str}
+MAX_PORT = 65535
+FIRST_UNPRIVILEGED_PORT = 1024
 
 
 @dataclass(frozen=True)
@@ -47,6 +66,7 @@ class Topology:
     sites: dict[str, SiteSpec] = field(default_factory=dict)
     links: dict[str, SiteSpec] = field(default_factory=dict)  # "primary-sync" -> where to connect instead
     tls: dict[str, str] | None = None  # [tls] cert, key, ca (paths relative to the lab); None = plain TCP
+    allow_privileged_ports: bool = False  # site ports below 1024 (a daemon that may bind them)
 
     def peer_address(self, from_site: str, to_site: str) -> SiteSpec:
         """Where `from_site` connects to reach `to_site`: the site itself, or a fault proxy that
@@ -83,6 +103,8 @@ class Topology:
             },
             "sites": {s.name: {"host": s.host, "port": s.port} for s in self.sites.values()},
         }
+        if self.allow_privileged_ports:
+            doc["lab"]["allow_privileged_ports"] = True
         if self.tls:
             doc["tls"] = dict(self.tls)
         return "# tricopy lab topology (see README). Edit only while the lab is down.\n" + tomli_w.dumps(doc)
@@ -98,36 +120,101 @@ def load_topology(lab: Path) -> Topology:
         raise TricopyError(f"{lab} is not a tricopy lab (no {TOPOLOGY_FILE}); create one with `vstore lab init {lab}`")
     try:
         doc = tomllib.loads(path.read_text())
-        lab_doc = doc["lab"]
-        sites = {
-            name: SiteSpec(name, str(spec.get("host", "127.0.0.1")), int(spec.get("port", 0)))
-            for name, spec in doc.get("sites", {}).items()
-        }
-        topo = Topology(
-            name=str(lab_doc["name"]), mode=str(lab_doc["mode"]), size=int(lab_doc["size"]),
-            block_size=int(lab_doc.get("block_size", 4096)), volumes=int(lab_doc.get("volumes", 1)),
-            protect=bool(lab_doc.get("protect", True)), coalesce=bool(lab_doc.get("coalesce", False)),
-            durable=bool(lab_doc.get("durable", False)),
-            spool_capacity=int(lab_doc.get("spool_capacity", 256 << 20)),
-            key_file=str(lab_doc.get("key_file", "lab.key")), sites=sites,
-            links={name: _via(name, spec) for name, spec in doc.get("links", {}).items()},
-            tls=_tls(doc["tls"]) if "tls" in doc else None,
-        )
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise TricopyError(f"{path} is not a valid topology file ({exc}); fix it or re-create the lab") from None
+    topo = _parse(doc, path)
     validate(topo, path)
     return topo
 
 
-def _tls(spec: dict) -> dict[str, str]:
-    missing = [name for name in ("cert", "key", "ca") if not isinstance(spec.get(name), str)]
+def _parse(doc: dict, path: Path) -> Topology:
+    """The Topology a parsed topology.toml describes; unknown keys and wrong types are refused."""
+    _known_keys(doc, TABLES, TOP, path, what="tables")
+    if "lab" not in doc:
+        raise TricopyError(f"{path} has no [lab] table; fix it or re-create the lab")
+    lab = _table(doc, "lab", TOP, path)
+    _known_keys(lab, LAB_KEYS, "[lab]", path)
+
+    sites_doc = _table(doc, "sites", TOP, path) if "sites" in doc else {}
+    _known_keys(sites_doc, SITE_NAMES, "[sites]", path)
+    sites = {name: _site(name, _table(sites_doc, name, "[sites]", path), path) for name in sites_doc}
+    links_doc = _table(doc, "links", TOP, path) if "links" in doc else {}
+    _known_keys(links_doc, LINK_NAMES, "[links]", path)
+    links = {name: _via(name, _table(links_doc, name, "[links]", path), path) for name in links_doc}
+    return Topology(
+        name=_value(lab, "name", str, "[lab]", path), mode=_value(lab, "mode", str, "[lab]", path),
+        size=_value(lab, "size", int, "[lab]", path),
+        block_size=_value(lab, "block_size", int, "[lab]", path, 4096),
+        volumes=_value(lab, "volumes", int, "[lab]", path, 1),
+        protect=_value(lab, "protect", bool, "[lab]", path, True),
+        coalesce=_value(lab, "coalesce", bool, "[lab]", path, False),
+        durable=_value(lab, "durable", bool, "[lab]", path, False),
+        spool_capacity=_value(lab, "spool_capacity", int, "[lab]", path, 256 << 20),
+        key_file=_value(lab, "key_file", str, "[lab]", path, "lab.key"), sites=sites, links=links,
+        tls=_tls(_table(doc, "tls", TOP, path), path) if "tls" in doc else None,
+        allow_privileged_ports=_value(lab, "allow_privileged_ports", bool, "[lab]", path, False),
+    )
+
+
+def _place(where: str, path: Path) -> str:
+    """Where in topology.toml: "in [sites.primary] of PATH" or "at the top level of PATH"."""
+    return f"{'at' if where == TOP else 'in'} {where} of {path}"
+
+
+def _known_keys(table: Mapping, known: Mapping | tuple[str, ...], where: str, path: Path, *,
+                what: str = "keys") -> None:
+    for key in table:
+        if key not in known:
+            raise TricopyError(f"unknown key {key!r} {_place(where, path)}; known {what}: {', '.join(known)}")
+
+
+def _table(doc: Mapping, key: str, where: str, path: Path) -> dict:
+    value = doc[key]
+    if not isinstance(value, dict):
+        name = key if where == TOP else f"{where[1:-1]}.{key}"
+        raise TricopyError(f"{key!r} {_place(where, path)} must be a table ([{name}]), not {value!r}")
+    return value
+
+
+_TYPE_NAMES: dict[type, str] = {str: "a string", int: "an integer", bool: "true or false"}
+T = TypeVar("T")
+
+
+def _value(table: Mapping, key: str, kind: type[T], where: str, path: Path, default: T | None = None) -> T:
+    """table[key] checked to be of `kind` (an integer is never a bool); `default` when absent,
+    a missing required key (default None) is an error."""
+    if key not in table:
+        if default is None:
+            raise TricopyError(f"missing key {key!r} {_place(where, path)}")
+        return default
+    value = table[key]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise TricopyError(f"{key} {_place(where, path)} must be {_TYPE_NAMES[kind]}, not {value!r}")
+    return value
+
+
+def _site(name: str, spec: dict, path: Path) -> SiteSpec:
+    where = f"[sites.{name}]"
+    _known_keys(spec, SITE_KEYS, where, path)
+    host = _value(spec, "host", str, where, path, "127.0.0.1")
+    return SiteSpec(name, host, _value(spec, "port", int, where, path))
+
+
+def _tls(spec: dict, path: Path) -> dict[str, str]:
+    _known_keys(spec, TLS_KEYS, "[tls]", path)
+    missing = [name for name in TLS_KEYS if not isinstance(spec.get(name), str)]
     if missing:
-        raise ValueError(f"[tls] needs cert, key and ca file paths; missing {', '.join(missing)}")
-    return {name: spec[name] for name in ("cert", "key", "ca")}
+        raise TricopyError(f"[tls] of {path} needs cert, key and ca file paths; missing {', '.join(missing)}")
+    return {name: spec[name] for name in TLS_KEYS}
 
 
-def _via(link: str, spec: dict) -> SiteSpec:
-    host, _, port = str(spec["via"]).rpartition(":")
+def _via(link: str, spec: dict, path: Path) -> SiteSpec:
+    where = f"[links.{link}]"
+    _known_keys(spec, LINK_KEYS, where, path)
+    via = _value(spec, "via", str, where, path)
+    host, _, port = via.rpartition(":")
+    if not port.isdigit():
+        raise TricopyError(f"via {_place(where, path)} must be HOST:PORT (e.g. \"127.0.0.1:9000\"), not {via!r}")
     return SiteSpec(link, host or "127.0.0.1", int(port))
 
 
@@ -142,3 +229,28 @@ def validate(topo: Topology, where: Path | str = "topology") -> None:
         raise TricopyError(f"{where}: size must be a positive multiple of the block size {topo.block_size}")
     if not 1 <= topo.volumes <= 64:
         raise TricopyError(f"{where}: volumes must be between 1 and 64")
+    if topo.spool_capacity <= 0:
+        raise TricopyError(f"{where}: spool_capacity must be a positive number of bytes")
+    unknown = sorted(set(topo.links) - set(LINK_NAMES))
+    if unknown:
+        raise TricopyError(f"{where}: unknown link {unknown[0]!r}; links are {', '.join(LINK_NAMES)}")
+    validate_addresses(topo, where)
+
+
+def validate_addresses(topo: Topology, where: Path | str = "topology") -> None:
+    """Every port 1-65535, a site's port unprivileged unless allowed, no host:port used twice."""
+    seen: dict[tuple[str, int], str] = {}
+    entries = [(f"site {name}", spec, True) for name, spec in topo.sites.items()]
+    entries += [(f"link {name} (via)", spec, False) for name, spec in topo.links.items()]
+    for what, spec, binds in entries:
+        if not 1 <= spec.port <= MAX_PORT:
+            raise TricopyError(f"{where}: the port of {what} is {spec.port}; a port is 1-{MAX_PORT}")
+        if binds and spec.port < FIRST_UNPRIVILEGED_PORT and not topo.allow_privileged_ports:
+            raise TricopyError(f"{where}: the port of {what} is {spec.port}, a privileged port (below "
+                               f"{FIRST_UNPRIVILEGED_PORT}); use {FIRST_UNPRIVILEGED_PORT}-{MAX_PORT}, or set "
+                               "allow_privileged_ports = true under [lab] if its daemon may bind it")
+        address = (spec.host, spec.port)
+        if address in seen:
+            raise TricopyError(f"{where}: {seen[address]} and {what} both use {spec.host}:{spec.port}; "
+                               "every site and link proxy needs its own address")
+        seen[address] = what

@@ -4,16 +4,18 @@ authenticated RPC of `vstore.net` (DESIGN "Sites and links", "Process model"; SP
 Keeps true: these classes offer exactly the methods the in-process code calls on a local
 `StorageSystem`, `ReceiveJournal`/`Receiver` and `BlockDevice`, so the sync copy program, the
 shipper and the procedures run unchanged whether a peer is in this process or behind a daemon.
-A peer that cannot be reached raises `ConnectionFailed` (a `SiteDown`), which the copy programs
-already turn into failure Suspend.
+Block data travels in requests of at most `MESSAGE_BYTES`, so a read or write of any size fits
+the frame limit. A peer that cannot be reached raises `ConnectionFailed` (a `SiteDown`), which the
+copy programs already turn into failure Suspend.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.holders import Claim
 from vstore.blocks.ranges import COPY_CHUNK, copy_ranges
 from vstore.net.client import Peer
 from vstore.net.rpc import (
@@ -32,6 +34,15 @@ from vstore.net.rpc import (
 from vstore.replication.entries import Entry, encode_batch
 from vstore.replication.storage import SiteStorage, Volume
 
+MESSAGE_BYTES = 8 << 20  # block data per request, well inside the frame limit of vstore.net.wire
+
+
+def spans(lba: int, count: int, block_size: int) -> Iterator[tuple[int, int]]:
+    """(first, count) pieces of blocks lba..lba+count-1 of at most MESSAGE_BYTES each."""
+    step = max(1, MESSAGE_BYTES // block_size)
+    for first in range(lba, lba + count, step):
+        yield first, min(step, lba + count - first)
+
 
 class RemoteDevice(BlockDevice):
     """A volume of a remote site, read and written block-wise over RPC (copy-program writes)."""
@@ -42,10 +53,13 @@ class RemoteDevice(BlockDevice):
         self.name = f"{site}:{volume} (remote)"
 
     def _read(self, lba: int, count: int) -> bytes:
-        return self.client.call(VOL_READ, {"volume": self.volume, "lba": lba, "count": count})[1]
+        return b"".join(self.client.call(VOL_READ, {"volume": self.volume, "lba": first, "count": n})[1]
+                        for first, n in spans(lba, count, self.block_size))
 
     def _write(self, lba: int, data: bytes) -> None:
-        self.client.call(VOL_WRITE, {"volume": self.volume, "lba": lba}, data)
+        for first, n in spans(lba, len(data) // self.block_size, self.block_size):
+            at = (first - lba) * self.block_size
+            self.client.call(VOL_WRITE, {"volume": self.volume, "lba": first}, data[at:at + n * self.block_size])
 
     def flush(self) -> None:
         self.client.call(VOL_FLUSH, {"volume": self.volume})
@@ -136,7 +150,8 @@ class AppDevice(BlockDevice):
     `jfs ... lab:LAB` uses while the lab is up). Each write returns when the daemon acknowledged
     it: A written (so C has it) and the entry durable in the spool. The volume's geometry comes
     from `app.info`, unless `client.app_info` already holds that daemon's answer for volume 0
-    (used once)."""
+    (used once). A `claim` given to it (the application writer's, see vstore.targets) is held until
+    the device is closed."""
 
     def __init__(self, client: Peer, volume: int = 0, *, readonly: bool = False) -> None:
         info, client.app_info = client.app_info, None
@@ -148,12 +163,17 @@ class AppDevice(BlockDevice):
         # Another process (the shipper) ships this device's entries: a full jfs metadata log mounted on it
         # waits this long for shipping before LogFull (jfs `FileSystem.mount` reads it).
         self.log_full_wait = 60.0
+        self.claim: Claim | None = None
 
     def _read(self, lba: int, count: int) -> bytes:
-        return self.client.call(APP_READ, {"volume": self.volume, "lba": lba, "count": count})[1]
+        return b"".join(self.client.call(APP_READ, {"volume": self.volume, "lba": first, "count": n})[1]
+                        for first, n in spans(lba, count, self.block_size))
 
     def _write(self, lba: int, data: bytes) -> None:
-        self.client.call(APP_WRITE, {"volume": self.volume, "lba": lba}, data)
+        """Each request is one acknowledged application write; a large write is several."""
+        for first, n in spans(lba, len(data) // self.block_size, self.block_size):
+            at = (first - lba) * self.block_size
+            self.client.call(APP_WRITE, {"volume": self.volume, "lba": first}, data[at:at + n * self.block_size])
 
     def has_unshipped(self, ranges: Iterable[tuple[int, int]]) -> bool:
         answer = self.client.call(APP_HAS_UNSHIPPED, {"volume": self.volume, "ranges": [list(r) for r in ranges]})
@@ -161,3 +181,5 @@ class AppDevice(BlockDevice):
 
     def close(self) -> None:
         self.client.close()
+        if self.claim is not None:
+            self.claim.release()

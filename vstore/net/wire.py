@@ -46,7 +46,7 @@ from construct import (
     this,
 )
 
-from vstore.blocks.codec import check_version, parse_checked
+from vstore.blocks.codec import check_version, parse_checked, parse_json_object
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.replication.network import SiteDown
 
@@ -268,16 +268,6 @@ def _json_bytes(meta: dict | None) -> bytes:
     return json.dumps(meta, separators=(",", ":")).encode()
 
 
-def _json_object(raw: bytes, what: str) -> dict:
-    try:
-        value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{what}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise FormatError(f"{what}: JSON {type(value).__name__} where an object was expected")
-    return value
-
-
 def encode_request(method: str, args: dict | None, data: bytes) -> bytes:
     """The payload of a REQUEST frame."""
     name = method.encode()
@@ -295,7 +285,7 @@ def decode_request(payload: bytes) -> tuple[str, dict, bytes]:
         raise FormatError("RPC request: method name is not UTF-8") from None
     if not method:
         raise FormatError("RPC request: empty method name")
-    return method, _json_object(msg.meta, "RPC request arguments"), msg.data
+    return method, parse_json_object(msg.meta, "RPC request arguments"), msg.data
 
 
 def encode_response(status: int, meta: dict | None, data: bytes = b"") -> bytes:
@@ -306,7 +296,7 @@ def encode_response(status: int, meta: dict | None, data: bytes = b"") -> bytes:
 def decode_response(payload: bytes) -> tuple[dict, bytes]:
     """(result, data) from a RESPONSE payload; raises RemoteError for an error response."""
     msg = parse_checked(_RESPONSE, payload, "RPC response")
-    meta = _json_object(msg.meta, "RPC response")
+    meta = parse_json_object(msg.meta, "RPC response")
     if msg.status == STATUS_OK:
         return meta, msg.data
     if msg.status in (STATUS_ERROR, STATUS_INTERNAL):

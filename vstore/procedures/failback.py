@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from vstore.blocks.errors import TricopyError
 from vstore.lab.system import System
+from vstore.procedures.copying import add_member, copy_blocks
 from vstore.procedures.recovery import equalise
 from vstore.procedures.roles import (
     drop_pair,
@@ -29,7 +30,8 @@ from vstore.procedures.roles import (
     restore_site,
     volumes_of,
 )
-from vstore.procedures.setup import Progress, StepLog, new_pair, no_progress, start_pair
+from vstore.procedures.setup import new_pair, start_pair
+from vstore.procedures.steps import Progress, StepLog, no_progress
 from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
 
 
@@ -100,8 +102,8 @@ def copy_site(system: System, src_site: str, dst_site: str, dst_letter: str, ste
               progress: Progress) -> None:
     """Plain full copy of every volume of src_site onto dst_site's volumes of one letter."""
     for s, d in zip(volumes_of(system, src_site), volumes_of(system, dst_site, dst_letter), strict=True):
-        n = system.storage(src_site).copy_to(s, dst_site, d, [(0, system.topo.num_blocks)],
-                                             progress(f"copy {src_site}:{s} -> {dst_site}:{d}", system.topo.num_blocks))
+        n = copy_blocks(system, (src_site, s), (dst_site, d), [(0, system.topo.num_blocks)],
+                        progress(f"copy {src_site}:{s} -> {dst_site}:{d}", system.topo.num_blocks))
         steps.step(f"copied {src_site}:{s} -> {dst_site}:{d} ({n} blocks)")
 
 
@@ -117,12 +119,10 @@ def start_pairs(system: System, kind: PairKind, src_site: str, src_letter: str, 
 
 def add_members(system: System, letter: str, steps: StepLog, progress: Progress) -> None:
     """Fig 6 for every virtual volume: add the primary's volume `letter` to its mirror group."""
-    storage = system.storage("primary")
     for i, name in enumerate(volumes_of(system, "primary", letter)):
         group = system.mirror.group(system.topo.volume_name("A", i))
         steps.step(f"Fig 6: add {name} to the mirror group of virtual volume {group.virtual_volume}")
-        group.fig6_add_member(name, storage.volume(name).external_id, progress=progress(f"Fig 6 add {name}",
-                                                                                     group.num_blocks))
+        add_member(system, "primary", group, name, progress(f"Fig 6 add {name}", group.num_blocks))
 
 
 def original_async_letter(system: System) -> str:

@@ -17,7 +17,7 @@ from vstore.blocks.errors import FormatError, TricopyError
 from vstore.lab.system import System
 from vstore.procedures.recovery import equalise
 from vstore.procedures.roles import drop_pair, drop_pairs_of, make_primary, start_async_without_copy, volumes_of
-from vstore.procedures.setup import Progress, StepLog, no_progress
+from vstore.procedures.steps import Progress, StepLog, no_progress
 
 log = logging.getLogger("vstore.failover")
 

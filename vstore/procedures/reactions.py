@@ -17,7 +17,8 @@ from typing import Any
 from vstore.blocks.errors import TricopyError
 from vstore.lab.system import System
 from vstore.procedures.roles import drop_pair
-from vstore.procedures.setup import StepLog, new_pair
+from vstore.procedures.setup import new_pair
+from vstore.procedures.steps import StepLog
 from vstore.replication.mirror import Member
 from vstore.replication.pairs import PairKind, PairState, split_ref
 

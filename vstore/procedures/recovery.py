@@ -26,8 +26,9 @@ from jfs.scan import metadata_ranges, scan_log
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.ranges import merge_ranges
 from vstore.lab.system import System
+from vstore.procedures.copying import copy_blocks
 from vstore.procedures.roles import drop_pairs_of, make_primary, start_async_without_copy, volumes_of
-from vstore.procedures.setup import Progress, StepLog, no_progress
+from vstore.procedures.steps import Progress, StepLog, no_progress
 
 COMPARE_CHUNK = 64
 
@@ -105,7 +106,7 @@ def equalise(system: System, src_site: str, dst_site: str, steps: StepLog, progr
     advance = progress(f"copy {src_site} -> {dst_site}", total)
     copied = 0
     for s, d, ranges in plans:
-        copied += system.storage(src_site).copy_to(s, dst_site, d, ranges, advance)
+        copied += copy_blocks(system, (src_site, s), (dst_site, d), ranges, advance)
     report.blocks_copied += copied
     report.bytes_copied += copied * system.topo.block_size
     steps.step(f"copied {copied} blocks ({copied * system.topo.block_size} bytes) {src_site} -> {dst_site}; "

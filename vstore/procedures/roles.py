@@ -17,7 +17,8 @@ from vstore.blocks.device import create_image
 from vstore.lab.sitedir import RECV_DIR, SPOOL_DIR, external_id, new_site_state, save_site_state
 from vstore.lab.system import System
 from vstore.lab.topology import SITE_LETTERS
-from vstore.procedures.setup import StepLog, new_pair
+from vstore.procedures.setup import new_pair
+from vstore.procedures.steps import StepLog
 from vstore.replication.mirror import Member, MirrorSettings
 from vstore.replication.pairs import Pair, PairKind, PairState
 

@@ -1,9 +1,9 @@
-"""Fig 3 initial set-up (with Fig 6 inside it) and the resync of suspended pairs (SPEC §5), and the step log
-every procedure keeps.
+"""Fig 3 initial set-up (with Fig 6 inside it), the resync of suspended pairs and the repair of what
+verify found (SPEC §5 [0075]-[0080], §3 [0041]).
 
-Keeps true: every procedure checks all of its preconditions before its first step changes any
-state, and records each step in a `StepLog` (also sent to the `vstore.procedures` logger) so an
-operator can see exactly what was done and where it stopped.
+Keeps true: each checks its preconditions before its first step changes any state and records its
+steps in a `StepLog`; every copy goes through `vstore.procedures.copying`, so a stopped copy
+continues where it stopped when the command is run again.
 
 The failover figures (10, 13, 14, 17) are in `failover.py`, the failback figures (11, 12, 15, 16) in
 `failback.py`, the embodiment-4 recovery in `recovery.py`.
@@ -11,32 +11,11 @@ The failover figures (10, 13, 14, 17) are in `failover.py`, the failback figures
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 from vstore.blocks.errors import TricopyError
 from vstore.lab.system import System
+from vstore.procedures.copying import add_member, copy_blocks
+from vstore.procedures.steps import Progress, StepLog, no_progress
 from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
-
-log = logging.getLogger("vstore.procedures")
-
-Progress = Callable[[str, int], Callable[[int], None]]
-"""progress(description, total_blocks) -> advance(blocks)."""
-
-
-def no_progress(description: str, total: int) -> Callable[[int], None]:
-    return lambda n: None
-
-
-@dataclass
-class StepLog:
-    procedure: str
-    steps: list[str] = field(default_factory=list)
-
-    def step(self, text: str) -> None:
-        self.steps.append(text)
-        log.info("%s: %s", self.procedure, text)
 
 
 def start_pair(system: System, pair: Pair, steps: StepLog, progress: Progress = no_progress, *,
@@ -52,8 +31,8 @@ def start_pair(system: System, pair: Pair, steps: StepLog, progress: Progress = 
         pair.transition(PairState.INITIAL_COPYING, "initial copy")
         steps.step(f"{pair.name}: Initial-Copying {pair.source} -> {pair.target}")
         advance = progress(f"initial copy {pair.name}", pair.num_blocks)
-        copied = system.storage(src_site).copy_to(src_vol, dst_site, dst_vol, [(0, pair.num_blocks)], advance,
-                                                  target_is_zero=target_is_zero)
+        copied = copy_blocks(system, (src_site, src_vol), (dst_site, dst_vol), [(0, pair.num_blocks)], advance,
+                             target_is_zero=target_is_zero)
     if pair.kind == PairKind.ASYNC and src_site == system.active_site:
         system.journal(dst_site).set_applied_seq(system.entry_log.next_seq - 1)
     pair.transition(PairState.DUPLEX, None)
@@ -85,8 +64,8 @@ def fig3_initial_setup(system: System, progress: Progress = no_progress, *, fres
             b = topo.volume_name("B", i)
             group = system.mirror.group(a)
             steps.step(f"Fig 6: add {b} to mirror group of virtual volume {a}")
-            group.fig6_add_member(b, system.storage(site).volume(b).external_id,
-                             progress=progress(f"Fig 6 add {b}", group.num_blocks), target_is_zero=fresh_targets)
+            add_member(system, site, group, b, progress(f"Fig 6 add {b}", group.num_blocks),
+                       target_is_zero=fresh_targets)
             pairs.append(new_pair(system, PairKind.ASYNC, f"{site}:{b}", f"async:{d}"))
         else:
             pairs.append(new_pair(system, PairKind.ASYNC, f"{site}:{a}", f"async:{d}"))
@@ -107,9 +86,9 @@ def resync_pair(system: System, pair: Pair, steps: StepLog, progress: Progress =
     total = sum(n for _, n in ranges)
     steps.step(f"{pair.name}: Duplex-Pending, copying {total} recorded blocks")
     try:
-        copied = system.storage(src_site).copy_to(src_vol, dst_site, dst_vol, ranges,
-                                                  progress(f"resync {pair.name}", total))
-    except TricopyError as exc:
+        copied = copy_blocks(system, (src_site, src_vol), (dst_site, dst_vol), ranges,
+                             progress(f"resync {pair.name}", total))
+    except BaseException as exc:  # the positions stay recorded, whatever stopped the copy
         for first, n in ranges:
             pair.bitmap.mark(first, n)
         pair.transition(PairState.SUSPEND, f"resync interrupted: {exc}", failure=True)
@@ -117,6 +96,22 @@ def resync_pair(system: System, pair: Pair, steps: StepLog, progress: Progress =
     pair.transition(PairState.DUPLEX, None)
     steps.step(f"{pair.name}: Duplex")
     return copied
+
+
+def repair_pair(system: System, pair: Pair, ranges: list[tuple[int, int]], steps: StepLog,
+                progress: Progress = no_progress) -> int:
+    """Copy exactly the block ranges verify found different, source -> target (DRBD's online verify
+    followed by a resync of the out-of-sync blocks). Only a Duplex pair is repaired: any other state
+    has its own copy (Initial-Copying, Duplex-Pending) or claims no equality (Simplex, Suspend)."""
+    if pair.state != PairState.DUPLEX:
+        raise TricopyError(f"pair {pair.name} is {pair.state.value}, not Duplex: repair copies only the "
+                           "differences of a Duplex pair (resync or heal it first)")
+    src_site, src_vol = split_ref(pair.source)
+    dst_site, dst_vol = split_ref(pair.target)
+    system.network.check(src_site, dst_site)
+    total = sum(n for _, n in ranges)
+    steps.step(f"{pair.name}: copying {total} differing blocks in {len(ranges)} ranges")
+    return copy_blocks(system, (src_site, src_vol), (dst_site, dst_vol), ranges, progress(f"repair {pair.name}", total))
 
 
 def resync_all(system: System, progress: Progress = no_progress) -> StepLog:

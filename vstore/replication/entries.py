@@ -8,6 +8,8 @@ Keeps true:
   version, first/last sequence it covers, count, a "coalesced" flag and a CRC over everything.
   A plain batch holds exactly the consecutive entries first..last; a coalesced one a strictly
   increasing subset of them ending at last (entries overwritten later in the same batch dropped).
+- Sequence numbers are 1..`MAX_SEQ`; a saved "last confirmed/applied" number is valid only when
+  `saved_seq_ok` (an integer, below MAX_SEQ so that a next entry exists).
 - Bad bytes always give `FormatError`. The hot paths (`encode_entry`, `decode_entry`) use the
   compiled header of the same declaration; the tests prove they agree with `ENTRY` byte for byte.
 """
@@ -34,7 +36,7 @@ from construct import (
     this,
 )
 
-from vstore.blocks.codec import check_version, crc32, parse_checked
+from vstore.blocks.codec import check_version, crc32, is_count, parse_checked
 from vstore.blocks.errors import FormatError
 
 BLOCK_SIZE = 4096
@@ -43,6 +45,7 @@ ENTRY_MAGIC = b"TCEN"
 ENTRY_VERSION = 1
 BATCH_MAGIC = b"TCBA"
 BATCH_VERSION = 1
+MAX_SEQ = (1 << 64) - 1  # the largest sequence number an entry carries (its field is 64 bits)
 
 _ENTRY_HEADER = Struct(
     "magic" / Const(ENTRY_MAGIC),
@@ -151,6 +154,11 @@ def parse_entry_header(raw: bytes | memoryview, where: str) -> Any:
     if hdr.block_count == 0 or hdr.block_size == 0:
         raise FormatError(f"{where}: block count and block size must be positive (header damaged)")
     return hdr
+
+
+def saved_seq_ok(value: object) -> bool:
+    """Is `value` (read from a JSON state file) a usable last-confirmed or last-applied sequence?"""
+    return is_count(value, MAX_SEQ)
 
 
 def check_consecutive(seqs: Sequence[int], what: str) -> None:

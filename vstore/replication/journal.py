@@ -4,9 +4,11 @@ batch (SPEC §4 [0044]-[0045]; DESIGN invariant 2).
 Keeps true:
 - `ReceiveJournal` stores a received batch durably before it is applied and remembers the last
   applied sequence, so that after a crash the stored batch is finished (applied again, which is
-  idempotent) before the volume is used.
+  idempotent) before the volume is used. A stored batch that does not start right after the last
+  applied sequence (damaged files) is refused, never applied.
 - `Receiver` is the only code that applies a batch: store, then write every entry to the volume its
-  volume id names and flush those volumes, then mark applied. The lab in one process and the site
+  volume id names (a batch naming an unknown volume id is refused before anything is written) and
+  flush those volumes, then mark applied. The lab in one process and the site
   daemon both use it; only how a volume is written differs.
 """
 
@@ -20,7 +22,7 @@ from typing import Protocol
 
 from vstore.blocks.codec import fsync_dir, load_json, remove_stale_temps, save_json_atomic, write_file_atomic
 from vstore.blocks.errors import FormatError, TricopyError
-from vstore.replication.entries import Batch, Entry, decode_batch, encode_batch
+from vstore.replication.entries import MAX_SEQ, Batch, Entry, decode_batch, encode_batch, saved_seq_ok
 
 log = logging.getLogger("vstore.journal")
 
@@ -59,15 +61,16 @@ class ReceiveJournal:
             value = load_json(path).get("applied_seq")
         except FileNotFoundError:
             return 0
-        if not isinstance(value, int) or value < 0:
-            raise FormatError(f"{path}: applied_seq is missing or not a non-negative integer")
+        if not saved_seq_ok(value):
+            raise FormatError(f"{path}: applied_seq is missing or not a sequence number (an integer "
+                              f"0..{MAX_SEQ - 1}); restore it from a backup or resynchronise the async pair")
         return value
 
     def _drop_batch_if_applied(self) -> None:
         """A crash inside mark_applied (after saving applied_seq) leaves an applied batch.bin.
         A damaged batch stays where it is: `stored()` reports it, `set_applied_seq` clears it."""
         try:
-            batch = self.stored_batch()
+            batch = self._read_stored()
         except FormatError as err:
             log.warning("%s", err)
             return
@@ -108,16 +111,25 @@ class ReceiveJournal:
             write_file_atomic(self._batch_path, data, durable=self.durable)
 
     def stored_batch(self) -> Batch | None:
-        """The stored batch not yet applied, with its range, or None."""
+        """The stored batch not yet applied, with its range, or None. A stored batch always starts
+        right after applied_seq (`store` checks it): one that does not is damage, never applied."""
         with self._lock:
-            try:
-                data = self._batch_path.read_bytes()
-            except FileNotFoundError:
-                return None
-            try:
-                return decode_batch(data)
-            except FormatError as err:
-                raise FormatError(f"{self._batch_path}: {err}") from None
+            batch = self._read_stored()
+            if batch is not None and batch.first_seq != self._applied + 1:
+                raise FormatError(f"{self._batch_path}: the stored batch covers {batch.first_seq}.."
+                                  f"{batch.last_seq} but entry {self._applied} was the last applied; "
+                                  "resynchronise the async pair")
+            return batch
+
+    def _read_stored(self) -> Batch | None:
+        try:
+            data = self._batch_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return decode_batch(data)
+        except FormatError as err:
+            raise FormatError(f"{self._batch_path}: {err}") from None
 
     def stored(self) -> list[Entry] | None:
         """The entries of the stored batch not yet applied, or None."""
@@ -227,11 +239,13 @@ class Receiver:
         return len(entries)
 
     def _apply(self, entries: Sequence[Entry]) -> None:
+        """Write the entries in order; a batch naming a volume id this site lacks writes nothing."""
+        for e in entries:
+            if e.volume_id not in self.targets:
+                raise TricopyError(f"entry {e.seq} for unknown volume id {e.volume_id} at site {self.site}")
         used: set[str] = set()
         for e in entries:
-            volume = self.targets.get(e.volume_id)
-            if volume is None:
-                raise TricopyError(f"entry {e.seq} for unknown volume id {e.volume_id} at site {self.site}")
+            volume = self.targets[e.volume_id]
             self._write(volume, e.lba, e.payload)
             used.add(volume)
         for volume in sorted(used):

@@ -26,6 +26,7 @@ from enum import StrEnum
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.interrupts import deferred_interrupts
 from vstore.blocks.ranges import COPY_CHUNK, copy_ranges, merge_ranges
 from vstore.replication.network import VolumeFailed
 from vstore.replication.storage import AsyncCopyProgram, StorageSystem, WriteInhibited
@@ -141,7 +142,8 @@ class MirrorGroup(BlockDevice):
 
     # -- Fig 9 -------------------------------------------------------------------------------------
     def _write(self, lba: int, data: bytes) -> None:
-        self.fig9_write(lba, data)  # `BlockDevice.write` checked the range
+        with deferred_interrupts():  # a Ctrl-C lands after every member took the write, never between
+            self.fig9_write(lba, data)  # `BlockDevice.write` checked the range
 
     def fig9_write(self, lba: int, data: bytes) -> None:
         """Fig 9 [0061]-[0068]: with protection on, refuse before any member is written while a
@@ -230,9 +232,12 @@ class MirrorGroup(BlockDevice):
     # -- Fig 6 -------------------------------------------------------------------------------------
     def _chunks_not_skipped(self, skip: Iterable[tuple[int, int]], chunk: int) -> list[tuple[int, int]]:
         """The chunk-aligned runs of the volume holding any block outside `skip`."""
-        skipped = {b for first, n in skip for b in range(first, first + n)}
-        runs = [(lba, min(chunk, self.num_blocks - lba)) for lba in range(0, self.num_blocks, chunk)
-                if any(b not in skipped for b in range(lba, min(lba + chunk, self.num_blocks)))]
+        runs, at = [], 0
+        for first, count in merge_ranges(skip) + [(self.num_blocks, 0)]:
+            if first > at:  # a gap at..first-1 that needs copying, widened to whole chunks
+                start = at - at % chunk
+                runs.append((start, min(self.num_blocks, -(-first // chunk) * chunk) - start))
+            at = max(at, first + count)
         return merge_ranges(runs)
 
     def fig6_add_member(self, volume: str, external_id: str, *, skip: Iterable[tuple[int, int]] = (),
@@ -254,8 +259,6 @@ class MirrorGroup(BlockDevice):
         copied = copy_ranges(lambda lba, n: storage.host_read(source.volume, lba, n),
                              lambda lba, data: storage.host_write(volume, lba, data), wanted,
                              chunk=chunk, progress=progress, target_is_zero=target_is_zero)
-        if progress and copied < self.num_blocks:
-            progress(self.num_blocks - copied)  # the chunks skipped
         storage.flush_volume(volume)
         member.sync = SyncState.SYNCED
         log.info("Fig 6: %s synced from %s (%d blocks), now readable", volume, source.volume, copied)

@@ -21,9 +21,10 @@ Keeps true:
   of a pair persist it in their own state.json (SPEC §3: both storage systems keep the state);
   `merge_copies` picks the newer copy when both survive and the surviving one when a site's
   directory is gone.
-- `to_dict`/`from_dict` round-trip exactly (the pair lives in each site's `state.json`), and the
-  bitmap's bytes (construct: magic, version, block count, zlib-compressed bits, CRC32) refuse any
-  damage with `FormatError`.
+- `to_dict`/`from_dict` round-trip exactly (the pair lives in each site's `state.json`); a saved
+  pair with a missing field or a field of another type is refused with `FormatError`, and so is
+  any damage to the bitmap's bytes (construct: magic, version, block count, zlib-compressed bits,
+  CRC32), whose memory is sized by the bits it holds, never by the block count it states.
 
 Choice where the patent allows one [0042]: Initial-Copying and Duplex-Pending stay two states.
 """
@@ -125,11 +126,15 @@ _NONZERO_RUN = re.compile(rb"[^\x00]+")
 class PositionBitmap:
     """One bit per block: written while the pair was Suspend or Suspending [0039]."""
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, bits: bytes | None = None) -> None:
+        """A clear bitmap, or one holding `bits` (exactly one bit per block, rounded up to bytes)."""
         if num_blocks < 0:
             raise ValueError(f"a bitmap needs a non-negative block count, got {num_blocks}")
+        size = (num_blocks + 7) // 8
+        if bits is not None and len(bits) != size:
+            raise ValueError(f"{len(bits)} bytes of bits do not fit a {num_blocks}-block bitmap")
         self.num_blocks = num_blocks
-        self._bits = bytearray((num_blocks + 7) // 8)
+        self._bits = bytearray(size) if bits is None else bytearray(bits)
         self._encoded: tuple[bytes, bytes] | None = None  # (bits, their encoding): saved on every write
 
     def mark(self, lba: int, count: int = 1) -> None:
@@ -194,8 +199,8 @@ class PositionBitmap:
     def from_bytes(cls, data: bytes) -> PositionBitmap:
         body = parse_checked(_BITMAP, data, "position bitmap").body.value
         check_version(body.version, BITMAP_VERSION, "position bitmap")
-        bitmap = cls(body.num_blocks)
-        bitmap._bits = bytearray(_inflate(body.zbits, len(bitmap._bits)))
+        # inflated before anything is allocated: the stated block count alone never sizes memory
+        bitmap = cls(body.num_blocks, _inflate(body.zbits, (body.num_blocks + 7) // 8))
         if body.num_blocks % 8 and bitmap._bits[-1] >> (body.num_blocks % 8):
             raise FormatError("position bitmap: bits are set beyond its last block")
         return bitmap
@@ -300,6 +305,9 @@ class Pair:
         """Rebuild a pair from `to_dict` output; FormatError naming the field if it is damaged."""
         name = d.get("name", "?") if isinstance(d, dict) else "?"
         try:
+            if not isinstance(d, dict):
+                raise TypeError(f"a JSON {type(d).__name__}, not an object")
+            _check_fields(d)
             bitmap = PositionBitmap.from_bytes(base64.b64decode(d["bitmap"], validate=True))
             pair = cls(name=str(d["name"]), kind=PairKind(d["kind"]), source=str(d["source"]),
                        target=str(d["target"]), num_blocks=int(d["num_blocks"]), state=PairState(d["state"]),
@@ -312,6 +320,22 @@ class Pair:
         except FormatError as err:
             raise FormatError(f"pair {name}: {err}") from None
         return pair
+
+
+_PAIR_FIELDS: dict[str, tuple[type, ...]] = {
+    "name": (str,), "kind": (str,), "source": (str,), "target": (str,), "num_blocks": (int,),
+    "state": (str,), "bitmap": (str,)}
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"reason": (str, type(None)), "failure": (bool,), "history": (list,)}
+
+
+def _check_fields(d: dict[str, Any]) -> None:
+    """Each field of a saved pair has the JSON type `to_dict` gives it (KeyError names a missing one)."""
+    for key, types in [*_PAIR_FIELDS.items(), *((k, t) for k, t in _OPTIONAL_FIELDS.items() if k in d)]:
+        value = d[key]
+        if not isinstance(value, types) or (types == (int,) and (isinstance(value, bool) or value < 0)):
+            raise TypeError(f"field {key!r} holds {value!r:.40}")
+    if not all(isinstance(h, dict) for h in d.get("history", [])):
+        raise TypeError("field 'history' holds something other than transition records")
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,12 +411,27 @@ class PairRegistry:
 
     @classmethod
     def merge_copies(cls, copies: list[dict[str, dict]]) -> PairRegistry:
-        """Each site's saved pairs -> one registry; a pair present twice keeps its newer copy."""
+        """Each site's saved pairs -> one registry; a pair present twice keeps its newer copy. A
+        damaged record (not {"version": n, "pair": {...}}, or filed under another pair's name) is
+        refused with FormatError."""
         best: dict[str, dict] = {}
         for records in copies:
+            if not isinstance(records, dict):
+                raise FormatError(f"saved pairs: a JSON {type(records).__name__}, not an object of pairs")
             for name, rec in records.items():
+                _check_record(name, rec)
                 if name not in best or rec.get("version", 0) > best[name].get("version", 0):
                     best[name] = rec
         reg = cls({name: Pair.from_dict(rec["pair"]) for name, rec in best.items()})
         reg.versions = {name: int(rec.get("version", 0)) for name, rec in best.items()}
         return reg
+
+
+def _check_record(name: str, rec: object) -> None:
+    if not isinstance(rec, dict) or not isinstance(rec.get("pair"), dict):
+        raise FormatError(f"saved pair {name}: not a record with the pair's state")
+    version = rec.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise FormatError(f"saved pair {name}: version {version!r:.40} is not a non-negative integer")
+    if rec["pair"].get("name") != name:
+        raise FormatError(f"saved pair {name}: the record holds pair {rec['pair'].get('name')!r:.40}")

@@ -5,14 +5,15 @@ Keeps true: the provider is a block device for the file system on the primary ho
 write is acknowledged only after (1) the storage wrote volume A, which it does only once the Sync
 site holds the write (sync copy program: no acknowledged write is missing at C), and (2) the write
 was stamped into an entry (gap-free sequence, timestamp) durably appended to the host's spool.
-Entries leave for the Async host in order and are deleted once it confirms them (vstore.shipping).
+Entries leave for the Async host in order and are deleted once it confirms them (vstore.replication.shipping).
 `has_unshipped` answers the trim-rule question of [0169]: does any entry not yet confirmed by the
 Async host (or any position recorded while the async pair was suspended) touch these blocks?
 
 Order choice: A is written before the entry is appended, so a write refused by the fence
 (WriteInhibited) leaves no entry behind and the Async site never receives a write the Sync site
-refused. A host crash between the two steps leaves an unacknowledged write on A and C only; the
-embodiment-4 recovery copies touched files from C, which covers it.
+refused. A Ctrl-C or SIGTERM never separates the two steps (`deferred_interrupts`). A host crash
+between them leaves an unacknowledged write on A and C only; the embodiment-4 recovery copies
+touched files from C, which covers it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from vstore.blocks.device import BlockDevice
+from vstore.blocks.interrupts import deferred_interrupts
 from vstore.replication.storage import AsyncCopyProgram, StorageSystem
 
 
@@ -36,8 +38,9 @@ class Provider(BlockDevice):
         self.name = f"provider volume {storage.site}:{volume}"
 
     def _write(self, lba: int, data: bytes) -> None:
-        self.storage.host_write(self.volume, lba, data)
-        self.program.record(self.volume, lba, data)
+        with deferred_interrupts():  # a Ctrl-C lands after A, C and the entry, never between them
+            self.storage.host_write(self.volume, lba, data)
+            self.program.record(self.volume, lba, data)
 
     def _read(self, lba: int, count: int) -> bytes:
         return self.storage.host_read(self.volume, lba, count)

@@ -76,7 +76,9 @@ class GroupShipper:
         report = ShipReport()
         try:
             self.network.check(self.source.site, self.target_site)
-        except (LinkDown, SiteDown) as exc:
+            for pair in self.program.pairs():
+                self.network.check_volume(*split_ref(pair.target))
+        except (LinkDown, SiteDown, VolumeFailed) as exc:
             if self.program.log.stats().entries:
                 self.program.suspend_group(str(exc))
             report.error = str(exc)

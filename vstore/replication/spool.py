@@ -29,10 +29,12 @@ from vstore.blocks.errors import FormatError, TricopyError
 from vstore.replication.entries import (
     BLOCK_SIZE,
     ENTRY_MAGIC,
+    MAX_SEQ,
     Entry,
     check_consecutive,
     decode_entry,
     encode_entry,
+    saved_seq_ok,
 )
 from vstore.replication.segments import segment_files, segment_name
 
@@ -124,8 +126,9 @@ class EntryLog:
             value = load_json(path).get("confirmed_seq")
         except FileNotFoundError:
             return 0
-        if not isinstance(value, int) or value < 0:
-            raise FormatError(f"{path}: confirmed_seq is missing or not a non-negative integer")
+        if not saved_seq_ok(value):
+            raise FormatError(f"{path}: confirmed_seq is missing or not a sequence number (an integer "
+                              f"0..{MAX_SEQ - 1}); restore it from a backup or clear the spool")
         return value
 
     def _recover(self) -> int:
@@ -226,6 +229,9 @@ class EntryLog:
 
     def _make_entries(self, items: Sequence[tuple[int, int, bytes]], timestamp_ns: int | None) -> list[Entry]:
         stamp = time.time_ns() if timestamp_ns is None else timestamp_ns
+        if self._next_seq + len(items) - 1 > MAX_SEQ:
+            raise TricopyError(f"entry log {self.spool_dir}: sequence numbers are used up (the next is "
+                               f"{self._next_seq}); resynchronise the async pair and clear the spool")
         entries = []
         for i, (volume_id, lba, payload) in enumerate(items):
             if not payload or len(payload) % self.block_size:

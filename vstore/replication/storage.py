@@ -168,6 +168,7 @@ class StorageSystem:
         """Apply a write at the pair's secondary (raises when it cannot be reached)."""
         site, volume = split_ref(pair.target)
         self.network.check(self.site, site)
+        self.network.check_volume(site, volume)  # the fault set is the lab's: a remote target's too
         self.peers(site).apply_copy(volume, lba, data)
 
     def apply_copy(self, volume: str, lba: int, data: bytes) -> None:
@@ -194,6 +195,7 @@ class StorageSystem:
         `target_is_zero` (a freshly created target): all-zero source chunks need not travel."""
         src = self._device(volume)
         self.network.check(self.site, dst_site)
+        self.network.check_volume(dst_site, dst_volume)
         dst = self.peers(dst_site)
         copied = copy_ranges(src.read, lambda lba, data: dst.apply_copy(dst_volume, lba, data), ranges,
                              chunk=chunk, progress=progress, target_is_zero=target_is_zero)

@@ -1,0 +1,72 @@
+"""Interrupts that wait for the end of a step that must not be cut in two (DESIGN invariant 3: a
+write reaches every copy or none).
+
+Keeps true: inside `deferred_interrupts()`, a SIGINT (Ctrl-C) or SIGTERM that arrives is held and
+takes effect when the block ends — as the KeyboardInterrupt or termination it would have been —
+so a replicated write that has begun (A, C and its entry; or A, C and B) is finished first. In a
+thread other than the main one (where Python cannot handle signals) it changes nothing. Blocks
+nest: a signal held by an inner block is passed on to the outer one. Inside
+`terminate_as_interrupt()` SIGTERM unwinds as Ctrl-C does, so a long command can say where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+HELD = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        pending.append(signum)
+
+    previous = {sig: signal.signal(sig, hold) for sig in HELD}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):
+            deliver(sig, previous[sig])
+
+
+def deliver(sig: int, handler: signal.Handlers | int | object) -> None:
+    """What `sig` would have done under `handler` had it not been held."""
+    if callable(handler):
+        handler(sig, None)  # Python's SIGINT handler raises KeyboardInterrupt here
+    elif handler == signal.SIG_DFL:
+        os.kill(os.getpid(), sig)  # the default action (termination), now that it is restored
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into the same unwinding as Ctrl-C inside `terminate_as_interrupt`."""
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM unwinds like Ctrl-C (`Terminated`, a KeyboardInterrupt), so a long
+    command stops at a consistent point and says so instead of dying mid-step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise Terminated("terminated (SIGTERM)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
