@@ -115,10 +115,14 @@ def _pointers(m: FileMap, lba: int, level: int, p: int, ptrs_of: PtrsOf, keep: K
 
 
 def read_map(geo: L.Geometry, read: Callable[[int], bytes], node: Inode) -> FileMap:
-    """The file system's reading: every pointer block must lie in the data area, parse, and name
-    this inode and its level; anything else is a `FormatError` (run fsck)."""
+    """The file system's reading: the inode's size must fit a file, and every pointer block must lie
+    in the data area, parse, and name this inode and its level; anything else is a `FormatError`
+    (run fsck)."""
     images: dict[int, bytes] = {}
     owner = node.ino
+    if node.size > L.max_file_blocks(geo.block_size) * geo.block_size:
+        raise FormatError(f"inode {owner} states a size of {node.size} bytes, more than a file can hold; "
+                          "run 'jfs fsck'")
 
     def ptrs_of(lba: int, level: int) -> list[int]:
         if not geo.data_start <= lba < geo.data_end:

@@ -120,15 +120,25 @@ def fresh_bitmaps(geo: L.Geometry) -> tuple[bytearray, bytearray]:
     bpb = L.bits_per_bitmap_block(geo.block_size)
     ib = bytearray(geo.ibitmap_blocks * bpb // 8)
     bb = bytearray(geo.bbitmap_blocks * bpb // 8)
-
-    def setbit(buf: bytearray, i: int) -> None:
-        buf[i >> 3] |= 1 << (i & 7)
-
-    for i in [0, L.ROOT_INO, *range(geo.inode_count, len(ib) * 8)]:
-        setbit(ib, i)
-    for i in [*range(geo.data_start), *range(geo.data_end, len(bb) * 8)]:
-        setbit(bb, i)
+    for buf, runs in ((ib, [(0, 1), (L.ROOT_INO, L.ROOT_INO + 1), (geo.inode_count, len(ib) * 8)]),
+                      (bb, [(0, geo.data_start), (geo.data_end, len(bb) * 8)])):
+        for start, end in runs:
+            _set_bits(buf, start, end)
     return ib, bb
+
+
+def _set_bits(buf: bytearray, start: int, end: int) -> None:
+    """Set bits start..end-1 (LSB first), whole bytes at a time where it can."""
+    while start < end and start % 8:
+        buf[start >> 3] |= 1 << (start & 7)
+        start += 1
+    whole = end - end % 8
+    if start < whole:
+        buf[start >> 3:whole >> 3] = b"\xff" * ((whole - start) >> 3)
+        start = whole
+    while start < end:
+        buf[start >> 3] |= 1 << (start & 7)
+        start += 1
 
 
 # -- superblock ---------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ last block is given back.
 Keeps true:
 - A name is 1..255 UTF-8 bytes without "/" or NUL and is not "." or ".."; "." and ".." in a path are
   resolved textually (`split_path`) and never stored.
+- A directory block is used only when it belongs to its directory and every entry has a valid
+  name, a known type and an inode number other than 0 and the root inside the table; any other
+  block is a `FormatError` (fsck repairs it entry by entry).
 - A directory's size is its number of blocks times the block size.
 - Every change of a directory block records the directory (inode, path, the block) in the
   operation's transaction, so the log names the directory as a touched file ([0161]).
@@ -18,7 +21,7 @@ from __future__ import annotations
 import time
 
 from jfs import layout as L
-from jfs.codecs import DirBlock, parse_dir_block
+from jfs.codecs import TYPE_NAMES, DirBlock, parse_dir_block
 from jfs.errors import FileNotFound, InvalidArgument, NameTooLong, NotADirectory
 from jfs.txn import Transactions
 from vstore.blocks.errors import FormatError
@@ -64,10 +67,26 @@ class Directories(Transactions):
         for lba in self.filemap(ino).data:
             if not self.geo.data_start <= lba < self.geo.data_end:
                 raise FormatError(f"directory inode {ino} points outside the data area; run 'jfs fsck'")
-            blocks.append(parse_dir_block(self.bs, lba, self.view.read(lba),
-                                          f"directory block {lba} of inode {ino}")[1])
+            owner, block = parse_dir_block(self.bs, lba, self.view.read(lba), f"directory block {lba} of inode {ino}")
+            bad = self._bad_dir_block(ino, owner, block)
+            if bad is not None:
+                raise FormatError(f"directory block {lba} of inode {ino} {bad}; run 'jfs fsck' to repair")
+            blocks.append(block)
         self.dirs[ino] = blocks
         return blocks
+
+    def _bad_dir_block(self, ino: int, owner: int, block: DirBlock) -> str | None:
+        """What makes a parsed directory block unusable (fsck judges entry by entry instead)."""
+        if owner != ino:
+            return f"belongs to inode {owner}"
+        for name, (child, typ) in block.entries.items():
+            if typ not in TYPE_NAMES:
+                return f"has an entry of unknown type {typ}"
+            if not L.ROOT_INO < child < self.geo.inode_count:
+                return f"names inode {child}, which cannot be an entry"
+            if "/" in name or "\0" in name or name in ("", ".", ".."):
+                return "holds an invalid name"
+        return None
 
     def _entries(self, ino: int) -> dict[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}

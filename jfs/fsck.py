@@ -184,6 +184,7 @@ class Checker:
                 now = self.sb.mkfs_time_ns
                 self.inodes[L.ROOT_INO] = Inode(L.ROOT_INO, L.TYPE_DIR, 0o755, 2, 1, 0, now, now, now)
                 self.dirty_inodes.add(L.ROOT_INO)
+                self.cleared.discard(L.ROOT_INO)  # the corrupt slot is replaced, not emptied
             else:
                 raise _Abort
         for ino in sorted(self.inodes):
@@ -230,6 +231,12 @@ class Checker:
         for lba, (level, ptrs) in m.repaired.items():
             self.ptr_writes[lba] = ptr_image(self.geo.block_size, level, node.ino, ptrs)
         self.data[node.ino] = m.data
+        limit = L.max_file_blocks(self.geo.block_size) * self.geo.block_size
+        if node.type == L.TYPE_FILE and node.size > limit:
+            if self.problem("inode-size", f"inode {node.ino} has size {node.size}, more than a file can "
+                            f"hold; cut to its last block ({len(m.data) * self.geo.block_size})"):
+                node.size = len(m.data) * self.geo.block_size
+                self.dirty_inodes.add(node.ino)
         owned = len(self.owner) - before
         if node.nblocks != owned:
             if self.problem("inode-block-count", f"inode {node.ino} says it owns {node.nblocks} blocks "

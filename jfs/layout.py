@@ -350,7 +350,7 @@ class Geometry:
             and self.bbitmap_start == self.ibitmap_start + self.ibitmap_blocks
             and self.itable_start == self.bbitmap_start + self.bbitmap_blocks
             and self.data_start == self.itable_start + self.itable_blocks
-            and self.ibitmap_blocks * bpb >= self.inode_count
+            and ROOT_INO < self.inode_count <= self.ibitmap_blocks * bpb
             and self.bbitmap_blocks * bpb >= self.num_blocks
             and self.itable_blocks * self.inodes_per_block >= self.inode_count
             and self.data_start + 2 <= self.num_blocks

@@ -14,7 +14,9 @@ open-for-write and close: every jfs write commits a transaction with the file's 
 Keeps true:
 - A transaction is descriptor block(s) (records + home addresses), the new images of the metadata
   blocks it changes, and a commit block whose CRC covers all of them. It is committed exactly when
-  its commit block is on disk with a matching CRC; replay ignores an uncommitted or corrupt tail.
+  its commit block is on disk with a matching CRC and what it names lies where it can (every home
+  between the log area and the backup superblock, every record range in the data area); replay
+  ignores an uncommitted or corrupt tail, so it never writes the superblocks or the log area.
 - Ordering per transaction: file data -> flush -> log blocks -> flush (commit point) ->
   home locations (checkpoint) -> flush -> log header with the new checkpoint sequence -> flush.
   At most one committed transaction is ever not yet checkpointed, so a block freed by a
@@ -179,10 +181,13 @@ def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) ->
         body = parse(TxnBody, body_raw, "txn body")
     except FormatError:
         return None
-    if len(body.homes) != head.meta_blocks:
-        return None
+    if len(body.homes) != head.meta_blocks or not all(geo.ibitmap_start <= h < geo.data_end for h in body.homes):
+        return None  # a metadata block lives between the log area and the backup superblock
     records = [LogRecord(seq, r.ino, r.path or None, str(r.op),
                          [(x.first, x.count) for x in r.ranges]) for r in body.records]
+    if not all(geo.data_start <= first and first + count <= geo.data_end and count
+               for r in records for first, count in r.ranges):
+        return None  # the blocks a record names are the file's, in the data area
     images = [raw[desc_end + i * bs:desc_end + (i + 1) * bs] for i in range(head.meta_blocks)]
     return Txn(seq, off, total, list(body.homes), records, images)
 

@@ -244,3 +244,18 @@ def test_readers_of_a_replica_share(lab_of, image, mounts, tmp_path):
         first.close()
         second.close()
     jfs("write", image, "/x", input="after the readers")
+
+
+def test_a_raw_writer_of_a_lab_image_is_refused_while_the_lab_is_open(lab_of: Callable[[], Path]) -> None:
+    """While a System has the lab open (or its daemons serve it), the lab's raw images refuse a jfs writer."""
+    lab = lab_of()
+    image = lab / "primary" / "A.img"
+    with System(lab):  # a command's System is a brief holder: the writer waits for it a little, then is refused
+        result = jfs("write", image, "/raw.txt", input="x", ok=False)
+        assert result.exit_code == 1 and str(image) in result.stderr and "Traceback" not in result.output
+    vstore("lab", "up", lab)
+    try:
+        refused(lambda: jfs("write", lab / "sync" / "C.img", "/raw.txt", input="x", ok=False), "C.img")
+    finally:
+        vstore("lab", "down", lab)
+    jfs("write", image, "/raw.txt", input="x")  # nobody holds the lab: the image is free again

@@ -4,38 +4,53 @@ CliRunner and, once, as a real subprocess."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from click.testing import Result
 
+from tests import helpers
 from tests.helpers import BS, blocks, image
 
 
-@pytest.fixture
-def mirror_lab(tmp_path: Path, vstore: Callable[..., Result]) -> Path:
-    """A new 1 MiB mirror lab made by `vstore lab init`."""
-    lab = tmp_path / "lab"
-    vstore("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--quiet")
+@pytest.fixture(scope="module")
+def new_mirror_lab(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Made once: a new 1 MiB mirror lab made by `vstore lab init` (read-only for the tests)."""
+    lab = tmp_path_factory.mktemp("cli") / "lab"
+    helpers.vstore("lab", "init", lab, "--mode", "mirror", "--size", "1M", "--quiet")
     return lab
 
 
 @pytest.fixture
-def written_lab(mirror_lab: Path, tmp_path: Path, vstore: Callable[..., Result]) -> Path:
-    """The mirror lab after two acknowledged writes, neither shipped: 3 blocks at 4 (from a file), 1 at 9."""
-    data = tmp_path / "data"
+def mirror_lab(new_mirror_lab: Path, tmp_path: Path) -> Path:
+    """A private copy of the new mirror lab."""
+    return shutil.copytree(new_mirror_lab, tmp_path / "lab")
+
+
+@pytest.fixture(scope="module")
+def written_mirror_lab(new_mirror_lab: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Made once: the new mirror lab after two acknowledged writes, neither shipped: 3 blocks at 4 (from a
+    file), 1 at 9."""
+    root = tmp_path_factory.mktemp("cli-written")
+    lab = shutil.copytree(new_mirror_lab, root / "lab")
+    data = root / "data"
     data.write_bytes(blocks(1, 3))
-    vstore("write", mirror_lab, "--lba", 4, "--file", data)
-    vstore("write", mirror_lab, "--lba", 9, input=blocks(2, 1))
-    return mirror_lab
+    helpers.vstore("write", lab, "--lba", 4, "--file", data)
+    helpers.vstore("write", lab, "--lba", 9, input=blocks(2, 1))
+    return lab
 
 
-def test_lab_init_creates_every_site_file_and_a_private_key(mirror_lab):
+@pytest.fixture
+def written_lab(written_mirror_lab: Path, tmp_path: Path) -> Path:
+    """A private copy of the written mirror lab."""
+    return shutil.copytree(written_mirror_lab, tmp_path / "lab")
+
+
+def test_lab_init_creates_every_site_file_and_a_private_key(new_mirror_lab):
     """`lab init` creates the topology, the volumes and state of every site, and a key only the owner reads."""
-    lab = mirror_lab
+    lab = new_mirror_lab
     for f in ("topology.toml", "lab.key", "primary/A.img", "primary/B.img", "primary/spool", "primary/state.json",
               "sync/C.img", "sync/state.json", "async/D.img", "async/recv", "async/state.json"):
         assert (lab / f).exists(), f

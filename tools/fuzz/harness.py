@@ -18,6 +18,7 @@ Keeps true:
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -121,6 +122,69 @@ def _int_bytes(value: int, width: int, rng: random.Random) -> bytes:
 
 
 def mutate(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:
+    """A third of the time, when a piece of `data` after its flags byte (see `split`) is JSON, an
+    edit of that document's structure (`mutate_json`); otherwise the bytes edited (`mutate_bytes`)."""
+    if len(data) > 1 and rng.randrange(3) == 0:
+        pieces = data[1:].split(SEP)
+        docs = [i for i, piece in enumerate(pieces) if piece[:1] in (b"{", b"[")]
+        if docs:
+            i = rng.choice(docs)
+            edited = mutate_json(pieces[i], rng)
+            if edited is not None:
+                pieces[i] = edited
+                return (data[:1] + SEP.join(pieces))[:MAX_INPUT]
+    return mutate_bytes(data, rng, pool)
+
+
+_JSON_VALUES: tuple[Any, ...] = (None, True, False, 0, -1, 1, 1 << 64, 1.5, float("inf"), float("nan"), "", "x",
+                                 "../x", "/", [], {}, [0], {"": None})
+
+
+def mutate_json(raw: bytes, rng: random.Random) -> bytes | None:
+    """One edit of a JSON document's structure: a value replaced (by a value of another type, an
+    extreme number, another node of the document, a deep nest), an integer nudged, a key deleted or
+    renamed. None when `raw` is not JSON."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    nodes: list[tuple[Any, Any]] = []  # (container, key or index)
+
+    def visit(node: Any) -> None:
+        items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+        for key, child in items:
+            nodes.append((node, key))
+            visit(child)
+
+    visit(doc)
+    if not nodes:
+        return json.dumps(rng.choice(_JSON_VALUES)).encode()
+    container, key = rng.choice(nodes)
+    value = container[key]
+    op = rng.randrange(6)
+    if op == 0:
+        container[key] = rng.choice(_JSON_VALUES)
+    elif op == 1 and isinstance(value, int) and not isinstance(value, bool):
+        container[key] = value + rng.choice((-1, 1, -value - 1, 1 << 63))
+    elif op == 2 and isinstance(container, dict):
+        del container[key]
+    elif op == 3 and isinstance(container, dict):
+        container[rng.choice(("", "x", f"{key}{key}", str(key).upper()))] = container.pop(key)
+    elif op == 4:
+        other, other_key = rng.choice(nodes)
+        container[key] = json.loads(json.dumps(other[other_key]))
+    else:
+        nest: Any = value
+        for _ in range(rng.choice((2, 50, 900, 990))):
+            nest = [nest]
+        container[key] = nest
+    try:
+        return json.dumps(doc).encode()
+    except (ValueError, RecursionError):
+        return None
+
+
+def mutate_bytes(data: bytes, rng: random.Random, pool: list[bytes]) -> bytes:
     """1 to 4 random edits of `data`: bit flips, bytes set to random or interesting values, integers
     nudged, ranges inserted, deleted, duplicated, repeated or spliced in from another input of
     `pool`."""
@@ -191,7 +255,8 @@ def _outcome(outcome: Callable[[bytes], str], data: bytes) -> str:
 def describe(result: object) -> str:
     """The outcome name of a `rejects` result: "ok" or the error's class and message."""
     if isinstance(result, TricopyError):
-        message = re.sub(r"\S*tricopy-fuzz-[^/\s]*/", "", str(result))  # the scratch directory
+        message = re.sub(r"/\S*?tricopy-fuzz-[^/\s]*/", "", str(result)[:300])  # the scratch directory
+        message = re.sub(r"b'[^']*'|b\"[^\"]*\"", "b'..'", message)  # bytes quoted in construct's errors
         return f"{type(result).__name__}:{re.sub(r'[0-9]+', '#', message)[:60]}"
     return "ok"
 
@@ -222,10 +287,10 @@ def fuzz(target: ModuleType, runs: int, seed: int = 0, failures: list[str] | Non
     it and the loop goes on."""
     name = target.__name__.rsplit(".", 1)[-1]
     rng = random.Random(seed)
-    pool = [*target.seeds(), *corpus(name), *(data for _, data in crashers(name))]
     seen: dict[str, int] = {}
     logging.disable(logging.CRITICAL)  # recovery warns about every torn tail it cuts
     try:
+        pool = [*target.seeds(), *corpus(name), *(data for _, data in crashers(name))]
         return _loop(name, target, pool, seen, rng, runs, failures)
     finally:
         logging.disable(logging.NOTSET)

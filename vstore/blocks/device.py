@@ -11,7 +11,9 @@ Keeps true:
   these blocks still wait to be shipped to the Async site? A plain image never has any.
 - An `ImageDevice` opened with `claim=True` holds the image's claim (`IMG.lock` beside it, see
   `vstore.blocks.holders`) until it is closed: exclusive when read-write, shared when read-only; a
-  second writer, or a reader while a writer has it, is refused naming the holder.
+  second writer, or a reader while a writer has it, is refused naming the holder. A lab's processes
+  open its images with `shared_claim=True` (the lab's own claim keeps them to one writer), so a
+  raw writer of a lab's image is refused while the lab is open or up.
 
 Everything above (jfs, the mirror program, the provider) talks only to `BlockDevice`, so the file
 system runs on a plain image, on a mirror group or on the provider alike.
@@ -125,9 +127,11 @@ class ImageDevice(BlockDevice):
     """A block device on a raw image file."""
 
     def __init__(self, path: str | Path, block_size: int = DEFAULT_BLOCK_SIZE, *,
-                 durable: bool = False, readonly: bool = False, claim: bool = False) -> None:
-        """`claim`: hold the image's claim while open (see the module docstring); the lab's own
-        volumes are guarded by the lab's claim instead, and open theirs without."""
+                 durable: bool = False, readonly: bool = False, claim: bool = False,
+                 shared_claim: bool = False) -> None:
+        """`claim`: hold the image's claim while open (see the module docstring). `shared_claim`:
+        hold it shared even when writing, for a lab's volumes, whose one writer the lab's own claim
+        already guarantees: processes of the lab share their images, a raw writer of one is refused."""
         self.path = Path(path)
         self.name = str(self.path)
         self.block_size = block_size
@@ -143,8 +147,8 @@ class ImageDevice(BlockDevice):
             )
         self.num_blocks = size // block_size
         self.claim: Claim | None = None
-        if claim:
-            self.claim = claim_lock(lock_path(self.path), exclusive=not readonly, resource=str(self.path))
+        if claim or shared_claim:
+            self.claim = claim_lock(lock_path(self.path), exclusive=claim and not readonly, resource=str(self.path))
         flags = os.O_RDONLY if readonly else os.O_RDWR
         try:
             self._fd: int | None = os.open(self.path, flags)

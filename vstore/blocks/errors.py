@@ -22,3 +22,11 @@ class FormatError(TricopyError):
 
 class ReadOnlyError(BlockDeviceError):
     """A write to a device or volume opened read-only (e.g. a Duplex secondary)."""
+
+
+def brief(value: object, limit: int = 40) -> str:
+    """A value read from a user's or a peer's file, shown briefly in an error message: containers by
+    their kind (a damaged one may be nested too deeply for repr), anything else cut to `limit`."""
+    if isinstance(value, dict | list | tuple):
+        return f"a {'table' if isinstance(value, dict) else 'list'} of {len(value)} items"
+    return repr(value)[:limit]

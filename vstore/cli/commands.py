@@ -24,6 +24,7 @@ import typer
 from rich.table import Table
 
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.holders import claim
 from vstore.blocks.units import format_size
 from vstore.cli.common import (
     STATE_STYLE,
@@ -41,13 +42,14 @@ from vstore.cli.common import (
     stoppable,
     user_errors,
 )
-from vstore.daemons.processes import clients, is_up
+from vstore.daemons.processes import RUN_DIR, clients, is_up
 from vstore.lab.copies import unfinished
 from vstore.lab.follow import follow as follow_spool
 from vstore.lab.sitedir import load_site_state
 from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.net.client import Peer
 from vstore.net.keys import load_key
+from vstore.net.remote import spans
 from vstore.net.rpc import APP_INFO, APP_WRITE, RESYNC, SHIP, STATUS, VOL_READ
 from vstore.procedures.failback import failback
 from vstore.procedures.failover import (
@@ -60,6 +62,7 @@ from vstore.procedures.setup import resync_all
 from vstore.replication.network import Faults, FaultTarget, UnknownFaultTarget, resolve_target
 from vstore.replication.shipping import ShipReport
 from vstore.reports import status_document
+from vstore.targets import APP_LOCK
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -153,8 +156,13 @@ def write_command(
             vol = int(volume) if volume.isdigit() else volume
             info = client.call(APP_INFO, {"volume": vol})[0]
             data = read_payload(file, info["block_size"], pad)
-            client.call(APP_WRITE, {"volume": vol, "lba": lba}, data)
-            name, block_size = info["name"], info["block_size"]
+            block_size = info["block_size"]
+            # the application writer's claim, as a jfs mount of lab:LAB through the daemons takes it
+            with claim(lab / RUN_DIR / APP_LOCK, exclusive=True, resource=f"lab:{lab.absolute()}"):
+                for first, n in spans(lba, len(data) // block_size, block_size):
+                    at = (first - lba) * block_size
+                    client.call(APP_WRITE, {"volume": vol, "lba": first}, data[at:at + n * block_size])
+            name = info["name"]
         else:
             with open_lab(lab) as system:
                 try:

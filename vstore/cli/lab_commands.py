@@ -18,12 +18,14 @@ from typing import Annotated
 
 import typer
 
+from vstore.blocks.holders import check_free
 from vstore.blocks.units import parse_size
 from vstore.cli.common import LabArg, QuietOption, command_line, out, progress_bars, stoppable, user_errors
-from vstore.daemons.processes import SHIPPER, lab_down, lab_up
+from vstore.daemons.processes import RUN_DIR, SHIPPER, lab_down, lab_up
 from vstore.daemons.shipper import ShipperDaemon
 from vstore.daemons.site import SiteDaemon
 from vstore.procedures.create import init_lab
+from vstore.targets import APP_LOCK
 
 
 def lab_init_command(
@@ -75,12 +77,19 @@ def lab_up_command(lab: LabArg) -> None:
         out.print(f"{what}: pid {pid} (log {lab / 'run' / name}.log)", highlight=False)
 
 
-def lab_down_command(lab: LabArg) -> None:
-    """Stop the lab's site daemons cleanly (SIGTERM, then wait).
+def lab_down_command(
+    lab: LabArg,
+    force: Annotated[bool, typer.Option("--force", help="Stop the daemons even while lab:LAB is mounted or "
+                                                        "open through them (its next writes will fail).")] = False,
+) -> None:
+    """Stop the lab's site daemons cleanly (SIGTERM, then wait). Refused while the application's
+    volume is mounted or open through the daemons, naming who has it, unless --force.
 
     Example: vstore lab down /tmp/lab
     """
     with user_errors():
+        if not force and lab.is_dir():
+            check_free(lab / RUN_DIR / APP_LOCK, resource=f"lab:{lab.absolute()}", wait=0)
         stopped = lab_down(lab)
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 

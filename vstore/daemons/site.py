@@ -44,6 +44,7 @@ from pathlib import Path
 from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.device import ImageDevice
 from vstore.blocks.errors import FormatError, TricopyError
+from vstore.blocks.holders import acting_as
 from vstore.daemons.intent import WriteIntent
 from vstore.daemons.processes import RUN_DIR, SHIPPER, daemons_claim, running_pid
 from vstore.lab.sitedir import RECV_DIR, open_journal, open_spool
@@ -119,7 +120,7 @@ class SiteDaemon:
         if state is None or volume not in state.get("volumes", {}):
             raise TricopyError(f"site {self.site} has no volume {volume!r}")
         self.devices[volume] = ImageDevice(self.site_dir / state["volumes"][volume]["file"],
-                                           self.topo.block_size, durable=self.topo.durable)
+                                           self.topo.block_size, durable=self.topo.durable, shared_claim=True)
         return self.devices[volume]
 
     def journal(self) -> ReceiveJournal:
@@ -440,7 +441,8 @@ class SiteDaemon:
     async def run(self, ready: Path | None = None) -> None:
         """Serve until SIGTERM, holding the lab's daemons' claim from before the port opens until
         everything is closed (refused at once, naming the holder, while the lab is open elsewhere)."""
-        with daemons_claim(self.lab):
+        with acting_as(f"served by the {self.site} daemon", lasting=True, release=f"vstore lab down {self.lab}"), \
+                daemons_claim(self.lab):
             await self._serve(ready)
 
     async def _serve(self, ready: Path | None) -> None:
@@ -460,6 +462,8 @@ class SiteDaemon:
             except OSError as exc:
                 raise TricopyError(f"site {self.site} cannot listen on {spec.host}:{spec.port} "
                                    f"({exc.strerror or exc}); is its daemon already running?") from None
+            for volume in (self.state() or {}).get("volumes", {}):
+                self.device(volume)  # each image claimed (shared) while the daemon serves it
             self.finish_at_start()
             self.redo_at_start()
         retry = asyncio.create_task(self.retry_redo())

@@ -172,7 +172,8 @@ class System:
                                  self.topo.num_blocks, self.storage)
         volumes = {}
         for name, spec in state.get("volumes", {}).items():
-            device = ImageDevice(self.site_dir(site) / spec["file"], self.topo.block_size, durable=self.topo.durable)
+            device = ImageDevice(self.site_dir(site) / spec["file"], self.topo.block_size, durable=self.topo.durable,
+                                 shared_claim=True)
             volumes[name] = Volume(site, name, device, spec["external_id"])
         return StorageSystem(site, volumes, self.registry, self.network, self.storage,
                              fence_reject=self.topo.protect)

@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import tomli_w
 
-from vstore.blocks.errors import TricopyError
+from vstore.blocks.errors import TricopyError, brief
 from vstore.replication.network import LINK_NAMES, SITE_NAMES
 
 MODES = ("provider", "mirror")
@@ -114,14 +114,21 @@ def default_sites(base_port: int = 7401) -> dict[str, SiteSpec]:
     return {name: SiteSpec(name, "127.0.0.1", base_port + i) for i, name in enumerate(SITE_NAMES)}
 
 
+MAX_TOPOLOGY_BYTES = 8192  # a lab's topology.toml is a few hundred bytes
+
+
 def load_topology(lab: Path) -> Topology:
     path = lab / TOPOLOGY_FILE
     if not path.is_file():
         raise TricopyError(f"{lab} is not a tricopy lab (no {TOPOLOGY_FILE}); create one with `vstore lab init {lab}`")
+    if path.stat().st_size > MAX_TOPOLOGY_BYTES:  # tomllib's time grows with the square of a dotted key
+        raise TricopyError(f"{path} is {path.stat().st_size} bytes, not a topology file (those are under "
+                           f"{MAX_TOPOLOGY_BYTES} bytes); fix it or re-create the lab")
     try:
         doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise TricopyError(f"{path} is not a valid topology file ({exc}); fix it or re-create the lab") from None
+    except (ValueError, RecursionError) as exc:  # TOMLDecodeError, bad UTF-8, a number of 5000 digits, deep nesting
+        raise TricopyError(f"{path} is not a valid topology file ({str(exc)[:200]}); "
+                           "fix it or re-create the lab") from None
     topo = _parse(doc, path)
     validate(topo, path)
     return topo
@@ -165,14 +172,14 @@ def _known_keys(table: Mapping, known: Mapping | tuple[str, ...], where: str, pa
                 what: str = "keys") -> None:
     for key in table:
         if key not in known:
-            raise TricopyError(f"unknown key {key!r} {_place(where, path)}; known {what}: {', '.join(known)}")
+            raise TricopyError(f"unknown key {brief(key)} {_place(where, path)}; known {what}: {', '.join(known)}")
 
 
 def _table(doc: Mapping, key: str, where: str, path: Path) -> dict:
     value = doc[key]
     if not isinstance(value, dict):
         name = key if where == TOP else f"{where[1:-1]}.{key}"
-        raise TricopyError(f"{key!r} {_place(where, path)} must be a table ([{name}]), not {value!r}")
+        raise TricopyError(f"{key!r} {_place(where, path)} must be a table ([{name}]), not {brief(value)}")
     return value
 
 
@@ -189,7 +196,7 @@ def _value(table: Mapping, key: str, kind: type[T], where: str, path: Path, defa
         return default
     value = table[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TricopyError(f"{key} {_place(where, path)} must be {_TYPE_NAMES[kind]}, not {value!r}")
+        raise TricopyError(f"{key} {_place(where, path)} must be {_TYPE_NAMES[kind]}, not {brief(value)}")
     return value
 
 
@@ -213,14 +220,15 @@ def _via(link: str, spec: dict, path: Path) -> SiteSpec:
     _known_keys(spec, LINK_KEYS, where, path)
     via = _value(spec, "via", str, where, path)
     host, _, port = via.rpartition(":")
-    if not port.isdigit():
-        raise TricopyError(f"via {_place(where, path)} must be HOST:PORT (e.g. \"127.0.0.1:9000\"), not {via!r}")
+    if not (port.isascii() and port.isdigit() and len(port) <= 5):
+        raise TricopyError(f"via {_place(where, path)} must be HOST:PORT (e.g. \"127.0.0.1:9000\"), "
+                           f"not {brief(via, 60)}")
     return SiteSpec(link, host or "127.0.0.1", int(port))
 
 
 def validate(topo: Topology, where: Path | str = "topology") -> None:
     if topo.mode not in MODES:
-        raise TricopyError(f"{where}: mode must be one of {', '.join(MODES)}, not {topo.mode!r}")
+        raise TricopyError(f"{where}: mode must be one of {', '.join(MODES)}, not {brief(topo.mode)}")
     if set(topo.sites) != set(SITE_NAMES):
         raise TricopyError(f"{where}: sites must be exactly {', '.join(SITE_NAMES)}")
     if topo.block_size <= 0 or topo.block_size % 512:
@@ -233,7 +241,7 @@ def validate(topo: Topology, where: Path | str = "topology") -> None:
         raise TricopyError(f"{where}: spool_capacity must be a positive number of bytes")
     unknown = sorted(set(topo.links) - set(LINK_NAMES))
     if unknown:
-        raise TricopyError(f"{where}: unknown link {unknown[0]!r}; links are {', '.join(LINK_NAMES)}")
+        raise TricopyError(f"{where}: unknown link {brief(unknown[0])}; links are {', '.join(LINK_NAMES)}")
     validate_addresses(topo, where)
 
 

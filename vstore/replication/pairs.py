@@ -57,7 +57,7 @@ from construct import (
 )
 
 from vstore.blocks.codec import check_version, crc32, parse_checked
-from vstore.blocks.errors import FormatError, TricopyError
+from vstore.blocks.errors import FormatError, TricopyError, brief
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ class Pair:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Pair:
         """Rebuild a pair from `to_dict` output; FormatError naming the field if it is damaged."""
-        name = d.get("name", "?") if isinstance(d, dict) else "?"
+        name = d.get("name") if isinstance(d, dict) and isinstance(d.get("name"), str) else "?"
         try:
             if not isinstance(d, dict):
                 raise TypeError(f"a JSON {type(d).__name__}, not an object")
@@ -333,9 +333,12 @@ def _check_fields(d: dict[str, Any]) -> None:
     for key, types in [*_PAIR_FIELDS.items(), *((k, t) for k, t in _OPTIONAL_FIELDS.items() if k in d)]:
         value = d[key]
         if not isinstance(value, types) or (types == (int,) and (isinstance(value, bool) or value < 0)):
-            raise TypeError(f"field {key!r} holds {value!r:.40}")
-    if not all(isinstance(h, dict) for h in d.get("history", [])):
+            raise TypeError(f"field {key!r} holds {brief(value)}")
+    if not all(isinstance(h, dict) and all(isinstance(v, _SCALARS) for v in h.values()) for h in d.get("history", [])):
         raise TypeError("field 'history' holds something other than transition records")
+
+
+_SCALARS = (str, int, float, type(None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,6 +435,6 @@ def _check_record(name: str, rec: object) -> None:
         raise FormatError(f"saved pair {name}: not a record with the pair's state")
     version = rec.get("version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise FormatError(f"saved pair {name}: version {version!r:.40} is not a non-negative integer")
+        raise FormatError(f"saved pair {name}: version {brief(version)} is not a non-negative integer")
     if rec["pair"].get("name") != name:
-        raise FormatError(f"saved pair {name}: the record holds pair {rec['pair'].get('name')!r:.40}")
+        raise FormatError(f"saved pair {name}: the record holds pair {brief(rec['pair'].get('name'))}")
