@@ -179,10 +179,11 @@ def mkdir_command(target: str, path: str,
 
 
 def _remove_tree(fs: FileSystem, path: str) -> None:
-    for name in fs.listdir(path):
-        child = f"{path.rstrip('/')}/{name}"
-        if fs.stat(child).type == "dir":
-            _remove_tree(fs, child)
+    """Remove `path` with everything below it, deepest first (`FileSystem.walk` refuses cycles)."""
+    entries = list(fs.walk(path))
+    for child, st in reversed(entries):
+        if st.type == "dir":
+            fs.rmdir(child)
         else:
             fs.unlink(child)
     fs.rmdir(path)

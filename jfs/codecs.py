@@ -8,8 +8,11 @@ Keeps true:
 - Building then parsing gives back the same values; every parse of untrusted bytes goes through
   `layout.parse`/`parse_checked`, so a bad magic, CRC or length is one `FormatError` sentence.
 - An all-zero inode slot is a free inode, never a corrupt one.
-- A superblock is usable when it parses and the regions it states fit the volume
-  (`Geometry.check`); `find_superblock` takes block 0, else the backup in the last block.
+- A superblock is usable when it parses, every field holds a value the format allows, its regions
+  are the ones `Geometry.plan` makes (`Geometry.check`) and it states the device's size
+  (`superblock_at`); `find_superblock` takes block 0, else the backup in the last block.
+- A directory block names each entry once (`parse_dir_block`); `parse_dir_entries` gives them as
+  stored, for fsck to judge one by one.
 """
 
 from __future__ import annotations
@@ -74,10 +77,19 @@ class DirBlock:
             entries=[dict(ino=i, type=t, name=n) for n, (i, t) in self.entries.items()]))
 
 
-def parse_dir_block(block_size: int, lba: int, raw: bytes, what: str) -> tuple[int, DirBlock]:
-    """(owner inode, entries) of the directory block at `lba`."""
+def parse_dir_entries(block_size: int, raw: bytes, what: str) -> tuple[int, list[tuple[str, int, int]]]:
+    """(owner inode, [(name, ino, type)] in stored order) of a directory block."""
     v = L.parse_checked(L.dir_block(block_size), raw, what)
-    return v.owner, DirBlock(lba, {e.name: (e.ino, e.type) for e in v.entries})
+    return v.owner, [(e.name, e.ino, e.type) for e in v.entries]
+
+
+def parse_dir_block(block_size: int, lba: int, raw: bytes, what: str) -> tuple[int, DirBlock]:
+    """(owner inode, entries) of the directory block at `lba`; a name stored twice is a FormatError."""
+    owner, entries = parse_dir_entries(block_size, raw, what)
+    block = DirBlock(lba, {name: (ino, typ) for name, ino, typ in entries})
+    if len(block.entries) != len(entries):
+        raise FormatError(f"{what} holds a name twice; run 'jfs fsck' to repair")
+    return owner, block
 
 
 # -- pointer blocks -------------------------------------------------------------------------------
@@ -160,10 +172,24 @@ def read_superblock(raw: bytes, what: str = "superblock") -> Any:
     return L.parse_checked(L.Superblock, raw[:L.SUPERBLOCK_BYTES], what)
 
 
+def check_superblock(sb: Any, what: str) -> None:
+    """FormatError unless every field of a parsed superblock holds a value the format allows."""
+    if sb.inode_size != L.INODE_SIZE or sb.root_ino != L.ROOT_INO or sb.features \
+            or sb.state not in (L.STATE_CLEAN, L.STATE_DIRTY):
+        raise FormatError(f"the {what} states an impossible inode size, root inode, feature set or "
+                          "state; run 'jfs fsck' to check and repair")
+    L.Geometry.from_superblock(sb).check(what)
+
+
 def superblock_at(device: BlockDevice, lba: int, what: str) -> Any:
-    """The superblock stored at `lba`, parsed and with regions that fit; FormatError otherwise."""
+    """The superblock stored at `lba`: parsed, every field possible, its regions as `plan` makes
+    them and its size the device's; FormatError otherwise."""
     sb = read_superblock(device.read(lba), what)
-    L.Geometry.from_superblock(sb).check()
+    if sb.block_size != device.block_size or sb.num_blocks != device.num_blocks:
+        raise FormatError(f"the {what} describes {sb.num_blocks} blocks of {sb.block_size} bytes but "
+                          f"{device.name} has {device.num_blocks} of {device.block_size}; open it with "
+                          "jfs.fs.open_image")
+    check_superblock(sb, what)
     return sb
 
 
@@ -171,5 +197,8 @@ def find_superblock(device: BlockDevice) -> Any:
     """The superblock of block 0, or its backup in the last block when block 0 is not usable."""
     try:
         return superblock_at(device, 0, "superblock (block 0)")
-    except FormatError:
-        return superblock_at(device, device.num_blocks - 1, "backup superblock")
+    except FormatError as primary:
+        try:
+            return superblock_at(device, device.num_blocks - 1, "backup superblock")
+        except FormatError:
+            raise primary from None

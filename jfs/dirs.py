@@ -65,6 +65,8 @@ class Directories(Transactions):
             raise NotADirectory(f"inode {ino} is not a directory")
         blocks = []
         for lba in self.filemap(ino).data:
+            if not lba:
+                raise FormatError(f"directory inode {ino} has a hole in its block list; run 'jfs fsck'")
             if not self.geo.data_start <= lba < self.geo.data_end:
                 raise FormatError(f"directory inode {ino} points outside the data area; run 'jfs fsck'")
             owner, block = parse_dir_block(self.bs, lba, self.view.read(lba), f"directory block {lba} of inode {ino}")

@@ -26,6 +26,10 @@ Keeps true:
   blocks and log space go to no other operation, and `statfs` reports them as used.
 - mkfs writes the primary superblock last, after a flush of everything else, so a volume with a
   valid primary superblock is a complete empty file system.
+- Mount uses block 0 when it is a usable superblock (`codecs.superblock_at`), else the backup in
+  the last block: read-only, nothing is written; read-write, a warning is logged and block 0 is
+  rewritten from the backup as the volume is marked dirty. A block 0 of zeros is no file system.
+- `walk` meets each directory once: a directory named twice (a cycle) is a FormatError, never a loop.
 
 Limits: names <= 255 UTF-8 bytes; files up to (12 + P + P*P) blocks, P pointers per block
 (>= 64 GiB at 4 KiB blocks); access times are not updated by reads (noatime).
@@ -33,6 +37,7 @@ Limits: names <= 255 UTF-8 bytes; files up to (12 + P + P*P) blocks, P pointers 
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -40,7 +45,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jfs import layout as L
-from jfs.codecs import TYPE_NAMES, Inode, bitmap_images, fresh_bitmaps, read_superblock, superblock_image
+from jfs.codecs import (
+    TYPE_NAMES,
+    Inode,
+    bitmap_images,
+    fresh_bitmaps,
+    read_superblock,
+    superblock_at,
+    superblock_image,
+)
 from jfs.dirs import Directories, join, split_path
 from jfs.errors import (
     FileExists,
@@ -58,6 +71,8 @@ from vstore.blocks.errors import BlockDeviceError, FormatError
 # What a caller passes as `log_full_wait` for a device whose entries another process ships
 # meanwhile (a lab that is up): a full metadata log waits this long for the shipper before LogFull.
 LOG_FULL_WAIT_S = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -165,6 +180,9 @@ def probe_image(path: str | Path) -> tuple[int, bool]:
                 except FormatError:
                     pass
             bs *= 2
+    if head[:4] == b"JFSB":  # a jfs superblock, damaged, and no usable backup either
+        raise FormatError(f"{path}: superblock (block 0) and its backup (last block) are both damaged; "
+                          "'jfs fsck' needs one of them: restore the volume from a replica or a backup")
     raise FormatError(f"{path} is not a jfs image (no valid superblock); create one with 'jfs mkfs'")
 
 
@@ -191,13 +209,19 @@ class FileSystem(Directories):
         if not any(block0):
             raise FormatError(f"{device.name} holds no file system (block 0 is empty): make one with `jfs mkfs`; "
                               "on a replica, it arrives once the primary's writes are copied there")
-        sb = read_superblock(block0, "superblock (block 0)")
-        if sb.block_size != device.block_size or sb.num_blocks != device.num_blocks:
-            raise FormatError(f"{device.name}: the superblock describes {sb.num_blocks} blocks of "
-                              f"{sb.block_size} bytes but the device has {device.num_blocks} of "
-                              f"{device.block_size}; open it with jfs.fs.open_image")
-        L.Geometry.from_superblock(sb).check()
+        damaged: FormatError | None = None
+        try:
+            sb = superblock_at(device, 0, "superblock (block 0)")
+        except FormatError as exc:
+            damaged = exc
+            try:
+                sb = superblock_at(device, device.num_blocks - 1, "backup superblock")
+            except FormatError:
+                raise damaged from None
         fs = cls(device, BlockView(device, readonly=readonly), sb, log_full_wait=log_full_wait)
+        if damaged is not None:
+            log.warning("%s: %s; mounted with the backup superblock (last block)%s", device.name,
+                        str(damaged).split(";")[0], "" if fs.readonly else ", which now replaces it")
         if not fs.readonly:
             fs._write_superblock(L.STATE_DIRTY)
         return fs
@@ -436,12 +460,22 @@ class FileSystem(Directories):
                       str(uuidlib.UUID(bytes=self.uuid)))
 
     def walk(self, path: str = "/") -> Iterator[tuple[str, StatResult]]:
-        """Every entry below `path` (depth first), with its stat."""
-        base = split_path(path)
-        for name in self.listdir(path):
-            child = join([*base, name])
-            st = self.stat(child)
-            yield child, st
+        """Every entry below `path` (depth first, in name order), with its stat. A directory named
+        a second time (a cycle; fsck removes such entries) is a FormatError, never a loop."""
+        seen = {self.lookup(path)}
+        todo = [(split_path(path), iter(self.listdir(path)))]
+        while todo:
+            base, names = todo[-1]
+            name = next(names, None)
+            if name is None:
+                todo.pop()
+                continue
+            parts = [*base, name]
+            st = self.stat(join(parts))
+            yield join(parts), st
             if st.type == "dir":
-                yield from self.walk(child)
+                if st.ino in seen:
+                    raise FormatError(f"{join(parts)} names a directory already met on the way; run 'jfs fsck'")
+                seen.add(st.ino)
+                todo.append((parts, iter(self.listdir(join(parts)))))
 

@@ -9,15 +9,18 @@ It reads the volume only through the shared readers: superblocks and block image
 Keeps true:
 - Exit codes are e2fsck's: 0 clean, 1 problems found and all corrected, 4 problems left
   uncorrected (always the case with `-n` when something is wrong), 8 operational error.
-- A committed log is replayed before anything is judged (a dirty log is not an error); with `-n`
-  the replay lives in memory and the device is never written.
-- Passes: 0 superblock (and its backup), 1 log area, 2 inodes and block ownership (bad and doubly
-  claimed blocks, corrupt pointer blocks), 3 directory entries, 4 connectivity to the root (orphans
-  go to /lost+found), 5 link counts, 6 bitmaps against what is reachable.
-- Repair only does what is safe: it drops what cannot be trusted (a corrupt pointer or directory
-  block, a bad entry, a second claim on a block) and rebuilds what is derived (bitmaps, link counts,
-  block counts, sizes of directories). A reset log is flagged "records lost" so the recovery scan
-  knows it cannot prove which files changed ([0171]).
+- Passes: 0 superblock (and its backup) and 1 log area (`jfs.fsck_log`: a committed log is
+  replayed before anything is judged, a dirty log is not an error; with `-n` the replay lives in
+  memory and the device is never written), 2 inodes and block ownership (bad and doubly claimed
+  blocks, corrupt pointer blocks, impossible sizes), 3 directory blocks, 4 directory entries and
+  connectivity to the root (orphans go to /lost+found; a directory reached twice, a cycle, a name
+  stored twice or an impossible name loses the entry), 5 link counts, 6 bitmaps against what is
+  reachable.
+- Repair only does what is safe and converges: it drops what cannot be trusted (a corrupt pointer
+  or directory block is left where it is and no longer owned, a bad entry, a second claim on a
+  block) and rebuilds what is derived (bitmaps, link counts, block counts, a directory's block list
+  and size); it never writes a block it does not own afterwards. When it reports everything
+  corrected (exit 1), a second run finds nothing (exit 0).
 """
 
 from __future__ import annotations
@@ -28,31 +31,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from jfs import layout as L
-from jfs.blockmap import walk
+from jfs.blockmap import FileMap, store_map, walk
 from jfs.codecs import (
     DirBlock,
     Inode,
     bitmap_images,
     fresh_bitmaps,
-    parse_dir_block,
+    parse_dir_entries,
     parse_ptr_block,
     ptr_image,
-    superblock_at,
-    superblock_image,
 )
-from jfs.metalog import BlockView, LogHead, MetaLog, read_header, replay_committed, scan_ring
+from jfs.errors import NoSpace
+from jfs.fsck_log import Abort, Problem, VolumeChecks
 from vstore.blocks.device import BlockDevice
-from vstore.blocks.errors import FormatError, TricopyError
+from vstore.blocks.errors import FormatError, TricopyError, brief
 
 EXIT_CLEAN, EXIT_FIXED, EXIT_UNFIXED, EXIT_ERROR = 0, 1, 4, 8
 LOST_FOUND = "lost+found"
-
-
-@dataclass
-class Problem:
-    code: str
-    message: str
-    fixed: bool
 
 
 @dataclass
@@ -69,84 +64,8 @@ class FsckResult:
         return json.dumps(self.to_json())
 
 
-class _Abort(Exception):
-    """Checking cannot go on (e.g. no usable superblock)."""
-
-
-class Checker:
-    def __init__(self, device: BlockDevice, repair: bool) -> None:
-        self.device = device
-        self.repair = repair and not device.readonly
-        self.view = BlockView(device, readonly=not self.repair)
-        self.problems: list[Problem] = []
-        self.replayed = 0
-
-    def problem(self, code: str, message: str, fixable: bool = True) -> bool:
-        """Record a problem; returns True when it is to be fixed now."""
-        fixed = self.repair and fixable
-        self.problems.append(Problem(code, message, fixed))
-        return fixed
-
-    # -- pass 0: superblock ----------------------------------------------------------------------
-    def check_superblock(self) -> None:
-        dev = self.device
-        primary = backup = None
-        try:
-            primary = superblock_at(dev, 0, "superblock")
-        except FormatError:
-            primary = None
-        try:
-            backup = superblock_at(dev, dev.num_blocks - 1, "backup superblock")
-        except FormatError:
-            backup = None
-        if primary is None and backup is None:
-            self.problem("superblock-corrupt", "neither the superblock nor its backup is valid", False)
-            raise _Abort
-        if primary is None:
-            assert backup is not None
-            self.sb = backup
-            if self.problem("superblock-corrupt", "the superblock (block 0) is corrupt; "
-                            "restored from the backup in the last block"):
-                self._write_sb(0, L.STATE_DIRTY)
-        else:
-            self.sb = primary
-        self.geo = L.Geometry.from_superblock(self.sb)
-        if self.sb.block_size != dev.block_size or self.sb.num_blocks != dev.num_blocks:
-            self.problem("geometry", "the superblock does not match the device size", False)
-            raise _Abort
-        if primary is not None and (backup is None or L.Geometry.from_superblock(backup) != self.geo
-                                    or backup.uuid != primary.uuid):
-            if self.problem("backup-superblock", "the backup superblock is missing or differs; "
-                            "rewritten from the superblock"):
-                self._write_sb(self.geo.backup_sb, L.STATE_CLEAN)
-
-    def _write_sb(self, lba: int, state: int) -> None:
-        sb = self.sb
-        self.view.write(lba, superblock_image(L.Geometry.from_superblock(sb), sb.uuid, sb.label, state,
-                                              sb.checkpoint_seq, sb.mkfs_time_ns))
-
-    # -- pass 1: log -----------------------------------------------------------------------------
-    def check_log(self) -> None:
-        geo, uuid = self.geo, self.sb.uuid
-        try:
-            head = read_header(self.view, geo)
-            if head.uuid != uuid:
-                raise FormatError("log header UUID differs from the superblock")
-        except FormatError as exc:
-            if self.problem("log-header-corrupt", f"{exc}; the log is reset"):
-                self._reset_log(1)
-            return
-        scan = scan_ring(self.view, geo, head)
-        self.replayed = len(replay_committed(self.view, geo, scan))  # a committed log is not an error
-        if scan.problem and not head.flags & L.LOG_FLAG_RECORDS_LOST:
-            if self.problem("log-record-corrupt", f"{scan.problem}; the log is reset"):
-                self._reset_log(head.head_seq)
-
-    def _reset_log(self, seq: int) -> None:
-        geo = self.geo
-        MetaLog.format(self.device, geo, self.sb.uuid)
-        head = LogHead(self.sb.uuid, L.LOG_FLAG_RECORDS_LOST, seq, 0, seq, 0, seq - 1)
-        self.view.write(geo.log_start, head.build(geo.block_size))
+class Checker(VolumeChecks):
+    """Passes 0-1 (`jfs.fsck_log`), then 2-6 here."""
 
     # -- pass 2: inodes and block ownership ---------------------------------------------------------
     def check_inodes(self) -> None:
@@ -156,6 +75,8 @@ class Checker:
         self.cleared: set[int] = set()
         self.owner: dict[int, int] = {}
         self.data: dict[int, list[int]] = {}
+        self.maps: dict[int, FileMap] = {}
+        self.given_up: set[int] = set()  # blocks dropped as untrustworthy: left as they are, never reused here
         self.ptr_writes: dict[int, bytes] = {}
         for blk in range(geo.itable_blocks):
             raw = self.view.read(geo.itable_start + blk)
@@ -181,12 +102,12 @@ class Checker:
         if root is None or root.type != L.TYPE_DIR:
             if self.problem("root-missing", "the root directory inode is missing or not a directory; "
                             "an empty root is created"):
-                now = self.sb.mkfs_time_ns
+                now = min(self.sb.mkfs_time_ns, (1 << 63) - 1)  # an inode time is an i64
                 self.inodes[L.ROOT_INO] = Inode(L.ROOT_INO, L.TYPE_DIR, 0o755, 2, 1, 0, now, now, now)
                 self.dirty_inodes.add(L.ROOT_INO)
                 self.cleared.discard(L.ROOT_INO)  # the corrupt slot is replaced, not emptied
             else:
-                raise _Abort
+                raise Abort
         for ino in sorted(self.inodes):
             self._walk(self.inodes[ino])
 
@@ -211,11 +132,13 @@ class Checker:
             self.problem("pointer-block-corrupt", f"inode {node.ino}: {exc.args[0].split(';')[0]}; "
                          "the blocks under it are dropped")
             del self.owner[lba]
+            self.given_up.add(lba)
             return None
         if v.level != level or v.owner != node.ino:
             self.problem("pointer-block-owner", f"inode {node.ino}: pointer block {lba} belongs to "
                          f"inode {v.owner} level {v.level}; dropped")
             del self.owner[lba]
+            self.given_up.add(lba)
             return None
         return list(v.ptrs)
 
@@ -231,6 +154,7 @@ class Checker:
         for lba, (level, ptrs) in m.repaired.items():
             self.ptr_writes[lba] = ptr_image(self.geo.block_size, level, node.ino, ptrs)
         self.data[node.ino] = m.data
+        self.maps[node.ino] = m
         limit = L.max_file_blocks(self.geo.block_size) * self.geo.block_size
         if node.type == L.TYPE_FILE and node.size > limit:
             if self.problem("inode-size", f"inode {node.ino} has size {node.size}, more than a file can "
@@ -255,26 +179,66 @@ class Checker:
             blocks: list[DirBlock] = []
             data = self.data[ino]
             if 0 in data:
-                self.problem("dir-hole", f"directory inode {ino} has a hole in its block list", False)
+                self.problem("dir-hole", f"directory inode {ino} has a hole in its block list; closed")
             for lba in data:
                 if not lba:
                     continue
                 try:
-                    owner, block = parse_dir_block(bs, lba, self.view.read(lba), f"directory block {lba}")
+                    owner, entries = parse_dir_entries(bs, self.view.read(lba), f"directory block {lba}")
                     if owner != ino:
                         raise FormatError(f"directory block {lba} belongs to inode {owner}")
-                    blocks.append(block)
                 except FormatError as exc:
-                    if self.problem("dir-block-corrupt", f"directory inode {ino}: "
-                                    f"{exc.args[0].split(';')[0]}; its entries are dropped"):
+                    self.problem("dir-block-corrupt", f"directory inode {ino}: {exc.args[0].split(';')[0]}; "
+                                 "the block is dropped from the directory (its entries are lost)")
+                    del self.owner[lba]
+                    self.given_up.add(lba)
+                    continue
+                block = DirBlock(lba, {})
+                for name, child, typ in entries:
+                    if name in block.entries:
+                        self.problem("dir-entry-duplicate", f"directory block {lba} of inode {ino} names "
+                                     f"{brief(name)} twice; the second entry is removed")
                         self.dir_writes[lba] = ino
-                    blocks.append(DirBlock(lba, {}))
+                    else:
+                        block.entries[name] = (child, typ)
+                blocks.append(block)
             self.dirs[ino] = blocks
-            if node.size != len(data) * bs:
+            if [b.lba for b in blocks] != data:
+                try:
+                    self._set_dir_blocks(ino)
+                except NoSpace:
+                    self.problem("dir-rebuild", f"directory inode {ino}: no free block to rebuild its "
+                                 "block list; free some space and run fsck again", False)
+                    raise Abort from None
+            if node.size != len(blocks) * bs:
                 if self.problem("dir-size", f"directory inode {ino} has size {node.size}, "
-                                f"expected {len(data) * bs}; corrected"):
-                    node.size = len(data) * bs
+                                f"expected {len(blocks) * bs}; corrected"):
+                    node.size = len(blocks) * bs
                     self.dirty_inodes.add(ino)
+
+    def _set_dir_blocks(self, ino: int) -> None:
+        """Point directory `ino` at exactly its blocks in `dirs` (rebuilding its pointer blocks)."""
+        node, m = self.inodes[ino], self.maps[ino]
+        m.data = [b.lba for b in self.dirs[ino]]
+        self.data[ino] = m.data
+
+        def alloc() -> int:
+            lba = self._free_block()
+            if lba is None:
+                raise NoSpace("no free block for a directory's pointer block")
+            self.owner[lba] = ino
+            return lba
+
+        def put(lba: int, img: bytes) -> None:
+            self.ptr_writes[lba] = img
+
+        def free(lba: int) -> None:
+            self.owner.pop(lba, None)
+            self.ptr_writes.pop(lba, None)
+
+        store_map(m, node, self.geo.block_size, alloc=alloc, put=put, free=free)
+        node.size = len(m.data) * self.geo.block_size
+        self.dirty_inodes.add(ino)
 
     # -- pass 4: connectivity --------------------------------------------------------------------
     def check_tree(self) -> None:
@@ -291,10 +255,9 @@ class Checker:
             if self.problem("unattached-inode", f"inode {ino} is not reachable from the root; "
                             f"linked into /{LOST_FOUND}"):
                 lf = self._lost_found()
-                if lf is None:
+                if lf is None or not self._add_entry(lf, f"#{ino}", ino):
                     self.problems[-1].fixed = False
                     continue
-                self._add_entry(lf, f"#{ino}", ino)
                 self.links[ino] += 1
                 if self.inodes[ino].type == L.TYPE_DIR:
                     self.subdirs[lf] += 1
@@ -305,9 +268,12 @@ class Checker:
         self.reached.add(start)
         while stack:
             ino, path = stack.pop()
+            names: set[str] = set()
             for b in self.dirs.get(ino, []):
                 for name, (child, typ) in list(b.entries.items()):
-                    bad = self._bad_entry(name, child, typ)
+                    bad = "another entry of the directory has this name" if name in names \
+                        else self._bad_entry(name, child, typ)
+                    names.add(name)
                     if bad is None and self.inodes[child].type == L.TYPE_DIR and child in self.reached:
                         bad = "names a directory that is already linked elsewhere"
                     if bad is not None:
@@ -334,48 +300,54 @@ class Checker:
 
     def _free_block(self) -> int | None:
         for lba in range(self.geo.data_start, self.geo.data_end):
-            if lba not in self.owner:
+            if lba not in self.owner and lba not in self.given_up:
                 return lba
         return None
 
     def _lost_found(self) -> int | None:
         root = self.dirs.setdefault(L.ROOT_INO, [])
-        for b in root:
-            hit = b.entries.get(LOST_FOUND)
-            if hit and hit[1] == L.TYPE_DIR:
-                return hit[0]
+        names = {n: e for b in root for n, e in b.entries.items()}
+        hit = names.get(LOST_FOUND)
+        if hit and hit[1] == L.TYPE_DIR:
+            return hit[0]
         free = [i for i in range(2, self.geo.inode_count) if i not in self.inodes and i not in self.cleared]
         if not free:
             return None
-        ino, now = free[0], self.sb.mkfs_time_ns
+        ino, now = free[0], min(self.sb.mkfs_time_ns, (1 << 63) - 1)
+        name = LOST_FOUND if LOST_FOUND not in names else f"{LOST_FOUND}.{ino}"  # the name is a file's
         self.inodes[ino] = Inode(ino, L.TYPE_DIR, 0o700, 2, 1, 0, now, now, now)
+        self.dirs[ino], self.data[ino], self.maps[ino] = [], [], FileMap([])
+        if not self._add_entry(L.ROOT_INO, name, ino):
+            del self.inodes[ino]
+            return None
         self.dirty_inodes.add(ino)
-        self.dirs[ino], self.data[ino] = [], []
         self.links[ino], self.subdirs[ino] = 1, 0
         self.reached.add(ino)
-        self._add_entry(L.ROOT_INO, LOST_FOUND, ino)
         self.subdirs[L.ROOT_INO] += 1
         return ino
 
-    def _add_entry(self, dir_ino: int, name: str, ino: int) -> None:
+    def _add_entry(self, dir_ino: int, name: str, ino: int) -> bool:
+        """Add an entry, growing the directory by a block when it must; False when it cannot."""
         blocks = self.dirs[dir_ino]
         cap = L.dir_capacity(self.geo.block_size)
         target = next((b for b in blocks if b.used() + L.dir_entry_size(name) <= cap), None)
         if target is None:
             lba = self._free_block()
-            node = self.inodes[dir_ino]
-            if lba is None or len(self.data[dir_ino]) >= L.N_DIRECT:
-                raise _Abort
+            if lba is None:
+                return False
             self.owner[lba] = dir_ino
             target = DirBlock(lba, {})
             blocks.append(target)
-            self.data[dir_ino].append(lba)
-            node.direct[len(self.data[dir_ino]) - 1] = lba
-            node.nblocks += 1
-            node.size = len(self.data[dir_ino]) * self.geo.block_size
-            self.dirty_inodes.add(dir_ino)
+            try:
+                self._set_dir_blocks(dir_ino)
+            except NoSpace:
+                blocks.pop()
+                del self.owner[lba]
+                self._set_dir_blocks(dir_ino)
+                return False
         target.entries[name] = (ino, self.inodes[ino].type)
         self.dir_writes[target.lba] = dir_ino
+        return True
 
     # -- pass 5: link counts ------------------------------------------------------------------------
     def check_links(self) -> None:
@@ -459,7 +431,7 @@ class Checker:
             if self.repair:
                 self._write_sb(0, L.STATE_CLEAN if not self._unfixed() else L.STATE_DIRTY)
                 self.view.flush()
-        except _Abort:
+        except Abort:
             pass
         if not self.problems:
             code = EXIT_CLEAN

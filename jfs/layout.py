@@ -11,6 +11,8 @@ Keeps true:
   bad CRC, short data) into one `FormatError` sentence naming the structure and the block.
 - `Geometry` is the single place that places the regions on the volume:
   superblock | log area | inode bitmap | block bitmap | inode table | data ... | backup superblock.
+  `check` accepts exactly what `plan` makes: regions in order and of the size their contents
+  need (the inode table holds `inode_count` inodes, every slot one).
 
 The metadata log area (a fixed range sized at mkfs, [0160]) holds a header block and a ring of
 transactions: descriptor block(s), metadata block images, commit block (CRC over the transaction).
@@ -53,6 +55,7 @@ INODE_SIZE = 128
 N_DIRECT = 12
 ROOT_INO = 1
 MAX_NAME = 255
+MAX_BLOCKS = 1 << 32  # block numbers are u32
 LABEL_BYTES = 64
 
 STATE_CLEAN = 1
@@ -322,10 +325,10 @@ class Geometry:
             log_blocks = max(32, min(8192, num_blocks // 32))
         log_blocks = max(log_blocks, 8)
         inodes = max(inodes, 8)
+        itb = _ceil(inodes, block_size // INODE_SIZE)
+        inodes = itb * (block_size // INODE_SIZE)  # the table's every slot is an inode
         ibm = _ceil(inodes, bits_per_bitmap_block(block_size))
         bbm = _ceil(num_blocks, bits_per_bitmap_block(block_size))
-        itb = _ceil(inodes, block_size // INODE_SIZE)
-        inodes = itb * (block_size // INODE_SIZE)
         log_start = 1
         ib = log_start + log_blocks
         bb = ib + ibm
@@ -339,24 +342,26 @@ class Geometry:
                    sb.ibitmap_start, sb.ibitmap_blocks, sb.bbitmap_start, sb.bbitmap_blocks,
                    sb.itable_start, sb.itable_blocks, sb.data_start)
 
-    def check(self) -> None:
-        """Raise FormatError when the regions do not fit the stated volume."""
-        bpb = bits_per_bitmap_block(self.block_size)
+    def check(self, what: str = "superblock") -> None:
+        """Raise FormatError unless the regions are exactly what `plan` makes of the stated volume
+        and inode count: in order, each region as large as it must be and no larger (so no single
+        wrong field passes for a smaller or shifted file system)."""
+        bs = self.block_size
         ok = (
-            MIN_BLOCK_SIZE <= self.block_size <= MAX_BLOCK_SIZE
-            and self.block_size & (self.block_size - 1) == 0
+            MIN_BLOCK_SIZE <= bs <= MAX_BLOCK_SIZE and bs & (bs - 1) == 0
+            and self.num_blocks <= MAX_BLOCKS
             and self.log_start == 1 and self.log_blocks >= 8
+            and ROOT_INO < self.inode_count == self.itable_blocks * self.inodes_per_block
             and self.ibitmap_start == self.log_start + self.log_blocks
+            and self.ibitmap_blocks == _ceil(self.inode_count, bits_per_bitmap_block(bs))
             and self.bbitmap_start == self.ibitmap_start + self.ibitmap_blocks
+            and self.bbitmap_blocks == _ceil(self.num_blocks, bits_per_bitmap_block(bs))
             and self.itable_start == self.bbitmap_start + self.bbitmap_blocks
             and self.data_start == self.itable_start + self.itable_blocks
-            and ROOT_INO < self.inode_count <= self.ibitmap_blocks * bpb
-            and self.bbitmap_blocks * bpb >= self.num_blocks
-            and self.itable_blocks * self.inodes_per_block >= self.inode_count
             and self.data_start + 2 <= self.num_blocks
         )
         if not ok:
-            raise FormatError("the superblock describes regions that do not fit the volume; "
+            raise FormatError(f"the {what} describes regions that do not fit the volume; "
                               "run 'jfs fsck' or re-create the file system")
 
     def metadata_ranges(self) -> list[tuple[int, int]]:

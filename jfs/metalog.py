@@ -14,9 +14,15 @@ open-for-write and close: every jfs write commits a transaction with the file's 
 Keeps true:
 - A transaction is descriptor block(s) (records + home addresses), the new images of the metadata
   blocks it changes, and a commit block whose CRC covers all of them. It is committed exactly when
-  its commit block is on disk with a matching CRC and what it names lies where it can (every home
-  between the log area and the backup superblock, every record range in the data area); replay
-  ignores an uncommitted or corrupt tail, so it never writes the superblocks or the log area.
+  its commit block is on disk with a matching CRC, it overlaps no transaction before it, and what
+  it names is what a commit writes (`_justified`: records of inodes in the table, known
+  operations, ranges in the data area; ascending homes, each a bitmap block, a recorded inode's
+  table block or a block a record names). Replay ignores anything else, so it never writes the
+  superblocks, the log area, a block past the device or a block no record names (a file's data).
+- A log header is read only when its positions are possible (`header_problem`: offsets inside
+  the ring, ordered sequences, the checkpoint the transaction before the head, an empty log's
+  tail at its head, no unknown flag), and the log is opened only when its transactions end at
+  the head offset (`RingScan.broken`); else mount refuses with "run jfs fsck".
 - Ordering per transaction: file data -> flush -> log blocks -> flush (commit point) ->
   home locations (checkpoint) -> flush -> log header with the new checkpoint sequence -> flush.
   At most one committed transaction is ever not yet checkpointed, so a block freed by a
@@ -34,9 +40,11 @@ Keeps true:
 from __future__ import annotations
 
 import time
+from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from jfs.errors import LogFull
 from jfs.layout import (
@@ -133,14 +141,35 @@ class BlockView:
 
 
 # -- reading the log (shared by mount, fsck and the recovery scan) ------------------------------
-def read_header(view: BlockView, geo: Geometry) -> LogHead:
+MAX_SEQ = 1 << 63  # sequences stay far from the u64 limit
+
+
+def parse_header(view: BlockView, geo: Geometry) -> LogHead:
+    """The log header's values as stored (magic, version and CRC checked, positions not)."""
     v = parse_checked(LogHeader, view.read(geo.log_start), f"log header (block {geo.log_start})")
-    ring = geo.log_blocks - 1
-    if v.tail_off >= ring or v.head_off >= ring or v.head_seq < v.tail_seq \
-            or not (v.tail_seq - 1 <= v.checkpoint_seq <= v.head_seq):
-        raise FormatError(f"log header (block {geo.log_start}) holds impossible positions; "
-                          "run 'jfs fsck' to check and repair")
     return LogHead(v.uuid, v.flags, v.tail_seq, v.tail_off, v.head_seq, v.head_off, v.checkpoint_seq)
+
+
+def header_problem(head: LogHead, geo: Geometry) -> str | None:
+    """What makes the positions of a parsed log header impossible, or None."""
+    ring = geo.log_blocks - 1
+    checks = ((head.tail_off < ring and head.head_off < ring, "a position lies outside the ring"),
+              (1 <= head.tail_seq <= head.head_seq < MAX_SEQ and head.head_seq - head.tail_seq <= ring // 2,
+               "its sequences are out of order"),
+              (head.checkpoint_seq == head.head_seq - 1, "its checkpoint is not the transaction before the head"),
+              (head.tail_seq != head.head_seq or head.tail_off == head.head_off,
+               "the log is empty but its tail and head differ"),
+              (not head.flags & ~LOG_FLAG_RECORDS_LOST, "it has unknown flags"))
+    return next((why for ok, why in checks if not ok), None)
+
+
+def read_header(view: BlockView, geo: Geometry) -> LogHead:
+    head = parse_header(view, geo)
+    problem = header_problem(head, geo)
+    if problem is not None:
+        raise FormatError(f"log header (block {geo.log_start}) holds impossible positions ({problem}); "
+                          "run 'jfs fsck' to check and repair")
+    return head
 
 
 def _read_ring(view: BlockView, geo: Geometry, off: int, count: int) -> bytes:
@@ -181,47 +210,83 @@ def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) ->
         body = parse(TxnBody, body_raw, "txn body")
     except FormatError:
         return None
-    if len(body.homes) != head.meta_blocks or not all(geo.ibitmap_start <= h < geo.data_end for h in body.homes):
-        return None  # a metadata block lives between the log area and the backup superblock
     records = [LogRecord(seq, r.ino, r.path or None, str(r.op),
                          [(x.first, x.count) for x in r.ranges]) for r in body.records]
-    if not all(geo.data_start <= first and first + count <= geo.data_end and count
-               for r in records for first, count in r.ranges):
-        return None  # the blocks a record names are the file's, in the data area
+    if len(body.homes) != head.meta_blocks or not _justified(geo, list(body.homes), body.records):
+        return None
     images = [raw[desc_end + i * bs:desc_end + (i + 1) * bs] for i in range(head.meta_blocks)]
     return Txn(seq, off, total, list(body.homes), records, images)
 
 
+def _justified(geo: Geometry, homes: list[int], records: Any) -> bool:
+    """Whether what a transaction names is what a commit can write: each record names an inode of
+    the table, a known operation, an absolute path (or none) and ranges inside the data area; the
+    homes ascend, each a bitmap block, the inode-table block of a recorded inode, or a block of
+    the data area that a record's ranges name (its directory or pointer block)."""
+    tables = set()
+    named: Ranges = []
+    for r in records:
+        if not 0 < r.ino < geo.inode_count or not isinstance(r.op, str) \
+                or (r.path and (r.path[0] != "/" or "\0" in r.path)):
+            return False
+        for x in r.ranges:
+            if not (x.count and geo.data_start <= x.first and x.first + x.count <= geo.data_end):
+                return False
+            named.append((x.first, x.count))
+        tables.add(geo.inode_location(r.ino)[0])
+    if any(a >= b for a, b in zip(homes, homes[1:], strict=False)):
+        return False
+    runs = merge_ranges(named)
+    starts = [first for first, _ in runs]
+    for h in homes:
+        if geo.ibitmap_start <= h < geo.itable_start or h in tables:
+            continue
+        i = bisect_right(starts, h) - 1
+        if not (geo.data_start <= h and i >= 0 and h < runs[i][0] + runs[i][1]):
+            return False
+    return True
+
+
 @dataclass
 class RingScan:
+    """The transactions found; `broken` says why the log is not what its header claims (the log
+    must be repaired), `problem` why it cannot prove what changed (`broken`, or records lost)."""
+
     head: LogHead
     txns: list[Txn]
     problem: str | None
+    broken: str | None = None
 
 
 def scan_ring(view: BlockView, geo: Geometry, head: LogHead) -> RingScan:
-    """Every committed transaction from the tail on. `problem` names a checkpointed transaction
-    that is missing or corrupt (a hole in the middle of the log)."""
+    """Every committed transaction from the tail on, none overlapping another. `problem` names a
+    checkpointed transaction that is missing or corrupt (a hole in the middle of the log), or a
+    head offset other than where the checkpointed transactions end."""
     txns: list[Txn] = []
     off, seq, ring = head.tail_off, head.tail_seq, geo.log_blocks - 1
     used = 0
-    while used < ring:
+    head_at = off if seq == head.head_seq else None  # where transaction head_seq starts
+    while used < ring and seq <= head.head_seq:
         txn = read_txn(view, geo, head.uuid, off, seq)
-        if txn is None:
+        if txn is None or used + txn.nblocks > ring:
             break
         txns.append(txn)
         used += txn.nblocks
         off = (off + txn.nblocks) % ring
         seq += 1
-        if seq > head.head_seq:
-            break
-    problem = None
+        if seq == head.head_seq:
+            head_at = off
+    broken = None
     if seq < head.head_seq:
-        problem = (f"log transaction {seq} (ring offset {off}) is missing or corrupt although the "
-                   f"log header says transactions up to {head.head_seq - 1} are committed")
-    elif head.flags & LOG_FLAG_RECORDS_LOST:
+        broken = (f"log transaction {seq} (ring offset {off}) is missing or corrupt although the "
+                  f"log header says transactions up to {head.head_seq - 1} are committed")
+    elif head_at != head.head_off:
+        broken = (f"the checkpointed log transactions end at ring offset {head_at} but the log "
+                  f"header puts the next one at {head.head_off}")
+    problem = broken
+    if problem is None and head.flags & LOG_FLAG_RECORDS_LOST:
         problem = "log records were discarded by an earlier repair; the log cannot prove what changed"
-    return RingScan(head, txns, problem)
+    return RingScan(head, txns, problem, broken)
 
 
 def replay_committed(view: BlockView, geo: Geometry, ring: RingScan) -> list[Txn]:
@@ -310,8 +375,8 @@ class MetaLog:
             raise FormatError("the log area belongs to another file system (UUID differs); "
                               "run 'jfs fsck' to check and repair")
         ring = scan_ring(view, geo, head)
-        if ring.problem and not head.flags & LOG_FLAG_RECORDS_LOST:
-            raise FormatError(f"metadata log: {ring.problem}; run 'jfs fsck' to repair")
+        if ring.broken:
+            raise FormatError(f"metadata log: {ring.broken}; run 'jfs fsck' to repair")
         replay_committed(view, geo, ring)
         return cls(view, geo, ring.head, ring.txns, owned_ranges=owned_ranges, has_unshipped=has_unshipped,
                    log_full_wait=log_full_wait)

@@ -154,7 +154,7 @@ class Transactions:
     def data_ranges_of(self, ino: int) -> Ranges:
         """Every block an inode owns (data and pointer blocks), for the trim rule [0169]."""
         try:
-            if not self.ibits.test(ino):
+            if not 0 < ino < self.geo.inode_count or not self.ibits.test(ino):
                 return []
             return ranges_of(self.filemap(ino).all_blocks())
         except FormatError:

@@ -18,7 +18,7 @@ from tools.fuzz import TARGETS, harness
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = harness.env_runs(10_000)
-SLICES = {"jfs_image": 4, "jfs_blocks": 2, "spool": 2, "journal": 2}  # the slow ones, shared between workers
+SLICES = {"jfs_image": 4, "jfs_blocks": 2, "spool": 2, "journal": 2, "rpc": 2}  # the slow ones, shared between workers
 ATHERIS_RUNS = {"jfs_image": 300}
 ATHERIS_DEFAULT_RUNS = 1_000
 

@@ -54,6 +54,7 @@ def flip(dev: BlockDevice, lba: int, offset: int, count: int = 4) -> None:
 
 CORRUPTIONS: dict[str, Callable[[BlockDevice, dict[str, int]], None]] = {
     "superblock": lambda dev, i: flip(dev, 0, 12),
+    "both superblocks": lambda dev, i: (flip(dev, 0, 12), flip(dev, dev.num_blocks - 1, 12)),
     "inode": lambda dev, i: flip(dev, i["itable"] + i["f"] // 32, (i["f"] % 32) * 128 + 20),
     "directory block": lambda dev, i: flip(dev, i["dirblock"], 30),
     "bitmap": lambda dev, i: flip(dev, i["bbitmap"], 100),
@@ -61,7 +62,7 @@ CORRUPTIONS: dict[str, Callable[[BlockDevice, dict[str, int]], None]] = {
 }
 
 
-@pytest.mark.parametrize("what", list(CORRUPTIONS))
+@pytest.mark.parametrize("what", [w for w in CORRUPTIONS if w != "both superblocks"])
 def test_corruption_is_found_repaired_then_clean(populated_image, what: str) -> None:
     """Each kind of damage: fsck -n finds it (4) without writing, repair fixes it (1), a second run is clean (0)."""
     path, info = populated_image
@@ -93,14 +94,17 @@ def test_bitmap_mismatch_with_valid_crc_is_rebuilt(populated_image) -> None:
     assert fsck(dev, repair=True).exit_code == 1 and fsck(dev).exit_code == 0
 
 
-@pytest.mark.parametrize("what", ["superblock", "directory block", "inode"])
+@pytest.mark.parametrize("what", ["both superblocks", "directory block", "inode"])
 def test_cli_on_corrupt_image_gives_one_sentence(populated_image, what: str, jfs) -> None:
     """The CLI on a damaged image fails with one sentence pointing at fsck; `fsck -n --json` reports the problems."""
     path, info = populated_image
     damage(path, info, what)
     res = jfs("ls", path, "/d", ok=False)
     assert res.exit_code != 0
-    assert "corrupt" in res.stderr and "fsck" in res.stderr and "Traceback" not in res.output
+    assert ("corrupt" in res.stderr or "damaged" in res.stderr) and "fsck" in res.stderr
+    assert "Traceback" not in res.output and "mkfs" not in res.stderr  # never advise destroying it
+    if what == "both superblocks":
+        return  # nothing fsck can start from: the sentence says to restore the volume
     res = jfs("fsck", path, "-n", "--json", ok=False)
     doc = json.loads(res.stdout)
     assert res.exit_code == 4 and doc["exit_code"] == 4
@@ -189,13 +193,24 @@ def test_cli_user_mistakes(tmp_path: Path, args: list[str], needle: str, jfs) ->
 
 
 def test_real_subprocess_on_corrupt_image(populated_image) -> None:
-    """As a real process: a damaged superblock is one line on stderr, exit 1; after fsck the file reads back."""
+    """As a real process: a damaged superblock and its backup are one line on stderr, exit 1; with
+    the backup intact the file reads, with one warning naming the backup, and writes nothing; after
+    fsck the file reads back without a word."""
     path, info = populated_image
-    damage(path, info, "superblock")
+    good = path.read_bytes()
+    damage(path, info, "both superblocks")
     proc = subprocess.run([sys.executable, "-m", "jfs.cli", "read", str(path), "/top"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.startswith("jfs: superblock") and proc.stderr.count("\n") == 1
+    assert "both damaged" in proc.stderr and proc.stderr.count("\n") == 1
+    path.write_bytes(good)
+    damage(path, info, "superblock")
+    damaged = path.read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "jfs.cli", "read", str(path), "/top"],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == b"t" * 100
+    assert b"backup superblock" in proc.stderr and b"Traceback" not in proc.stderr
+    assert path.read_bytes() == damaged  # read-only: the backup is used, nothing repaired
     proc = subprocess.run([sys.executable, "-m", "jfs.cli", "fsck", str(path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1

@@ -3,9 +3,11 @@
 Keeps true: these functions only read a `System` (pairs, states, spool positions, volumes) and never
 change it; they import no terminal code (typer, rich), so a daemon answering `status`, `snapshot`
 or `verify` loads only the replication stack. The documents are DESIGN.md's "JSON contract":
-- `status_document`: `vstore status --json` (sites, pairs, states, entries waiting, and the copies
+- `status_document`: `vstore status --json` (sites, pairs, states, entries waiting, the damage
+  found in the spool (`spool_damage`; the async group is then Suspend), and the copies
   a stopped command left unfinished; a pair whose target such a copy was writing is never shown
-  Duplex: it is shown Suspend, with the command that continues the copy as its reason);
+  Duplex: it is shown Suspend, with the command that continues the copy as its reason; and the
+  `[limits]` every site's daemon serves its peers within);
 - `snapshot_of`: the dashboard's snapshot, the status document plus volumes, queue and events;
 - `verify`: `vstore verify --json`'s pairs, the blocks in which a pair's source and target differ
   (blocks with unshipped entries or recorded positions are skipped, not reported), as DRBD's
@@ -37,6 +39,7 @@ def status_document(system: System) -> dict:
         doc["sites"][site] = {"up": system.network.site_up(site), "role": system.role(site),
                               "present": system.present(site)}
     doc["links"] = {name: name not in system.faults.links_down for name in LINK_NAMES}
+    doc["limits"] = system.topo.limits.to_dict()  # what each site's daemon holds for its peers ([limits])
     try:
         active = system.active_site
         stats = system.entry_log.stats()
@@ -58,6 +61,7 @@ def status_document(system: System) -> dict:
         doc["pairs"].append({"name": pair.name, "source": pair.source, "target": pair.target,
                              "kind": pair.kind.value, "state": pair.state.value, "reason": pair.reason,
                              "failure": pair.failure, "recorded_blocks": pair.bitmap.count(), **waiting})
+    doc["spool_damage"] = system.spool_damage.to_dict() if system.spool_damage is not None else None
     doc["unfinished_copies"] = unfinished(system.lab_dir)
     doc["unfinished_setup"] = (system.lab_dir / INIT_MARKER).is_file()
     for copy in doc["unfinished_copies"]:

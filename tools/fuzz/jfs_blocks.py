@@ -6,8 +6,9 @@ Keeps true for every input: each parser returns or raises a project error (`Form
 What parses is what its builder makes: built again and parsed, it gives the same values; a
 geometry that passes `check` places its regions in order inside the volume; a log header that
 parses has positions inside the ring; the ring scan returns consecutive transactions from the tail
-whose home blocks and record ranges lie inside the volume's metadata and data areas, and replaying
-them touches only those blocks.
+whose records name inodes of the table, known operations and ranges of the data area, whose homes
+ascend and are each a bitmap block, a recorded inode's table block or a block a record names, and
+replaying them touches only those blocks.
 
 Input: one flags byte, then the block (zero-padded or cut to the block size; the ring: up to its
 size). Bits 0-2 choose the parser: 0 superblock, 1 inode, 2 directory block, 3 pointer block,
@@ -23,6 +24,7 @@ from tools.fuzz import harness, jfsutil
 from vstore.blocks.device import MemoryDevice
 
 BS = jfsutil.BLOCK_SIZE
+OPS = {str(op) for op in L.Op.encmapping}
 
 
 def _superblock(raw: bytes) -> str:
@@ -117,9 +119,17 @@ def _ring(data: bytes, sealed: bool) -> str:
     assert seqs == list(range(tail, tail + len(seqs))) and sum(t.nblocks for t in scan.txns) <= ring
     for t in scan.txns:
         assert len(t.homes) == len(t.images) and all(len(img) == BS for img in t.images)
-        assert all(geo.ibitmap_start <= h < geo.data_end for h in t.homes), "a home outside the metadata"
+        assert t.homes == sorted(set(t.homes)), "homes out of order"
+        named = {b for r in t.records for f, c in r.ranges for b in range(f, f + c)}
+        tables = {geo.inode_location(r.ino)[0] for r in t.records}
+        for h in t.homes:
+            assert geo.ibitmap_start <= h < geo.itable_start or h in tables or h in named, \
+                f"home {h} is no bitmap block, no recorded inode's table block and no recorded block"
         for r in t.records:
-            assert all(geo.data_start <= f and f + c <= geo.data_end for f, c in r.ranges), "a range outside the data"
+            assert 0 < r.ino < geo.inode_count, f"a record of inode {r.ino}"
+            assert r.op in OPS, f"a record of operation {r.op}"
+            assert all(c and geo.data_start <= f and f + c <= geo.data_end for f, c in r.ranges), \
+                "a range outside the data"
     replayed = replay_committed(view, geo, scan)
     assert set(view.overlay) <= {h for t in replayed for h in t.homes} | {geo.log_start}
     assert bytes(dev.buf) == bytes(buf), "a read-only replay wrote to the device"

@@ -8,8 +8,11 @@ volumes their ids name (or refuses an unknown id, writing nothing), records its 
 applied and deletes it; the journal then reopens to the same state and takes the next batch. A
 stored batch that cannot be read is never applied, and `set_applied_seq` clears it.
 
-Input: one flags byte, then batch.bin and applied.json cut at `harness.SEP`. Flag bit 0 recomputes
-the batch's CRCs; bit 1 leaves batch.bin out, bit 2 applied.json.
+The targets kept beside a batch (targets.json) load as `Targets` declares them (volume id -> volume
+name) or raise a project error.
+
+Input: one flags byte, then batch.bin, applied.json and (optionally) targets.json cut at
+`harness.SEP`. Flag bit 0 recomputes the batch's CRCs; bit 1 leaves batch.bin out, bit 2 applied.json.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from tools.fuzz import harness
 from tools.fuzz.entries import seal_batch
 from vstore.replication.entries import MAX_SEQ, Batch, Entry, encode_batch
-from vstore.replication.journal import ReceiveJournal, Receiver
+from vstore.replication.journal import TARGETS_FILE, ReceiveJournal, Receiver
 
 VOLUMES = {0: "D0", 1: "D1"}
 
@@ -30,7 +33,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 def lay_out(data: bytes, recv: Path) -> None:
     flags, rest = (data[0], data[1:]) if data else (0, b"")
-    batch, applied = harness.split(rest, 2)
+    batch, applied, targets = harness.split(rest, 3)
     if batch is not None and not flags & 2:
         buf = bytearray(batch)
         if flags & 1:
@@ -38,6 +41,15 @@ def lay_out(data: bytes, recv: Path) -> None:
         (recv / "batch.bin").write_bytes(bytes(buf))
     if applied is not None and not flags & 4:
         (recv / "applied.json").write_bytes(applied)
+    if targets is not None:
+        (recv / TARGETS_FILE).write_bytes(targets)
+
+
+def _targets(journal: ReceiveJournal) -> None:
+    kept = harness.rejects(journal.saved_targets)
+    if harness.ok(kept) and kept is not None:
+        assert isinstance(kept, dict)
+        assert all(isinstance(k, int) and 0 <= k < 1 << 32 and isinstance(v, str) and v for k, v in kept.items())
 
 
 def _finish(journal: ReceiveJournal, recv: Path) -> str:
@@ -91,6 +103,7 @@ def outcome(data: bytes) -> str:
         assert isinstance(journal, ReceiveJournal)
         assert after == before or (set(before) - set(after) == {"batch.bin"} and set(after) <= set(before)), \
             "opening changed more than an applied batch.bin"
+        _targets(journal)
         return _finish(journal, recv)
 
 
@@ -106,7 +119,8 @@ def seeds() -> list[bytes]:
     first = encode_batch(e[:2])
     out = [b"\0" + harness.join(plain, applied), b"\0" + harness.join(coalesced, applied),
            b"\4" + first, b"\2" + harness.join(b"", applied), b"\0" + harness.join(first, applied),
-           b"\6"]
+           b"\6", b"\2" + harness.join(b"", applied, b'{"0": "D0", "1": "D1"}'),
+           b"\2" + harness.join(b"", applied, b'{"x": 5}')]
     return out + [bytes([s[0] | 1]) + s[1:] for s in out]
 
 

@@ -3,7 +3,8 @@ state a peer sent), and what reads it next: `application_site`, the pairs, the m
 (DESIGN "The user surface" lab layout, invariant 5; SPEC §3 [0034] both sides keep the pair state).
 
 Keeps true for every input: loading returns a state or raises a project error. A state that loads
-has every field the code reads in the type the code writes: `application_site` answers, the
+is what `SiteState` declares (no unknown key) and has every field the code reads in the type the
+code writes: `application_site` answers, the
 pairs merge into a registry, the mirror settings load, counts are non-negative integers, every
 volume's image file lies inside the site directory; saving it and loading it again gives the same
 document, and nothing is written beside the site directory.
@@ -21,6 +22,8 @@ from tools.fuzz import harness
 from vstore.blocks.codec import parse_json_object
 from vstore.lab.sitedir import (
     STATE_FILE,
+    HostSpec,
+    SiteState,
     application_site,
     check_site_state,
     lab_application_site,
@@ -38,7 +41,9 @@ def _count(value: object) -> bool:
 
 
 def _usable(site: str, site_dir: Path, state: dict) -> None:
-    """Everything the code reads of a state works."""
+    """Everything the code reads of a state works, and it holds no key its declaration lacks."""
+    assert set(state) <= set(SiteState.__struct_fields__), "a state with an unknown key loaded"
+    assert set(state.get("host") or {}) <= set(HostSpec.__struct_fields__), "host settings with an unknown key"
     assert application_site({site: state}) in (site, None)
     registry = PairRegistry.merge_copies([state.get("pairs", {})])
     assert all(isinstance(p, Pair) for p in registry)

@@ -10,8 +10,9 @@ each within the payload limit, and stops at a clean end or with an error.
 
 Input: one flags byte, then the bytes. Bits 0-2 choose what reads them: 0 a server opening a
 REQUEST frame, 1 a client opening a RESPONSE frame, 2 a server reading HELLO, 3 a client reading
-WELCOME, 4 `read_raw_frame` cutting a stream that a server then opens frame by frame, 5 the RPC
-payload decoders alone. Bit 7 replaces each frame's MAC with the right one, so the mutations reach
+WELCOME, 4 `read_raw_frame` cutting a stream that a server then opens frame by frame (bit 3: with
+an idle timeout, reading the payload piece by piece as a server does), 5 the RPC payload decoders
+alone. Bit 7 replaces each frame's MAC with the right one, so the mutations reach
 what lies behind the authentication.
 """
 
@@ -130,14 +131,14 @@ def _talk(client: Session, server: Session) -> None:
     assert decode_response(answer.payload) == ({"pong": True}, b"")
 
 
-async def _cut(stream: bytes) -> tuple[list[bytes], str]:
+async def _cut(stream: bytes, idle: float | None) -> tuple[list[bytes], str]:
     reader = asyncio.StreamReader()
     reader.feed_data(stream)
     reader.feed_eof()
     frames: list[bytes] = []
     while True:
         try:
-            raw = await read_raw_frame(reader, MAX_PAYLOAD)
+            raw = await read_raw_frame(reader, MAX_PAYLOAD, idle)
         except harness.ALLOWED as err:
             return frames, harness.describe(err)
         if raw is None:
@@ -145,7 +146,7 @@ async def _cut(stream: bytes) -> tuple[list[bytes], str]:
         frames.append(raw)
 
 
-def _stream(buf: bytearray, sealed: bool) -> str:
+def _stream(buf: bytearray, sealed: bool, idle: float | None) -> str:
     if sealed:  # seal each frame where the headers say the frames lie
         off = 0
         while off + HEADER_SIZE <= len(buf):
@@ -156,7 +157,7 @@ def _stream(buf: bytearray, sealed: bool) -> str:
     if _loop is None:
         _loop = asyncio.new_event_loop()
     stream = bytes(buf)
-    frames, end = _loop.run_until_complete(_cut(stream))
+    frames, end = _loop.run_until_complete(_cut(stream, idle))
     assert b"".join(frames) == stream[:sum(map(len, frames))], "frames are not the stream cut in order"
     if end == "end":
         assert sum(map(len, frames)) == len(stream)
@@ -171,7 +172,7 @@ def outcome(data: bytes) -> str:
     flags, buf = data[0], bytearray(data[1:])
     mode, sealed = flags & 7, bool(flags & 0x80)
     if mode == 4:
-        return _stream(buf, sealed)
+        return _stream(buf, sealed, 5.0 if flags & 8 else None)
     if mode == 3:
         nonce = bytes(buf[HEADER_SIZE:HEADER_SIZE + NONCE_SIZE])
         key = wire._direction_keys(wire.session_key(LAB_KEY, CLIENT_NONCE, nonce))[1]
@@ -205,7 +206,7 @@ def seeds() -> list[bytes]:
     _, hello = wire.client_hello(LAB_KEY)
     welcome = build_frame(S2C, wire.T_WELCOME, 0, 0, wire._WELCOME.build({"nonce": SERVER_NONCE, "protocol": 1}))
     bodies = [(0, req_frames[0]), (1, resp_frame), (1, server_session().seal(1, error)), (2, hello),
-              (3, welcome), (4, b"".join(req_frames)), (5, request), (5, response)]
+              (3, welcome), (4, b"".join(req_frames)), (12, b"".join(req_frames)), (5, request), (5, response)]
     return [bytes([mode | sealed]) + body for mode, body in bodies for sealed in (0, 0x80)]
 
 

@@ -21,12 +21,14 @@ system runs on a plain image, on a mirror group or on the provider alike.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from pathlib import Path
 
+from vstore.blocks.codec import create_file
 from vstore.blocks.errors import BlockDeviceError, ReadOnlyError
 from vstore.blocks.holders import Claim
 from vstore.blocks.holders import claim as claim_lock
@@ -104,16 +106,19 @@ class BlockDevice(ABC):
 
 def create_image(path: str | Path, size_bytes: int, block_size: int = DEFAULT_BLOCK_SIZE,
                  *, overwrite: bool = False) -> None:
-    """Create a sparse raw image of `size_bytes` (a whole number of blocks). Refuses to replace an
-    existing file unless `overwrite`."""
+    """Create a sparse raw image of `size_bytes` (a whole number of blocks), private (mode of
+    `codec.file_mode`). Refuses to replace an existing file unless `overwrite`."""
     path = Path(path)
     if size_bytes <= 0 or size_bytes % block_size:
         raise BlockDeviceError(f"image size {size_bytes} is not a positive multiple of {block_size} bytes")
     if path.exists() and not overwrite:
         raise BlockDeviceError(f"{path} already exists; remove it first or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(size_bytes)
+    fd = create_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)  # 0600, or 0660 in a group-shared lab
+    try:
+        os.ftruncate(fd, size_bytes)
+    finally:
+        os.close(fd)
 
 
 def lock_path(image: str | Path) -> Path:
@@ -131,12 +136,18 @@ class ImageDevice(BlockDevice):
                  shared_claim: bool = False) -> None:
         """`claim`: hold the image's claim while open (see the module docstring). `shared_claim`:
         hold it shared even when writing, for a lab's volumes, whose one writer the lab's own claim
-        already guarantees: processes of the lab share their images, a raw writer of one is refused."""
+        already guarantees: processes of the lab share their images, a raw writer of one is refused.
+        A lab's volume is also opened O_NOFOLLOW: its state names a plain file in the site directory,
+        and a symbolic link there (which could lead out of it) is refused."""
         self.path = Path(path)
         self.name = str(self.path)
         self.block_size = block_size
         self.durable = durable
         self.readonly = readonly
+        nofollow = os.O_NOFOLLOW if shared_claim else 0
+        if nofollow and self.path.is_symlink():
+            raise BlockDeviceError(f"{self.path} is a symbolic link; a lab's volume must be a plain image file "
+                                   "in its site directory")
         if not self.path.is_file():
             raise BlockDeviceError(f"{self.path}: no such image file")
         size = self.path.stat().st_size
@@ -149,12 +160,15 @@ class ImageDevice(BlockDevice):
         self.claim: Claim | None = None
         if claim or shared_claim:
             self.claim = claim_lock(lock_path(self.path), exclusive=claim and not readonly, resource=str(self.path))
-        flags = os.O_RDONLY if readonly else os.O_RDWR
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | nofollow
         try:
             self._fd: int | None = os.open(self.path, flags)
-        except BaseException:
+        except BaseException as exc:
             if self.claim is not None:
                 self.claim.release()
+            if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+                raise BlockDeviceError(f"{self.path} became a symbolic link; a lab's volume must be a plain "
+                                       "image file in its site directory") from None
             raise
         self._lock = threading.Lock()
 

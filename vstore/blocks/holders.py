@@ -15,7 +15,9 @@ Keeps true:
   second, then refused by name. Never silently forever, never proceeding.
 - A record with no lock behind it was left by a process that died holding the claim: the next
   claimant takes it over and says so (a warning on the `vstore.holders` log).
-- The lock file is never replaced or removed (a rename would split holders onto two inodes).
+- The lock file is never replaced or removed (a rename would split holders onto two inodes). It
+  is as private as what it guards (`codec.file_mode`: 0600, 0660 in a group-shared lab): its
+  records name command lines and mount points.
   Records are one JSON line each (a claim, or the release of one); an exclusive claimant, being
   alone, starts the file afresh, so it holds only the claims of the current holders.
 """
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vstore.blocks import pids
+from vstore.blocks.codec import create_file
 from vstore.blocks.errors import TricopyError
 
 log = logging.getLogger("vstore.holders")
@@ -295,7 +298,7 @@ def _take_over(resource: str, stale: list[Holder]) -> None:
 
 def _open_lock(path: Path, *, exclusive: bool) -> int | None:
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        return create_file(path, os.O_RDWR | os.O_CREAT | os.O_APPEND)  # private, like what it guards
     except OSError as exc:
         if not exclusive and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return None  # read-only media: a reader there can conflict with no writer through this file

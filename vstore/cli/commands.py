@@ -51,6 +51,7 @@ from vstore.net.client import Peer
 from vstore.net.keys import load_key
 from vstore.net.remote import spans
 from vstore.net.rpc import APP_INFO, APP_WRITE, RESYNC, SHIP, STATUS, VOL_READ
+from vstore.procedures.create import mode_warnings
 from vstore.procedures.failback import failback
 from vstore.procedures.failover import (
     fig10_failover_to_sync,
@@ -78,6 +79,7 @@ def status_command(lab: LabArg, as_json: JsonOption = False) -> None:
         else:
             with open_lab(lab) as system:
                 doc = status_document(system)
+        doc["warnings"] = mode_warnings(lab)
     if as_json:
         print(json.dumps(doc, indent=2))
         return
@@ -101,6 +103,8 @@ def print_status(doc: dict) -> None:
         pairs.add_row(p["name"], p["kind"], f"{p['source']} -> {p['target']}", f"[{style}]{p['state']}[/]",
                       str(p["entries_waiting"]), format_size(p["bytes_waiting"]), oldest, p["reason"] or "")
     out.print(pairs)
+    for warning in doc.get("warnings", []):
+        out.print(f"[yellow]warning[/]: {warning}", highlight=False)
     down = [name for name, up in doc["links"].items() if not up]
     if down:
         out.print(f"links down: {', '.join(down)}")

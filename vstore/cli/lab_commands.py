@@ -4,27 +4,33 @@
 Keeps true: `lab init` leaves every pair Duplex (the Fig 3 set-up) or fails with one sentence
 (out-of-range numbers are refused by their option bounds before anything is created);
 `lab up` starts the three site daemons and the shipper process in the background and names their
-pid and log files; `serve`/`shipper` run one process in the foreground until SIGTERM, with its
-ready file in LAB/run so that `lab up` knows when it listens.
+pid and log files, warning (one line per kind of path) about anything of the lab open wider than it
+should be; `serve`/`shipper` run one process in the foreground until SIGTERM, with its ready file in
+LAB/run so that `lab up` knows when it listens, and create their files as private as the lab
+(umask 077, or 007 in a lab shared with its group).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from vstore.blocks.codec import group_shared
 from vstore.blocks.holders import check_free
+from vstore.blocks.pids import read_pid
 from vstore.blocks.units import parse_size
-from vstore.cli.common import LabArg, QuietOption, command_line, out, progress_bars, stoppable, user_errors
-from vstore.daemons.processes import RUN_DIR, SHIPPER, lab_down, lab_up
+from vstore.cli.common import LabArg, QuietOption, command_line, err, out, progress_bars, stoppable, user_errors
+from vstore.daemons.processes import RUN_DIR, SHIPPER, lab_down, lab_up, ready_file
 from vstore.daemons.shipper import ShipperDaemon
 from vstore.daemons.site import SiteDaemon
-from vstore.procedures.create import init_lab
+from vstore.procedures.create import init_lab, mode_warnings
 from vstore.targets import APP_LOCK
 
 
@@ -47,6 +53,9 @@ def lab_init_command(
                                                              "in LAB/tls; topology.toml [tls] names them).")] = False,
     overcommit: Annotated[bool, typer.Option("--overcommit", help="Create the (sparse) images even when the "
                                              "disk cannot hold them at their full size.")] = False,
+    group: Annotated[str | None, typer.Option(help="Share the lab's administration with this group (name or "
+                                                   "number): directories 0770, files 0660 instead of "
+                                                   "0700/0600; the lab key stays 0600.")] = None,
     quiet: QuietOption = False,
 ) -> None:
     """Create a lab and run the Fig 3 initial set-up; every pair ends Duplex. An interrupted set-up
@@ -57,7 +66,8 @@ def lab_init_command(
     with user_errors(), stoppable(lab), progress_bars(quiet) as progress:
         steps = init_lab(lab, mode=mode, size=parse_size(size), volumes=volumes, protect=protect, coalesce=coalesce,
                          durable=durable, spool_capacity=parse_size(spool_capacity), base_port=base_port,
-                         tls=tls, overcommit=overcommit, progress=progress, command=command_line())
+                         tls=tls, overcommit=overcommit, group=group, progress=progress,
+                         command=command_line())
     for step in steps.steps:
         out.print(f"  {step}", highlight=False)
     out.print(f"lab [bold]{lab}[/] ready ({mode} mode)")
@@ -72,6 +82,9 @@ def lab_up_command(lab: LabArg) -> None:
     """
     with user_errors():
         pids = lab_up(lab)
+        warnings = mode_warnings(lab)
+    for line in warnings:
+        err.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
     for name, pid in pids.items():
         what = "shipper process" if name == SHIPPER else f"site {name} daemon"
         out.print(f"{what}: pid {pid} (log {lab / 'run' / name}.log)", highlight=False)
@@ -102,7 +115,7 @@ def serve_command(
 
     Example: vstore serve --site sync --config /tmp/lab/topology.toml
     """
-    run_in_foreground(lambda: SiteDaemon(config.parent, site), config.parent / "run" / f"{site}.pid")
+    run_in_foreground(lambda: SiteDaemon(config.parent, site), ready_file(config.parent, site))
 
 
 def shipper_command(
@@ -115,15 +128,24 @@ def shipper_command(
 
     Example: vstore shipper --site primary --config /tmp/lab/topology.toml
     """
-    run_in_foreground(lambda: ShipperDaemon(config.parent, site), config.parent / "run" / f"{SHIPPER}.pid")
+    run_in_foreground(lambda: ShipperDaemon(config.parent, site), ready_file(config.parent, SHIPPER))
 
 
 def run_in_foreground(make: Callable[[], SiteDaemon | ShipperDaemon], ready: Path) -> None:
-    """Build a daemon (site or shipper) and run its asyncio loop until SIGTERM; user errors in one line."""
+    """Build a daemon (site or shipper) and run its asyncio loop until SIGTERM; user errors in one
+    line. What it creates is private to the lab (umask 077, or 007 where the lab is shared with its
+    group); its ready file goes when it ends."""
     logging.getLogger().setLevel(logging.INFO)
-    with user_errors():
-        process = make()
-        asyncio.run(process.run(ready=ready))
+    umask = os.umask(0o007 if group_shared(ready.parent.parent) else 0o077)
+    try:
+        with user_errors():
+            process = make()
+            asyncio.run(process.run(ready=ready))
+    finally:
+        os.umask(umask)
+        if read_pid(ready) == os.getpid():
+            with contextlib.suppress(OSError):
+                ready.unlink()
 
 
 def register(app: typer.Typer) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from construct import Checksum, Const, Flag, Int16ub, Int32ub, Int64ub, PaddedString, RawCopy, Struct, this
 
-from vstore.blocks.codec import check_version, crc32, parse_checked
+from vstore.blocks.codec import check_version, crc32, create_file, parse_checked
 from vstore.blocks.errors import FormatError
 from vstore.lab.system import System
 
@@ -64,7 +64,7 @@ class WriteIntent:
     def __init__(self, site_dir: Path, *, durable: bool) -> None:
         self.path = site_dir / INTENT_FILE
         self.durable = durable
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = create_file(self.path, os.O_RDWR | os.O_CREAT)
 
     def _put(self, active: bool, volume: str, lba: int, count: int) -> None:
         raw = _INTENT.build(dict(body=dict(value=dict(version=INTENT_VERSION, active=active, volume=volume,

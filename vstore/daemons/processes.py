@@ -3,8 +3,16 @@ and which one to ask.
 
 Keeps true:
 - Every process of a lab (a site daemon, or the shipper process of the site running the
-  application) has its pid and log file in LAB/run/; a process counts as running only while its pid
-  is alive (one that `lab up` started from this process is reaped when it exits).
+  application) has its pid and log file in LAB/run/, the pid file written by `lab up` as soon as the
+  process exists, before it is announced (its ready file, `NAME.ready`, says it serves); a process
+  counts as running only while its pid is alive (one that `lab up` started from this process is
+  reaped when it exits). `lab down` stops every process of the lab: those its pid files name and
+  any other `vstore serve|shipper` whose command line names the lab's topology.toml (/proc), so
+  none survives without a pid file. Pid files and logs are as private as the lab (`codec.file_mode`).
+- Whole-lab commands are serialised: `lab up`, `lab down` and a procedure's `quiesced` hold the
+  lab's control claim (`LAB/run/control.lock`, exclusive; nested calls in one thread share it).
+  A second `lab up` meanwhile is refused at once naming the holder; `lab down` and a procedure wait
+  for a brief holder like any claimant.
 - `lab up` starts the daemons of the sites present, the application's site last (its restart
   re-drives an in-doubt write through the others), then the shipper; `lab down` stops the shipper
   first. Stopping is SIGTERM, then SIGKILL after a timeout, said in the log.
@@ -26,14 +34,16 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from vstore.blocks import pids
+from vstore.blocks.codec import create_file, make_dir, write_file_atomic
 from vstore.blocks.errors import TricopyError
-from vstore.blocks.holders import Claim, check_free, claim
+from vstore.blocks.holders import BRIEF_WAIT, Claim, check_free, claim
 from vstore.lab.sitedir import lab_application_site
 from vstore.lab.system import DAEMONS_LOCK, LAB_LOCK
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
@@ -46,6 +56,7 @@ from vstore.net.wire import ConnectionFailed
 log = logging.getLogger("vstore.processes")
 RUN_DIR = "run"
 SHIPPER = "shipper"  # the shipping process's name in LAB/run (pid and log files)
+CONTROL_LOCK = "run/control.lock"  # held by a whole-lab command: lab up, lab down, a procedure's quiesced
 
 
 def clients(lab: Path, topo: Topology, key: bytes, *, timeout: float = 10.0) -> dict[str, Peer]:
@@ -67,6 +78,78 @@ def pid_file(lab: Path, site: str) -> Path:
     return lab / RUN_DIR / f"{site}.pid"
 
 
+def ready_file(lab: Path, site: str) -> Path:
+    """Where a lab process (site daemon or shipper) writes its pid once it serves."""
+    return lab / RUN_DIR / f"{site}.ready"
+
+
+_held: dict[tuple[str, int], Claim] = {}  # (lab's real path, thread) -> the whole-lab claim it holds
+
+
+@contextlib.contextmanager
+def whole_lab(lab: Path, what: str, *, wait: float = BRIEF_WAIT) -> Iterator[None]:
+    """Hold the lab's control claim for a whole-lab command (`what` names it in a refusal: "being
+    started"): refused with `Busy`, naming the holder, while another command holds it and does not
+    let go within `wait` seconds. A thread that holds it already (a procedure's `quiesced` calling
+    `lab_up`) goes on; a directory that is no lab is left alone (the command says what is wrong)."""
+    key = (os.path.realpath(lab), threading.get_ident())
+    if key in _held or not (lab / "topology.toml").is_file():
+        yield
+        return
+    make_dir(lab / RUN_DIR, exist_ok=True)
+    held = claim(lab / CONTROL_LOCK, exclusive=True, resource=f"lab {lab.absolute()}", what=what, wait=wait)
+    _held[key] = held
+    try:
+        yield
+    finally:
+        del _held[key]
+        held.release()
+
+
+def _vstore_daemon(argv: list[str], cwd: str, topology: str) -> str | None:
+    """The lab process name (a site or "shipper") when `argv` is `vstore serve|shipper` with
+    `--config` naming `topology` (relative names taken from the process's `cwd`), else None."""
+    if not any(a == "vstore.cli" or os.path.basename(a) == "vstore" for a in argv[:3]):
+        return None
+    options: dict[str, str] = {}
+    for i, arg in enumerate(argv):
+        if arg.startswith("--") and "=" in arg:
+            options[arg.split("=", 1)[0]] = arg.split("=", 1)[1]
+        elif arg.startswith("--") and i + 1 < len(argv):
+            options[arg] = argv[i + 1]
+    config = options.get("--config")
+    if config is None or os.path.realpath(os.path.join(cwd, config)) != topology:
+        return None
+    if SHIPPER in argv:
+        return SHIPPER
+    return options.get("--site") if "serve" in argv else None
+
+
+def lab_processes(lab: Path) -> dict[int, str]:
+    """pid -> name (a site or "shipper") of every running process of the lab: the ones its pid
+    files name, and every `vstore serve|shipper` whose command line names its topology.toml."""
+    found = {pid: name for name in PROCESSES if (pid := running_pid(lab, name))}
+    topology = os.path.realpath(lab / "topology.toml")
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return found  # no /proc: the pid files are all there is
+    for entry in entries:
+        pid = int(entry)
+        if pid == os.getpid() or pid in found:
+            continue
+        try:
+            raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+        except OSError:
+            continue  # gone meanwhile, or another user's
+        argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+        name = _vstore_daemon(argv, cwd, topology)
+        if name is not None and pids.alive(pid):
+            found[pid] = name
+    return found
+
+
 def running_pid(lab: Path, site: str) -> int | None:
     """The pid of a lab process (`site` = a site or "shipper") while it runs, else None. A daemon
     started by this process (`lab up` inside a test or the demo) is our child and is reaped here."""
@@ -83,12 +166,14 @@ def is_up(lab: Path) -> bool:
 
 def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
     """Start a site's daemon (`name` = primary, sync or async) or the shipper process (`name` =
-    "shipper", for the site running the application) in the background; return its pid."""
-    (lab / RUN_DIR).mkdir(exist_ok=True)
+    "shipper", for the site running the application) in the background; return its pid. Its pid
+    file is written as soon as it exists; one that does not come up is stopped (and reaped, so
+    that nothing it claimed is held any more) before the error is raised."""
+    make_dir(lab / RUN_DIR, exist_ok=True)
     pid = running_pid(lab, name)
     if pid:
         return pid
-    config = str(lab / "topology.toml")
+    config = str((lab / "topology.toml").absolute())  # so that a scan of /proc finds it from anywhere
     if name == SHIPPER:
         site = lab_application_site(lab)
         if site is None:
@@ -96,22 +181,33 @@ def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
         argv = ["shipper", "--site", site, "--config", config]
     else:
         argv = ["serve", "--site", name, "--config", config]
-    ready = pid_file(lab, name)
+    ready = ready_file(lab, name)
     ready.unlink(missing_ok=True)
-    logf = open(lab / RUN_DIR / f"{name}.log", "ab")  # noqa: SIM115 - handed to the child
-    proc = subprocess.Popen([sys.executable, "-m", "vstore.cli", *argv], stdout=logf, stderr=logf,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    logf.close()
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = (lab / RUN_DIR / f"{name}.log").read_text()[-400:]
-            raise TricopyError(f"the {name} daemon exited at start: {tail.strip().splitlines()[-1] if tail else ''}")
-        if ready.exists() and ready.read_text().strip():
-            return proc.pid
-        time.sleep(0.02)
-    proc.kill()
-    raise TricopyError(f"the {name} daemon did not come up within {timeout:.0f}s; see {lab / RUN_DIR}/{name}.log")
+    log_path = lab / RUN_DIR / f"{name}.log"
+    logfd = create_file(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "vstore.cli", *argv], stdout=logfd, stderr=logfd,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    finally:
+        os.close(logfd)
+    try:
+        write_file_atomic(pid_file(lab, name), f"{proc.pid}\n".encode(), durable=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-400:].strip()
+                raise TricopyError(f"the {name} daemon exited at start: {tail.splitlines()[-1] if tail else ''}")
+            if pids.read_pid(ready) == proc.pid:
+                return proc.pid
+            time.sleep(0.02)
+        raise TricopyError(f"the {name} daemon did not come up within {timeout:.0f}s; see {log_path}")
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if pids.read_pid(pid_file(lab, name)) == proc.pid:
+            pid_file(lab, name).unlink(missing_ok=True)
+        raise
 
 
 def check_lab_free(lab: Path) -> None:
@@ -136,47 +232,70 @@ def daemons_claim(lab: Path) -> Claim:
 
 def lab_up(lab: Path) -> dict[str, int]:
     """Start the daemon of every site present, then the shipper of the site running the application.
-    Refused before anything starts while a process has the lab open (`check_lab_free`)."""
+    Refused before anything starts while another whole-lab command runs (`whole_lab`) or a process
+    has the lab open (`check_lab_free`)."""
     topo = load_topology(lab)
     load_key(lab / topo.key_file)  # refuse a bad key before starting anything
-    check_lab_free(lab)
-    app_site = lab_application_site(lab)
-    order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == app_site)
-    names = order + ([SHIPPER] if app_site in order else [])  # the application's site, then the shipper, last
-    already = {name for name in names if running_pid(lab, name)}
-    started: dict[str, int] = {}
-    try:
-        for name in names:
-            started[name] = start_site(lab, name)
-    except TricopyError as exc:
-        undone = [name for name in reversed(list(started)) if name not in already and stop_site(lab, name)]
-        note = f"; stopped again what this call had started ({', '.join(undone)})" if undone else ""
-        raise TricopyError(f"{exc}{note}") from None
-    return started
+    with whole_lab(lab, "being started", wait=0):
+        check_lab_free(lab)
+        app_site = lab_application_site(lab)
+        order = sorted((s for s in SITE_NAMES if (lab / s).is_dir()), key=lambda s: s == app_site)
+        names = order + ([SHIPPER] if app_site in order else [])  # the application's site, then the shipper
+        already = {name for name in names if running_pid(lab, name)}
+        started: dict[str, int] = {}
+        try:
+            for name in names:
+                started[name] = start_site(lab, name)
+        except TricopyError as exc:
+            undone = [name for name in reversed(list(started)) if name not in already and stop_site(lab, name)]
+            note = f"; stopped again what this call had started ({', '.join(undone)})" if undone else ""
+            raise TricopyError(f"{exc}{note}") from None
+        return started
+
+
+def _stop(lab: Path, name: str, found: list[int], timeout: float) -> None:
+    """SIGTERM to the processes `found` of one name, then SIGKILL to those still running after `timeout`."""
+    for pid in found:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            raise TricopyError(f"the {name} process of {lab} (pid {pid}) belongs to another user; "
+                               f"ask them, or root, to stop it: kill {pid}") from None
+    deadline = time.monotonic() + timeout
+    while any(pids.alive(pid) for pid in found) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in found:
+        if pids.alive(pid):
+            log.warning("the %s daemon (pid %d) did not stop within %.0fs: killing it", name, pid, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            pids.alive(pid)
+    pid_file(lab, name).unlink(missing_ok=True)
+    ready_file(lab, name).unlink(missing_ok=True)
 
 
 def stop_site(lab: Path, name: str, timeout: float = 10.0) -> bool:
-    pid = running_pid(lab, name)
-    if pid is None:
-        pid_file(lab, name).unlink(missing_ok=True)
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not pids.alive(pid):
-            break
-        time.sleep(0.02)
-    else:
-        log.warning("the %s daemon (pid %d) did not stop within %.0fs: killing it", name, pid, timeout)
-        os.kill(pid, signal.SIGKILL)
-        pids.alive(pid)
-    pid_file(lab, name).unlink(missing_ok=True)
-    return True
+    """Stop every process of the lab called `name` (its pid file's, and any other found in /proc);
+    False when none was running."""
+    found = [pid for pid, n in lab_processes(lab).items() if n == name]
+    _stop(lab, name, found, timeout)
+    return bool(found)
 
 
 def lab_down(lab: Path) -> list[str]:
-    """Stop the shipper, then the site daemons; returns the names of those that were running."""
-    return [name for name in (SHIPPER, *SITE_NAMES) if stop_site(lab, name)]
+    """Stop the shipper, then the site daemons (every process of the lab, `lab_processes`);
+    returns the names of those that were running."""
+    with whole_lab(lab, "being stopped"):
+        running = lab_processes(lab)
+        stopped = []
+        for name in (SHIPPER, *SITE_NAMES):
+            found = [pid for pid, n in running.items() if n == name]
+            _stop(lab, name, found, 10.0)
+            if found:
+                stopped.append(name)
+        return stopped
 
 
 @contextlib.contextmanager
@@ -184,17 +303,19 @@ def quiesced(lab: Path, say: Any = None) -> Iterator[list[str]]:
     """Run a disaster procedure (failover, failback, recovery) with the lab's daemons stopped, then
     start the daemons of every site that exists afterwards (with their new roles). The procedures
     create, copy and re-role whole site directories, which no daemon may serve meanwhile. Yields the
-    sites whose daemons were stopped (empty when the lab was down, and then nothing is started)."""
-    stopped = lab_down(lab) if is_up(lab) else []
-    if stopped and say:
-        say(f"stopped the daemons of {', '.join(stopped)} for the procedure")
-    try:
-        yield stopped
-    finally:
-        if stopped:
-            started = lab_up(lab)
-            if say:
-                say(f"started the daemons of {', '.join(started)} again")
+    sites whose daemons were stopped (empty when the lab was down, and then nothing is started).
+    The lab's control claim is held throughout (`whole_lab`): no `lab up` starts daemons meanwhile."""
+    with whole_lab(lab, "changed by a procedure"):
+        stopped = lab_down(lab) if is_up(lab) else []
+        if stopped and say:
+            say(f"stopped the daemons of {', '.join(stopped)} for the procedure")
+        try:
+            yield stopped
+        finally:
+            if stopped:
+                started = lab_up(lab)
+                if say:
+                    say(f"started the daemons of {', '.join(started)} again")
 
 
 def coordinator(lab: Path, *, application: bool = True) -> Peer:

@@ -30,6 +30,7 @@ from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
+from vstore.blocks.codec import make_dir
 from vstore.blocks.errors import TricopyError
 from vstore.daemons.processes import SHIPPER, running_pid
 from vstore.lab.sitedir import SPOOL_DIR
@@ -174,7 +175,7 @@ class ShipperDaemon:
         other = running_pid(self.lab, SHIPPER)
         if other and other != os.getpid():
             raise TricopyError(f"the shipper process of {self.lab} is already running (pid {other})")
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.spool_dir, parents=True, exist_ok=True)
         with watching(self.spool_dir, lambda: loop.call_soon_threadsafe(self.wake.set)):
             await self._serve(loop, ready)
 

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vstore.blocks.codec import load_json, save_json_atomic
+from vstore.blocks.codec import load_json, make_dir, save_json_atomic
 from vstore.blocks.errors import FormatError
 
 log = logging.getLogger("vstore.copies")
@@ -138,7 +138,7 @@ class CopyCheckpoint:
                 os.fsync(fd)  # the blocks counted as done are on disk before the record says so
             finally:
                 os.close(fd)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.path.parent, parents=True, exist_ok=True)
         save_json_atomic(self.path, {
             "format": FORMAT, "version": VERSION, "source": self.source, "target": self.target,
             "ranges": [list(r) for r in self.ranges], "done": self.done, "total": self.total,

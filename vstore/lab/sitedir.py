@@ -6,10 +6,12 @@ Keeps true:
   (image file and external identifier in the port+LUN style of [0031]), its copy of the pairs and,
   while its host runs the application, the host's settings. `spool/` is the entry log of the site
   running the application; `recv/` is the receive journal of a site receiving async entries.
-- A state document is used only after `check_site_state` (which `load_site_state` applies): every
-  field the code reads has the type the code writes (role and names strings, counts non-negative
-  integers, a volume's file a plain name inside the site directory, the pairs and the mirror
-  settings loadable); anything else is one `FormatError` naming the field, before any of it is used.
+- A state document is used only after `check_site_state` (which `load_site_state` applies, and
+  the daemon's `state.put` before it stores anything): it must be what `SiteState` declares, no
+  unknown keys, every field in the type the code writes (role and names strings, counts
+  non-negative integers, a volume's file a plain name inside the site directory, the pairs and
+  the mirror settings loadable); anything else is one `FormatError` naming the key path and what
+  is allowed there, before any of it is used.
 - The site running the application is the one whose state says role "primary" with a host, the
   newest promotion epoch winning (an older one is a stale primary): `application_site` is the only
   code that decides it.
@@ -17,14 +19,18 @@ Keeps true:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from vstore.blocks.codec import is_count, load_json, save_json_atomic
+import msgspec
+
+from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.errors import FormatError, TricopyError
+from vstore.blocks.schema import Count, Positive, validate
 from vstore.lab.topology import SITE_NAMES, Topology
 from vstore.replication.journal import ReceiveJournal
-from vstore.replication.mirror import FailureState, MirrorSettings, SyncState
+from vstore.replication.mirror import FailureState, SyncState
 from vstore.replication.pairs import PairRegistry
 from vstore.replication.spool import EntryLog
 
@@ -45,95 +51,87 @@ def new_site_state(site: str, role: str, volumes: dict[str, dict], host: dict | 
             "volumes": volumes, "pairs": {}, "host": host}
 
 
+# -- the declaration of state.json (everything the code reads, in the types the code writes) -------------
+PlainName = Annotated[str, msgspec.Meta(pattern=r"^(?!\.\.?$)[^/\x00]+$", max_length=255,
+                                        description="a plain file name in the site directory: no '/', not '..'")]
+VolumeId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]  # the entry's volume id field is 32 bits
+
+
+class VolumeSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A volume of the site: its image, a plain file in the site directory, and its external id [0031]."""
+
+    file: PlainName
+    external_id: str
+
+
+class PairRecord(msgspec.Struct, forbid_unknown_fields=True):
+    """A site's copy of a pair: the copy's version and the pair (checked by `PairRegistry`)."""
+
+    pair: dict[str, Any]
+    version: Count = 0
+
+
+class MemberSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A mirror group member (Fig 8: 802, 803)."""
+
+    volume: str
+    external_id: str
+    sync: SyncState
+    failure: FailureState
+    reason: str | None = None
+
+
+class MirrorSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """The mirror settings (Fig 8): protection (804) and each virtual volume's members."""
+
+    protect: bool
+    groups: dict[str, list[MemberSpec]]
+
+
+class HostSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """The settings of the host running the application at this site."""
+
+    async_volumes: dict[str, VolumeId]
+    mode: Literal["provider", "mirror"] = "provider"
+    epoch: Count = 0
+    spool_capacity: Positive = 1
+    write_count_at_promotion: Count = 0
+    provider_volumes: list[str] = []
+    mirror: MirrorSpec | msgspec.UnsetType = msgspec.UNSET
+
+
+class SiteState(msgspec.Struct, forbid_unknown_fields=True):
+    """`LAB/SITE/state.json`, format `tricopy-site-state` version 1."""
+
+    role: str
+    format: Literal["tricopy-site-state"] = STATE_FORMAT
+    version: Literal[1] = STATE_VERSION
+    site: str = ""
+    volumes: dict[str, VolumeSpec] = {}
+    pairs: dict[str, PairRecord] = {}
+    host: HostSpec | None = None  # an empty object is read as None
+    epoch: Count = 0
+    write_count: Count = 0
+    mirrored_writes: Count = 0
+    seen_writes: dict[str, Count] = {}
+
+
 def check_site_state(site: str, state: object) -> dict:
-    """`state` if it is a site state document whose fields have the types the code reads, else a
-    clear error."""
+    """`state` if it is a site state document as `SiteState` declares it, else a clear error."""
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TricopyError(f"site {site}: not a tricopy site state")
-    problem = _state_problem(state)
-    if problem is not None:
-        raise FormatError(f"site {site}: its state {problem}; restore state.json from a backup or "
-                          "re-create the site")
-    return state
-
-
-_COUNTS = ("epoch", "write_count", "mirrored_writes")
-_HOST_COUNTS = ("epoch", "write_count_at_promotion")
-
-
-def _str_map(value: object, ok: Callable[[object], bool]) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and ok(v) for k, v in value.items())
-
-
-def _plain_name(value: object) -> bool:
-    """A file name that stays inside the directory it is joined to."""
-    return isinstance(value, str) and value not in ("", ".", "..") and "/" not in value and "\0" not in value
-
-
-def _state_problem(state: dict) -> str | None:
-    """What is wrong with a state document's fields, or None."""
     version = state.get("version", STATE_VERSION)
     if version != STATE_VERSION or isinstance(version, bool):
         shown = version if isinstance(version, int) else "of another kind"
-        return f"has format version {shown}; this tricopy reads {STATE_VERSION}"
-    for key in ("role", "site"):
-        if not isinstance(state.get(key, ""), str) or key == "role" and "role" not in state:
-            return f"has no {key} name"
-    for key in _COUNTS:
-        if not is_count(state.get(key, 0)):
-            return f"field {key!r} is not a non-negative integer"
-    if not _str_map(state.get("seen_writes", {}), is_count):
-        return "field 'seen_writes' is not a map of sites to counts"
-    if not _str_map(state.get("volumes", {}), lambda v: isinstance(v, dict) and _plain_name(v.get("file"))
-                    and isinstance(v.get("external_id"), str)):
-        return "field 'volumes' is not a map of volumes to an image file name and an external identifier"
-    host = state.get("host")
-    if host is not None:
-        problem = _host_problem(host)
-        if problem is not None:
-            return f"host settings {problem}"
+        raise FormatError(f"site {site}: its state has format version {shown}; this tricopy reads "
+                          f"{STATE_VERSION}; restore state.json from a backup or re-create the site")
+    what = f"site {site}: its state"
     try:
+        validate(SiteState, {**state, "host": None} if state.get("host") == {} else state, what)
         PairRegistry.merge_copies([state.get("pairs", {})])
     except FormatError as err:
-        return f"pairs: {err}"
-    return None
-
-
-def _host_problem(host: object) -> str | None:
-    if not isinstance(host, dict):
-        return "are not an object"
-    if not host:
-        return None
-    for key in _HOST_COUNTS:
-        if not is_count(host.get(key, 0)):
-            return f"field {key!r} is not a non-negative integer"
-    capacity = host.get("spool_capacity", 1)
-    if not is_count(capacity) or not capacity:
-        return "field 'spool_capacity' is not a positive number of bytes"
-    if not isinstance(host.get("mode", ""), str):
-        return "field 'mode' is not a string"
-    if not _str_map(host.get("async_volumes"), is_count):
-        return "field 'async_volumes' is not a map of volumes to volume ids"
-    volumes = host.get("provider_volumes", [])
-    if not isinstance(volumes, list) or not all(isinstance(v, str) for v in volumes):
-        return "field 'provider_volumes' is not a list of volume names"
-    if "mirror" in host and not _mirror_ok(host["mirror"]):
-        return "field 'mirror' is not mirror settings (protection and groups of members)"
-    return None
-
-
-def _mirror_ok(mirror: object) -> bool:
-    def member_ok(m: object) -> bool:
-        return (isinstance(m, dict) and isinstance(m.get("volume"), str) and isinstance(m.get("external_id"), str)
-                and m.get("sync") in tuple(SyncState) and m.get("failure") in tuple(FailureState)
-                and isinstance(m.get("reason"), str | None))
-
-    if not isinstance(mirror, dict) or not isinstance(mirror.get("protect"), bool):
-        return False
-    if not _str_map(mirror.get("groups"), lambda ms: isinstance(ms, list) and all(member_ok(m) for m in ms)):
-        return False
-    MirrorSettings.from_dict(mirror)  # now it cannot fail
-    return True
+        raise FormatError(f"{err}; restore state.json from a backup or re-create the site") from None
+    return state
 
 
 def load_site_state(site_dir: Path) -> dict | None:
@@ -163,9 +161,12 @@ def lab_application_site(lab: Path) -> str | None:
 
 
 def open_spool(site_dir: Path, topo: Topology, host: Mapping) -> EntryLog:
-    """The entry log of the site running the application, with the capacity its host names."""
+    """The entry log of the site running the application, with the capacity its host names. Opening
+    writes nothing (a status or verify only reads it; repairs wait for the first append or confirm),
+    and damage is recorded in `EntryLog.damage` for the `System` to suspend the async group."""
     return EntryLog(site_dir / SPOOL_DIR, durable=topo.durable,
-                    capacity_bytes=host.get("spool_capacity", topo.spool_capacity), block_size=topo.block_size)
+                    capacity_bytes=host.get("spool_capacity", topo.spool_capacity), block_size=topo.block_size,
+                    record_damage=True, defer_repairs=True)
 
 
 def open_journal(site_dir: Path, topo: Topology) -> ReceiveJournal:

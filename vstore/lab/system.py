@@ -9,12 +9,17 @@ Keeps true:
   a site's directory is a real disaster: `System` runs on whatever survives.
 - A stored but unapplied batch at a receiving site is finished when the system opens, before any
   of its volumes is used (invariant 2).
+- Damage found in the spool (`SpoolDamage`) suspends the async group as the system opens, with
+  the damaged and unshipped entries' positions recorded (every block when unknown); the spool
+  drops those entries only after `save` has stored the positions.
 - `save` writes each reachable site's state atomically; a pair's copy at a site that is down or
   gone keeps its older version and loses to the newer copy when the site returns.
 - One process at a time writes a lab: while open, the `System` holds the lab's claim (`LAB/.lock`,
   `vstore.blocks.holders`), exclusive, or `shared` among readers of replicas. A conflicting open is
   refused at once, naming the holder (a mount, another command), and so is any open while the lab's
   daemons serve it (they hold `LAB/run/daemons.lock`); none waits longer than a brief holder takes.
+  An open that fails (a damaged state.json, a missing image) lets go of everything it took, the
+  lab's claim and the images' claims, before the error leaves: the next open is not refused.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from vstore.replication.network import Faults, Network, SiteDown
 from vstore.replication.pairs import PairKind, PairRegistry, PairState, split_ref
 from vstore.replication.provider import Provider
 from vstore.replication.shipping import GroupShipper
-from vstore.replication.spool import EntryLog
+from vstore.replication.spool import EntryLog, SpoolDamage
 from vstore.replication.storage import AsyncCopyProgram, SiteStorage, StorageSystem, Volume
 
 log = logging.getLogger("vstore.site")
@@ -63,6 +68,8 @@ VolumeFailureReaction = Callable[["System", Member, int, bytes], object]
 
 class System:
     """A lab opened in one process: three storages, the network between them and the host."""
+
+    spool_damage: SpoolDamage | None = None  # damage found in the spool, the async group Suspended for it
 
     def __init__(self, lab_dir: Path, *, lock: bool = True, shared: bool = False, local: str | None = None,
                  peers: dict[str, Any] | None = None, entry_log: EntryLog | None = None,
@@ -80,7 +87,18 @@ class System:
         self.lab_dir = Path(lab_dir)
         self.topo: Topology = load_topology(self.lab_dir)
         self.local, self.peers = local, peers or {}
+        self.storages: dict[str, SiteStorage] = {}
+        self._entry_log: EntryLog | None = None
+        self.keep_entry_log = entry_log is not None  # a daemon keeps its spool open across requests
         self._claim = self._take_lock(shared) if lock else None
+        try:
+            self._open(shared, entry_log)
+        except BaseException:  # a damaged state.json, a missing image...: nothing stays claimed or open
+            self.close()
+            raise
+
+    def _open(self, shared: bool, entry_log: EntryLog | None) -> None:
+        """Everything of `__init__` after the lab's claim: site states, pairs, storages, stored batches."""
         self.faults = Faults.load(self.lab_dir)
         self.states: dict[str, dict] = {}
         unreachable: set[str] = set()
@@ -93,12 +111,10 @@ class System:
         self.registry = self._merge_pairs()
         self._saved_pairs = {pair.name: pair.to_dict() for pair in self.registry}
         self._put_states: dict[str, tuple[str, float]] = {}
-        self.storages: dict[str, SiteStorage] = {}
         for site, state in self.states.items():
             self.storages[site] = self._open_storage(site, state)
-        self._entry_log: EntryLog | None = entry_log
+        self._entry_log = entry_log
         self.entry_log_given = entry_log
-        self.keep_entry_log = entry_log is not None  # a daemon keeps its spool open across requests
         self._program: AsyncCopyProgram | None = None
         self._mirror: MirrorProgram | None = None
         self._mirror_site = ""
@@ -107,8 +123,19 @@ class System:
         if self._claim is None or self._claim.exclusive:  # a reader who joins others: they finished them
             for site in self.receiving_sites():
                 self.receiver(site).finish_stored()
+        self._check_spool()
         if shared and self._claim is not None:
             self._claim.share()
+
+    def _check_spool(self) -> None:
+        """Open the spool of an async group now, so that damage in it suspends the group before
+        anything reads the pairs (opening writes nothing; an unusable spool errs where it is used)."""
+        try:
+            site = self._active_or_none()
+            if site is not None and not self.remote(site) and self.registry.group(PairKind.ASYNC, site):
+                self.entry_log  # noqa: B018
+        except TricopyError:
+            pass
 
     # -- opening -----------------------------------------------------------------------------------
     def remote(self, site: str) -> bool:
@@ -170,11 +197,16 @@ class System:
         if self.remote(site):
             return RemoteStorage(site, self.peers[site], state.get("volumes", {}), self.topo.block_size,
                                  self.topo.num_blocks, self.storage)
-        volumes = {}
-        for name, spec in state.get("volumes", {}).items():
-            device = ImageDevice(self.site_dir(site) / spec["file"], self.topo.block_size, durable=self.topo.durable,
-                                 shared_claim=True)
-            volumes[name] = Volume(site, name, device, spec["external_id"])
+        volumes: dict[str, Volume] = {}
+        try:
+            for name, spec in state.get("volumes", {}).items():
+                device = ImageDevice(self.site_dir(site) / spec["file"], self.topo.block_size,
+                                     durable=self.topo.durable, shared_claim=True)
+                volumes[name] = Volume(site, name, device, spec["external_id"])
+        except BaseException:  # the images opened so far let go of their claims
+            for vol in volumes.values():
+                vol.device.close()
+            raise
         return StorageSystem(site, volumes, self.registry, self.network, self.storage,
                              fence_reject=self.topo.protect)
 
@@ -225,7 +257,38 @@ class System:
     def entry_log(self) -> EntryLog:
         if self._entry_log is None:
             self._entry_log = open_spool(self.site_dir(self.active_site), self.topo, self.host)
+        if self._entry_log.damage is not None and self._entry_log.damage is not self.spool_damage:
+            self._suspend_for_spool_damage(self._entry_log, self._entry_log.damage)
         return self._entry_log
+
+    def _suspend_for_spool_damage(self, entry_log: EntryLog, damage: SpoolDamage) -> None:
+        """Entries of the spool are damaged or missing: the async group goes Suspend, loudly, with
+        their positions and every unshipped entry's recorded (all blocks when unknown), in memory
+        only: `save` stores the positions and only then lets the spool drop the entries."""
+        self.spool_damage = damage
+        ids = {name: int(vid) for name, vid in (self.host.get("async_volumes") or {}).items()}
+        marks = None if damage.positions is None else [*damage.positions, *entry_log.pending_positions()]
+        if marks is not None and any(vid not in ids.values() for vid, _, _ in marks):
+            marks = None  # a position on no volume of the group: which blocks is not known
+        reason = (f"spool damage: entries {damage.first_seq}..{damage.last_seq} damaged or missing; "
+                  + ("all volumes need a full differential check" if marks is None else "their positions recorded"))
+        for pair in self.registry.group(PairKind.ASYNC, self.active_site):
+            if pair.state == PairState.SIMPLEX:
+                continue
+            vid = ids.get(split_ref(pair.source)[1])
+            mine = [(lba, n) for v, lba, n in marks or () if v == vid]
+            if marks is None or pair.state == PairState.INITIAL_COPYING or any(lba + n > pair.num_blocks
+                                                                               for lba, n in mine):
+                mine = [(0, pair.num_blocks)]
+            for lba, n in mine:
+                pair.bitmap.mark(lba, n)
+            if pair.state == PairState.DUPLEX:
+                pair.transition(PairState.SUSPENDING, reason, failure=True)
+            if pair.state != PairState.SUSPEND:
+                pair.transition(PairState.SUSPEND, reason, failure=True)
+            else:
+                pair.reason, pair.failure = reason, True
+        log.error("async group %s: Suspend: %s", self.active_site, damage)
 
     @property
     def async_program(self) -> AsyncCopyProgram:
@@ -355,6 +418,10 @@ class System:
         if self.copies_finished:  # the copies' results are in the saved state now
             clear_finished(self.lab_dir)
             self.copies_finished = False
+        active = self._active_or_none()
+        if self.spool_damage is not None and self._entry_log is not None and self._entry_log.damage is not None \
+                and active is not None and self.network.site_up(active):
+            self._entry_log.release_damage()  # the positions the damage touched are saved now
 
     def _count_writes(self) -> None:
         """Host writes per site, and how many of each source's writes its targets have seen: the

@@ -6,12 +6,16 @@ embodiment 1), the protection setting (SPEC §5 field 804 and the fence choice o
 key file. It is read once through `load_topology`, which turns every problem into one clear
 sentence. Volume names follow DESIGN.md: A, B, C, D, or A0.., B0.. when `volumes` > 1.
 
-What the file may hold is `TABLES`/`LAB_KEYS`/`SITE_KEYS`/`LINK_KEYS`/`TLS_KEYS`: a key not there
+What the file may hold is `TABLES`/`LAB_KEYS`/`SITE_KEYS`/`LINK_KEYS`/`TLS_KEYS`/`LIMIT_RANGES`
+(`[limits]`: what each daemon's server holds for its peers, each value within its range, safe
+defaults for what is left out; see `vstore.net.server.ServerLimits`): a key not there
 is refused naming the key, its table and the known keys ("unknown key 'prot' in [sites.primary]
 of LAB/topology.toml; known keys: host, port"), and a value of the wrong type is refused naming
 the key. Every port is 1-65535; no two sites or link proxies share a host:port; a site's port (one
 its daemon binds) is 1024 or more unless `[lab] allow_privileged_ports = true` opts in (a link's
-`via` address is only connected to, so any port 1-65535 will do there).
+`via` address is only connected to, so any port 1-65535 will do there). `[lab] group`, when present,
+names the group that shares the lab's administration (its directories 0770, its files 0660); a lab
+without it is private to its owner.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from typing import TypeVar
 import tomli_w
 
 from vstore.blocks.errors import TricopyError, brief
+from vstore.net.server import ServerLimits
+from vstore.net.wire import DEFAULT_MAX_PAYLOAD
 from vstore.replication.network import LINK_NAMES, SITE_NAMES
 
 MODES = ("provider", "mirror")
@@ -32,14 +38,19 @@ TOPOLOGY_FILE = "topology.toml"
 # site, C at the Sync site, D at the Async site; the first is the site's own copy of the data.
 SITE_LETTERS = {"primary": ("A", "B"), "sync": ("C",), "async": ("D",)}
 # What topology.toml may hold: its tables, and the keys of each with the type of their values.
-TABLES = ("lab", "sites", "links", "tls")  # TOP holds these
+TABLES = ("lab", "sites", "links", "tls", "limits")  # TOP holds these
 TOP = "the top level"
 LAB_KEYS: dict[str, type] = {"name": str, "mode": str, "size": int, "block_size": int, "volumes": int,
                              "protect": bool, "coalesce": bool, "durable": bool, "spool_capacity": int,
-                             "key_file": str, "allow_privileged_ports": bool}
+                             "key_file": str, "allow_privileged_ports": bool, "group": str}
 SITE_KEYS: dict[str, type] = {"host": str, "port": int}
 LINK_KEYS: dict[str, type] = {"via": str}
 TLS_KEYS: dict[str, type] = {"cert": str, "key": str, "ca": str}
+# [limits]: what each site's server holds for its peers (vstore.net.server.ServerLimits), each within a range
+LIMIT_RANGES: dict[str, tuple[type, float, float]] = {
+    "max_unauthenticated": (int, 1, 100_000), "max_unauthenticated_per_peer": (int, 1, 100_000),
+    "max_unauthenticated_bytes": (int, DEFAULT_MAX_PAYLOAD, 1 << 40), "max_connections": (int, 1, 100_000),
+    "handshake_timeout": (float, 0.05, 3600.0), "idle_timeout": (float, 0.05, 7 * 86400.0)}
 MAX_PORT = 65535
 FIRST_UNPRIVILEGED_PORT = 1024
 
@@ -67,6 +78,8 @@ class Topology:
     links: dict[str, SiteSpec] = field(default_factory=dict)  # "primary-sync" -> where to connect instead
     tls: dict[str, str] | None = None  # [tls] cert, key, ca (paths relative to the lab); None = plain TCP
     allow_privileged_ports: bool = False  # site ports below 1024 (a daemon that may bind them)
+    group: str | None = None  # the group sharing the lab's administration (`lab init --group`); None = private
+    limits: ServerLimits = field(default_factory=ServerLimits)  # [limits] of every site's server
 
     def peer_address(self, from_site: str, to_site: str) -> SiteSpec:
         """Where `from_site` connects to reach `to_site`: the site itself, or a fault proxy that
@@ -105,8 +118,12 @@ class Topology:
         }
         if self.allow_privileged_ports:
             doc["lab"]["allow_privileged_ports"] = True
+        if self.group is not None:
+            doc["lab"]["group"] = self.group
         if self.tls:
             doc["tls"] = dict(self.tls)
+        if self.limits != ServerLimits():
+            doc["limits"] = self.limits.to_dict()
         return "# tricopy lab topology (see README). Edit only while the lab is down.\n" + tomli_w.dumps(doc)
 
 
@@ -159,7 +176,9 @@ def _parse(doc: dict, path: Path) -> Topology:
         spool_capacity=_value(lab, "spool_capacity", int, "[lab]", path, 256 << 20),
         key_file=_value(lab, "key_file", str, "[lab]", path, "lab.key"), sites=sites, links=links,
         tls=_tls(_table(doc, "tls", TOP, path), path) if "tls" in doc else None,
+        limits=_limits(_table(doc, "limits", TOP, path), path) if "limits" in doc else ServerLimits(),
         allow_privileged_ports=_value(lab, "allow_privileged_ports", bool, "[lab]", path, False),
+        group=_value(lab, "group", str, "[lab]", path) if "group" in lab else None,
     )
 
 
@@ -205,6 +224,22 @@ def _site(name: str, spec: dict, path: Path) -> SiteSpec:
     _known_keys(spec, SITE_KEYS, where, path)
     host = _value(spec, "host", str, where, path, "127.0.0.1")
     return SiteSpec(name, host, _value(spec, "port", int, where, path))
+
+
+def _limits(spec: dict, path: Path) -> ServerLimits:
+    """[limits]: every key known, each value a number of its kind within its range; the rest default."""
+    _known_keys(spec, LIMIT_RANGES, "[limits]", path)
+    values: dict[str, float] = {}
+    for key, value in spec.items():
+        kind, low, high = LIMIT_RANGES[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool) and (kind is float or
+                                                                                      isinstance(value, int))
+        if not number or not low <= value <= high:
+            what = "an integer" if kind is int else "a number of seconds"
+            raise TricopyError(f"{key} in [limits] of {path} must be {what} from {low:g} to {high:g}, "
+                               f"not {brief(value)}")
+        values[key] = kind(value)
+    return ServerLimits(**values)  # type: ignore[arg-type]
 
 
 def _tls(spec: dict, path: Path) -> dict[str, str]:

@@ -4,14 +4,15 @@ model"; SPEC §4). The daemon (`vstore.daemons.site`) dispatches on these names;
 
 Keeps true: a name here is the exact string on the wire (the method field of a REQUEST frame), so
 renaming a constant's value is a protocol change. A server's `HandlerTable` holds at most one
-handler per name.
+handler per name, each with the declared type of its arguments (`Route.args`), which the server
+checks a request's arguments against before the handler runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., tuple[dict, bytes]])
 
@@ -49,26 +50,32 @@ SHIP = "ship"  # {"max"?, "in_process"?, "timeout"?} -> the shipping report
 # -- the server side: a table of handlers by method name ----------------------------------------
 @dataclass(frozen=True)
 class Route:
-    """One handler and how its server runs it (`options`: the server's own flags)."""
+    """One handler, the declared type of its arguments and how its server runs it (`options`: the
+    server's own flags)."""
 
     run: Callable[..., tuple[dict, bytes]]
+    args: Any
     options: dict[str, bool]
 
 
 class HandlerTable:
-    """Handlers by RPC method name, filled by decorating methods: `@table.handler(NAME, flag=True)`.
-    A name is registered once; `route(name)` is None for a name nobody handles."""
+    """Handlers by RPC method name, filled by decorating methods: `@table.handler(NAME, ArgsType,
+    flag=True)`. A name is registered once; `route(name)` is None for a name nobody handles."""
 
     def __init__(self) -> None:
         self._routes: dict[str, Route] = {}
 
-    def handler(self, name: str, **options: bool) -> Callable[[F], F]:
+    def handler(self, name: str, args: Any, **options: bool) -> Callable[[F], F]:
         def register(fn: F) -> F:
             if name in self._routes:
                 raise ValueError(f"RPC method {name!r} has two handlers")
-            self._routes[name] = Route(fn, options)
+            self._routes[name] = Route(fn, args, options)
             return fn
         return register
+
+    def names(self) -> list[str]:
+        """Every method name with a handler."""
+        return sorted(self._routes)
 
     def route(self, name: str) -> Route | None:
         return self._routes.get(name)

@@ -3,13 +3,16 @@ construct frames, every frame authenticated with HMAC-SHA256 under the per-deplo
 nonce handshake, replay refused; SPEC §2 "sites reach each other over a network", SPEC §4).
 
 The asyncio server is `vstore.net.server`, the clients `vstore.net.client`, the lab key file
-`vstore.net.keys`. Everything here is pure functions of bytes, except `read_raw_frame`, which only
-cuts an asyncio stream into frames by the header rule below, for both ends.
+`vstore.net.keys`. Everything here is pure functions of bytes, except `read_raw_frame` (and its halves
+`read_header`, `read_body`), which only cut an asyncio stream into frames by the header rule
+below, for both ends; `idle` bounds how long they wait for the peer's next bytes.
 
 Keeps true:
 - One frame format (`_FRAME`): magic, version, type, flags, request id, sequence, payload length,
   payload, HMAC-SHA256 over everything before it. A header claiming more than `max_payload` is
-  refused from the header alone: the claimed length is never allocated or read.
+  refused from the header alone: the claimed length is never allocated or read. A HELLO is read
+  with the limit `MAX_HELLO_PAYLOAD` (its payload is 34 bytes), so before the handshake a peer
+  cannot make a site buffer more than a few hundred bytes of frame.
 - A connection starts with a nonce handshake. HELLO (client nonce, protocol version) is MACed with
   the lab key; WELCOME (server nonce) is MACed with the session key
   HMAC(lab key, b"tricopy-session" + client nonce + server nonce), which proves the server knows the
@@ -59,6 +62,8 @@ PROTOCOL_VERSION = 1
 MAC_SIZE = 32
 NONCE_SIZE = 32
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+MAX_HELLO_PAYLOAD = 256  # a HELLO's payload is 34 bytes; anything claiming more is not one
+_READ_CHUNK = 1 << 20
 
 T_HELLO = 1
 T_WELCOME = 2
@@ -307,17 +312,43 @@ def decode_response(payload: bytes) -> tuple[dict, bytes]:
 # --------------------------------------------------------------------------------------------
 # Cutting a stream into frames (the one awaitable; both ends use it)
 # --------------------------------------------------------------------------------------------
-async def read_raw_frame(reader: asyncio.StreamReader, max_payload: int) -> bytes | None:
-    """One frame's bytes, or None at a clean end of stream; the header is checked first."""
+async def read_raw_frame(reader: asyncio.StreamReader, max_payload: int, idle: float | None = None) -> bytes | None:
+    """One frame's bytes, or None at a clean end of stream; the header is checked first. With
+    `idle`, TimeoutError when the peer sends nothing for that many seconds."""
+    got = await read_header(reader, max_payload, idle)
+    return None if got is None else await read_body(reader, *got, idle)
+
+
+async def read_header(reader: asyncio.StreamReader, max_payload: int,
+                      idle: float | None = None) -> tuple[bytes, Any] | None:
+    """(header bytes, parsed header) of the next frame, checked against `max_payload` before any
+    payload byte is read; None at a clean end of stream."""
     try:
-        head = await reader.readexactly(HEADER_SIZE)
+        async with asyncio.timeout(idle):
+            head = await reader.readexactly(HEADER_SIZE)
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise FormatError(f"truncated network frame ({len(e.partial)} bytes, then end of stream)") from None
-    header = parse_header(head, max_payload)
+    return head, parse_header(head, max_payload)
+
+
+async def read_body(reader: asyncio.StreamReader, head: bytes, header: Any, idle: float | None = None) -> bytes:
+    """The whole frame whose header `read_header` returned: header, payload and MAC."""
+    want = header.length + MAC_SIZE
     try:
-        rest = await reader.readexactly(header.length + MAC_SIZE)
+        if idle is None:
+            return head + await reader.readexactly(want)
+        parts = [head]
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(idle) as deadline:
+            while want:
+                chunk = await reader.read(min(want, _READ_CHUNK))
+                if not chunk:
+                    raise asyncio.IncompleteReadError(b"".join(parts[1:]), None)
+                parts.append(chunk)
+                want -= len(chunk)
+                deadline.reschedule(loop.time() + idle)
+        return b"".join(parts)
     except asyncio.IncompleteReadError as e:
         raise FormatError(f"truncated network frame (payload cut after {len(e.partial)} bytes)") from None
-    return head + rest

@@ -5,9 +5,14 @@ and leaves either a complete lab whose pairs are all Duplex, or an error naming 
 (stopped by Ctrl-C or SIGTERM) a lab marked `LAB/run/init.json` whose set-up `lab init` continues
 when run again, its copies resuming where they stopped. It refuses a lab whose images could not
 grow to their full size on the disk unless told to overcommit.
+A lab is private to its owner: every directory 0700, every file 0600, whatever the umask (the
+writers of `vstore.blocks.codec`). With `group` the lab's administration is shared with that group:
+directories 0770 (set-group-id, so later files keep the group), files 0660, the group recorded in
+topology.toml; the lab key stays 0600. `mode_warnings` names, one line per kind of path, what is
+open wider than that (shown by `lab up` and `status`).
 Layout (one volume; with N > 1 volumes A0.img, A1.img, ...):
 
-    LAB/topology.toml   LAB/lab.key (0600)
+    LAB/topology.toml   LAB/lab.key (0600)   LAB/run/ (pid files, logs, copy checkpoints)
     LAB/primary/  A.img [B.img] spool/ state.json
     LAB/sync/     C.img state.json
     LAB/async/    D.img recv/ state.json
@@ -15,17 +20,20 @@ Layout (one volume; with N > 1 volumes A0.img, A1.img, ...):
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import random
 import socket
+import stat
 from dataclasses import replace
 from pathlib import Path
 
-from vstore.blocks.codec import save_json_atomic
+from vstore.blocks.codec import GROUP_DIR, PRIVATE_DIR, make_dir, save_json_atomic, write_file_atomic
 from vstore.blocks.device import create_image
-from vstore.blocks.errors import TricopyError
+from vstore.blocks.errors import TricopyError, brief
 from vstore.blocks.units import format_size
+from vstore.lab.copies import COPIES_DIR
 from vstore.lab.sitedir import RECV_DIR, SPOOL_DIR, external_id, new_site_state, save_site_state
 from vstore.lab.system import System
 from vstore.lab.topology import SITE_LETTERS, TOPOLOGY_FILE, Topology, default_sites, load_topology, validate
@@ -77,13 +85,16 @@ def free_base_port(count: int = 3) -> int:
 def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes: int = 1, protect: bool = True,
              coalesce: bool = False, durable: bool = False, block_size: int = 4096, base_port: int = 7401,
              spool_capacity: int = 256 << 20, tls: bool = False, overcommit: bool = False,
-             progress: Progress = no_progress, command: str = "the same command") -> StepLog:
+             group: str | None = None, progress: Progress = no_progress,
+             command: str = "the same command") -> StepLog:
     """Create the lab's files, then run the Fig 3 set-up. A set-up that was stopped (LAB/run/init.json
-    still there) is continued instead: its copies resume where they stopped."""
+    still there) is continued instead: its copies resume where they stopped. `group`: share the
+    lab's administration with this group (a name or a number) instead of keeping it private."""
     lab = Path(lab)
+    gid, group_name = (None, None) if group is None else lab_group(group)
     topo = Topology(name=lab.name or "lab", mode=mode, size=size, block_size=block_size, volumes=volumes,
                     protect=protect, coalesce=coalesce, durable=durable, spool_capacity=spool_capacity,
-                    sites=default_sites(base_port))
+                    sites=default_sites(base_port), group=group_name)
     validate(topo, "lab init")
     if (lab / INIT_MARKER).is_file():
         return continue_setup(lab, topo, progress, command)
@@ -91,15 +102,19 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
         raise TricopyError(f"{lab} already exists and is not empty; choose a new directory (nothing was changed)")
     check_free_space(lab, topo, overcommit)
     lab.mkdir(parents=True, exist_ok=True)
-    (lab / INIT_MARKER).parent.mkdir()
+    if gid is not None:
+        os.chown(lab, -1, gid)
+    os.chmod(lab, PRIVATE_DIR if gid is None else GROUP_DIR)  # what is made inside follows (codec.dir_mode)
+    make_dir(lab / INIT_MARKER.parent)
+    make_dir(lab / COPIES_DIR)
     save_json_atomic(lab / INIT_MARKER, {"command": command}, durable=durable)
     if tls:
         topo = replace(topo, tls=create_lab_certificates(lab, sorted({s.host for s in topo.sites.values()})))
-    (lab / TOPOLOGY_FILE).write_text(topo.to_toml())
+    write_file_atomic(lab / TOPOLOGY_FILE, topo.to_toml().encode(), durable=durable)
     create_key(lab / topo.key_file)
     for site in SITE_LETTERS:
         site_dir = lab / site
-        site_dir.mkdir()
+        make_dir(site_dir)
         vols: dict[str, dict] = {}
         for letter in topo.letters_at(site):
             for i in range(volumes):
@@ -109,9 +124,22 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
         host = primary_host(topo) if site == "primary" else None
         role = site
         save_site_state(site_dir, new_site_state(site, role, vols, host), durable=durable)
-    (lab / "async" / RECV_DIR).mkdir()
-    (lab / "primary" / SPOOL_DIR).mkdir()
+    make_dir(lab / "async" / RECV_DIR)
+    make_dir(lab / "primary" / SPOOL_DIR)
     return set_up(lab, progress, command, fresh_targets=True)
+
+
+def lab_group(group: str) -> tuple[int, str]:
+    """(gid, name) of the group `lab init --group` names, refused unless this user may give files to it."""
+    try:
+        entry = grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
+    except (KeyError, OverflowError):
+        raise TricopyError(f"there is no group {brief(group)} on this host; name an existing group "
+                           "(see `getent group`), or leave out --group for a private lab") from None
+    if os.geteuid() != 0 and entry.gr_gid not in (os.getegid(), *os.getgroups()):
+        raise TricopyError(f"you are not a member of group {entry.gr_name}, so the lab's files cannot be given "
+                           "to it; choose one of your groups (see `id`) or leave out --group (nothing was changed)")
+    return entry.gr_gid, entry.gr_name
 
 
 def set_up(lab: Path, progress: Progress, command: str, *, fresh_targets: bool) -> StepLog:
@@ -168,3 +196,67 @@ def primary_host(topo: Topology) -> dict:
         host["provider_volumes"] = topo.volume_names("A")
         host["async_volumes"] = {topo.volume_name("A", i): i for i in range(topo.volumes)}
     return host
+
+
+def _path_kind(rel: Path, topo: Topology) -> str | None:
+    """What a path of a lab is, for `mode_warnings` (None: public by nature, a TLS certificate)."""
+    name, parts = rel.name, rel.parts
+    if topo.tls and str(rel) in (topo.tls["cert"], topo.tls["ca"]):
+        return None
+    if str(rel) == topo.key_file or (topo.tls and str(rel) == topo.tls["key"]):
+        return "key files"
+    if rel == Path(TOPOLOGY_FILE):
+        return "topology"
+    if name.endswith(".img"):
+        return "images"
+    if name.endswith(".lock"):
+        return "lock files"
+    if parts[0] == "run":
+        return "logs" if name.endswith(".log") else "run files (pid files, copy checkpoints)"
+    if len(parts) > 2 and parts[1] == SPOOL_DIR:
+        return "spool files"
+    if len(parts) > 2 and parts[1] == RECV_DIR:
+        return "receive journal files"
+    return "state files" if name.endswith(".json") else "other files (write intent...)"
+
+
+def mode_warnings(lab: Path) -> list[str]:
+    """One line per kind of path of `lab` that is open wider than the lab keeps it (0700/0600, or
+    0770/0660 for a lab shared with its group; key files 0600): who else can reach it, how many,
+    an example, and the chmod that closes it. Empty when everything is as private as it should be."""
+    lab = Path(lab)
+    topo = load_topology(lab)
+    shared = topo.group is not None
+    found: dict[str, list] = {}  # kind -> [count, bits beyond, example, its mode]
+    for root, dirs, files in os.walk(lab):
+        for name in ["", *dirs, *files]:
+            path = Path(root) / name if name else Path(root)
+            if name == "" and path != lab:
+                continue  # a directory is seen once, from its parent
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue  # gone meanwhile
+            if stat.S_ISLNK(st.st_mode):
+                continue
+            rel = path.relative_to(lab)
+            is_dir = stat.S_ISDIR(st.st_mode)
+            kind = "directories" if is_dir else _path_kind(rel, topo)
+            if kind is None:
+                continue
+            keep = (0o770 if is_dir else 0o660) if shared and kind != "key files" else (0o700 if is_dir else 0o600)
+            wider = st.st_mode & 0o077 & ~keep
+            if wider:
+                entry = found.setdefault(kind, [0, 0, rel, stat.S_IMODE(st.st_mode)])
+                entry[0] += 1
+                entry[1] |= wider
+    lines = []
+    for kind, (count, wider, example, mode) in found.items():
+        who = " and ".join(w for w, bits in (("its group", 0o070), ("every user", 0o007)) if wider & bits)
+        if kind == "key files":
+            close = f"chmod 600 {lab / example}"
+        else:
+            close = f"chmod -R {'o-rwx' if shared else 'go-rwx'} {lab}"
+        lines.append(f"{count} {kind} of {lab} {'are' if count > 1 else 'is'} open to {who} (e.g. {example}, "
+                     f"mode {mode:04o}); close {'them' if count > 1 else 'it'}: {close}")
+    return lines

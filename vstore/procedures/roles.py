@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 
+from vstore.blocks.codec import make_dir
 from vstore.blocks.device import create_image
 from vstore.lab.sitedir import RECV_DIR, SPOOL_DIR, external_id, new_site_state, save_site_state
 from vstore.lab.system import System
@@ -53,7 +54,7 @@ def reset_spool(system: System, site: str) -> None:
     spool = system.site_dir(site) / SPOOL_DIR
     if spool.exists():
         shutil.rmtree(spool)
-    spool.mkdir()
+    make_dir(spool)
 
 
 def make_primary(system: System, site: str, volumes: list[str], steps: StepLog, *,
@@ -89,7 +90,7 @@ def start_async_without_copy(system: System, source_site: str, target_site: str,
         pair = new_pair(system, PairKind.ASYNC, f"{source_site}:{src_vol}", f"{target_site}:{dst_vol}")
         pair.transition(PairState.DUPLEX, None)
         steps.step(f"pair {pair.name}: Duplex without initial copy")
-    (system.site_dir(target_site) / RECV_DIR).mkdir(exist_ok=True)
+    make_dir(system.site_dir(target_site) / RECV_DIR, exist_ok=True)
     system.journal(target_site).set_applied_seq(system.entry_log.next_seq - 1)
     if system.states[target_site].get("role") != "primary":
         system.states[target_site]["role"] = "async"
@@ -100,7 +101,7 @@ def restore_site(system: System, site: str, steps: StepLog) -> None:
     its old images, demoted (no host settings, no pairs: the survivors' view is authoritative)."""
     site_dir = system.site_dir(site)
     if site not in system.states:
-        site_dir.mkdir(exist_ok=True)
+        make_dir(site_dir, exist_ok=True)
         volumes = {}
         for letter in system.topo.letters_at(site):
             for name in volumes_of(system, site, letter):

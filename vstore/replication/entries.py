@@ -10,8 +10,13 @@ Keeps true:
   increasing subset of them ending at last (entries overwritten later in the same batch dropped).
 - Sequence numbers are 1..`MAX_SEQ`; a saved "last confirmed/applied" number is valid only when
   `saved_seq_ok` (an integer, below MAX_SEQ so that a next entry exists).
-- Bad bytes always give `FormatError`. The hot paths (`encode_entry`, `decode_entry`) use the
-  compiled header of the same declaration; the tests prove they agree with `ENTRY` byte for byte.
+- The spool's manifest (`SPOOL_MANIFEST`, two copies of one slot: magic, version, generation, the
+  acknowledged watermark, the highest sequence number used, the durable reservation above it, the
+  first sequence number and the expected size of the newest segment, CRC32) is what recovery trusts about what existed;
+  `vstore.replication.spool` explains its fields.
+- Bad bytes always give `FormatError`. The hot paths (`encode_entry`, `decode_entry`,
+  `encode_manifest`) use the compiled header of the same declaration; the tests prove they agree
+  with `ENTRY` and `SPOOL_MANIFEST` byte for byte.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ ENTRY_VERSION = 1
 BATCH_MAGIC = b"TCBA"
 BATCH_VERSION = 1
 MAX_SEQ = (1 << 64) - 1  # the largest sequence number an entry carries (its field is 64 bits)
+MANIFEST_MAGIC = b"TCSM"
+MANIFEST_VERSION = 1
 
 _ENTRY_HEADER = Struct(
     "magic" / Const(ENTRY_MAGIC),
@@ -83,6 +90,61 @@ BATCH = Struct(
     "crc" / Checksum(Int32ub, crc32, this.body.data),
     Terminated,
 )
+
+_MANIFEST_BODY = Struct(
+    "magic" / Const(MANIFEST_MAGIC),
+    "version" / Int16ub,
+    "generation" / Int64ub,
+    "acked_seq" / Int64ub,
+    "high_seq" / Int64ub,
+    "reserved_seq" / Int64ub,
+    "active_first" / Int64ub,
+    "active_end" / Int64ub,
+)
+_MANIFEST_BODY_FAST = _MANIFEST_BODY.compile()
+SPOOL_MANIFEST = Struct(
+    "body" / RawCopy(_MANIFEST_BODY),
+    "crc" / Checksum(Int32ub, crc32, this.body.data),
+)
+MANIFEST_SLOT_SIZE = SPOOL_MANIFEST.sizeof()  # the file holds two slots, written alternately
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """One slot of the spool's manifest (see `vstore.replication.spool` for what each field keeps)."""
+
+    generation: int
+    acked_seq: int
+    high_seq: int
+    reserved_seq: int
+    active_first: int
+    active_end: int
+
+
+def encode_manifest(m: Manifest) -> bytes:
+    body = dict(magic=MANIFEST_MAGIC, version=MANIFEST_VERSION, generation=m.generation, acked_seq=m.acked_seq,
+                high_seq=m.high_seq, reserved_seq=m.reserved_seq, active_first=m.active_first,
+                active_end=m.active_end)
+    raw = _MANIFEST_BODY_FAST.build(body)  # once per append: the compiled body of the same declaration
+    return raw + _CRC_FIELD.build(crc32(raw))
+
+
+def decode_manifest(raw: bytes, where: str) -> Manifest | None:
+    """The newest valid slot of a manifest file's bytes, or None when no slot is valid."""
+    best: Manifest | None = None
+    for i in range(2):
+        chunk = raw[i * MANIFEST_SLOT_SIZE:(i + 1) * MANIFEST_SLOT_SIZE]
+        try:
+            b = parse_checked(SPOOL_MANIFEST, chunk, f"{where} slot {i}").body.value
+            check_version(b.version, MANIFEST_VERSION, f"{where} slot {i}")
+        except FormatError:
+            continue
+        slot = Manifest(b.generation, b.acked_seq, b.high_seq, b.reserved_seq, b.active_first, b.active_end)
+        if slot.acked_seq > slot.high_seq or slot.high_seq > slot.reserved_seq:
+            continue  # a slot contradicting itself is damaged, whatever its CRC says
+        if best is None or slot.generation > best.generation:
+            best = slot
+    return best
 
 
 @dataclass(frozen=True)

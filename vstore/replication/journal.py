@@ -10,6 +10,12 @@ Keeps true:
   volume id names (a batch naming an unknown volume id is refused before anything is written) and
   flush those volumes, then mark applied. The lab in one process and the site
   daemon both use it; only how a volume is written differs.
+- A received batch is checked whole (decoded, its range as the request says, every volume id
+  known, right after the applied sequence) before any file is written; only then are the targets
+  (`targets.json`, which volume each volume id lands on, kept by a daemon so that a stored batch
+  can be finished at its next start) and the batch stored.
+- `applied.json` and `targets.json` are read only as `AppliedDoc` and `Targets` declare them;
+  anything else is one `FormatError` naming the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -18,17 +24,49 @@ import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Protocol
 
-from vstore.blocks.codec import fsync_dir, load_json, remove_stale_temps, save_json_atomic, write_file_atomic
-from vstore.blocks.errors import FormatError, TricopyError
-from vstore.replication.entries import MAX_SEQ, Batch, Entry, decode_batch, encode_batch, saved_seq_ok
+import msgspec
+
+from vstore.blocks.codec import (
+    fsync_dir,
+    load_json,
+    make_dir,
+    remove_stale_temps,
+    save_json_atomic,
+    write_file_atomic,
+)
+from vstore.blocks.errors import FormatError, TricopyError, brief
+from vstore.blocks.schema import validate
+from vstore.replication.entries import MAX_SEQ, Batch, Entry, decode_batch, encode_batch
 
 log = logging.getLogger("vstore.journal")
 
 # --------------------------------------------------------------------------------------------
 _BATCH_FILE = "batch.bin"
 _APPLIED_FILE = "applied.json"
+TARGETS_FILE = "targets.json"
+
+SavedSeq = Annotated[int, msgspec.Meta(ge=0)]
+"""The last applied sequence: an integer 0..MAX_SEQ-1, so that a next entry exists (`check_saved_seq`:
+msgspec bounds stop at 63 bits, entries' sequences use 64)."""
+VolumeId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 32) - 1)]  # an entry's volume id field is 32 bits
+VolumeName = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Targets = dict[VolumeId, VolumeName]
+"""`recv/targets.json` (and a request's `targets`): volume id (a decimal string in JSON) -> volume."""
+
+
+class AppliedDoc(msgspec.Struct, forbid_unknown_fields=True):
+    """`recv/applied.json`: the last sequence applied to the site's volumes."""
+
+    applied_seq: SavedSeq
+
+
+def check_saved_seq(seq: int, what: str) -> int:
+    """`seq` if it is a last applied sequence (0..MAX_SEQ-1), else FormatError naming `what`."""
+    if not 0 <= seq < MAX_SEQ or isinstance(seq, bool):
+        raise FormatError(f"{what} is {brief(seq)}, not a sequence number 0..{MAX_SEQ - 1}")
+    return seq
 
 
 class ReceiveJournal:
@@ -42,7 +80,7 @@ class ReceiveJournal:
         self.recv_dir = Path(recv_dir)
         self.durable = durable
         self._lock = threading.RLock()
-        self.recv_dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.recv_dir, parents=True, exist_ok=True)
         remove_stale_temps(self.recv_dir)
         self._applied = self._load_applied()
         self._drop_batch_if_applied()
@@ -58,13 +96,31 @@ class ReceiveJournal:
     def _load_applied(self) -> int:
         path = self.recv_dir / _APPLIED_FILE
         try:
-            value = load_json(path).get("applied_seq")
+            doc = load_json(path)
         except FileNotFoundError:
             return 0
-        if not saved_seq_ok(value):
-            raise FormatError(f"{path}: applied_seq is missing or not a sequence number (an integer "
-                              f"0..{MAX_SEQ - 1}); restore it from a backup or resynchronise the async pair")
-        return value
+        try:
+            return check_saved_seq(validate(AppliedDoc, doc, str(path)).applied_seq, f"{path}: applied_seq")
+        except FormatError as err:
+            raise FormatError(f"{err}; restore it from a backup or resynchronise the async pair") from None
+
+    def saved_targets(self) -> dict[int, str] | None:
+        """The targets kept with the last received batch (`store_encoded(..., targets=)`), or None."""
+        path = self.recv_dir / TARGETS_FILE
+        try:
+            doc = load_json(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return validate(Targets, doc, str(path), str_keys=True)
+        except FormatError as err:
+            raise FormatError(f"{err}; restore it from a backup or resynchronise the async pair") from None
+
+    def _save_targets(self, targets: Mapping[int, str]) -> None:
+        doc = {str(volume_id): volume for volume_id, volume in sorted(targets.items())}
+        path = self.recv_dir / TARGETS_FILE
+        if not path.is_file() or load_json(path) != doc:
+            save_json_atomic(path, doc, durable=self.durable)
 
     def _drop_batch_if_applied(self) -> None:
         """A crash inside mark_applied (after saving applied_seq) leaves an applied batch.bin.
@@ -101,13 +157,16 @@ class ReceiveJournal:
             raise FormatError(f"batch starts at entry {first} but entry {self._applied} was the "
                               f"last applied: gap or duplicate; resend from entry {self._applied + 1}")
 
-    def store_encoded(self, batch: Batch, data: bytes) -> None:
+    def store_encoded(self, batch: Batch, data: bytes, targets: Mapping[int, str] | None = None) -> None:
         """`store` for a batch received as bytes: `batch` is `decode_batch(data)` (so the
-        bytes were checked); they are stored as they came, not encoded again."""
+        bytes were checked); they are stored as they came, not encoded again. `targets`, when
+        given, is kept first (`saved_targets`), once the batch is known to be the next one."""
         with self._lock:
             if not batch.entries:
                 raise TricopyError("refusing to store an empty batch")
             self._check_next(batch.first_seq)
+            if targets is not None:
+                self._save_targets(targets)
             write_file_atomic(self._batch_path, data, durable=self.durable)
 
     def stored_batch(self) -> Batch | None:
@@ -156,9 +215,7 @@ class ReceiveJournal:
         """After a full/differential resync: D now reflects everything up to `seq`; any stored
         batch is obsolete and is deleted."""
         with self._lock:
-            if seq < 0:
-                raise ValueError(f"applied sequence must be >= 0, got {seq}")
-            self._save_applied(seq)
+            self._save_applied(check_saved_seq(seq, "the applied sequence"))
             self._batch_path.unlink(missing_ok=True)
             if self.durable:
                 fsync_dir(self.recv_dir)
@@ -195,15 +252,19 @@ class SimulatedCrash(TricopyError):
 class Receiver:
     """The Async site's side of shipping: store a batch durably, apply it in order, record it
     applied. `targets` maps an entry's volume id to the volume receiving it; `write` and `flush`
-    reach those volumes (a storage system's copy-program writes, or a daemon's image files)."""
+    reach those volumes (a storage system's copy-program writes, or a daemon's image files);
+    `check(volume, lba, payload)`, when given, raises for an entry its volume cannot take (outside
+    it, not whole blocks), so a received batch is refused before it is stored."""
 
     def __init__(self, journal: ReceiveJournal, site: str, targets: Mapping[int, str],
-                 write: Callable[[str, int, bytes], None], flush: Callable[[str], None]) -> None:
+                 write: Callable[[str, int, bytes], None], flush: Callable[[str], None],
+                 check: Callable[[str, int, bytes], None] | None = None) -> None:
         self.journal = journal
         self.site = site
         self.targets = dict(targets)
         self._write = write
         self._flush = flush
+        self._check = check
 
     @property
     def applied_seq(self) -> int:
@@ -218,13 +279,16 @@ class Receiver:
         self._apply(entries)
         self.journal.mark_applied(last_seq)
 
-    def receive_encoded(self, data: bytes, first_seq: int, last_seq: int) -> int:
-        """`receive` for a batch that arrived as bytes: decoded once, stored as it came."""
+    def receive_encoded(self, data: bytes, first_seq: int, last_seq: int, *, keep_targets: bool = False) -> int:
+        """`receive` for a batch that arrived as bytes: decoded once and checked whole (range,
+        volume ids, sequence) before anything is stored, then stored as it came (with the
+        targets first when `keep_targets`)."""
         batch = decode_batch(data)
         if (batch.first_seq, batch.last_seq) != (first_seq, last_seq):
             raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
                               f"{first_seq}..{last_seq}")
-        self.journal.store_encoded(batch, data)
+        self._check_targets(batch.entries)
+        self.journal.store_encoded(batch, data, self.targets if keep_targets else None)
         self._apply(batch.entries)
         self.journal.mark_applied(batch.last_seq)
         return len(batch.entries)
@@ -238,11 +302,16 @@ class Receiver:
         self.journal.mark_applied()
         return len(entries)
 
-    def _apply(self, entries: Sequence[Entry]) -> None:
-        """Write the entries in order; a batch naming a volume id this site lacks writes nothing."""
+    def _check_targets(self, entries: Sequence[Entry]) -> None:
         for e in entries:
             if e.volume_id not in self.targets:
                 raise TricopyError(f"entry {e.seq} for unknown volume id {e.volume_id} at site {self.site}")
+            if self._check is not None:
+                self._check(self.targets[e.volume_id], e.lba, e.payload)
+
+    def _apply(self, entries: Sequence[Entry]) -> None:
+        """Write the entries in order; a batch naming a volume id this site lacks writes nothing."""
+        self._check_targets(entries)
         used: set[str] = set()
         for e in entries:
             volume = self.targets[e.volume_id]

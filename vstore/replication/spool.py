@@ -5,14 +5,32 @@ Keeps true:
   (fsync) before it returns when the log is durable. Past its capacity it refuses the append with
   `EntryLogFull` and writes nothing (invariant 6: the caller moves the pair to Suspending ->
   Suspend and records positions instead; it never drops or blocks).
-- After a crash, reopening recovers every complete entry; only a torn tail of the last segment is
-  dropped (with a warning), while damage followed by valid entries is refused. Sequence numbers
-  stay gap-free across trims and reopens.
+- What existed is known after a crash or damage. Before an append writes its entries, one pwrite
+  puts a slot of the manifest (`manifest.bin`, `SPOOL_MANIFEST`, two slots written in turn) in
+  place: `acked_seq`, the watermark (every entry whose append had returned before this one began),
+  `high_seq` (the last sequence number this append uses), `reserved_seq` (a ceiling above it,
+  fsynced each time it is crossed, every `SEQ_RESERVE` numbers) and the newest segment with the
+  size this append gives it (fsynced when a segment is made). No fsync per append is added, so
+  the watermark is as durable as the flush policy: exact after a process crash; after a power
+  loss in durable mode it may lag behind the last appends (the reservation and the newest segment
+  do not); in non-durable mode the page cache is all there is. `confirm` fsyncs it first.
+- Recovery cuts only a torn tail: bytes at the end of the last segment, after the watermark,
+  shorter than an entry and than that append left the segment: the append a crash cut before it
+  returned (its sequence number is used again). Anything else lost past the confirmed sequence
+  (a full-length entry failing its CRC, entries up to the watermark gone, a deleted newest
+  segment, a gap) is `SpoolDamage`, with the range and the positions the entries' headers name
+  (or none: every volume needs a full differential check). It is raised at open, or with
+  `record_damage` kept in `damage`: nothing past it is pending, appends are refused, and a
+  `confirm` past it (the caller recorded the positions elsewhere) ends it. The sequence then
+  continues above the reservation: no sequence number is ever used twice.
+- `confirmed.json` is believed only up to the highest sequence number the spool ever held; beyond
+  that it is refused (FormatError naming the file and both numbers) and nothing is deleted.
+- With `defer_repairs` opening writes nothing (read-only commands such as status): the torn tail
+  is cut and empty or confirmed segments removed at the first append or confirm.
 - It answers "does any unshipped entry touch these blocks?" from an in-memory index (the JFS trim
-  rule, SPEC §8 [0169]).
-- Segment files are named and read by `vstore.replication.segments`; this is their only writer.
+  rule, SPEC §8 [0169]). Segment files are named and read by `vstore.replication.segments`; this
+  is their only writer.
 """
-
 from __future__ import annotations
 
 import logging
@@ -24,21 +42,31 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vstore.blocks.codec import fsync_dir, load_json, remove_stale_temps, save_json_atomic
+from vstore.blocks.codec import create_file, fsync_dir, make_dir, remove_stale_temps, save_json_atomic
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.replication.entries import (
     BLOCK_SIZE,
-    ENTRY_MAGIC,
+    MANIFEST_SLOT_SIZE,
     MAX_SEQ,
     Entry,
-    check_consecutive,
+    Manifest,
     decode_entry,
     encode_entry,
-    saved_seq_ok,
+    encode_manifest,
 )
-from vstore.replication.segments import segment_files, segment_name
+from vstore.replication.segments import (
+    CONFIRMED_FILE,
+    MANIFEST_FILE,
+    SEQ_RESERVE,
+    Found,
+    SpoolDamage,
+    analyse_spool,
+    read_confirmed,
+    segment_name,
+)
 
 log = logging.getLogger("vstore.spool")
+
 
 class EntryLogFull(TricopyError):
     """The entry log has no room for these entries; nothing was written."""
@@ -57,23 +85,16 @@ class LogStats:
 class _Segment:
     path: Path
     first_seq: int
-    last_seq: int
+    last_seq: int  # the highest sequence number it may hold
     size: int
     fd: int | None = None
 
 
 @dataclass(frozen=True)
-class _Loc:
-    """Where an unconfirmed entry lives, and what it touches (payload stays on disk)."""
+class _Loc(Found):
+    """Where an unconfirmed entry lives (a valid entry of `segment`), and what it touches."""
 
-    seq: int
     segment: _Segment
-    offset: int
-    length: int
-    volume_id: int
-    lba: int
-    block_count: int
-    timestamp_ns: int
 
 
 @dataclass(frozen=True)
@@ -86,14 +107,14 @@ class _Touch:
     new: bool
 
 
-_CONFIRMED_FILE = "confirmed.json"
-
-
 class EntryLog:
     """Durable, append-only spool of entries waiting for the secondary's confirmation."""
 
     def __init__(self, spool_dir: Path, *, durable: bool = True, capacity_bytes: int = 256 << 20,
-                 segment_bytes: int = 4 << 20, block_size: int = BLOCK_SIZE) -> None:
+                 segment_bytes: int = 4 << 20, block_size: int = BLOCK_SIZE, record_damage: bool = False,
+                 defer_repairs: bool = False) -> None:
+        """`record_damage`: keep a `SpoolDamage` in `damage` instead of raising it; `defer_repairs`:
+        write nothing until the first append or confirm."""
         self.spool_dir = Path(spool_dir)
         self.durable = durable
         self.capacity_bytes = capacity_bytes
@@ -103,12 +124,12 @@ class EntryLog:
         self._segments: list[_Segment] = []
         self._pending: deque[_Loc] = deque()
         self._index: dict[int, dict[int, int]] = {}
-        self._waiting_bytes = 0
-        self._closed = False
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(self.spool_dir)
-        self._confirmed = self._load_confirmed()
-        self._next_seq = self._recover() + 1
+        self._waiting_bytes, self._closed, self._repaired = 0, False, False
+        self._manifest_fd: int | None = None
+        self._confirmed = read_confirmed(self.spool_dir)
+        self._recover(record_damage)
+        if not defer_repairs:
+            self._repair()
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -120,85 +141,65 @@ class EntryLog:
         return self._confirmed
 
     # -- recovery -----------------------------------------------------------------------------
-    def _load_confirmed(self) -> int:
-        path = self.spool_dir / _CONFIRMED_FILE
-        try:
-            value = load_json(path).get("confirmed_seq")
-        except FileNotFoundError:
-            return 0
-        if not saved_seq_ok(value):
-            raise FormatError(f"{path}: confirmed_seq is missing or not a sequence number (an integer "
-                              f"0..{MAX_SEQ - 1}); restore it from a backup or clear the spool")
-        return value
+    def _recover(self, record_damage: bool) -> None:
+        """Read the segments and the manifest (writing nothing): pending entries, torn tail, damage."""
+        found = analyse_spool(self.spool_dir, self._confirmed, self.block_size)
+        if found.damage is not None and not record_damage:
+            raise found.damage
+        self._segments = [_Segment(c.path, c.first_seq, c.covered, c.size) for c in found.segments]
+        for si, it in found.pending:
+            self._add_pending(_Loc(it.seq, it.offset, it.length, it.volume_id, it.lba, it.block_count,
+                                   it.timestamp_ns, segment=self._segments[si]))
+        self._cuts = [(self._segments[si], offset) for si, offset in found.cuts]
+        if found.torn is not None:
+            seg, bad = self._segments[found.torn[0]], found.torn[1]
+            log.warning("%s: a torn tail of %d bytes at offset %d (%s) is dropped; the write was never "
+                        "acknowledged", seg.path, seg.size - bad.offset, bad.offset, bad.error)
+        self.damage: SpoolDamage | None = found.damage
+        if found.damage is not None:
+            log.error("%s", found.damage)
+        self._generation = found.generation  # of the manifest's newest slot
+        self._acked, self._high, self._reserved = found.last_good, found.high, found.reserved
+        self._next_seq = found.reserved + 1 if found.damage is not None else found.last_good + 1
 
-    def _recover(self) -> int:
-        """Load every segment; return the highest sequence number ever used."""
-        files = segment_files(self.spool_dir)
-        last_seq = 0
-        for i, (first_seq, path) in enumerate(files):
-            is_last = i == len(files) - 1
-            entries = self._load_segment(path, first_seq, is_last)
-            if not entries:
-                path.unlink()
-                continue
-            if last_seq and entries[0].seq != last_seq + 1:
-                raise FormatError(f"{path}: starts at entry {entries[0].seq} but the previous segment "
-                                  f"ended at {last_seq}; entries are missing from the spool")
-            last_seq = entries[-1].seq
-            self._adopt_segment(entries)
-        self._check_no_gap_after_confirmed()
+    def _repair(self) -> None:
+        """What recovery found to do on disk, once, before the first change: cut the torn tail,
+        remove empty segments and confirmed ones."""
+        if self._repaired:
+            return
+        self._repaired = True
+        make_dir(self.spool_dir, parents=True, exist_ok=True)
+        remove_stale_temps(self.spool_dir)
+        changed = False
+        for seg, offset in self._cuts:
+            os.truncate(seg.path, offset)
+            seg.size, changed = offset, True
+            if self.durable:
+                _fsync_path(seg.path)
+        for seg in [s for s in self._segments if s.size == 0]:
+            self._segments.remove(seg)
+            seg.path.unlink(missing_ok=True)
+            changed = True
+        if changed and (self._manifest_fd is not None or (self.spool_dir / MANIFEST_FILE).exists()):
+            self._write_manifest(sync=True)
         self._trim_confirmed_segments()
-        return max(last_seq, self._confirmed)
 
-    def _load_segment(self, path: Path, first_seq: int, is_last: bool) -> list[_Loc]:
-        data = path.read_bytes()
-        seg = _Segment(path, first_seq, 0, 0)
-        locs: list[_Loc] = []
-        offset = 0
-        while offset < len(data):
-            try:
-                entry, end = decode_entry(data, offset)
-            except FormatError as err:
-                self._handle_damage(path, data, offset, locs, is_last, err)
-                break
-            locs.append(_Loc(entry.seq, seg, offset, end - offset, entry.volume_id, entry.lba,
-                             entry.block_count, entry.timestamp_ns))
-            offset = end
-        if locs and locs[0].seq != first_seq:
-            raise FormatError(f"{path}: first entry is {locs[0].seq}, not {first_seq} as its name says")
-        check_consecutive([loc.seq for loc in locs], str(path))
-        seg.size = offset if not locs else locs[-1].offset + locs[-1].length
-        seg.last_seq = locs[-1].seq if locs else 0
-        return locs
-
-    def _handle_damage(self, path: Path, data: bytes, offset: int, locs: list[_Loc],
-                       is_last: bool, err: FormatError) -> None:
-        """A bad entry: drop it if it is the torn tail of the last segment, else refuse."""
-        last_good = locs[-1].seq if locs else 0
-        if not is_last or _valid_entry_after(data, offset + 1, last_good):
-            raise FormatError(
-                f"{path}: damaged entry at offset {offset} ({err}) followed by valid entries; the spool "
-                "is corrupt: resynchronise the async pair (full copy) and clear the spool"
-            )
-        log.warning("%s: dropping a torn tail of %d bytes at offset %d (%s); the write was never "
-                    "acknowledged", path, len(data) - offset, offset, err)
-        os.truncate(path, offset)
-        if self.durable:
-            _fsync_path(path)
-
-    def _adopt_segment(self, locs: list[_Loc]) -> None:
-        seg = locs[0].segment
-        self._segments.append(seg)
-        for loc in locs:
-            if loc.seq > self._confirmed:
-                self._add_pending(loc)
-
-    def _check_no_gap_after_confirmed(self) -> None:
-        if self._pending and self._pending[0].seq != self._confirmed + 1:
-            raise FormatError(
-                f"{self.spool_dir}: entries {self._confirmed + 1}..{self._pending[0].seq - 1} are missing "
-                "from the spool; resynchronise the async pair (full copy) and clear the spool"
-            )
+    def _write_manifest(self, *, sync: bool, newest: tuple[int, int] | None = None) -> None:
+        """Put the next manifest slot in place; `sync`: durable now (when the log is durable);
+        `newest`: (first seq, size) of the newest segment once the write under way is done."""
+        path = self.spool_dir / MANIFEST_FILE
+        new = self._manifest_fd is None and not path.exists()
+        if self._manifest_fd is None:
+            self._manifest_fd = create_file(path, os.O_RDWR | os.O_CREAT)
+        self._generation += 1
+        if newest is None:
+            newest = (self._segments[-1].first_seq, self._segments[-1].size) if self._segments else (0, 0)
+        slot = Manifest(self._generation, min(self._acked, self._high), self._high, self._reserved, *newest)
+        os.pwrite(self._manifest_fd, encode_manifest(slot), (self._generation % 2) * MANIFEST_SLOT_SIZE)
+        if self.durable and (sync or new):
+            os.fsync(self._manifest_fd)
+            if new:
+                fsync_dir(self.spool_dir)
 
     # -- in-memory index ----------------------------------------------------------------------
     def _add_pending(self, loc: _Loc) -> None:
@@ -247,9 +248,13 @@ class EntryLog:
 
     def append_many(self, items: Sequence[tuple[int, int, bytes]], *,
                     timestamp_ns: int | None = None) -> list[Entry]:
-        """Group commit: append all items with one fsync per touched segment; all or nothing."""
+        """Group commit: append all items with one fsync per touched segment; all or nothing.
+        Refused with the `SpoolDamage` while damage is recorded and not yet confirmed past."""
         with self._lock:
             self._check_open()
+            if self.damage is not None:
+                raise self.damage
+            self._repair()
             entries = self._make_entries(items, timestamp_ns)
             encoded = [encode_entry(e) for e in entries]
             need = sum(len(b) for b in encoded)
@@ -262,18 +267,29 @@ class EntryLog:
                 return []
             self._write_entries(entries, encoded)
             self._next_seq = entries[-1].seq + 1
+            self._acked = entries[-1].seq  # on disk with the next append's manifest slot
             return entries
 
     def _write_entries(self, entries: list[Entry], encoded: list[bytes]) -> None:
-        """Write and sync; on an OS error undo everything written and re-raise."""
+        """Manifest slot, then the entries, then sync; on an OS error undo what was written and re-raise."""
         touched: list[_Touch] = []
         new_locs: list[_Loc] = []
         try:
-            for entry, data in zip(entries, encoded, strict=True):
-                seg = self._segment_for(entry.seq, touched)
+            plan = self._plan(entries, encoded, touched)
+            new_segment = any(t.new for t in touched)
+            if new_segment and self.durable:
+                fsync_dir(self.spool_dir)
+            self._high = max(self._high, entries[-1].seq)
+            crossed = self._high > self._reserved
+            if crossed:
+                self._reserved = min(self._high + SEQ_RESERVE, MAX_SEQ)
+            last = plan[-1][0]
+            self._write_manifest(sync=new_segment or crossed,
+                                 newest=(last.first_seq, last.size + sum(len(d) for g, _, d in plan if g is last)))
+            for seg, entry, data in plan:
                 _write_all(seg.fd, data)  # type: ignore[arg-type]
-                new_locs.append(_Loc(entry.seq, seg, seg.size, len(data), entry.volume_id, entry.lba,
-                                     entry.block_count, entry.timestamp_ns))
+                new_locs.append(_Loc(entry.seq, seg.size, len(data), entry.volume_id, entry.lba,
+                                     entry.block_count, entry.timestamp_ns, segment=seg))
                 seg.size += len(data)
                 seg.last_seq = entry.seq
             self._sync(touched)
@@ -286,28 +302,33 @@ class EntryLog:
         for loc in new_locs:
             self._add_pending(loc)
 
-    def _segment_for(self, seq: int, touched: list[_Touch]) -> _Segment:
-        """The segment the entry `seq` goes to: the active one, or a new one past segment_bytes."""
+    def _plan(self, entries: list[Entry], encoded: list[bytes],
+              touched: list[_Touch]) -> list[tuple[_Segment, Entry, bytes]]:
+        """The segment each entry goes to: the active one, or new ones (made now) past segment_bytes."""
+        plan = []
         active = self._segments[-1] if self._segments else None
-        if active is None or active.size >= self.segment_bytes:
-            path = self.spool_dir / segment_name(seq)
-            active = _Segment(path, seq, seq - 1, 0)
-            active.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-            self._segments.append(active)
-            touched.append(_Touch(active, 0, seq - 1, new=True))
-        elif not touched or touched[-1].segment is not active:
-            if active.fd is None:
-                active.fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
-            touched.append(_Touch(active, active.size, active.last_seq, new=False))
-        return active
+        size = active.size if active is not None else 0
+        for entry, data in zip(entries, encoded, strict=True):
+            if active is None or size >= self.segment_bytes:
+                path = self.spool_dir / segment_name(entry.seq)
+                active = _Segment(path, entry.seq, entry.seq - 1, 0)
+                active.fd = create_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
+                self._segments.append(active)
+                touched.append(_Touch(active, 0, entry.seq - 1, new=True))
+                size = 0
+            elif not touched or touched[-1].segment is not active:
+                if active.fd is None:
+                    active.fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
+                touched.append(_Touch(active, active.size, active.last_seq, new=False))
+            plan.append((active, entry, data))
+            size += len(data)
+        return plan
 
     def _sync(self, touched: list[_Touch]) -> None:
         if not self.durable:
             return
         for t in touched:
             os.fsync(t.segment.fd)  # type: ignore[arg-type]
-        if any(t.new for t in touched):
-            fsync_dir(self.spool_dir)
 
     def _undo(self, touched: list[_Touch]) -> None:
         for t in reversed(touched):
@@ -320,6 +341,11 @@ class EntryLog:
             elif seg.fd is not None:
                 os.ftruncate(seg.fd, t.size_before)
                 seg.size, seg.last_seq = t.size_before, t.last_before
+        if any(t.new for t in touched) and self._manifest_fd is not None:
+            try:  # the manifest must not name a segment that is gone
+                self._write_manifest(sync=True)
+            except OSError as exc:
+                log.warning("%s: the manifest could not be put back after a failed append: %s", self.spool_dir, exc)
 
     # -- reading and confirming ---------------------------------------------------------------
     def pending(self, max_entries: int | None = None) -> list[Entry]:
@@ -353,7 +379,8 @@ class EntryLog:
                 os.close(fd)
 
     def confirm(self, seq: int) -> None:
-        """Mark every entry <= seq confirmed (durably) and delete fully confirmed segments."""
+        """Mark every entry <= seq confirmed (durably) and delete fully confirmed segments. A
+        confirmation past recorded damage ends it: the caller has recorded those positions."""
         with self._lock:
             self._check_open()
             if seq >= self._next_seq:
@@ -361,17 +388,46 @@ class EntryLog:
                                    f"{self._next_seq - 1}")
             if seq <= self._confirmed:
                 return
-            save_json_atomic(self.spool_dir / _CONFIRMED_FILE, {"confirmed_seq": seq}, durable=self.durable)
+            self._repair()
+            self._high = max(self._high, seq)
+            self._reserved = max(self._reserved, self._high)
+            self._acked = max(self._acked, seq)
+            self._write_manifest(sync=True)  # confirmed_seq never goes past what the manifest holds
+            save_json_atomic(self.spool_dir / CONFIRMED_FILE, {"confirmed_seq": seq}, durable=self.durable)
             self._confirmed = seq
             while self._pending and self._pending[0].seq <= seq:
                 self._pop_pending()
+            damage = self.damage
+            if damage is not None and seq >= damage.first_seq:
+                self.damage = None if seq >= damage.last_seq else SpoolDamage(
+                    self.spool_dir, seq + 1, damage.last_seq, damage.positions, damage.details)
+                if self.damage is None:
+                    log.warning("%s: damaged entries %d..%d confirmed: their positions are recorded elsewhere",
+                                self.spool_dir, damage.first_seq, damage.last_seq)
             self._trim_confirmed_segments()
 
+    def release_damage(self) -> None:
+        """The caller has durably recorded the positions of the damage and of every pending entry
+        (the async group is Suspend): confirm them all, so the spool holds nothing damaged."""
+        with self._lock:
+            if self.damage is not None:
+                if self._next_seq > MAX_SEQ:
+                    raise TricopyError(f"entry log {self.spool_dir}: sequence numbers are used up; "
+                                       "resynchronise the async pair and clear the spool")
+                self.confirm(self._next_seq - 1)
+
     def _trim_confirmed_segments(self) -> None:
-        while self._segments and self._segments[0].last_seq <= self._confirmed:
-            seg = self._segments.pop(0)
+        doomed = 0
+        while doomed < len(self._segments) and self._segments[doomed].last_seq <= self._confirmed:
+            doomed += 1
+        if not doomed:
+            return
+        if doomed == len(self._segments):  # the newest goes too: the manifest stops naming it first
+            self._write_manifest(sync=True, newest=(0, 0))
+        for seg in self._segments[:doomed]:
             _close_fd(seg)
             seg.path.unlink(missing_ok=True)
+        del self._segments[:doomed]
 
     # -- questions ----------------------------------------------------------------------------
     def has_unshipped(self, volume_id: int, ranges: Iterable[tuple[int, int]]) -> bool:
@@ -403,6 +459,9 @@ class EntryLog:
         with self._lock:
             for seg in self._segments:
                 _close_fd(seg)
+            if self._manifest_fd is not None:
+                os.close(self._manifest_fd)
+                self._manifest_fd = None
             self._closed = True
 
     def __enter__(self) -> EntryLog:
@@ -410,21 +469,6 @@ class EntryLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _valid_entry_after(data: bytes, start: int, last_good: int) -> bool:
-    """Is there a decodable entry with a later sequence number anywhere after `start`?"""
-    pos = data.find(ENTRY_MAGIC, start)
-    while pos != -1:
-        try:
-            entry, _ = decode_entry(data, pos)
-        except FormatError:
-            pass
-        else:
-            if entry.seq > last_good:
-                return True
-        pos = data.find(ENTRY_MAGIC, pos + 1)
-    return False
 
 
 def _write_all(fd: int, data: bytes) -> None:
