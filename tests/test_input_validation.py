@@ -63,10 +63,24 @@ def append_topology(lab: Path, text: str) -> None:
 
 # -- topology.toml ------------------------------------------------------------------------------
 def test_unknown_site_key_names_the_key_its_table_and_the_known_keys(lab: Path) -> None:
-    """A misspelt key in [sites.primary] is refused naming the key, the table, the file and the known keys."""
+    """A misspelt key in [sites.primary] is refused naming the key, the table, the file, the line the key
+    is written on and the known keys."""
     edit_topology(lab, r"^port = 17401$", "prot = 17401")
+    line = (lab / TOPOLOGY_FILE).read_text().splitlines().index("prot = 17401") + 1
     message = one_sentence(vstore("status", lab, ok=False))
-    assert message == f"unknown key 'prot' in [sites.primary] of {lab / TOPOLOGY_FILE}; known keys: host, port"
+    assert message == (f"unknown key 'prot' in [sites.primary] of {lab / TOPOLOGY_FILE}, line {line}; "
+                       "known keys: host, port")
+
+
+def test_a_wrong_value_in_an_inline_table_names_its_line(lab: Path) -> None:
+    """A site written as an inline table: a value of the wrong type there names the line of that table."""
+    text = (lab / TOPOLOGY_FILE).read_text()
+    text = re.sub(r'\[sites\.async\]\nhost = "([^"]*)"\nport = \d+\n', '', text)
+    text = text.replace("[sites.primary]", '[sites]\nasync = { host = "127.0.0.1", port = "x" }\n\n[sites.primary]')
+    (lab / TOPOLOGY_FILE).write_text(text)
+    line = text.splitlines().index('async = { host = "127.0.0.1", port = "x" }') + 1
+    assert f"port in [sites.async] of {lab / TOPOLOGY_FILE}, line {line} must be an integer" in \
+        one_sentence(vstore("status", lab, ok=False))
 
 
 @pytest.mark.parametrize(("edit", "words"), [

@@ -6,16 +6,18 @@ commands change no byte of the spool."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
 from tests.helpers import BS, blocks, image
 from vstore.blocks.codec import save_json_atomic
 from vstore.blocks.errors import FormatError
-from vstore.cli.dashboard import collect
+from vstore.cli.dashboard import collect, render
 from vstore.replication.entries import SPOOL_MANIFEST, Manifest, decode_manifest, encode_manifest, entry_size
 from vstore.replication.segments import MANIFEST_FILE
 from vstore.replication.spool import EntryLog, SpoolDamage
@@ -223,8 +225,13 @@ def test_bit_flip_in_the_last_segment_suspends_and_the_write_reaches_d(make_lab,
     assert status["state"] == "Suspend" and status["failure"] and "spool damage" in status["reason"]
     assert status["spool_damage"]["last_seq"] == 3 and not status["spool_damage"]["all_volumes"]
     assert status["recorded_blocks"] == 3  # the damaged entry and the unshipped ones before it
+    assert "spool damage: " in vstore("status", lab).stdout  # loud in the table too
     vstore("verify", lab, "--json", ok=False)
-    assert collect(lab)["spool_damage"]["first_seq"] == 3
+    snapshot = collect(lab)
+    assert snapshot["spool_damage"]["first_seq"] == 3
+    console = Console(record=True, width=160, file=io.StringIO())
+    console.print(render(snapshot))
+    assert "SPOOL DAMAGE: " in console.export_text()  # and in the dashboard's header
     assert files(spool_dir(lab)) == before  # status, verify and the dashboard only read it
     repaired = vstore("verify", lab, "--repair", "--json")
     assert all(not r["differing_ranges"] for r in json.loads(repaired.stdout)["pairs"])

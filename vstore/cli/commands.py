@@ -103,6 +103,8 @@ def print_status(doc: dict) -> None:
         pairs.add_row(p["name"], p["kind"], f"{p['source']} -> {p['target']}", f"[{style}]{p['state']}[/]",
                       str(p["entries_waiting"]), format_size(p["bytes_waiting"]), oldest, p["reason"] or "")
     out.print(pairs)
+    if doc.get("spool_damage"):
+        out.print(f"[bold white on red]spool damage[/]: {doc['spool_damage']['message']}", highlight=False)
     for warning in doc.get("warnings", []):
         out.print(f"[yellow]warning[/]: {warning}", highlight=False)
     down = [name for name, up in doc["links"].items() if not up]

@@ -258,6 +258,9 @@ def render(snapshot: dict, history: History | None = None, *, note: str | None =
             header.append(f" ({format_size(int(shipping['bytes_per_s']))}/s)", style="dim")
     if note:
         header.append(f"  {note}", style="bold yellow")
+    damage = snapshot.get("spool_damage")
+    if damage:  # acknowledged entries damaged or missing: the async group is Suspend for them
+        header.append(f"\nSPOOL DAMAGE: {damage['message']}", style="bold white on red")
     events = Table.grid()
     events.add_column()
     shown = snapshot.get("events", [])[:EVENTS_SHOWN]

@@ -19,6 +19,7 @@ without it is private to its owner.
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -182,23 +183,55 @@ def _parse(doc: dict, path: Path) -> Topology:
     )
 
 
-def _place(where: str, path: Path) -> str:
-    """Where in topology.toml: "in [sites.primary] of PATH" or "at the top level of PATH"."""
-    return f"{'at' if where == TOP else 'in'} {where} of {path}"
+def _place(where: str, path: Path, key: str | None = None) -> str:
+    """Where in topology.toml: "in [sites.primary] of PATH" or "at the top level of PATH", with
+    ", line N" when `key` is found written there."""
+    line = _line_of(path, where, key) if key is not None else None
+    return f"{'at' if where == TOP else 'in'} {where} of {path}" + (f", line {line}" if line else "")
+
+
+_HEADER = re.compile(r"^\[\[?\s*([^\]]*?)\s*\]\]?\s*(#.*)?$")
+
+
+def _line_of(path: Path, where: str, key: str) -> int | None:
+    """The line of topology.toml where `key` of table `where` is written: `key = ...` under its
+    header, or, for an inline table (`primary = { ... }` under [sites]), the line naming it."""
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    wanted = [(where, key)]
+    if where.startswith("[") and "." in where:  # [sites.primary]: also `primary = {...}` under [sites]
+        parent, _, name = where[1:-1].rpartition(".")
+        wanted.append((f"[{parent}]", name))
+    for table, name in wanted:
+        current = TOP
+        pattern = re.compile(rf"^\s*(?:{re.escape(name)}|\"{re.escape(name)}\")\s*[=.]")
+        for number, text in enumerate(lines, 1):
+            header = _HEADER.match(text.strip())
+            if header:
+                current = f"[{header.group(1)}]"
+                inside = f"{table[1:-1]}." if table != TOP else ""
+                if f"{header.group(1)}.".startswith(f"{inside}{name}."):  # the table's own header
+                    return number
+            elif current == table and pattern.match(text):
+                return number
+    return None
 
 
 def _known_keys(table: Mapping, known: Mapping | tuple[str, ...], where: str, path: Path, *,
                 what: str = "keys") -> None:
     for key in table:
         if key not in known:
-            raise TricopyError(f"unknown key {brief(key)} {_place(where, path)}; known {what}: {', '.join(known)}")
+            raise TricopyError(f"unknown key {brief(key)} {_place(where, path, str(key))}; "
+                               f"known {what}: {', '.join(known)}")
 
 
 def _table(doc: Mapping, key: str, where: str, path: Path) -> dict:
     value = doc[key]
     if not isinstance(value, dict):
         name = key if where == TOP else f"{where[1:-1]}.{key}"
-        raise TricopyError(f"{key!r} {_place(where, path)} must be a table ([{name}]), not {brief(value)}")
+        raise TricopyError(f"{key!r} {_place(where, path, key)} must be a table ([{name}]), not {brief(value)}")
     return value
 
 
@@ -215,7 +248,7 @@ def _value(table: Mapping, key: str, kind: type[T], where: str, path: Path, defa
         return default
     value = table[key]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TricopyError(f"{key} {_place(where, path)} must be {_TYPE_NAMES[kind]}, not {brief(value)}")
+        raise TricopyError(f"{key} {_place(where, path, key)} must be {_TYPE_NAMES[kind]}, not {brief(value)}")
     return value
 
 
@@ -256,7 +289,7 @@ def _via(link: str, spec: dict, path: Path) -> SiteSpec:
     via = _value(spec, "via", str, where, path)
     host, _, port = via.rpartition(":")
     if not (port.isascii() and port.isdigit() and len(port) <= 5):
-        raise TricopyError(f"via {_place(where, path)} must be HOST:PORT (e.g. \"127.0.0.1:9000\"), "
+        raise TricopyError(f"via {_place(where, path, 'via')} must be HOST:PORT (e.g. \"127.0.0.1:9000\"), "
                            f"not {brief(via, 60)}")
     return SiteSpec(link, host or "127.0.0.1", int(port))
 

@@ -24,9 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from vstore.blocks.codec import load_json
 from vstore.blocks.errors import FormatError
 from vstore.blocks.ranges import merge_ranges
+from vstore.blocks.schema import Count, validate
 from vstore.replication.entries import (
     ENTRY_HEADER_SIZE,
     ENTRY_MAGIC,
@@ -173,11 +176,17 @@ def scan_segment(data: bytes) -> list[Found | Bad]:
     return items
 
 
+class ConfirmedDoc(msgspec.Struct, forbid_unknown_fields=True):
+    """`spool/confirmed.json`: the last sequence number the Async site confirmed."""
+
+    confirmed_seq: Count
+
+
 def read_confirmed(spool_dir: Path) -> int:
     """The last sequence number the Async site confirmed (0 when none is saved)."""
     path = spool_dir / CONFIRMED_FILE
     try:
-        value = load_json(path).get("confirmed_seq")
+        value = validate(ConfirmedDoc, load_json(path), str(path)).confirmed_seq
     except FileNotFoundError:
         return 0
     if not saved_seq_ok(value):
