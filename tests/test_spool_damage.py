@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,32 @@ def test_deleted_spool_segment_in_a_lab_resyncs_every_volume(make_lab, vstore) -
     vstore("write", lab, "--lba", 7, input=blocks(50))
     vstore("ship", lab)
     assert image(lab, "async", "D")[7 * BS:8 * BS] == blocks(50)
+
+
+@pytest.mark.parametrize("lose", ["the spool directory", "the manifest and the segments"])
+def test_a_lost_spool_is_damage_and_no_sequence_is_reused(make_lab, vstore, lose: str) -> None:
+    """The spool's files gone altogether (its directory, or the manifest with the segments) after
+    acknowledged, unshipped writes: the site's state saw those entries, so the async pair goes Suspend
+    with every block recorded instead of numbering new entries from 1 again; the next ship
+    resynchronises D, later writes reach it, and verify is clean."""
+    lab = make_lab()
+    for i in range(3):
+        vstore("write", lab, "--lba", 3 + i, input=blocks(60 + i))
+    state = json.loads((lab / "primary" / "state.json").read_text())
+    assert state["host"]["spool_seq"] == 3
+    if lose == "the spool directory":
+        shutil.rmtree(spool_dir(lab))
+    else:
+        for path in [*segments(spool_dir(lab)), spool_dir(lab) / MANIFEST_FILE]:
+            path.unlink()
+    status = pair(lab, vstore, "A->D")
+    assert status["state"] == "Suspend" and status["spool_damage"]["all_volumes"], status
+    assert status["spool_damage"]["last_seq"] == 3
+    vstore("ship", lab)
+    assert pair(lab, vstore, "A->D")["state"] == "Duplex"
+    vstore("write", lab, "--lba", 9, input=blocks(70))
+    vstore("ship", lab)
+    d = image(lab, "async", "D")
+    assert d[3 * BS:6 * BS] == blocks(60) + blocks(61) + blocks(62) and d[9 * BS:10 * BS] == blocks(70)
+    assert all(not r["differing_ranges"] for r in json.loads(vstore("verify", lab, "--json").stdout)["pairs"])
+    assert json.loads((lab / "primary" / "state.json").read_text())["host"]["spool_seq"] > 3

@@ -96,6 +96,7 @@ class HostSpec(msgspec.Struct, forbid_unknown_fields=True):
     epoch: Count = 0
     spool_capacity: Positive = 1
     write_count_at_promotion: Count = 0
+    spool_seq: Count = 0  # the highest sequence number the spool had used when the state was saved
     provider_volumes: list[str] = []
     mirror: MirrorSpec | msgspec.UnsetType = msgspec.UNSET
 
@@ -166,7 +167,7 @@ def open_spool(site_dir: Path, topo: Topology, host: Mapping) -> EntryLog:
     and damage is recorded in `EntryLog.damage` for the `System` to suspend the async group."""
     return EntryLog(site_dir / SPOOL_DIR, durable=topo.durable,
                     capacity_bytes=host.get("spool_capacity", topo.spool_capacity), block_size=topo.block_size,
-                    record_damage=True, defer_repairs=True)
+                    record_damage=True, defer_repairs=True, known_seq=int(host.get("spool_seq", 0)))
 
 
 def open_journal(site_dir: Path, topo: Topology) -> ReceiveJournal:

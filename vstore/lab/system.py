@@ -392,6 +392,9 @@ class System:
                 self.registry.bump(pair)
                 self._saved_pairs[pair.name] = now
         self._count_writes()
+        host = self.states.get(self._active_or_none() or "", {}).get("host")
+        if self._entry_log is not None and host:  # a spool found holding less lost entries
+            host["spool_seq"] = max(int(host.get("spool_seq", 0)), self._entry_log.high_seq)
         epoch = self.lab_epoch
         for site, state in self.states.items():
             if not self.network.site_up(site):

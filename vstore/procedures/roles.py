@@ -51,6 +51,7 @@ def drop_pairs_between(system: System, a: str, b: str, steps: StepLog) -> None:
 def reset_spool(system: System, site: str) -> None:
     """A fresh, empty entry spool for `site`'s host (stale entries of an old role are obsolete)."""
     system.reset_async_programs()
+    (system.states[site].get("host") or {}).pop("spool_seq", None)  # numbering starts again
     spool = system.site_dir(site) / SPOOL_DIR
     if spool.exists():
         shutil.rmtree(spool)

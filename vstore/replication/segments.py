@@ -274,9 +274,9 @@ class _Losses:
         return SpoolDamage(spool_dir, first, last, positions, self.details)
 
 
-def analyse_spool(spool_dir: Path, confirmed: int, block_size: int) -> SpoolContents:
-    """Read every segment and the manifest (writing nothing) and tell a torn tail (bytes of the last
-    append, after the acknowledged watermark, shorter than an entry) from lost entries."""
+def analyse_spool(spool_dir: Path, confirmed: int, block_size: int, known_seq: int = 0) -> SpoolContents:
+    """Read every segment and the manifest (writing nothing) and tell a torn tail (bytes of the last append,
+    after the acknowledged watermark, shorter than an entry) from lost entries (to `known_seq`: ones seen used)."""
     manifest, manifest_present = read_manifest(spool_dir)
     segs = []
     for first, path in segment_files(spool_dir):
@@ -297,9 +297,11 @@ def analyse_spool(spool_dir: Path, confirmed: int, block_size: int) -> SpoolCont
     cursor, torn = _walk(segs, confirmed, (acked, high), block_size, losses, complete)
     if acked >= cursor:
         losses.lost(cursor, acked, f"entries {cursor}..{acked} were acknowledged but are in no segment")
-    if manifest is not None and manifest.active_first and manifest.active_first not in {s.first_seq for s in segs}:
-        af = manifest.active_first
-        losses.lost(af, max(af, manifest.high_seq), f"the newest segment {segment_name(af)} is missing")
+    if manifest is not None and (af := manifest.active_first) and af not in {s.first_seq for s in segs}:
+        losses.lost(min(af, cursor), max(af, manifest.high_seq), f"the newest segment {segment_name(af)} is missing")
+    held = max(manifest.high_seq if manifest else 0, max_found, confirmed)
+    if known_seq > held:  # the manifest, the newest segments or the whole spool are gone
+        losses.lost(held + 1, known_seq, f"the site's state saw entries up to {known_seq}; the spool holds {held}")
     damage = losses.damage(spool_dir, max(max_found, acked))
     cuts = _cuts(segs, torn, losses.harmless)
     last_good = max(confirmed, damage.first_seq - 1 if damage else cursor - 1)
@@ -310,7 +312,7 @@ def analyse_spool(spool_dir: Path, confirmed: int, block_size: int) -> SpoolCont
             pending.append((si, it))
     high = max(manifest.high_seq if manifest else 0, max_found, confirmed, damage.last_seq if damage else 0)
     reserved = max(manifest.reserved_seq if manifest else 0, high)
-    if manifest_present and manifest is None:
+    if manifest_present and manifest is None or known_seq > held:  # what the lost manifest reserved
         reserved = min(high + SEQ_RESERVE, MAX_SEQ)
     for si, seg in enumerate(segs):
         seqs = [it.seq for it in seg.items if isinstance(it, Found)]

@@ -112,9 +112,10 @@ class EntryLog:
 
     def __init__(self, spool_dir: Path, *, durable: bool = True, capacity_bytes: int = 256 << 20,
                  segment_bytes: int = 4 << 20, block_size: int = BLOCK_SIZE, record_damage: bool = False,
-                 defer_repairs: bool = False) -> None:
+                 defer_repairs: bool = False, known_seq: int = 0) -> None:
         """`record_damage`: keep a `SpoolDamage` in `damage` instead of raising it; `defer_repairs`:
-        write nothing until the first append or confirm."""
+        write nothing until the first append or confirm; `known_seq`: a sequence number the site's
+        state saw used (a spool holding less lost its files)."""
         self.spool_dir = Path(spool_dir)
         self.durable = durable
         self.capacity_bytes = capacity_bytes
@@ -127,7 +128,7 @@ class EntryLog:
         self._waiting_bytes, self._closed, self._repaired = 0, False, False
         self._manifest_fd: int | None = None
         self._confirmed = read_confirmed(self.spool_dir)
-        self._recover(record_damage)
+        self._recover(record_damage, known_seq)
         if not defer_repairs:
             self._repair()
 
@@ -140,10 +141,15 @@ class EntryLog:
     def confirmed_seq(self) -> int:
         return self._confirmed
 
+    @property
+    def high_seq(self) -> int:
+        """The highest sequence number this spool ever gave an entry."""
+        return self._high
+
     # -- recovery -----------------------------------------------------------------------------
-    def _recover(self, record_damage: bool) -> None:
+    def _recover(self, record_damage: bool, known_seq: int) -> None:
         """Read the segments and the manifest (writing nothing): pending entries, torn tail, damage."""
-        found = analyse_spool(self.spool_dir, self._confirmed, self.block_size)
+        found = analyse_spool(self.spool_dir, self._confirmed, self.block_size, known_seq)
         if found.damage is not None and not record_damage:
             raise found.damage
         self._segments = [_Segment(c.path, c.first_seq, c.covered, c.size) for c in found.segments]
