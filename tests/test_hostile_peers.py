@@ -117,6 +117,8 @@ def test_crafted_arguments_are_answered_with_a_clear_error(running_lab: Path):
         ("sync", "vol.read", {"volume": "C", "lba": 0, "count": "1"}, "count"),
         ("sync", "vol.read", {"volume": ["C"], "lba": 0, "count": 1}, "volume"),
         ("sync", "vol.write", {"volume": "C", "lba": 0, "flush": "yes"}, "flush"),
+        ("sync", "vol.digest", {"volume": "C", "lba": 0, "count": 1 << 20, "per": 1}, "count"),
+        ("sync", "vol.digest", {"volume": "C", "lba": 0, "count": 4, "per": 0}, "per"),
         ("sync", "vol.write", {"volume": "C", "lba": 0, "bogus": 1}, "bogus"),
         ("async", "journal.set_applied", {"seq": -5}, "seq"),
         ("async", "journal.set_applied", {"seq": 1 << 70}, "seq"),

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,76 @@ def test_a_lost_spool_is_damage_and_no_sequence_is_reused(make_lab, vstore, lose
     assert d[3 * BS:6 * BS] == blocks(60) + blocks(61) + blocks(62) and d[9 * BS:10 * BS] == blocks(70)
     assert all(not r["differing_ranges"] for r in json.loads(vstore("verify", lab, "--json").stdout)["pairs"])
     assert json.loads((lab / "primary" / "state.json").read_text())["host"]["spool_seq"] > 3
+
+
+def lose_unshipped_positions(lab: Path, vstore) -> None:  # noqa: ANN001
+    """Five writes shipped, then two acknowledged ones whose entries are lost with their headers."""
+    for i in range(5):
+        vstore("write", lab, "--lba", 30 + i, input=blocks(80 + i))
+    vstore("ship", lab)
+    vstore("write", lab, "--lba", 3, input=blocks(90))
+    vstore("write", lab, "--lba", 200, input=blocks(91))
+    for seg in segments(spool_dir(lab)):
+        seg.unlink()
+
+
+def async_name(lab: Path, vstore) -> str:  # noqa: ANN001
+    doc = json.loads(vstore("status", lab, "--json").stdout)
+    return next(p["name"] for p in doc["pairs"] if p["kind"] == "async")
+
+
+def assert_d_has_every_write(lab: Path, vstore) -> None:  # noqa: ANN001
+    d = image(lab, "async", "D")
+    assert d[30 * BS:35 * BS] == b"".join(blocks(80 + i) for i in range(5))
+    assert d[3 * BS:4 * BS] == blocks(90) and d[200 * BS:201 * BS] == blocks(91)
+    result = json.loads(vstore("verify", lab, "--json").stdout)["pairs"]
+    assert all(not r["differing_ranges"] and r["skipped_unshipped"] == 0 for r in result), result
+
+
+@pytest.mark.parametrize("mode", ["provider", "mirror"])
+def test_lost_positions_resync_copies_only_the_blocks_that_differ(make_lab, vstore, mode: str) -> None:
+    """Entries lost with their headers: every block is recorded, but the resync is a differential
+    check (digests of source and target compared first): of the 256 recorded blocks it copies the
+    two whose writes were lost, not the whole volume."""
+    lab = make_lab(mode=mode)
+    lose_unshipped_positions(lab, vstore)
+    status = pair(lab, vstore, async_name(lab, vstore))
+    assert status["state"] == "Suspend" and status["spool_damage"]["all_volumes"]
+    assert status["verify_first"] and status["recorded_blocks"] == 256
+    report = json.loads(vstore("ship", lab, "--json").stdout)
+    assert report["resynced_blocks"] == 2 and report["error"] is None
+    after = pair(lab, vstore, async_name(lab, vstore))
+    assert after["state"] == "Duplex" and not after["verify_first"] and after["recorded_blocks"] == 0
+    assert_d_has_every_write(lab, vstore)
+
+
+def test_verify_repair_gives_lost_positions_the_differential_check(make_lab, vstore) -> None:
+    """`verify --repair` on the Suspend pair whose positions were lost: it copies exactly the
+    differing blocks, names them in `repaired_ranges`, and leaves every pair Duplex and equal."""
+    lab = make_lab()
+    lose_unshipped_positions(lab, vstore)
+    first = {r["name"]: r for r in json.loads(vstore("verify", lab, "--json").stdout)["pairs"]}
+    assert first["A->D"]["skipped_unshipped"] == 256  # nothing claimed equal while Suspend
+    repaired = {r["name"]: r for r in json.loads(vstore("verify", lab, "--repair", "--json").stdout)["pairs"]}
+    assert repaired["A->D"]["repaired_ranges"] == [[3, 1], [200, 1]]
+    assert repaired["A->C"]["repaired_ranges"] == []
+    assert all(not r["differing_ranges"] and r["skipped_unshipped"] == 0 for r in repaired.values())
+    assert pair(lab, vstore, "A->D")["state"] == "Duplex"
+    assert_d_has_every_write(lab, vstore)
+
+
+def test_lost_positions_resync_through_the_daemons_moves_only_digests(daemon_lab, vstore) -> None:
+    """The same loss found by the daemons at `lab up`: the coordinating daemon's resync compares the
+    digests the Async site's daemon computes (`vol.digest`) and copies only the two lost writes."""
+    lab = daemon_lab()
+    lose_unshipped_positions(lab, vstore)
+    vstore("lab", "up", lab)
+    vstore("ship", lab)
+    deadline = time.monotonic() + 30
+    while pair(lab, vstore, "A->D")["state"] != "Duplex" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert pair(lab, vstore, "A->D")["state"] == "Duplex"
+    logged = (lab / "run" / "primary.log").read_text()
+    assert "differential check of 256 recorded blocks: 2 differ" in logged
+    vstore("lab", "down", lab)
+    assert_d_has_every_write(lab, vstore)

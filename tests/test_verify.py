@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import BS, blocks
 from vstore import reports
+from vstore.blocks.digests import READ_BLOCKS, digest, run_digests
 from vstore.cli import verify
 from vstore.lab.system import System
 from vstore.procedures.create import init_lab
@@ -198,3 +199,31 @@ def test_user_errors(lab, tmp_path):
     assert r.exit_code == 1 and "no pair named" in r.stderr and "Traceback" not in r.output
     r = run_verify(tmp_path / "missing")
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize(("count", "per"), [(1, 1), (7, 3), (1024, 64), (1500, 64), (2049, 1000), (3, 5)])
+def test_run_digests_cover_every_block_once_in_runs_of_per(count: int, per: int) -> None:
+    """One digest per run of `per` blocks, the last run shorter, whatever the read size inside."""
+    data = bytes(i % 251 for i in range(count * 8))
+    reads: list[int] = []
+
+    def read(lba: int, n: int) -> bytes:
+        reads.append(n)
+        return data[lba * 8:(lba + n) * 8]
+
+    got = run_digests(read, 0, count, per)
+    assert got == [digest(data[i * 8:min(i + per, count) * 8]) for i in range(0, count, per)]
+    assert max(reads) <= max(per, READ_BLOCKS)  # memory stays bounded however much is digested
+
+
+def test_verify_finds_a_difference_past_the_first_digest_request(tmp_path: Path) -> None:
+    """A lab larger than one digest request: a block flipped in the last chunk is still named."""
+    lab = tmp_path / "big"
+    init_lab(lab, size=20000 * BS)
+    with System(lab) as system:
+        system.device().write(19999, blocks(3))
+        system.shipper().ship()
+        system.storages["sync"].volume("C").device.write(19998, blocks(4))
+        result = {r["name"]: r for r in reports.verify(system)}
+    assert result["A->C"]["differing_ranges"] == [[19998, 1]]
+    assert result["A->D"]["differing_ranges"] == []

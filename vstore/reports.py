@@ -16,7 +16,6 @@ or `verify` loads only the replication stack. The documents are DESIGN.md's "JSO
 
 from __future__ import annotations
 
-import hashlib
 import time
 
 from vstore.blocks.errors import TricopyError
@@ -24,6 +23,7 @@ from vstore.blocks.ranges import ranges_of
 from vstore.lab.copies import unfinished
 from vstore.lab.system import System
 from vstore.procedures.create import INIT_MARKER
+from vstore.replication.compare import differing_blocks
 from vstore.replication.entries import entry_size
 from vstore.replication.network import LINK_NAMES, SITE_NAMES
 from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
@@ -60,7 +60,8 @@ def status_document(system: System) -> dict:
                        if stats.oldest_timestamp_ns and entries else None}
         doc["pairs"].append({"name": pair.name, "source": pair.source, "target": pair.target,
                              "kind": pair.kind.value, "state": pair.state.value, "reason": pair.reason,
-                             "failure": pair.failure, "recorded_blocks": pair.bitmap.count(), **waiting})
+                             "failure": pair.failure, "recorded_blocks": pair.bitmap.count(),
+                             "verify_first": pair.verify_first, **waiting})
     doc["spool_damage"] = system.spool_damage.to_dict() if system.spool_damage is not None else None
     doc["unfinished_copies"] = unfinished(system.lab_dir)
     doc["unfinished_setup"] = (system.lab_dir / INIT_MARKER).is_file()
@@ -113,11 +114,6 @@ def snapshot_of(system: System) -> dict:
     return doc
 
 
-def digest(data: bytes) -> bytes:
-    """What each side of a verify sends instead of its blocks."""
-    return hashlib.blake2b(data, digest_size=16).digest()
-
-
 def excluded_blocks(system: System, pair: Pair) -> set[int]:
     """Blocks where the target may legitimately differ: unshipped entries and recorded positions."""
     excluded = {lba for first, n in pair.bitmap.ranges() for lba in range(first, first + n)}
@@ -147,18 +143,8 @@ def verify_pair(system: System, pair: Pair, chunk_blocks: int = 64) -> dict:
         if dst.volume(dst_vol).device.num_blocks != num_blocks:
             raise TricopyError(f"{pair.source} and {pair.target} differ in size")
         excluded = excluded_blocks(system, pair)
-        bs = src.volume(src_vol).device.block_size
-        differing: list[int] = []
-        for lba in range(0, num_blocks, chunk_blocks):
-            n = min(chunk_blocks, num_blocks - lba)
-            a, b = src.host_read(src_vol, lba, n), dst.host_read(dst_vol, lba, n)
-            if digest(a) == digest(b):
-                continue
-            for i in range(n):
-                if lba + i in excluded:
-                    continue
-                if digest(a[i * bs:(i + 1) * bs]) != digest(b[i * bs:(i + 1) * bs]):
-                    differing.append(lba + i)
+        differing = differing_blocks(src, src_vol, dst, dst_vol, [(0, num_blocks)], chunk_blocks=chunk_blocks,
+                                     excluded=excluded)
     except TricopyError as exc:
         result["error"] = f"cannot verify {pair.source} -> {pair.target}: {exc}"
         return result

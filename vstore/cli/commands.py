@@ -14,6 +14,7 @@ and exits 0. An output file (`read --out`) is checked before any work is done.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from contextlib import suppress
@@ -229,13 +230,17 @@ def ship_command(
     duration: Annotated[float | None, typer.Option("--duration", min=0.0,
                                                    help="With --follow: stop after S seconds.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Send waiting entries to the Async site in order (it stores each batch, applies it, confirms).
-    A suspended async pair whose link works again is first resynced (Duplex-Pending).
+    A suspended async pair whose link works again is first resynced (Duplex-Pending). --json prints
+    the report: entries, batches, blocks_written, blocks_sent, resynced_blocks, error.
 
     Example: vstore ship /tmp/lab --max 10      (or: vstore ship /tmp/lab --follow --period 10)
     """
     if follow:
+        if as_json:
+            die("--json reports one shipping round; it does not go with --follow")
         ship_following(lab, period=period, duration=duration, quiet=quiet)
         return
     if period is not None or duration is not None:
@@ -243,9 +248,13 @@ def ship_command(
     with user_errors():
         client = daemon_client(lab)
     if client is not None:
-        ship_through_daemons(client, max_entries)
+        report = ship_through_daemons(client, max_entries, as_json=as_json)
     else:
-        ship_in_process(lab, max_entries, quiet=quiet)
+        report = ship_in_process(lab, max_entries, quiet=quiet or as_json, as_json=as_json)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        if report["error"]:
+            raise typer.Exit(1)
 
 
 def ship_following(lab: Path, *, period: float | None, duration: float | None, quiet: bool) -> None:
@@ -271,10 +280,12 @@ def ship_following(lab: Path, *, period: float | None, duration: float | None, q
         out.print(f"follow ended: {total} entries shipped", highlight=False)
 
 
-def ship_through_daemons(client: Peer, max_entries: int | None) -> None:
+def ship_through_daemons(client: Peer, max_entries: int | None, *, as_json: bool = False) -> dict:
     """The lab is up: the coordinating daemon ships (or waits for its shipper process to catch up)."""
     with user_errors():
         r = client.call(SHIP, {"max": max_entries})[0]
+    if as_json:
+        return r
     if r["error"]:
         die(f"cannot ship: {r['error']}")
     if r["batches"] is None:  # the shipper process ships; the daemon waited until it caught up
@@ -283,9 +294,10 @@ def ship_through_daemons(client: Peer, max_entries: int | None) -> None:
     else:
         out.print(f"shipped {r['entries']} entries in {r['batches']} batches ({r['blocks_sent']} blocks sent)",
                   highlight=False)
+    return r
 
 
-def ship_in_process(lab: Path, max_entries: int | None, *, quiet: bool) -> None:
+def ship_in_process(lab: Path, max_entries: int | None, *, quiet: bool, as_json: bool = False) -> dict:
     """The lab is down: open it and ship here, with a progress bar for a long backlog."""
     with user_errors(), open_lab(lab) as system:
         try:
@@ -294,6 +306,8 @@ def ship_in_process(lab: Path, max_entries: int | None, *, quiet: bool) -> None:
                 report = system.shipper().ship(max_entries, progress=progress("shipping entries", total))
         finally:
             system.save()
+    if as_json:
+        return dataclasses.asdict(report)
     if report.error:
         die(f"cannot ship: {report.error}; the async pair is now suspended with positions recorded")
     msg = f"shipped {report.entries} entries in {report.batches} batches ({report.blocks_sent} blocks sent"
@@ -303,6 +317,7 @@ def ship_in_process(lab: Path, max_entries: int | None, *, quiet: bool) -> None:
     if report.resynced_blocks:
         msg += f"; resynced {report.resynced_blocks} recorded blocks first"
     out.print(msg, highlight=False)
+    return dataclasses.asdict(report)
 
 
 # -- faults ---------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@
 Keeps true:
 - The comparison is `vstore.reports.verify`, the same one the coordinating daemon runs while the
   lab is up: nothing is moved or changed; each side digests its own volume (BLAKE2b per chunk of
-  `chunk_blocks` blocks, then per block inside a chunk whose digests differ), and only digests are
-  compared, so the cost over a real link is the digests, not the data.
+  `chunk_blocks` blocks, then per block inside a chunk whose digests differ; a site's daemon
+  answers `vol.digest`), and only digests are compared, so the cost over a real link is the
+  digests, not the data.
 - A difference the replication explains is not reported: for an async pair the blocks that still
   have unshipped entries in the active site's entry log (the target legitimately equals the source
   "up to the confirmed sequence") and, for any pair, the positions recorded in its bitmap while it
@@ -15,7 +16,9 @@ Keeps true:
   the initial copy unfinished) is reported with an `error` key, never silently passed.
 - Simplex pairs are not verified (nothing is claimed to be equal).
 - `--repair` copies exactly the differing ranges of each Duplex pair source -> target, then verifies
-  again and reports that second result, each pair with the `repaired_ranges` it copied.
+  again and reports that second result, each pair with the `repaired_ranges` it copied. A Suspend
+  pair whose positions were lost with damaged spool entries (`verify_first`) is given the
+  differential check: only the recorded blocks whose digests differ are copied, and it is resynced.
 - `--json` prints `{"pairs": [...]}`; the exit code is 1 when any pair differs, 2 when one could not
   be verified, 0 when all are equal.
 """
@@ -43,6 +46,7 @@ from vstore.lab.system import System
 from vstore.net.rpc import VERIFY
 from vstore.procedures.setup import repair_pair
 from vstore.procedures.steps import StepLog
+from vstore.replication.pairs import PairState
 from vstore.reports import verify
 
 EXIT_DIFFER = 1
@@ -95,10 +99,12 @@ def verify_and_repair(system: System, pair: str | None, quiet: bool) -> list[dic
     repaired: dict[str, list[list[int]]] = {}
     with progress_bars(quiet) as progress:
         for result in first:
-            if result["differing_ranges"]:
+            target = system.registry.get(result["name"])
+            lost_positions = target.verify_first and target.state == PairState.SUSPEND and "error" not in result
+            if result["differing_ranges"] or lost_positions:
                 ranges = [(f, n) for f, n in result["differing_ranges"]]
-                repair_pair(system, system.registry.get(result["name"]), ranges, steps, progress)
-                repaired[result["name"]] = result["differing_ranges"]
+                copied = repair_pair(system, target, ranges, steps, progress)
+                repaired[result["name"]] = [[f, n] for f, n in copied]
     system.save()
     again = verify(system, pair)
     for result in again:

@@ -12,7 +12,8 @@ Keeps true:
   volume id mapped to a volume of this site, every entry inside its volume and of whole blocks,
   the next sequence) before the targets or the batch are stored; a refused request leaves no
   file behind, and a stored batch can always be finished at the next start.
-- A read is bounded before it allocates (`check_reply`).
+- A read is bounded before it allocates (`check_reply`); `vol.digest` answers only digests, reading
+  a bounded number of blocks at a time.
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ import logging
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
 from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.device import ImageDevice
+from vstore.blocks.digests import run_digests
 from vstore.blocks.errors import FormatError, TricopyError, brief
 from vstore.daemons.requests import BlockCount, Lba, Name, NoArgs, check_reply, rpc
 from vstore.lab.sitedir import RECV_DIR, STATE_FILE, check_site_state, open_journal
@@ -36,6 +38,7 @@ from vstore.replication.journal import TARGETS_FILE, ReceiveJournal, Receiver, T
 
 log = logging.getLogger("vstore.daemon")
 Answer = tuple[dict, bytes]
+MAX_DIGEST_BLOCKS = 1 << 16  # blocks digested per vol.digest request: at most 1 MiB of digests in the answer
 
 
 class StatePut(msgspec.Struct, forbid_unknown_fields=True):
@@ -56,6 +59,13 @@ class VolWrite(msgspec.Struct, forbid_unknown_fields=True):
 
 class VolFlush(msgspec.Struct, forbid_unknown_fields=True):
     volume: Name
+
+
+class VolDigest(msgspec.Struct, forbid_unknown_fields=True):
+    volume: Name
+    lba: Lba
+    count: Annotated[int, msgspec.Meta(ge=1, le=MAX_DIGEST_BLOCKS)]
+    per: Annotated[int, msgspec.Meta(ge=1, le=MAX_DIGEST_BLOCKS)]
 
 
 class JournalSetApplied(msgspec.Struct, forbid_unknown_fields=True):
@@ -178,6 +188,13 @@ class SiteFiles:
         if args.flush:
             dev.flush()
         return {}, b""
+
+    @rpc(names.VOL_DIGEST, VolDigest)
+    def vol_digest(self, args: VolDigest, data: bytes) -> Answer:
+        """The digests of a volume's runs, computed here so that only they cross the link."""
+        dev = self.device(args.volume)
+        dev.check_range(args.lba, args.count)
+        return {}, b"".join(run_digests(dev.read, args.lba, args.count, args.per))
 
     @rpc(names.VOL_FLUSH, VolFlush)
     def vol_flush(self, args: VolFlush, data: bytes) -> Answer:

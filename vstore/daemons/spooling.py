@@ -83,7 +83,7 @@ class SpoolRequests:
         if spool.damage is not None:  # never past damaged entries: the group is Suspended for them
             acked = min(acked, spool.damage.first_seq - 1)
         return {"active": True, "acked": acked, "confirmed": spool.confirmed_seq,
-                "duplex": self.async_group_duplex(state),
+                "duplex": self.async_group_duplex(state) and spool.damage is None,  # damage: the daemon resyncs
                 "version": faults.stat().st_mtime_ns if faults.is_file() else 0}
 
     @rpc(names.SPOOL_ACKED, NoArgs)

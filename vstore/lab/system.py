@@ -280,6 +280,7 @@ class System:
             if marks is None or pair.state == PairState.INITIAL_COPYING or any(lba + n > pair.num_blocks
                                                                                for lba, n in mine):
                 mine = [(0, pair.num_blocks)]
+                pair.verify_first = True  # which blocks is not known: the resync compares digests first
             for lba, n in mine:
                 pair.bitmap.mark(lba, n)
             if pair.state == PairState.DUPLEX:
@@ -355,7 +356,8 @@ class System:
     def shipper(self) -> GroupShipper:
         target = self.async_target_site()
         return GroupShipper(self.async_program, self.storage(self.active_site), self.network, target,
-                       lambda: self.receiver(target), coalescing=self.topo.coalesce)
+                            lambda: self.receiver(target), lambda: self.storage(target),
+                            coalescing=self.topo.coalesce)
 
     # -- what the application writes to -------------------------------------------------------------
     def virtual_volume_names(self) -> list[str]:

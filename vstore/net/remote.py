@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from vstore.blocks.device import BlockDevice
+from vstore.blocks.digests import DIGEST_SIZE
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.holders import Claim
 from vstore.blocks.ranges import COPY_CHUNK, copy_ranges
@@ -27,6 +28,7 @@ from vstore.net.rpc import (
     JOURNAL_FINISH,
     JOURNAL_RECEIVE,
     JOURNAL_SET_APPLIED,
+    VOL_DIGEST,
     VOL_FLUSH,
     VOL_READ,
     VOL_WRITE,
@@ -85,6 +87,16 @@ class RemoteStorage:
 
     def host_read(self, volume: str, lba: int, count: int = 1) -> bytes:
         return self.volume(volume).device.read(lba, count)
+
+    def digests(self, volume: str, lba: int, count: int, per: int) -> list[bytes]:
+        """The digests computed by the site itself: only they cross the link."""
+        self.volume(volume)
+        _, data = self.client.call(VOL_DIGEST, {"volume": volume, "lba": lba, "count": count, "per": per})
+        expected = -(-count // per)
+        if len(data) != expected * DIGEST_SIZE:
+            raise TricopyError(f"site {self.site} answered {len(data)} bytes of digests for {count} blocks "
+                               f"in runs of {per}; expected {expected * DIGEST_SIZE}")
+        return [data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
 
     def apply_copy(self, volume: str, lba: int, data: bytes) -> None:
         self.client.call(VOL_WRITE, {"volume": volume, "lba": lba, "flush": True}, data)

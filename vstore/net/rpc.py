@@ -23,6 +23,7 @@ STATE_PUT = "state.put"  # {"state"}: replace the site's state.json
 VOL_READ = "vol.read"  # {"volume", "lba", "count"} -> the blocks
 VOL_WRITE = "vol.write"  # {"volume", "lba", "flush"?} + blocks: a copy-program write
 VOL_FLUSH = "vol.flush"  # {"volume"}
+VOL_DIGEST = "vol.digest"  # {"volume", "lba", "count", "per"} -> one 16-byte digest per run of `per` blocks
 
 # -- the Async site: its receive journal -------------------------------------------------------
 JOURNAL_APPLIED = "journal.applied"  # -> {"applied_seq"}

@@ -15,6 +15,7 @@ from vstore.blocks.errors import TricopyError
 from vstore.lab.system import System
 from vstore.procedures.copying import add_member, copy_blocks
 from vstore.procedures.steps import Progress, StepLog, no_progress
+from vstore.replication.compare import take_recorded
 from vstore.replication.pairs import Pair, PairKind, PairState, split_ref
 
 
@@ -82,10 +83,11 @@ def resync_pair(system: System, pair: Pair, steps: StepLog, progress: Progress =
     dst_site, dst_vol = split_ref(pair.target)
     system.network.check(src_site, dst_site)
     pair.transition(PairState.DUPLEX_PENDING, "resync: copying recorded positions")
-    ranges = pair.bitmap.take()
-    total = sum(n for _, n in ranges)
-    steps.step(f"{pair.name}: Duplex-Pending, copying {total} recorded blocks")
+    ranges: list[tuple[int, int]] = []
     try:
+        ranges = take_recorded(pair, system.storage(src_site), system.storage(dst_site))
+        total = sum(n for _, n in ranges)
+        steps.step(f"{pair.name}: Duplex-Pending, copying {total} recorded blocks")
         copied = copy_blocks(system, (src_site, src_vol), (dst_site, dst_vol), ranges,
                              progress(f"resync {pair.name}", total))
     except BaseException as exc:  # the positions stay recorded, whatever stopped the copy
@@ -99,19 +101,51 @@ def resync_pair(system: System, pair: Pair, steps: StepLog, progress: Progress =
 
 
 def repair_pair(system: System, pair: Pair, ranges: list[tuple[int, int]], steps: StepLog,
-                progress: Progress = no_progress) -> int:
+                progress: Progress = no_progress) -> list[tuple[int, int]]:
     """Copy exactly the block ranges verify found different, source -> target (DRBD's online verify
-    followed by a resync of the out-of-sync blocks). Only a Duplex pair is repaired: any other state
-    has its own copy (Initial-Copying, Duplex-Pending) or claims no equality (Simplex, Suspend)."""
+    followed by a resync of the out-of-sync blocks); returns the ranges copied.
+
+    A Duplex pair is repaired in place. A Suspend pair whose positions were lost (`verify_first`:
+    the spool's damaged entries took their headers with them) gets the differential check instead
+    of a full copy: its positions become exactly the blocks that differ, then it is resynced (an
+    async pair with its whole group). Any other state has its own copy (Initial-Copying,
+    Duplex-Pending) or claims no equality (Simplex, a Suspend pair with exact positions)."""
+    src_site, src_vol = split_ref(pair.source)
+    dst_site, dst_vol = split_ref(pair.target)
+    if pair.state == PairState.SUSPEND and pair.verify_first:
+        system.network.check(src_site, dst_site)
+        return differential_resync(system, pair, steps, progress)
     if pair.state != PairState.DUPLEX:
         raise TricopyError(f"pair {pair.name} is {pair.state.value}, not Duplex: repair copies only the "
                            "differences of a Duplex pair (resync or heal it first)")
-    src_site, src_vol = split_ref(pair.source)
-    dst_site, dst_vol = split_ref(pair.target)
     system.network.check(src_site, dst_site)
     total = sum(n for _, n in ranges)
     steps.step(f"{pair.name}: copying {total} differing blocks in {len(ranges)} ranges")
-    return copy_blocks(system, (src_site, src_vol), (dst_site, dst_vol), ranges, progress(f"repair {pair.name}", total))
+    copy_blocks(system, (src_site, src_vol), (dst_site, dst_vol), ranges, progress(f"repair {pair.name}", total))
+    return ranges
+
+
+def differential_resync(system: System, pair: Pair, steps: StepLog, progress: Progress = no_progress
+                        ) -> list[tuple[int, int]]:
+    """A Suspend pair whose recorded positions over-approximate (`verify_first`): compare digests of
+    every recorded block, record exactly the differing ones, then resync; returns those ranges."""
+    if pair.state != PairState.SUSPEND or not pair.verify_first:
+        raise TricopyError(f"pair {pair.name} needs no differential check (it is {pair.state.value} "
+                           "with its positions known)")
+    src_site, dst_site = split_ref(pair.source)[0], split_ref(pair.target)[0]
+    recorded = pair.bitmap.count()
+    differing = take_recorded(pair, system.storage(src_site), system.storage(dst_site))
+    for first, n in differing:
+        pair.bitmap.mark(first, n)
+    steps.step(f"{pair.name}: differential check of {recorded} recorded blocks: "
+               f"{sum(n for _, n in differing)} differ in {len(differing)} ranges")
+    if pair.kind == PairKind.SYNC:
+        resync_pair(system, pair, steps, progress)
+    else:
+        group_recorded = sum(p.bitmap.count() for p in system.registry.group(PairKind.ASYNC, src_site))
+        copied = system.shipper().resync(progress(f"resync async group {src_site}", group_recorded))
+        steps.step(f"async group {src_site}: resynced {copied} recorded blocks, Duplex")
+    return differing
 
 
 def resync_all(system: System, progress: Progress = no_progress) -> StepLog:

@@ -11,7 +11,9 @@ Keeps true:
 - While Suspend or Suspending, every write's position is recorded in a `PositionBitmap` [0039];
   Duplex-Pending copies only those positions [0041]. Leaving Suspend does not clear the bitmap:
   the caller `take()`s it when it starts the differential copy. Entering Initial-Copying clears it
-  (a full copy supersedes any difference information).
+  (a full copy supersedes any difference information). `verify_first` says the bitmap
+  over-approximates (positions lost with damaged spool entries, so every block was recorded): the
+  resync then compares digests and copies only the recorded blocks that differ.
 - A pair holds no split-brain marker: split brain (both sides written after a failover) is
   detected by write counts, each site's host writes against the writes its pair targets have
   seen (`System` counts them, failback compares them), and is never merged silently.
@@ -244,6 +246,7 @@ class Pair:
     failure: bool = False  # Suspend/Suspending entered by a failure (volume, storage, link)
     bitmap: PositionBitmap = field(default=None)  # type: ignore[assignment]  # set in __post_init__
     history: list[dict] = field(default_factory=list)
+    verify_first: bool = False  # the bitmap over-approximates: a resync compares digests before copying
 
     def __post_init__(self) -> None:
         self.kind = PairKind(self.kind)
@@ -277,6 +280,7 @@ class Pair:
             self.reason = reason
         if to is PairState.INITIAL_COPYING:
             self.bitmap.clear()
+            self.verify_first = False
         self.state = to
         self._record(old, to, self.reason)
 
@@ -297,7 +301,7 @@ class Pair:
             "name": self.name, "kind": self.kind.value, "source": self.source, "target": self.target,
             "num_blocks": self.num_blocks, "state": self.state.value, "reason": self.reason,
             "failure": self.failure, "bitmap": base64.b64encode(self.bitmap.to_bytes()).decode("ascii"),
-            "history": [dict(h) for h in self.history],
+            "history": [dict(h) for h in self.history], "verify_first": self.verify_first,
         }
 
     @classmethod
@@ -312,7 +316,8 @@ class Pair:
             pair = cls(name=str(d["name"]), kind=PairKind(d["kind"]), source=str(d["source"]),
                        target=str(d["target"]), num_blocks=int(d["num_blocks"]), state=PairState(d["state"]),
                        reason=d.get("reason"), failure=bool(d.get("failure", False)), bitmap=bitmap,
-                       history=[dict(h) for h in d.get("history", [])])
+                       history=[dict(h) for h in d.get("history", [])],
+                       verify_first=bool(d.get("verify_first", False)))
         except KeyError as err:
             raise FormatError(f"pair {name}: saved state lacks the field {err}") from None
         except (ValueError, TypeError, binascii.Error) as err:
@@ -325,7 +330,8 @@ class Pair:
 _PAIR_FIELDS: dict[str, tuple[type, ...]] = {
     "name": (str,), "kind": (str,), "source": (str,), "target": (str,), "num_blocks": (int,),
     "state": (str,), "bitmap": (str,)}
-_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"reason": (str, type(None)), "failure": (bool,), "history": (list,)}
+_OPTIONAL_FIELDS: dict[str, tuple[type, ...]] = {"reason": (str, type(None)), "failure": (bool,), "history": (list,),
+                                                  "verify_first": (bool,)}
 
 
 def _check_fields(d: dict[str, Any]) -> None:

@@ -11,7 +11,8 @@ Keeps true:
   every block is written again later in the same batch is not sent.
 - When the Async site cannot be reached, the async group enters failure Suspend with its
   unshipped entries turned into recorded positions (never dropped); when it can be reached again
-  `resync` runs Duplex-Pending (copying exactly the recorded blocks) and returns to Duplex.
+  `resync` runs Duplex-Pending (copying exactly the recorded blocks, or of a pair whose positions
+  were lost with the spool's entries, exactly the blocks that differ) and returns to Duplex.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from vstore.replication.compare import take_recorded
 from vstore.replication.entries import Entry
 from vstore.replication.journal import BatchReceiver
 from vstore.replication.network import LinkDown, Network, SiteDown, VolumeFailed
@@ -60,13 +62,14 @@ class GroupShipper:
     `vstore.daemons.shipper.ShipperDaemon`; pair-state work such as resync is done here for both)."""
 
     def __init__(self, program: AsyncCopyProgram, source: SiteStorage, network: Network,
-                 target_site: str, receiver: Callable[[], BatchReceiver], *,
+                 target_site: str, receiver: Callable[[], BatchReceiver], target: Callable[[], SiteStorage], *,
                  batch_entries: int = DEFAULT_BATCH_ENTRIES, coalescing: bool = False) -> None:
         self.program = program
         self.source = source
         self.network = network
         self.target_site = target_site
         self.receiver = receiver
+        self.target = target
         self.batch_entries = batch_entries
         self.coalescing = coalescing
 
@@ -111,7 +114,8 @@ class GroupShipper:
             log_.confirm(applied)
 
     def resync(self, progress: Callable[[int], None] | None = None) -> int:
-        """Duplex-Pending for every Suspended pair of the group: copy exactly the recorded blocks."""
+        """Duplex-Pending for every Suspended pair of the group: copy exactly the recorded blocks (of
+        a pair whose positions are not known exactly, those that differ: `take_recorded`)."""
         suspended = [p for p in self.program.pairs() if p.state == PairState.SUSPEND]
         if not suspended:
             return 0
@@ -121,8 +125,9 @@ class GroupShipper:
         copied = 0
         for pair in suspended:
             pair.transition(PairState.DUPLEX_PENDING, "resync: copying recorded positions")
-            ranges = pair.bitmap.take()
+            ranges: list[tuple[int, int]] = []
             try:
+                ranges = take_recorded(pair, self.source, self.target())
                 copied += self.source.copy_to(split_ref(pair.source)[1], *split_ref(pair.target), ranges, progress)
             except (LinkDown, SiteDown, VolumeFailed) as exc:
                 for r in ranges:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from vstore.blocks.device import BlockDevice
+from vstore.blocks.digests import run_digests
 from vstore.blocks.errors import ReadOnlyError, TricopyError
 from vstore.blocks.ranges import COPY_CHUNK, copy_ranges
 from vstore.replication.entries import Entry
@@ -66,6 +67,8 @@ class SiteStorage(Protocol):
     def volume(self, name: str) -> Volume: ...
 
     def host_read(self, volume: str, lba: int, count: int = 1) -> bytes: ...
+
+    def digests(self, volume: str, lba: int, count: int, per: int) -> list[bytes]: ...
 
     def host_write(self, volume: str, lba: int, data: bytes) -> None: ...
 
@@ -112,6 +115,12 @@ class StorageSystem:
     # -- host I/O ------------------------------------------------------------------------------
     def host_read(self, volume: str, lba: int, count: int = 1) -> bytes:
         return self._device(volume).read(lba, count)
+
+    def digests(self, volume: str, lba: int, count: int, per: int) -> list[bytes]:
+        """One digest per run of `per` blocks of lba..lba+count-1 (`vstore.blocks.digests`)."""
+        device = self._device(volume)
+        device.check_range(lba, count)
+        return run_digests(device.read, lba, count, per)
 
     def host_write(self, volume: str, lba: int, data: bytes) -> None:
         """A host write: access control, then the sync program, then the local write."""
