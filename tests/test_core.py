@@ -34,10 +34,10 @@ def cut(system, link):
     system.faults.set("link", link, True)
 
 
-@pytest.mark.parametrize("durable", [False, True])  # durable labs fsync C and the entry log
-def test_fence_with_protection_rejects_and_changes_nothing(make_lab, durable):
+@pytest.mark.parametrize("unsafe_no_flush", [False, True])  # flushes durable (the default) or not
+def test_fence_with_protection_rejects_and_changes_nothing(make_lab, unsafe_no_flush):
     """With protection, a write that cannot reach C is refused, changes no volume, and later writes are refused."""
-    lab = make_lab(mode="mirror", protect=True, durable=durable)
+    lab = make_lab(mode="mirror", protect=True, unsafe_no_flush=unsafe_no_flush)
     with open_lab(lab) as system:
         dev = system.device(0)
         dev.write(0, blocks(1))
@@ -79,10 +79,10 @@ def test_protection_off_records_positions_and_duplex_pending_copies_exactly_them
         system.save()
 
 
-@pytest.mark.parametrize("durable", [False, True])
-def test_mirror_without_protection_succeeds_on_b_alone(make_lab, durable):
+@pytest.mark.parametrize("unsafe_no_flush", [False, True])
+def test_mirror_without_protection_succeeds_on_b_alone(make_lab, unsafe_no_flush):
     """With the storage fencing A and no protection in the mirror program, a write succeeds on B alone ([0068])."""
-    lab = make_lab(mode="mirror", protect=True, durable=durable)
+    lab = make_lab(mode="mirror", protect=True, unsafe_no_flush=unsafe_no_flush)
     with open_lab(lab) as system:
         system.mirror.settings.protect = False
         dev = system.device(0)
@@ -94,10 +94,10 @@ def test_mirror_without_protection_succeeds_on_b_alone(make_lab, durable):
         assert image(lab, "primary", "A")[7 * BS:8 * BS] == bytes(BS)
 
 
-@pytest.mark.parametrize("durable", [False, True])
-def test_fig9_undo_restores_b_from_inhibited_a(make_lab, durable):
+@pytest.mark.parametrize("unsafe_no_flush", [False, True])
+def test_fig9_undo_restores_b_from_inhibited_a(make_lab, unsafe_no_flush):
     """A write refused after it reached B is undone: B is restored from the inhibited A (Fig 9)."""
-    lab = make_lab(mode="mirror", protect=True, durable=durable)
+    lab = make_lab(mode="mirror", protect=True, unsafe_no_flush=unsafe_no_flush)
     with open_lab(lab) as system:
         group = system.mirror.settings.groups["A"]
         group.reverse()  # write B first, then A: "any order" (Fig 4)

@@ -156,7 +156,7 @@ def test_restarted_primary_redrives_the_write_in_progress(daemon_lab, mode, land
         with open(lab / f"{where}.img", "r+b") as f:
             f.seek(7 * BS)
             f.write(blocks(77))
-    intent = WriteIntent(lab / "primary", durable=False)
+    intent = WriteIntent(lab / "primary")
     intent.mark("0", 7, 1)
     intent.close()
     lab_up(lab)
@@ -168,7 +168,7 @@ def test_restarted_primary_redrives_the_write_in_progress(daemon_lab, mode, land
     expected = blocks(77) if "primary/A" in landed_on else bytes(BS)
     assert {name: c[7 * BS:8 * BS] == expected for name, c in copies.items()} == dict.fromkeys(copies, True)
     assert len(set(copies.values())) == 1
-    assert "re-drove the write in progress" in (lab / "run" / "primary.log").read_text()
+    assert "re-drove blocks 7..7 of volume" in (lab / "run" / "primary.log").read_text()
 
 
 def test_shipper_is_its_own_process_and_resumes_after_restart(daemon_lab, vstore):

@@ -17,12 +17,14 @@ or `verify` loads only the replication stack. The documents are DESIGN.md's "JSO
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.ranges import ranges_of
 from vstore.lab.copies import unfinished
 from vstore.lab.system import System
-from vstore.procedures.create import INIT_MARKER
+from vstore.lab.topology import load_topology
+from vstore.procedures.create import INIT_MARKER, mode_warnings
 from vstore.replication.compare import differing_blocks
 from vstore.replication.entries import entry_size
 from vstore.replication.network import LINK_NAMES, SITE_NAMES
@@ -39,6 +41,7 @@ def status_document(system: System) -> dict:
         doc["sites"][site] = {"up": system.network.site_up(site), "role": system.role(site),
                               "present": system.present(site)}
     doc["links"] = {name: name not in system.faults.links_down for name in LINK_NAMES}
+    doc["unsafe_no_flush"] = system.topo.unsafe_no_flush  # flushes do nothing (benchmarks only)
     doc["limits"] = system.topo.limits.to_dict()  # what each site's daemon holds for its peers ([limits])
     try:
         active = system.active_site
@@ -166,3 +169,11 @@ def verify(system: System, pair_name: str | None = None, chunk_blocks: int = 64)
     else:
         pairs = [p for p in system.registry if p.state != PairState.SIMPLEX]
     return [verify_pair(system, p, chunk_blocks) for p in pairs]
+
+
+def lab_warnings(lab: Path) -> list[str]:
+    """What `status` and `lab up` warn about: flushes that do nothing, and paths open wider than the lab keeps them."""
+    flush = ([f"{lab} was created --unsafe-no-flush: flushes do nothing, so a power cut may lose writes that "
+              "were flushed (benchmarks only; set unsafe_no_flush = false in topology.toml while the lab is down)"]
+             if load_topology(lab).unsafe_no_flush else [])
+    return [*flush, *mode_warnings(lab)]

@@ -1,9 +1,16 @@
-"""Benchmark: 4 KiB random writes, raw `os.pwrite` on one image vs the full
-embodiment-1 path in one process (mirror program -> A and B, sync copy of A to C, an entry per
-write of B into the entry log), in the same durability mode, side by side in one run.
+"""Benchmark: 4 KiB random writes in one process, the replicated path against its floors, side by
+side in one run.
 
-Usage: python -m tools.bench.write_path [--writes N] [--size-mib M]
-Prints throughput (writes/s), p50/p99 latency (us) and the ratio full/raw for each mode.
+1. No flush: raw `os.pwrite`; the design's minimal Python floor (a `pwrite` to A, a `pwrite` to C
+   and one `struct`-packed entry with `zlib.crc32` appended to a spool file); the provider path
+   (embodiment 4: A, C, the entry) and the mirror path (embodiment 1: A, B, C, B's entry).
+   Goal: the path <= 3x the floor (CPU time per write).
+2. Durable: a flush every 16 writes, and a flush after every write (fio's `--fsync=1`), against raw
+   `pwrite` + `fdatasync` at the same points. The fdatasyncs and fsyncs this process makes are
+   counted (every sync of the process goes through `os`, as strace would show them) per flush.
+   Goal: >= 0.5x raw, and no sync but the one per file written since the last flush.
+
+Usage: python -m tools.bench.write_path [--writes N] [--size-mib M] [--durable-writes N]
 """
 
 from __future__ import annotations
@@ -11,87 +18,149 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import statistics
+import struct
 import tempfile
 import time
-from collections.abc import Callable
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 BS = 4096
+ENTRY = struct.Struct(">4sHQQIQI")  # magic, version, seq, timestamp, volume, lba, count: the floor's header
 
 
-def measure(write: Callable[[int, bytes], None], lbas: list[int], payloads: list[bytes]) -> tuple[float, float, float]:
-    lat = []
-    start = time.perf_counter()
-    for lba, data in zip(lbas, payloads, strict=True):
-        t0 = time.perf_counter()
-        write(lba, data)
-        lat.append(time.perf_counter() - t0)
-    total = time.perf_counter() - start
-    lat.sort()
-    return len(lbas) / total, statistics.median(lat) * 1e6, lat[int(len(lat) * 0.99)] * 1e6
+@contextmanager
+def sync_counter() -> Iterator[list[int]]:
+    """Count os.fsync and os.fdatasync calls meanwhile (into the yielded one-item list)."""
+    count = [0]
+    real = os.fsync, os.fdatasync
+
+    def counted(fn: Callable[[int], None]) -> Callable[[int], None]:
+        def sync(fd: int) -> None:
+            count[0] += 1
+            fn(fd)
+        return sync
+
+    os.fsync, os.fdatasync = counted(real[0]), counted(real[1])  # type: ignore[assignment]
+    try:
+        yield count
+    finally:
+        os.fsync, os.fdatasync = real  # type: ignore[assignment]
 
 
-def raw_writer(path: Path, durable: bool) -> tuple[Callable[[int, bytes], None], Callable[[], None]]:
-    fd = os.open(path, os.O_RDWR)
+def run(write: Callable[[int, bytes], None], flush: Callable[[], None] | None, every: int,
+        lbas: list[int], payloads: list[bytes]) -> tuple[float, float, int]:
+    """(wall s, CPU s, syncs) of the writes, with a flush after every `every` writes."""
+    with sync_counter() as syncs:
+        wall, cpu = time.perf_counter(), time.process_time()
+        for i, (lba, data) in enumerate(zip(lbas, payloads, strict=True), 1):
+            write(lba, data)
+            if flush is not None and i % every == 0:
+                flush()
+        return time.perf_counter() - wall, time.process_time() - cpu, syncs[0]
+
+
+def image(path: Path, size: int) -> int:
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return os.open(path, os.O_RDWR)
+
+
+def raw(tmp: Path, size: int) -> tuple[Callable[[int, bytes], None], Callable[[], None], Callable[[], None]]:
+    fd = image(tmp / "raw.img", size)
+    return (lambda lba, data: os.pwrite(fd, data, lba * BS)), (lambda: os.fdatasync(fd)), (lambda: os.close(fd))
+
+
+def floor(tmp: Path, size: int) -> tuple[Callable[[int, bytes], None], Callable[[], None], Callable[[], None]]:
+    """Two pwrites and one struct-packed, CRC'd entry appended: what any design of this path must do."""
+    a, c = image(tmp / "fa.img", size), image(tmp / "fc.img", size)
+    spool = os.open(tmp / "floor.spool", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    seq = [0]
 
     def write(lba: int, data: bytes) -> None:
-        os.pwrite(fd, data, lba * BS)
-        if durable:
-            os.fsync(fd)
+        seq[0] += 1
+        os.pwrite(c, data, lba * BS)
+        os.pwrite(a, data, lba * BS)
+        head = ENTRY.pack(b"TCEN", 1, seq[0], time.time_ns(), 0, lba, 1)
+        os.write(spool, head + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(head))))
 
-    return write, lambda: os.close(fd)
+    def flush() -> None:
+        for fd in (c, a, spool):
+            os.fdatasync(fd)
+
+    def close() -> None:
+        for fd in (a, c, spool):
+            os.close(fd)
+
+    return write, flush, close
 
 
-def full_writer(lab: Path, durable: bool, size: int) -> tuple[Callable[[int, bytes], None], Callable[[], None]]:
+def lab_path(tmp: Path, size: int, mode: str) -> tuple[Callable[[int, bytes], None], Callable[[], None],
+                                                        Callable[[], None]]:
     from vstore.procedures.create import init_lab
     from vstore.procedures.reactions import open_system
-    init_lab(lab, mode="mirror", size=size, durable=durable, spool_capacity=4 << 30)
-    system = open_system(lab)
+    init_lab(tmp / f"lab-{mode}", mode=mode, size=size, spool_capacity=4 << 30)
+    system = open_system(tmp / f"lab-{mode}")
     dev = system.device(0)
-
-    def write(lba: int, data: bytes) -> None:
-        # Durable mode: the path itself makes the write durable before it returns where the
-        # design requires it: at C (the sync copy program fsyncs before acknowledging) and in
-        # the entry log (fsync before acknowledging). A and B are acknowledged on cache
-        # completion, as in SPEC §5 Fig 4.
-        dev.write(lba, data)
 
     def close() -> None:
         system.save()
         system.close()
 
-    return write, close
+    return dev.write, dev.flush, close
+
+
+def workload(n: int, size: int, seed: int = 42) -> tuple[list[int], list[bytes]]:
+    rng = random.Random(seed)
+    payloads = [rng.randbytes(BS) for _ in range(256)]
+    return [rng.randrange(size // BS) for _ in range(n)], [payloads[i % 256] for i in range(n)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--writes", type=int, default=5000)
+    ap.add_argument("--writes", type=int, default=5000, help="writes of the no-flush comparison")
+    ap.add_argument("--durable-writes", type=int, default=800, help="writes of each durable comparison")
     ap.add_argument("--size-mib", type=int, default=64)
     args = ap.parse_args()
     size = args.size_mib << 20
-    rng = random.Random(42)
-    lbas = [rng.randrange(size // BS) for _ in range(args.writes)]
-    payloads = [rng.randbytes(BS) for _ in range(min(args.writes, 256))] * (args.writes // 256 + 1)
-    payloads = payloads[:args.writes]
-    print(f"{args.writes} random 4 KiB writes on a {args.size_mib} MiB volume")
-    print(f"{'mode':<10} {'path':<22} {'writes/s':>10} {'p50 us':>9} {'p99 us':>9}")
-    for durable in (False, True):
-        n = args.writes if not durable else max(200, args.writes // 10)
+    makers = {"raw os.pwrite": raw, "floor (2 pwrite + entry)": floor,
+              "provider path": lambda t, s: lab_path(t, s, "provider"),
+              "mirror path": lambda t, s: lab_path(t, s, "mirror")}
+    lbas, payloads = workload(args.writes, size)
+    print(f"1. {args.writes} random 4 KiB writes on a {args.size_mib} MiB volume, no flush")
+    print(f"   {'path':<26} {'writes/s':>10} {'CPU us/write':>13} {'x floor (CPU)':>14}")
+    cpu_of: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, make in makers.items():
+            write, _, close = make(Path(tmp), size)
+            wall, cpu, _ = run(write, None, 1, lbas, payloads)
+            close()
+            cpu_of[name] = cpu / args.writes * 1e6
+            ratio = cpu_of[name] / cpu_of["floor (2 pwrite + entry)"] if name != "raw os.pwrite" else float("nan")
+            print(f"   {name:<26} {args.writes / wall:>10.0f} {cpu_of[name]:>13.1f} {ratio:>13.2f}x")
+    for name in ("provider path", "mirror path"):
+        ratio = cpu_of[name] / cpu_of["floor (2 pwrite + entry)"]
+        print(f"   {name}: {ratio:.2f}x the floor  (goal <= 3x: {'met' if ratio <= 3 else 'NOT met'})")
+    n = args.durable_writes
+    lbas, payloads = workload(n, size, seed=7)
+    for every in (16, 1):
+        print(f"2. {n} random 4 KiB writes, a flush every {every} write(s)")
+        print(f"   {'path':<26} {'writes/s':>10} {'syncs/flush':>12} {'x raw':>8}")
+        rate: dict[str, float] = {}
         with tempfile.TemporaryDirectory() as tmp:
-            raw_path = Path(tmp) / "raw.img"
-            with open(raw_path, "wb") as f:
-                f.truncate(size)
-            w, close = raw_writer(raw_path, durable)
-            raw = measure(w, lbas[:n], payloads[:n])
-            close()
-            w, close = full_writer(Path(tmp) / "lab", durable, size)
-            full = measure(w, lbas[:n], payloads[:n])
-            close()
-        mode = "fsync" if durable else "no-fsync"
-        print(f"{mode:<10} {'raw os.pwrite':<22} {raw[0]:>10.0f} {raw[1]:>9.1f} {raw[2]:>9.1f}")
-        print(f"{mode:<10} {'embodiment-1 path':<22} {full[0]:>10.0f} {full[1]:>9.1f} {full[2]:>9.1f}")
-        print(f"{mode:<10} ratio full/raw throughput = {full[0] / raw[0]:.3f}x  (goal >= 0.5x)")
+            for name, make in makers.items():
+                if name.startswith("floor"):
+                    continue
+                write, flush, close = make(Path(tmp), size)
+                wall, _, syncs = run(write, flush, every, lbas, payloads)
+                close()
+                rate[name] = n / wall
+                print(f"   {name:<26} {rate[name]:>10.0f} {syncs / (n // every):>12.2f} "
+                      f"{rate[name] / rate['raw os.pwrite']:>7.3f}x")
+        for name in ("provider path", "mirror path"):
+            ratio = rate[name] / rate["raw os.pwrite"]
+            print(f"   {name}: {ratio:.3f}x raw  (goal >= 0.5x: {'met' if ratio >= 0.5 else 'NOT met'})")
 
 
 if __name__ == "__main__":

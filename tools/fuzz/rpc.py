@@ -44,7 +44,7 @@ BLOCKS = 16
 OWN = ("primary", "sync", "async", "run")  # what the daemons may write in a lab
 NATURAL = {names.JOURNAL_APPLIED: "async", names.JOURNAL_SET_APPLIED: "async", names.JOURNAL_RECEIVE: "async",
            names.JOURNAL_FINISH: "async", names.VOL_READ: "sync", names.VOL_WRITE: "sync", names.VOL_FLUSH: "sync",
-           names.VOL_DIGEST: "sync", names.STATE_PUT: "sync"}
+           names.VOL_DIGEST: "sync", names.VOL_ZERO: "sync", names.STATE_PUT: "sync"}
 _templates: dict[str, Path] = {}
 
 
@@ -181,6 +181,7 @@ def seeds() -> list[bytes]:
         _seed(names.VOL_WRITE, {"volume": "C", "lba": 1, "flush": True}, block),
         _seed(names.VOL_FLUSH, {"volume": "C"}),
         _seed(names.VOL_DIGEST, {"volume": "C", "lba": 0, "count": 16, "per": 4}),
+        _seed(names.VOL_ZERO, {"volume": "C", "lba": 2, "count": 3}),
         _seed(names.JOURNAL_APPLIED, {}), _seed(names.JOURNAL_SET_APPLIED, {"seq": 0}),
         _seed(names.JOURNAL_RECEIVE, {"first_seq": 1, "last_seq": 2, "targets": {"0": "D"},
                                       "crash_after_store": False}, batch),

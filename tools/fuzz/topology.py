@@ -43,7 +43,7 @@ def check(data: bytes) -> None:
 def seeds() -> list[bytes]:
     plain = Topology("lab", "provider", 1 << 20, sites=default_sites())
     mirror = Topology("fuzz", "mirror", 8 << 20, block_size=512, volumes=3, protect=False, coalesce=True,
-                      durable=True, spool_capacity=1 << 16, key_file="k.key", sites=default_sites(9000),
+                      unsafe_no_flush=False, spool_capacity=1 << 16, key_file="k.key", sites=default_sites(9000),
                       tls={"cert": "c.pem", "key": "k.pem", "ca": "ca.pem"}, allow_privileged_ports=True)
     out = [t.to_toml().encode() for t in (plain, mirror)]
     out.append(out[0] + b'\n[links.primary-sync]\nvia = "127.0.0.1:9999"\n[links.sync-async]\nvia = ":9998"\n')

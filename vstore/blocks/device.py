@@ -6,7 +6,16 @@ Keeps true:
   whole number of blocks, or an image whose size is not a whole number of blocks raises
   `BlockDeviceError` before a single byte is written (never a partial write).
 - Images are raw: byte i of the volume is byte i of the file, so `cmp`/`dd` can inspect them.
-- `flush()` makes every completed write durable (fsync) when the device was opened `durable`.
+- Two promises, as a disk with a volatile cache keeps them: a completed `write` is ordered and
+  visible to every later read; a completed `flush()` has made every write completed before it
+  durable (fdatasync), and `write_fua` is durable before it returns. No write is synced on its own.
+  A flush with nothing written since the last one costs nothing, and flushes that wait at once
+  share one fdatasync (group commit: a flush that waited for another's sync is covered by it when
+  its writes were already issued). A device opened `durable=False` (a lab created
+  `--unsafe-no-flush`, for benchmarks only) promises only the first.
+- `write_zeroes(lba, count)` makes blocks read as zeros (an image punches a hole: a copy of a
+  sparse volume stays sparse and costs no writes of zeros); `data_ranges` says where an image
+  may hold data (the rest is a hole), so a copy reads only that.
 - `has_unshipped(ranges)` answers the trim-rule question of SPEC §8 [0169]: does any write to
   these blocks still wait to be shipped to the Async site? A plain image never has any.
 - An `ImageDevice` opened with `claim=True` holds the image's claim (`IMG.lock` beside it, see
@@ -25,15 +34,17 @@ import errno
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vstore.blocks.codec import create_file
 from vstore.blocks.errors import BlockDeviceError, ReadOnlyError
 from vstore.blocks.holders import Claim
 from vstore.blocks.holders import claim as claim_lock
+from vstore.blocks.sparse import data_runs, punch_hole
 
 DEFAULT_BLOCK_SIZE = 4096
+ZERO_CHUNK = 1 << 20  # bytes of zeros written at once where a hole cannot be punched
 
 BlockRanges = Iterable[tuple[int, int]]
 """(first_lba, count) pairs."""
@@ -70,12 +81,17 @@ class BlockDevice(ABC):
         self.check_range(lba, count)
         return self._read(lba, count)
 
-    def write(self, lba: int, data: bytes) -> None:
+    def check_write(self, lba: int, data: bytes) -> int:
+        """The block count of a write of `data` at `lba`, or the error refusing it."""
         count = self.check_payload(data)
         self.check_range(lba, count)
         if self.readonly:
             raise ReadOnlyError(f"{self.name} is read-only: writes are rejected")
-        self._write(lba, bytes(data))
+        return count
+
+    def write(self, lba: int, data: bytes) -> None:
+        self.check_write(lba, data)
+        self._write(lba, data if type(data) is bytes else bytes(data))  # a caller's buffer may change later
 
     @property
     def size_bytes(self) -> int:
@@ -85,8 +101,29 @@ class BlockDevice(ABC):
         """True when a write to any of these blocks still waits to reach the Async site."""
         return False
 
+    def write_zeroes(self, lba: int, count: int) -> None:
+        """Make `count` blocks from `lba` read as zeros (an image punches a hole instead of writing them)."""
+        self.check_range(lba, count)
+        if self.readonly:
+            raise ReadOnlyError(f"{self.name} is read-only: writes are rejected")
+        self._write_zeroes(lba, count)
+
+    def _write_zeroes(self, lba: int, count: int) -> None:
+        step = max(1, ZERO_CHUNK // self.block_size)
+        for first in range(lba, lba + count, step):
+            self._write(first, bytes(min(step, lba + count - first) * self.block_size))
+
+    def data_ranges(self, lba: int, count: int) -> list[tuple[int, int]]:
+        """(first, count) runs of the range that may hold data; the rest reads as zeros."""
+        return [(lba, count)]
+
+    def write_fua(self, lba: int, data: bytes) -> None:
+        """A write that is durable before it returns (Forced Unit Access)."""
+        self.write(lba, data)
+        self.flush()
+
     def flush(self) -> None:  # noqa: B027 - optional for in-memory devices
-        """Make completed writes durable (fsync when the device is durable)."""
+        """Make every completed write durable (fdatasync when the device is durable)."""
 
     def close(self) -> None:  # noqa: B027
         """Release the device; further access is an error."""
@@ -132,7 +169,7 @@ class ImageDevice(BlockDevice):
     """A block device on a raw image file."""
 
     def __init__(self, path: str | Path, block_size: int = DEFAULT_BLOCK_SIZE, *,
-                 durable: bool = False, readonly: bool = False, claim: bool = False,
+                 durable: bool = True, readonly: bool = False, claim: bool = False,
                  shared_claim: bool = False) -> None:
         """`claim`: hold the image's claim while open (see the module docstring). `shared_claim`:
         hold it shared even when writing, for a lab's volumes, whose one writer the lab's own claim
@@ -171,6 +208,7 @@ class ImageDevice(BlockDevice):
                                        "image file in its site directory") from None
             raise
         self._lock = threading.Lock()
+        self._syncs = GroupSync(self.name)
 
     def _fdn(self) -> int:
         if self._fd is None:
@@ -192,17 +230,64 @@ class ImageDevice(BlockDevice):
             n = os.pwrite(fd, view, off)
             view = view[n:]
             off += n
+        self._syncs.written()
+
+    def _write_zeroes(self, lba: int, count: int) -> None:
+        if not punch_hole(self._fdn(), lba * self.block_size, count * self.block_size):
+            super()._write_zeroes(lba, count)
+        self._syncs.written()
+
+    def data_ranges(self, lba: int, count: int) -> list[tuple[int, int]]:
+        bs, out = self.block_size, []
+        for offset, length in data_runs(self._fdn(), lba * bs, count * bs):
+            first, end = offset // bs, -(-(offset + length) // bs)
+            if out and out[-1][0] + out[-1][1] >= first:
+                out[-1] = (out[-1][0], max(end, out[-1][0] + out[-1][1]) - out[-1][0])
+            else:
+                out.append((first, end - first))
+        return out
 
     def flush(self) -> None:
         if self.durable and self._fd is not None and not self.readonly:
-            os.fsync(self._fd)
+            self._syncs.sync(lambda: os.fdatasync(self._fdn()))
 
     def close(self) -> None:
+        """A clean close: what was written is flushed first (as a clean unmount does)."""
         if self._fd is not None:
+            self.flush()
             os.close(self._fd)
             self._fd = None
         if self.claim is not None:
             self.claim.release()
+
+
+class GroupSync:
+    """Group commit for one file: `written()` after each write, `sync(fn)` for a flush. `fn` (the
+    fdatasync) runs only when something was written since the last sync began, and a flush that
+    finds another's sync in progress waits for it and then syncs only if writes came after it began.
+    `syncs` counts the fdatasyncs done (the durability tests and benchmarks read it)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()  # held while a sync runs
+        self._gen = 0  # bumped by every write
+        self._synced = 0  # every write up to this generation is durable
+        self.syncs = 0
+
+    def written(self) -> None:
+        self._gen += 1
+
+    def sync(self, fn: Callable[[], None]) -> None:
+        want = self._gen
+        if self._synced >= want:
+            return
+        with self._lock:
+            if self._synced >= want:  # another flush's sync covered these writes meanwhile
+                return
+            began = self._gen
+            fn()
+            self.syncs += 1
+            self._synced = max(self._synced, began)
 
 
 class MemoryDevice(BlockDevice):

@@ -11,6 +11,7 @@ nest: a signal held by an inner block is passed on to the outer one. Inside
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import os
 import signal
@@ -18,13 +19,18 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
-HELD = (signal.SIGINT, signal.SIGTERM)
+HELD = (int(signal.SIGINT), int(signal.SIGTERM))
+
+
+_depth = 0  # deferred_interrupts blocks open in the main thread: an inner one needs nothing of its own
 
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then deliver them."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT and SIGTERM until the block ends, then deliver them (the handlers are swapped
+    with `_signal`, which skips the enum conversions of `signal.signal`: this is on every write)."""
+    global _depth
+    if _depth or threading.current_thread() is not threading.main_thread():
         yield
         return
     pending: list[int] = []
@@ -32,12 +38,14 @@ def deferred_interrupts() -> Iterator[None]:
     def hold(signum: int, frame: FrameType | None) -> None:
         pending.append(signum)
 
-    previous = {sig: signal.signal(sig, hold) for sig in HELD}
+    previous = {sig: _signal.signal(sig, hold) for sig in HELD}
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            _signal.signal(sig, handler)
         for sig in dict.fromkeys(pending):
             deliver(sig, previous[sig])
 

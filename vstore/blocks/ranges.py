@@ -4,7 +4,8 @@ Keeps true: `merge_ranges` returns runs in ascending order with no two runs over
 touching, and no run of count 0; every producer of block ranges in tricopy (the jfs metadata log,
 the pairs' position bitmaps, verify) goes through it, so a range means the same thing everywhere.
 `copy_ranges` is the one loop that copies block ranges between volumes (sync and async copy
-programs, a remote site's copies, Fig 6's member copy): chunk by chunk, in ascending order.
+programs, a remote site's copies, Fig 6's member copy): chunk by chunk, in ascending order; the
+source's holes and all-zero chunks become holes of the target, never zeros sent.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from vstore.blocks.interrupts import deferred_interrupts
 
 Ranges = list[tuple[int, int]]
 COPY_CHUNK = 256  # blocks per read and write of a copy
+HOLE_CHUNK = 16384  # blocks of a source hole made zeros on the target at once
 
 
 def merge_ranges(ranges: Iterable[tuple[int, int]]) -> Ranges:
@@ -36,19 +38,55 @@ def ranges_of(blocks: Iterable[int]) -> Ranges:
 
 def copy_ranges(read: Callable[[int, int], bytes], write: Callable[[int, bytes], None],
                 ranges: Iterable[tuple[int, int]], *, chunk: int = COPY_CHUNK,
-                progress: Callable[[int], None] | None = None, target_is_zero: bool = False) -> int:
+                progress: Callable[[int], None] | None = None, target_is_zero: bool = False,
+                zero: Callable[[int, int], None] | None = None,
+                data: Callable[[int, int], Ranges] | None = None) -> int:
     """Copy each (first, count) run in chunks: `read(lba, n)` then `write(lba, data)`; returns the
-    blocks covered. With `target_is_zero` (a fresh target) an all-zero chunk is not written. A
-    Ctrl-C lands between chunks, so every chunk reported done is wholly on the target."""
+    blocks covered. `data(first, count)`: the runs of the source that may hold data (the rest
+    reads as zeros and is not read); `zero(lba, n)`: make blocks of the target zeros without
+    sending them (a hole), used for those and for every all-zero chunk. With `target_is_zero` (a
+    fresh target) zeros are neither written nor sent. A Ctrl-C lands between chunks, so every
+    chunk reported done is wholly on the target."""
     copied = 0
     for first, count in ranges:
-        for lba in range(first, first + count, chunk):
-            n = min(chunk, first + count - lba)
-            with deferred_interrupts():
-                data = read(lba, n)
-                if not (target_is_zero and data.count(0) == len(data)):
-                    write(lba, data)
-            copied += n
-            if progress:
-                progress(n)
+        at = first
+        for start, n in (data(first, count) if data is not None else [(first, count)]) + [(first + count, 0)]:
+            if start > at:  # a hole of the source
+                copied += _zeroes(at, start - at, zero, write, chunk, progress, target_is_zero, read)
+            for lba in range(start, start + n, chunk):
+                k = min(chunk, start + n - lba)
+                with deferred_interrupts():
+                    block = read(lba, k)
+                    if block.count(0) != len(block):
+                        write(lba, block)
+                    elif target_is_zero:
+                        pass
+                    elif zero is not None:
+                        zero(lba, k)
+                    else:
+                        write(lba, block)
+                copied += k
+                if progress:
+                    progress(k)
+            at = max(at, start + n)
     return copied
+
+
+def _zeroes(lba: int, count: int, zero: Callable[[int, int], None] | None, write: Callable[[int, bytes], None],
+            chunk: int, progress: Callable[[int], None] | None, target_is_zero: bool,
+            read: Callable[[int, int], bytes]) -> int:
+    """A hole of the source lba..lba+count-1 made zeros on the target (in large pieces: a hole
+    costs nothing to punch, but a piece written as zeros is read first)."""
+    chunk = chunk if zero is None or target_is_zero else max(chunk, HOLE_CHUNK)
+    for first in range(lba, lba + count, chunk):
+        k = min(chunk, lba + count - first)
+        with deferred_interrupts():
+            if target_is_zero:
+                pass
+            elif zero is not None:
+                zero(first, k)
+            else:
+                write(first, read(first, k))
+        if progress:
+            progress(k)
+    return count

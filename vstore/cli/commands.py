@@ -14,7 +14,6 @@ and exits 0. An output file (`read --out`) is checked before any work is done.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from contextlib import suppress
@@ -27,6 +26,7 @@ from rich.table import Table
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.holders import claim
 from vstore.blocks.units import format_size
+from vstore.cli import ship
 from vstore.cli.common import (
     STATE_STYLE,
     JsonOption,
@@ -45,14 +45,11 @@ from vstore.cli.common import (
 )
 from vstore.daemons.processes import RUN_DIR, clients, is_up
 from vstore.lab.copies import unfinished
-from vstore.lab.follow import follow as follow_spool
 from vstore.lab.sitedir import load_site_state
 from vstore.lab.topology import SITE_NAMES, load_topology
-from vstore.net.client import Peer
 from vstore.net.keys import load_key
 from vstore.net.remote import spans
-from vstore.net.rpc import APP_INFO, APP_WRITE, RESYNC, SHIP, STATUS, VOL_READ
-from vstore.procedures.create import mode_warnings
+from vstore.net.rpc import APP_FLUSH, APP_INFO, APP_WRITE, RESYNC, STATUS, VOL_READ
 from vstore.procedures.failback import failback
 from vstore.procedures.failover import (
     fig10_failover_to_sync,
@@ -62,8 +59,7 @@ from vstore.procedures.failover import (
 from vstore.procedures.recovery import recover
 from vstore.procedures.setup import resync_all
 from vstore.replication.network import Faults, FaultTarget, UnknownFaultTarget, resolve_target
-from vstore.replication.shipping import ShipReport
-from vstore.reports import status_document
+from vstore.reports import lab_warnings, status_document
 from vstore.targets import APP_LOCK
 
 
@@ -80,7 +76,7 @@ def status_command(lab: LabArg, as_json: JsonOption = False) -> None:
         else:
             with open_lab(lab) as system:
                 doc = status_document(system)
-        doc["warnings"] = mode_warnings(lab)
+        doc["warnings"] = lab_warnings(lab)
     if as_json:
         print(json.dumps(doc, indent=2))
         return
@@ -153,7 +149,7 @@ def write_command(
     pad: Annotated[bool, typer.Option(help="Zero-fill the last partial block.")] = False,
 ) -> None:
     """Write blocks the way the application does: through the mirror program (mirror mode) or the
-    provider (provider mode). Returns only when the Sync site holds the write.
+    provider (provider mode), then flush: returns when the write is durable on A, C and the spool.
 
     Example: head -c 8192 /dev/urandom | vstore write /tmp/lab --lba 10
     """
@@ -169,6 +165,7 @@ def write_command(
                 for first, n in spans(lba, len(data) // block_size, block_size):
                     at = (first - lba) * block_size
                     client.call(APP_WRITE, {"volume": vol, "lba": first}, data[at:at + n * block_size])
+                client.call(APP_FLUSH, {"volume": vol})
             name = info["name"]
         else:
             with open_lab(lab) as system:
@@ -220,106 +217,6 @@ def read_command(
 
 
 # -- shipping -------------------------------------------------------------------------------------
-def ship_command(
-    lab: LabArg,
-    max_entries: Annotated[int | None, typer.Option("--max", min=0, help="Ship at most N entries.")] = None,
-    follow: Annotated[bool, typer.Option("--follow", help="Keep shipping as new entries arrive (watchdog "
-                                                           "on the spool) until Ctrl-C or --duration.")] = False,
-    period: Annotated[float | None, typer.Option("--period", help="With --follow: ship only every S seconds "
-                                                                  "(the periodic copy of the prior art).")] = None,
-    duration: Annotated[float | None, typer.Option("--duration", min=0.0,
-                                                   help="With --follow: stop after S seconds.")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
-    as_json: JsonOption = False,
-) -> None:
-    """Send waiting entries to the Async site in order (it stores each batch, applies it, confirms).
-    A suspended async pair whose link works again is first resynced (Duplex-Pending). --json prints
-    the report: entries, batches, blocks_written, blocks_sent, resynced_blocks, error.
-
-    Example: vstore ship /tmp/lab --max 10      (or: vstore ship /tmp/lab --follow --period 10)
-    """
-    if follow:
-        if as_json:
-            die("--json reports one shipping round; it does not go with --follow")
-        ship_following(lab, period=period, duration=duration, quiet=quiet)
-        return
-    if period is not None or duration is not None:
-        die("--period and --duration go with --follow")
-    with user_errors():
-        client = daemon_client(lab)
-    if client is not None:
-        report = ship_through_daemons(client, max_entries, as_json=as_json)
-    else:
-        report = ship_in_process(lab, max_entries, quiet=quiet or as_json, as_json=as_json)
-    if as_json:
-        print(json.dumps(report, indent=2))
-        if report["error"]:
-            raise typer.Exit(1)
-
-
-def ship_following(lab: Path, *, period: float | None, duration: float | None, quiet: bool) -> None:
-    """`--follow`: ship rounds in this process as the spool grows (the lab's daemons are down)."""
-    def report_round(r: ShipReport) -> None:
-        if r.error:
-            err.print(f"[yellow]ship:[/] {r.error}", highlight=False)
-        elif r.entries and not quiet:
-            out.print(f"shipped {r.entries} entries", highlight=False)
-
-    with user_errors():
-        if period is not None and period <= 0:
-            raise TricopyError("--period must be a positive number of seconds")
-        if is_up(lab):
-            raise TricopyError(f"the daemons of {lab} are running: their shipper process already follows the "
-                               f"spool (`vstore status {lab}` shows its send rate); `--follow` works on a lab "
-                               "that is down")
-        try:
-            total = follow_spool(lab, period=period, duration=duration, on_round=report_round)
-        except KeyboardInterrupt:
-            total = -1
-    if total >= 0:
-        out.print(f"follow ended: {total} entries shipped", highlight=False)
-
-
-def ship_through_daemons(client: Peer, max_entries: int | None, *, as_json: bool = False) -> dict:
-    """The lab is up: the coordinating daemon ships (or waits for its shipper process to catch up)."""
-    with user_errors():
-        r = client.call(SHIP, {"max": max_entries})[0]
-    if as_json:
-        return r
-    if r["error"]:
-        die(f"cannot ship: {r['error']}")
-    if r["batches"] is None:  # the shipper process ships; the daemon waited until it caught up
-        out.print(f"the shipper process shipped {r['entries']} entries meanwhile; nothing is waiting",
-                  highlight=False)
-    else:
-        out.print(f"shipped {r['entries']} entries in {r['batches']} batches ({r['blocks_sent']} blocks sent)",
-                  highlight=False)
-    return r
-
-
-def ship_in_process(lab: Path, max_entries: int | None, *, quiet: bool, as_json: bool = False) -> dict:
-    """The lab is down: open it and ship here, with a progress bar for a long backlog."""
-    with user_errors(), open_lab(lab) as system:
-        try:
-            total = system.entry_log.stats().entries
-            with progress_bars(quiet or total < 1000) as progress:
-                report = system.shipper().ship(max_entries, progress=progress("shipping entries", total))
-        finally:
-            system.save()
-    if as_json:
-        return dataclasses.asdict(report)
-    if report.error:
-        die(f"cannot ship: {report.error}; the async pair is now suspended with positions recorded")
-    msg = f"shipped {report.entries} entries in {report.batches} batches ({report.blocks_sent} blocks sent"
-    if report.blocks_sent != report.blocks_written:
-        msg += f", {report.blocks_written} written: coalesced"
-    msg += ")"
-    if report.resynced_blocks:
-        msg += f"; resynced {report.resynced_blocks} recorded blocks first"
-    out.print(msg, highlight=False)
-    return dataclasses.asdict(report)
-
-
 # -- faults ---------------------------------------------------------------------------------------
 FaultTargetArg = Annotated[str, typer.Argument(
     help="A site (primary, sync, async), a link (primary-sync, primary-async, sync-async) or a volume with "
@@ -379,7 +276,8 @@ def fail_command(lab: LabArg, target: FaultTargetArg) -> None:
 def heal_command(lab: LabArg, target: FaultTargetArg, quiet: QuietOption = False) -> None:
     """Repair an injected failure, then resync the pairs it suspended (Duplex-Pending copies only the
     recorded positions) and clear the mirror program's write inhibit. Healing what is not failed
-    says so and changes nothing, except that pairs a stopped heal left Suspend are resynced; exit 0.
+    says so and changes no fault; pairs left Suspend (by a stopped heal, or by a site that came back
+    in a new boot) are still resynced; exit 0.
 
     Example: vstore heal /tmp/lab primary-sync
     """
@@ -390,9 +288,8 @@ def heal_command(lab: LabArg, target: FaultTargetArg, quiet: QuietOption = False
         if not healed:
             out.print(f"{resolved} is not failed; nothing to heal{short_form(resolved)}", highlight=False,
                       soft_wrap=True)
-            if not unfinished(lab):
-                return
-            out.print("continuing the resync a stopped heal left unfinished", highlight=False)
+            if unfinished(lab):
+                out.print("continuing the resync a stopped heal left unfinished", highlight=False)
         else:
             faults.save(lab)
         client = daemon_client(lab)
@@ -494,7 +391,7 @@ def failback_command(
 def register(app: typer.Typer) -> None:
     """Add the pair, data, fault and disaster commands to a typer app, in the order `--help` lists them."""
     for name, command in (("status", status_command), ("write", write_command), ("read", read_command),
-                          ("ship", ship_command), ("fail", fail_command), ("heal", heal_command),
+                          ("ship", ship.ship_command), ("fail", fail_command), ("heal", heal_command),
                           ("recover", recover_command), ("failover", failover_command),
                           ("failback", failback_command)):
         app.command(name)(command)

@@ -30,7 +30,8 @@ from vstore.cli.common import LabArg, QuietOption, command_line, err, out, progr
 from vstore.daemons.processes import RUN_DIR, SHIPPER, lab_down, lab_up, ready_file
 from vstore.daemons.shipper import ShipperDaemon
 from vstore.daemons.site import SiteDaemon
-from vstore.procedures.create import init_lab, mode_warnings
+from vstore.procedures.create import init_lab
+from vstore.reports import lab_warnings
 from vstore.targets import APP_LOCK
 
 
@@ -44,7 +45,11 @@ def lab_init_command(
     protect: Annotated[bool, typer.Option("--protect/--no-protect",
                                           help="Fence: refuse writes once the sync copy fails [0040], [0068].")] = True,
     coalesce: Annotated[bool, typer.Option(help="Coalesce repeated writes inside a shipped batch [0045].")] = False,
-    durable: Annotated[bool, typer.Option(help="fsync images, spool and state on every write.")] = False,
+    unsafe_no_flush: Annotated[bool, typer.Option(
+        "--unsafe-no-flush", help="Flushes do nothing: a power cut may lose flushed writes. For benchmarks only; "
+                                  "status warns. (By default a flush is durable on A, C and the spool.)")] = False,
+    durable: Annotated[bool, typer.Option(hidden=True, help="Accepted for old scripts: flushes are always "
+                                                            "durable now.")] = True,
     spool_capacity: Annotated[str, typer.Option(help="Entry log capacity before the async pair suspends.")] = "256M",
     base_port: Annotated[int, typer.Option(min=1024, max=65533,
                                            help="TCP port of the primary's daemon; sync and async use the next "
@@ -65,7 +70,8 @@ def lab_init_command(
     """
     with user_errors(), stoppable(lab), progress_bars(quiet) as progress:
         steps = init_lab(lab, mode=mode, size=parse_size(size), volumes=volumes, protect=protect, coalesce=coalesce,
-                         durable=durable, spool_capacity=parse_size(spool_capacity), base_port=base_port,
+                         unsafe_no_flush=unsafe_no_flush, spool_capacity=parse_size(spool_capacity),
+                         base_port=base_port,
                          tls=tls, overcommit=overcommit, group=group, progress=progress,
                          command=command_line())
     for step in steps.steps:
@@ -82,7 +88,7 @@ def lab_up_command(lab: LabArg) -> None:
     """
     with user_errors():
         pids = lab_up(lab)
-        warnings = mode_warnings(lab)
+        warnings = lab_warnings(lab)
     for line in warnings:
         err.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
     for name, pid in pids.items():

@@ -10,7 +10,9 @@ bitmap (md); this is its one-slot form, since a site daemon runs one application
 Keeps true:
 - Before an application write starts, the record names its virtual volume and block range
   (`mark`); after a clean stop it says "idle" (`clear`). It is one fixed-size construct record
-  (magic, version, CRC) rewritten in place, fsynced when the lab is durable.
+  (magic, version, CRC) rewritten in place and never synced on its own: a killed process leaves
+  it in the page cache, which is what this record is for. (A power cut loses what was not
+  flushed anyway; an application that needs a write to survive one flushes or writes FUA.)
 - At start after an unclean stop the daemon re-drives the named range (`redo`): it reads the
   range as the application sees it now and writes it back through the normal write path, so C,
   the entry (hence D) and every mirror member end up equal: the in-doubt write is then either
@@ -61,17 +63,14 @@ class Intent:
 class WriteIntent:
     """The one-slot write-intent record in a site directory."""
 
-    def __init__(self, site_dir: Path, *, durable: bool) -> None:
+    def __init__(self, site_dir: Path) -> None:
         self.path = site_dir / INTENT_FILE
-        self.durable = durable
         self._fd = create_file(self.path, os.O_RDWR | os.O_CREAT)
 
     def _put(self, active: bool, volume: str, lba: int, count: int) -> None:
         raw = _INTENT.build(dict(body=dict(value=dict(version=INTENT_VERSION, active=active, volume=volume,
                                                       lba=lba, count=count))))
         os.pwrite(self._fd, raw, 0)
-        if self.durable:
-            os.fsync(self._fd)
 
     def mark(self, volume: str, lba: int, count: int) -> None:
         """Before an application write of `count` blocks at `lba` of virtual volume `volume`."""
@@ -93,31 +92,36 @@ class WriteIntent:
         check_version(parsed.version, INTENT_VERSION, where)
         return Intent(parsed.volume, parsed.lba, parsed.count) if parsed.active else None
 
-    def redo(self, system: System, site: str) -> None:
-        """After an unclean stop of `site`'s daemon: re-drive the write that was in progress through
-        `system`, so it is present on every copy or on none, then clear the record. Raises (and
-        keeps the record) while that fails. A damaged record, or a site that no longer runs the
-        application (the failover settled that write), is logged and cleared."""
+    def redo(self, system: System, site: str, extents: list[Intent] | None = None) -> None:
+        """After an unclean stop of `site`'s daemon: re-drive the write that was in progress, and
+        the `extents` a power cut may have left different (`ActivityLog.in_doubt`), through
+        `system`, so each is the same on every copy, then clear the record. Raises (and keeps the
+        record) while that fails. A damaged record, or a site that no longer runs the application
+        (the failover settled those writes), is logged and cleared."""
         try:
             intent = self.pending()
         except FormatError as exc:
             log.error("%s; cannot tell which write was in progress at the last crash: run `vstore verify`", exc)
+            intent = None
+        todo = ([intent] if intent is not None else []) + list(extents or [])
+        if not todo:
             self.clear()
-            return
-        if intent is None:
             return
         if system.active_site != site:  # a stale primary
-            log.warning("not re-driving the write in progress at the last crash (volume %s, blocks %d..): the "
-                        "application now runs at %s", intent.volume, intent.lba, system.active_site)
+            log.warning("not re-driving %d write range(s) in doubt since the last crash: the application now runs "
+                        "at %s", len(todo), system.active_site)
             self.clear()
             return
-        dev = system.device(intent.volume)
-        dev.write(intent.lba, dev.read(intent.lba, intent.count))
-        dev.flush()
+        for doubt in todo:
+            dev = system.device(doubt.volume)
+            count = min(doubt.count, dev.num_blocks - doubt.lba)
+            if count > 0:
+                dev.write(doubt.lba, dev.read(doubt.lba, count))
+            dev.flush()
+            log.warning("re-drove blocks %d..%d of volume %s (in doubt since the last crash) to every copy",
+                        doubt.lba, doubt.lba + count - 1, doubt.volume)
         system.save()
         self.clear()
-        log.warning("re-drove the write in progress at the last crash (volume %s, blocks %d..%d) to every copy",
-                    intent.volume, intent.lba, intent.lba + intent.count - 1)
 
     def close(self) -> None:
         os.close(self._fd)

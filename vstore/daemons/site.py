@@ -18,7 +18,12 @@ Keeps true:
 - The receive journal and the spool are opened once, on first use: while the daemon runs it is the
   only writer of its site's directory (procedures run with the daemons stopped).
 - Before an application write its range goes into the write-intent record (vstore/daemons/intent.py);
-  a daemon restarted after a kill re-drives it, so that write ends on every copy or on none.
+  a daemon restarted after a kill re-drives it, so that write ends on every copy or on none. Its
+  extents are in the activity log (vstore/daemons/activity.py), durably, before it is issued; a
+  daemon back in a new boot (a power cut) re-drives them all, so A, C and D agree again on what
+  was not flushed.
+- `app.write` is acknowledged with the write in place on A and C and its entry in the spool;
+  `app.flush` (and a FUA write) returns when everything before it is durable on A, C and the spool.
 - Shipping is its own process (`vstore shipper`, vstore/daemons/shipper.py), started by `lab up` next to
   the daemon of the site running the application. That daemon owns the spool
   (vstore/daemons/spooling.py). Pair-state work (a Suspended async group's Duplex-Pending
@@ -47,7 +52,8 @@ import msgspec
 
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.holders import acting_as
-from vstore.daemons.intent import WriteIntent
+from vstore.daemons.activity import ActivityLog
+from vstore.daemons.intent import Intent, WriteIntent
 from vstore.daemons.processes import SHIPPER, daemons_claim, running_pid
 from vstore.daemons.requests import (
     HANDLERS,
@@ -75,6 +81,7 @@ from vstore.net.wire import ConnectionFailed
 from vstore.procedures.reactions import open_system
 from vstore.procedures.setup import resync_all
 from vstore.replication.spool import EntryLog
+from vstore.replication.storage import StorageSystem
 from vstore.reports import snapshot_of, status_document, verify
 
 log = logging.getLogger("vstore.daemon")
@@ -94,6 +101,11 @@ class AppRead(msgspec.Struct, forbid_unknown_fields=True):
 
 class AppWrite(msgspec.Struct, forbid_unknown_fields=True):
     lba: Lba
+    volume: VirtualVolume = 0
+    fua: bool = False  # durable on A, C and the spool before the answer
+
+
+class AppFlush(msgspec.Struct, forbid_unknown_fields=True):
     volume: VirtualVolume = 0
 
 
@@ -133,8 +145,10 @@ class SiteDaemon(SiteFiles, SpoolRequests):
         self.entry_log: EntryLog | None = None
         self.ship_stats: dict = {}
         self.intent: WriteIntent | None = None
+        self.activity: ActivityLog | None = None
         self._system: System | None = None
         self._system_version = 0
+        self.unflushed: dict[str, set[int]] = {}  # kept across Systems: see StorageSystem.unflushed
         self.redo_needed = True  # until the record has been checked once, at start-up
 
     # -- coordination ---------------------------------------------------------------------------
@@ -150,7 +164,7 @@ class SiteDaemon(SiteFiles, SpoolRequests):
                 or cached.entry_log_given is not self.spool():
             self.drop_system()
             cached = self._system = open_system(self.lab, lock=False, local=self.site, peers=self.peers,
-                                           entry_log=self.spool())
+                                                entry_log=self.spool(), unflushed=self.unflushed)
             self._system_version = version
         return self._borrow(cached)
 
@@ -169,13 +183,26 @@ class SiteDaemon(SiteFiles, SpoolRequests):
 
     def write_intent(self) -> WriteIntent:
         if self.intent is None:
-            self.intent = WriteIntent(self.site_dir, durable=self.topo.durable)
+            self.intent = WriteIntent(self.site_dir)
         return self.intent
 
+    def activity_log(self) -> ActivityLog:
+        if self.activity is None:
+            self.activity = ActivityLog(self.site_dir, durable=self.topo.durable)
+        return self.activity
+
     def redo_in_doubt_write(self, system: System) -> None:
-        """Re-drive the write in progress at an unclean stop (`WriteIntent.redo`; raises while that
-        fails). Only at start-up is it in doubt (`redo_needed`; `redo_at_start` clears it elsewhere)."""
-        self.write_intent().redo(system, self.site)
+        """Re-drive the write in progress at an unclean stop and, after a power cut, the extents
+        of the activity log (`WriteIntent.redo`; raises while that fails), then start a fresh
+        activity log. Only at start-up is anything in doubt (`redo_needed`; `redo_at_start`
+        clears it elsewhere)."""
+        activity = self.activity_log()
+        doubt = activity.in_doubt()
+        if doubt is None:
+            log.error("the activity log is damaged: which blocks a power cut left different is unknown; run "
+                      "`vstore verify --repair %s`", self.lab)
+        self.write_intent().redo(system, self.site, [Intent(*d) for d in doubt or []])
+        activity.start()
         self.redo_needed = False
 
     def redo_at_start(self) -> None:
@@ -232,14 +259,25 @@ class SiteDaemon(SiteFiles, SpoolRequests):
 
     @rpc(names.APP_WRITE, AppWrite, coordinated=True, saves=True)
     def app_write(self, system: System, args: AppWrite, data: bytes) -> Answer:
-        dev = system.device(args.volume)
-        count = dev.check_payload(data)
-        dev.check_range(args.lba, count)
+        name = system.volume_name(args.volume)
+        dev = system.device(name)
+        count = dev.check_write(args.lba, data)
         if self.redo_needed:
             self.redo_in_doubt_write(system)
-        self.write_intent().mark(str(args.volume), args.lba, count)
-        dev.write(args.lba, data)
-        dev.flush()
+        self.activity_log().before_write(name, args.lba, count, dev.flush)
+        self.write_intent().mark(name, args.lba, count)
+        if args.fua:
+            dev.write_fua(args.lba, data)
+            self.activity_log().flushed(name)
+        else:
+            dev.write(args.lba, data)
+        return {}, b""
+
+    @rpc(names.APP_FLUSH, AppFlush, coordinated=True, saves=True)
+    def app_flush(self, system: System, args: AppFlush, data: bytes) -> Answer:
+        name = system.volume_name(args.volume)
+        system.device(name).flush()
+        self.activity_log().flushed(name)
         return {}, b""
 
     @rpc(names.APP_READ, AppRead, coordinated=True)
@@ -328,12 +366,18 @@ class SiteDaemon(SiteFiles, SpoolRequests):
         with self.lock:
             if self._system is not None:  # other sites get the latest write-count evidence
                 with contextlib.suppress(ConnectionFailed, TricopyError):
+                    storage = self._system.storages.get(self.site)
+                    if isinstance(storage, StorageSystem):
+                        storage.flush_secondaries()  # what C acknowledged from its cache, durable there
                     self._system.save(all_evidence=True)
             self.drop_system()
             if self.intent is not None:
                 self.intent.clear()  # a clean stop: no write in progress
                 self.intent.close()
                 self.intent = None
+            if self.activity is not None:
+                self.activity.close()
+                self.activity = None
             if self.entry_log is not None:
                 self.entry_log.close()
                 self.entry_log = None

@@ -12,6 +12,9 @@ Keeps true:
   volume id mapped to a volume of this site, every entry inside its volume and of whole blocks,
   the next sequence) before the targets or the batch are stored; a refused request leaves no
   file behind, and a stored batch can always be finished at the next start.
+- `vol.write` and `vol.flush` answer with the site's `incarnation` (`site_incarnation`): the same
+  name as long as the site's page cache lives, so the primary can tell a restart that kept what
+  this site acknowledged from its cache from a power cut that may have lost it.
 - A read is bounded before it allocates (`check_reply`); `vol.digest` answers only digests, reading
   a bounded number of blocks at a time.
 """
@@ -31,7 +34,7 @@ from vstore.blocks.device import ImageDevice
 from vstore.blocks.digests import run_digests
 from vstore.blocks.errors import FormatError, TricopyError, brief
 from vstore.daemons.requests import BlockCount, Lba, Name, NoArgs, check_reply, rpc
-from vstore.lab.sitedir import RECV_DIR, STATE_FILE, check_site_state, open_journal
+from vstore.lab.sitedir import RECV_DIR, STATE_FILE, check_site_state, open_journal, site_incarnation
 from vstore.lab.topology import Topology
 from vstore.net import rpc as names
 from vstore.replication.journal import TARGETS_FILE, ReceiveJournal, Receiver, Targets
@@ -59,6 +62,12 @@ class VolWrite(msgspec.Struct, forbid_unknown_fields=True):
 
 class VolFlush(msgspec.Struct, forbid_unknown_fields=True):
     volume: Name
+
+
+class VolZero(msgspec.Struct, forbid_unknown_fields=True):
+    volume: Name
+    lba: Lba
+    count: Annotated[int, msgspec.Meta(ge=1, le=1 << 20)]
 
 
 class VolDigest(msgspec.Struct, forbid_unknown_fields=True):
@@ -95,6 +104,15 @@ class SiteFiles:
         self._state_cache: tuple[tuple[int, int, int], dict] | None = None
         self._journal: ReceiveJournal | None = None
         self.devices: dict[str, ImageDevice] = {}
+        self._incarnation: str | None = None
+
+    @property
+    def incarnation(self) -> str:
+        """The name of the page cache this site's volumes live in (`site_incarnation`): a peer
+        that sees it change knows that writes acknowledged here but not flushed may be lost."""
+        if self._incarnation is None:
+            self._incarnation = site_incarnation(self.site_dir, self.topo.durable)
+        return self._incarnation
 
     # -- local primitives -----------------------------------------------------------------------
     def state(self) -> dict | None:
@@ -187,19 +205,25 @@ class SiteFiles:
         dev.write(args.lba, data)
         if args.flush:
             dev.flush()
-        return {}, b""
+        return {"incarnation": self.incarnation}, b""
+
+    @rpc(names.VOL_ZERO, VolZero)
+    def vol_zero(self, args: VolZero, data: bytes) -> Answer:
+        self.device(args.volume).write_zeroes(args.lba, args.count)
+        return {"incarnation": self.incarnation}, b""
 
     @rpc(names.VOL_DIGEST, VolDigest)
     def vol_digest(self, args: VolDigest, data: bytes) -> Answer:
         """The digests of a volume's runs, computed here so that only they cross the link."""
         dev = self.device(args.volume)
         dev.check_range(args.lba, args.count)
-        return {}, b"".join(run_digests(dev.read, args.lba, args.count, args.per))
+        return {}, b"".join(run_digests(dev.read, args.lba, args.count, args.per, holes=dev.data_ranges,
+                                        block_size=dev.block_size))
 
     @rpc(names.VOL_FLUSH, VolFlush)
     def vol_flush(self, args: VolFlush, data: bytes) -> Answer:
         self.device(args.volume).flush()
-        return {}, b""
+        return {"incarnation": self.incarnation}, b""
 
     @rpc(names.JOURNAL_APPLIED, NoArgs)
     def journal_applied(self, args: NoArgs, data: bytes) -> Answer:

@@ -19,12 +19,15 @@ Keeps true:
 
 from __future__ import annotations
 
+import json
+import secrets
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from vstore.blocks.boot import boot_id
 from vstore.blocks.codec import load_json, save_json_atomic
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.blocks.schema import Count, Positive, validate
@@ -37,6 +40,7 @@ from vstore.replication.spool import EntryLog
 STATE_FORMAT = "tricopy-site-state"
 STATE_VERSION = 1
 STATE_FILE = "state.json"
+INCARNATION_FILE = "incarnation.json"  # which page cache the site's volumes live in (`site_incarnation`)
 SPOOL_DIR = "spool"
 RECV_DIR = "recv"
 
@@ -173,3 +177,45 @@ def open_spool(site_dir: Path, topo: Topology, host: Mapping) -> EntryLog:
 def open_journal(site_dir: Path, topo: Topology) -> ReceiveJournal:
     """The receive journal of a site receiving async entries."""
     return ReceiveJournal(site_dir / RECV_DIR, durable=topo.durable)
+
+
+COUNTS = ("write_count", "mirrored_writes", "seen_writes", "pairs")
+
+
+def state_key(state: dict) -> str:
+    """A site state as saving compares it: everything but the write counts (which may wait up to
+    a second, in `vstore.lab.system`), with the pairs by version (bumped when one changes); whether writes exist that no
+    copy has seen, or that came after a promotion, counts at once (that is the split-brain evidence)."""
+    host = dict(state.get("host") or {})
+    host.pop("spool_seq", None)
+    count = int(state.get("write_count", 0))
+    evidence = (count > int(state.get("mirrored_writes", 0)), count > int(host.get("write_count_at_promotion", 0)))
+    pairs = sorted((name, rec.get("version")) for name, rec in state.get("pairs", {}).items())
+    rest = {k: v for k, v in state.items() if k not in COUNTS and k != "host"}
+    return json.dumps([rest, host, evidence, pairs], sort_keys=True, default=str)
+
+
+class Incarnation(msgspec.Struct, forbid_unknown_fields=True):
+    """`SITE/incarnation.json`: the boot a site's daemon last ran in, and the name of its page cache."""
+
+    boot_id: str
+    incarnation: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+
+
+def site_incarnation(site_dir: Path, durable: bool = True) -> str:
+    """The name of the page cache this site's volumes live in: the same as when its daemon last
+    ran while the machine has not booted since (a killed process loses no cached write), a new one
+    otherwise (a power cut may have lost what the site acknowledged from its cache but had not
+    flushed; a peer that sees the name change treats those writes as lost). A missing or damaged
+    record counts as a new boot."""
+    path = site_dir / INCARNATION_FILE
+    now = boot_id()
+    try:
+        saved = validate(Incarnation, load_json(path), str(path)) if path.is_file() else None
+    except (FormatError, OSError):
+        saved = None
+    if saved is not None and saved.boot_id == now:
+        return saved.incarnation
+    name = secrets.token_hex(8)
+    save_json_atomic(path, {"boot_id": now, "incarnation": name}, durable=durable)
+    return name

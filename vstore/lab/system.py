@@ -24,7 +24,6 @@ Keeps true:
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from vstore.lab.sitedir import (
     open_journal,
     open_spool,
     save_site_state,
+    state_key,
 )
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
 from vstore.net.remote import RemoteJournal, RemoteReceiver, RemoteStorage
@@ -59,7 +59,7 @@ log = logging.getLogger("vstore.site")
 
 LAB_LOCK = ".lock"  # the lab's claim, held by an open System
 DAEMONS_LOCK = "run/daemons.lock"  # held (shared) by the lab's daemons while they run, in LAB/run/ with their pid files
-EVIDENCE_EVERY_S = 1.0  # how often another site's copy of the write-count evidence is refreshed
+EVIDENCE_EVERY_S = 1.0  # how often a copy of the write-count evidence is refreshed when only the counts moved
 
 
 # (system, failed member, lba, data) -> anything: the reaction to a member failing during a write
@@ -73,20 +73,24 @@ class System:
 
     def __init__(self, lab_dir: Path, *, lock: bool = True, shared: bool = False, local: str | None = None,
                  peers: dict[str, Any] | None = None, entry_log: EntryLog | None = None,
-                 volume_failure_reaction: VolumeFailureReaction | None = None) -> None:
+                 volume_failure_reaction: VolumeFailureReaction | None = None,
+                 unflushed: dict[str, set[int]] | None = None) -> None:
         """In one process (default) every site is opened from its directory. A site daemon passes
         `local` (its own site) and `peers` (RPC clients of the other sites' daemons): the other
         sites' state, volumes and receive journals are then reached over the network.
         `volume_failure_reaction`: what the mirror program does when a member volume fails during
         a write (Fig 17, handed down by `vstore.procedures.reactions.open_system`).
         `shared`: open to read replicas only, sharing the lab with other such readers (`_take_lock`);
-        `lock=False`: take no claim (a site daemon, whose processes hold the lab together)."""
+        `lock=False`: take no claim (a site daemon, whose processes hold the lab together).
+        `unflushed`: where the local storage remembers the extents its secondaries have not flushed
+        (`StorageSystem.unflushed`; a daemon keeps it across the Systems it opens)."""
         self.volume_failure_reaction = volume_failure_reaction
         self.command = "the same command"  # what continues a stopped copy; the CLI names itself here
         self.copies_finished = False  # a checkpointed copy ended since the last save
         self.lab_dir = Path(lab_dir)
         self.topo: Topology = load_topology(self.lab_dir)
         self.local, self.peers = local, peers or {}
+        self.unflushed = {} if unflushed is None else unflushed
         self.storages: dict[str, SiteStorage] = {}
         self._entry_log: EntryLog | None = None
         self.keep_entry_log = entry_log is not None  # a daemon keeps its spool open across requests
@@ -110,6 +114,8 @@ class System:
         self.network.unreachable = unreachable
         self.registry = self._merge_pairs()
         self._saved_pairs = {pair.name: pair.to_dict() for pair in self.registry}
+        self._saved_revisions: dict[str, tuple] = {}
+        self._local_saves: dict[str, tuple[str, float]] = {}
         self._put_states: dict[str, tuple[str, float]] = {}
         for site, state in self.states.items():
             self.storages[site] = self._open_storage(site, state)
@@ -208,7 +214,7 @@ class System:
                 vol.device.close()
             raise
         return StorageSystem(site, volumes, self.registry, self.network, self.storage,
-                             fence_reject=self.topo.protect)
+                             fence_reject=self.topo.protect, unflushed=self.unflushed)
 
     def add_site(self, site: str, state: dict) -> None:
         """A site directory that (re)appeared while the system is open (failback restores it)."""
@@ -365,17 +371,20 @@ class System:
             return sorted(self.mirror.settings.groups)
         return list(self.host["provider_volumes"])
 
-    def device(self, index: int | str = 0) -> BlockDevice:
-        """The application's view of virtual volume `index`: a mirror group or the provider."""
+    def volume_name(self, index: int | str = 0) -> str:
+        """The name of virtual volume `index` (its name, or its number)."""
         names = self.virtual_volume_names()
         if isinstance(index, str) and index in names:
-            name = index
-        else:
-            try:
-                name = names[int(index)]
-            except (ValueError, IndexError):
-                raise TricopyError(f"no virtual volume {index!r}; this lab has {', '.join(names)} "
-                                   f"(or 0..{len(names) - 1})") from None
+            return index
+        try:
+            return names[int(index)]
+        except (ValueError, IndexError):
+            raise TricopyError(f"no virtual volume {index!r}; this lab has {', '.join(names)} "
+                               f"(or 0..{len(names) - 1})") from None
+
+    def device(self, index: int | str = 0) -> BlockDevice:
+        """The application's view of virtual volume `index`: a mirror group or the provider."""
+        name = self.volume_name(index)
         if self.topo.mode == "mirror":
             self.async_program  # noqa: B018 - the storage's async program must be armed before writes
             return self.mirror.group(name)
@@ -389,10 +398,13 @@ class System:
         if self._mirror is not None and (self.states.get(self._mirror_site) or {}).get("host"):
             self.states[self._mirror_site]["host"]["mirror"] = self._mirror.settings.to_dict()
         for pair in self.registry:
+            if self._saved_revisions.get(pair.name) == pair.revision:
+                continue
             now = pair.to_dict()
             if self._saved_pairs.get(pair.name) != now:  # a changed pair's copies become the newest
                 self.registry.bump(pair)
                 self._saved_pairs[pair.name] = now
+            self._saved_revisions[pair.name] = pair.revision
         self._count_writes()
         host = self.states.get(self._active_or_none() or "", {}).get("host")
         if self._entry_log is not None and host:  # a spool found holding less lost entries
@@ -408,7 +420,7 @@ class System:
                 # its state updates in order, before any later request on the same connection. A
                 # change of the write-count evidence alone travels at most once a second (the
                 # source's own `mirrored_writes` is saved with every write; see failback).
-                doc = json.dumps({k: v for k, v in state.items() if k != "seen_writes"}, sort_keys=True)
+                doc = state_key(state)
                 last_doc, last_time = self._put_states.get(site, ("", 0.0))
                 if last_doc != doc or all_evidence or time.monotonic() - last_time >= EVIDENCE_EVERY_S:
                     try:
@@ -419,7 +431,11 @@ class System:
                         continue
                     self._put_states[site] = (doc, time.monotonic())
             else:
-                save_site_state(self.site_dir(site), state, durable=self.topo.durable)
+                key = state_key(state)
+                last_key, last_time = self._local_saves.get(site, (None, 0.0))
+                if last_key != key or all_evidence or time.monotonic() - last_time >= EVIDENCE_EVERY_S:
+                    save_site_state(self.site_dir(site), state, durable=self.topo.durable)
+                    self._local_saves[site] = (key, time.monotonic())
         if self.copies_finished:  # the copies' results are in the saved state now
             clear_finished(self.lab_dir)
             self.copies_finished = False

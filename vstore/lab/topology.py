@@ -15,7 +15,9 @@ the key. Every port is 1-65535; no two sites or link proxies share a host:port; 
 its daemon binds) is 1024 or more unless `[lab] allow_privileged_ports = true` opts in (a link's
 `via` address is only connected to, so any port 1-65535 will do there). `[lab] group`, when present,
 names the group that shares the lab's administration (its directories 0770, its files 0660); a lab
-without it is private to its owner.
+without it is private to its owner. A flush is durable (`durable`) unless `[lab] unsafe_no_flush =
+true` says otherwise (for benchmarks; status warns); the `durable` key of labs made before flushes
+were always durable is accepted and changes nothing.
 """
 from __future__ import annotations
 
@@ -42,7 +44,8 @@ SITE_LETTERS = {"primary": ("A", "B"), "sync": ("C",), "async": ("D",)}
 TABLES = ("lab", "sites", "links", "tls", "limits")  # TOP holds these
 TOP = "the top level"
 LAB_KEYS: dict[str, type] = {"name": str, "mode": str, "size": int, "block_size": int, "volumes": int,
-                             "protect": bool, "coalesce": bool, "durable": bool, "spool_capacity": int,
+                             "protect": bool, "coalesce": bool, "durable": bool, "unsafe_no_flush": bool,
+                             "spool_capacity": int,
                              "key_file": str, "allow_privileged_ports": bool, "group": str}
 SITE_KEYS: dict[str, type] = {"host": str, "port": int}
 LINK_KEYS: dict[str, type] = {"via": str}
@@ -72,7 +75,7 @@ class Topology:
     volumes: int = 1
     protect: bool = True
     coalesce: bool = False
-    durable: bool = False
+    unsafe_no_flush: bool = False  # flush does nothing: a power cut may lose what was flushed (benchmarks only)
     spool_capacity: int = 256 << 20
     key_file: str = "lab.key"
     sites: dict[str, SiteSpec] = field(default_factory=dict)
@@ -91,6 +94,11 @@ class Topology:
         if to_site != second:
             return self.sites[to_site]
         return self.links.get(f"{first}-{second}", self.sites[to_site])
+
+    @property
+    def durable(self) -> bool:
+        """A flush makes the writes before it durable (fdatasync), on every copy it covers."""
+        return not self.unsafe_no_flush
 
     @property
     def num_blocks(self) -> int:
@@ -113,10 +121,12 @@ class Topology:
             "lab": {
                 "name": self.name, "mode": self.mode, "size": self.size, "block_size": self.block_size,
                 "volumes": self.volumes, "protect": self.protect, "coalesce": self.coalesce,
-                "durable": self.durable, "spool_capacity": self.spool_capacity, "key_file": self.key_file,
+                "spool_capacity": self.spool_capacity, "key_file": self.key_file,
             },
             "sites": {s.name: {"host": s.host, "port": s.port} for s in self.sites.values()},
         }
+        if self.unsafe_no_flush:
+            doc["lab"]["unsafe_no_flush"] = True
         if self.allow_privileged_ports:
             doc["lab"]["allow_privileged_ports"] = True
         if self.group is not None:
@@ -173,7 +183,7 @@ def _parse(doc: dict, path: Path) -> Topology:
         volumes=_value(lab, "volumes", int, "[lab]", path, 1),
         protect=_value(lab, "protect", bool, "[lab]", path, True),
         coalesce=_value(lab, "coalesce", bool, "[lab]", path, False),
-        durable=_value(lab, "durable", bool, "[lab]", path, False),
+        unsafe_no_flush=_value(lab, "unsafe_no_flush", bool, "[lab]", path, False),
         spool_capacity=_value(lab, "spool_capacity", int, "[lab]", path, 256 << 20),
         key_file=_value(lab, "key_file", str, "[lab]", path, "lab.key"), sites=sites, links=links,
         tls=_tls(_table(doc, "tls", TOP, path), path) if "tls" in doc else None,

@@ -11,6 +11,7 @@ copy programs already turn into failure Suspend.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from vstore.blocks.device import BlockDevice
@@ -20,6 +21,7 @@ from vstore.blocks.holders import Claim
 from vstore.blocks.ranges import COPY_CHUNK, copy_ranges
 from vstore.net.client import Peer
 from vstore.net.rpc import (
+    APP_FLUSH,
     APP_HAS_UNSHIPPED,
     APP_INFO,
     APP_READ,
@@ -32,10 +34,21 @@ from vstore.net.rpc import (
     VOL_FLUSH,
     VOL_READ,
     VOL_WRITE,
+    VOL_ZERO,
 )
 from vstore.replication.entries import Entry, encode_batch
+from vstore.replication.network import SiteDown
 from vstore.replication.storage import SiteStorage, Volume
 
+SEEN_INCARNATION: weakref.WeakKeyDictionary[Peer, str | None] = weakref.WeakKeyDictionary()
+"""The page cache each peer connection last answered a copy-program write or flush from."""
+
+
+class SiteRestarted(SiteDown):
+    """A site answered from a new page cache: its unflushed writes may be gone."""
+
+
+ZERO_BLOCKS = 1 << 20  # blocks one vol.zero may cover (its answer is small whatever the count)
 MESSAGE_BYTES = 8 << 20  # block data per request, well inside the frame limit of vstore.net.wire
 
 
@@ -99,10 +112,26 @@ class RemoteStorage:
         return [data[i:i + DIGEST_SIZE] for i in range(0, len(data), DIGEST_SIZE)]
 
     def apply_copy(self, volume: str, lba: int, data: bytes) -> None:
-        self.client.call(VOL_WRITE, {"volume": volume, "lba": lba, "flush": True}, data)
+        self._same_cache(self.client.call(VOL_WRITE, {"volume": volume, "lba": lba, "flush": False}, data)[0])
 
     def flush_volume(self, volume: str) -> None:
-        self.client.call(VOL_FLUSH, {"volume": volume})
+        self._same_cache(self.client.call(VOL_FLUSH, {"volume": volume})[0])
+
+    def apply_zeroes(self, volume: str, lba: int, count: int) -> None:
+        for first in range(lba, lba + count, ZERO_BLOCKS):
+            n = min(ZERO_BLOCKS, lba + count - first)
+            self._same_cache(self.client.call(VOL_ZERO, {"volume": volume, "lba": first, "count": n})[0])
+
+    def _same_cache(self, answer: dict) -> None:
+        """The site answered from the page cache it answered from before, or the writes it
+        acknowledged since its last flush may be lost: `SiteRestarted` (the pair fails, and those
+        extents are recorded for the resync)."""
+        now = answer.get("incarnation")
+        before = SEEN_INCARNATION.get(self.client)
+        SEEN_INCARNATION[self.client] = now
+        if before is not None and now != before:
+            raise SiteRestarted(f"site {self.site} came back in a new boot (a power cut or a reboot): what it had "
+                                "acknowledged from its cache since its last flush may be lost")
 
     def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
                 progress: Callable[[int], None] | None = None, chunk: int = COPY_CHUNK, *,
@@ -110,7 +139,8 @@ class RemoteStorage:
         dst = self.peers(dst_site)
         return copy_ranges(lambda lba, n: self.host_read(volume, lba, n),
                            lambda lba, data: dst.apply_copy(dst_volume, lba, data), ranges,
-                           chunk=chunk, progress=progress, target_is_zero=target_is_zero)
+                           chunk=chunk, progress=progress, target_is_zero=target_is_zero,
+                           zero=lambda lba, n: dst.apply_zeroes(dst_volume, lba, n))
 
     def host_write(self, volume: str, lba: int, data: bytes) -> None:
         raise TricopyError(f"host writes to site {self.site} go through that site's own daemon")
@@ -160,7 +190,8 @@ class RemoteReceiver:
 class AppDevice(BlockDevice):
     """The application's volume at the site running it, through that site's daemon (what
     `jfs ... lab:LAB` uses while the lab is up). Each write returns when the daemon acknowledged
-    it: A written (so C has it) and the entry durable in the spool. The volume's geometry comes
+    it: A written (so C has it) and its entry in the spool; `flush` returns when every write before
+    it is durable on A, C and in the spool, and `write_fua` when that write is. The volume's geometry comes
     from `app.info`, unless `client.app_info` already holds that daemon's answer for volume 0
     (used once). A `claim` given to it (the application writer's, see vstore.targets) is held until
     the device is closed."""
@@ -186,6 +217,16 @@ class AppDevice(BlockDevice):
         for first, n in spans(lba, len(data) // self.block_size, self.block_size):
             at = (first - lba) * self.block_size
             self.client.call(APP_WRITE, {"volume": self.volume, "lba": first}, data[at:at + n * self.block_size])
+
+    def write_fua(self, lba: int, data: bytes) -> None:
+        count = self.check_write(lba, data)
+        for first, n in spans(lba, count, self.block_size):
+            at = (first - lba) * self.block_size
+            self.client.call(APP_WRITE, {"volume": self.volume, "lba": first, "fua": True},
+                             data[at:at + n * self.block_size])
+
+    def flush(self) -> None:
+        self.client.call(APP_FLUSH, {"volume": self.volume})
 
     def has_unshipped(self, ranges: Iterable[tuple[int, int]]) -> bool:
         answer = self.client.call(APP_HAS_UNSHIPPED, {"volume": self.volume, "ranges": [list(r) for r in ranges]})

@@ -23,6 +23,7 @@ STATE_PUT = "state.put"  # {"state"}: replace the site's state.json
 VOL_READ = "vol.read"  # {"volume", "lba", "count"} -> the blocks
 VOL_WRITE = "vol.write"  # {"volume", "lba", "flush"?} + blocks: a copy-program write
 VOL_FLUSH = "vol.flush"  # {"volume"}
+VOL_ZERO = "vol.zero"  # {"volume", "lba", "count"}: a copy-program write of zeros (a hole)
 VOL_DIGEST = "vol.digest"  # {"volume", "lba", "count", "per"} -> one 16-byte digest per run of `per` blocks
 
 # -- the Async site: its receive journal -------------------------------------------------------
@@ -39,7 +40,8 @@ SPOOL_CONFIRM = "spool.confirm"  # {"seq", "stats"}: the Async site applied up t
 # -- coordinating requests: the whole lab as the daemon's `System` sees it ---------------------
 APP_INFO = "app.info"  # {"volume"?} -> {"block_size", "num_blocks", "name", "active"}
 APP_READ = "app.read"  # {"volume", "lba", "count"} -> the blocks
-APP_WRITE = "app.write"  # {"volume", "lba"} + blocks: an application write
+APP_WRITE = "app.write"  # {"volume", "lba", "fua"?} + blocks: an application write (durable first when fua)
+APP_FLUSH = "app.flush"  # {"volume"}: every completed application write durable on A, C and the spool
 APP_HAS_UNSHIPPED = "app.has_unshipped"  # {"volume", "ranges"} -> {"answer"}
 STATUS = "status"  # -> {"status"}
 SNAPSHOT = "snapshot"  # -> {"snapshot"}: the dashboard's document

@@ -83,17 +83,20 @@ def free_base_port(count: int = 3) -> int:
 
 
 def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes: int = 1, protect: bool = True,
-             coalesce: bool = False, durable: bool = False, block_size: int = 4096, base_port: int = 7401,
+             coalesce: bool = False, unsafe_no_flush: bool = False, block_size: int = 4096, base_port: int = 7401,
              spool_capacity: int = 256 << 20, tls: bool = False, overcommit: bool = False,
              group: str | None = None, progress: Progress = no_progress,
-             command: str = "the same command") -> StepLog:
+             command: str = "the same command", durable: bool | None = None) -> StepLog:
     """Create the lab's files, then run the Fig 3 set-up. A set-up that was stopped (LAB/run/init.json
     still there) is continued instead: its copies resume where they stopped. `group`: share the
-    lab's administration with this group (a name or a number) instead of keeping it private."""
+    lab's administration with this group (a name or a number) instead of keeping it private.
+    `durable` is accepted from callers written when flushes could be turned off with it and changes
+    nothing: flushes are durable unless `unsafe_no_flush`."""
     lab = Path(lab)
     gid, group_name = (None, None) if group is None else lab_group(group)
     topo = Topology(name=lab.name or "lab", mode=mode, size=size, block_size=block_size, volumes=volumes,
-                    protect=protect, coalesce=coalesce, durable=durable, spool_capacity=spool_capacity,
+                    protect=protect, coalesce=coalesce, unsafe_no_flush=unsafe_no_flush,
+                    spool_capacity=spool_capacity,
                     sites=default_sites(base_port), group=group_name)
     validate(topo, "lab init")
     if (lab / INIT_MARKER).is_file():
@@ -107,10 +110,10 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
     os.chmod(lab, PRIVATE_DIR if gid is None else GROUP_DIR)  # what is made inside follows (codec.dir_mode)
     make_dir(lab / INIT_MARKER.parent)
     make_dir(lab / COPIES_DIR)
-    save_json_atomic(lab / INIT_MARKER, {"command": command}, durable=durable)
+    save_json_atomic(lab / INIT_MARKER, {"command": command}, durable=topo.durable)
     if tls:
         topo = replace(topo, tls=create_lab_certificates(lab, sorted({s.host for s in topo.sites.values()})))
-    write_file_atomic(lab / TOPOLOGY_FILE, topo.to_toml().encode(), durable=durable)
+    write_file_atomic(lab / TOPOLOGY_FILE, topo.to_toml().encode(), durable=topo.durable)
     create_key(lab / topo.key_file)
     for site in SITE_LETTERS:
         site_dir = lab / site
@@ -123,7 +126,7 @@ def init_lab(lab: Path, *, mode: str = "provider", size: int = 64 << 20, volumes
                 vols[name] = {"file": f"{name}.img", "external_id": external_id(site, len(vols))}
         host = primary_host(topo) if site == "primary" else None
         role = site
-        save_site_state(site_dir, new_site_state(site, role, vols, host), durable=durable)
+        save_site_state(site_dir, new_site_state(site, role, vols, host), durable=topo.durable)
     make_dir(lab / "async" / RECV_DIR)
     make_dir(lab / "primary" / SPOOL_DIR)
     return set_up(lab, progress, command, fresh_targets=True)

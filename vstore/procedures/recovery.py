@@ -7,7 +7,10 @@ Keeps true:
   volume C, invariant 1). By the trim rule (invariant 4) every file without a record in the
   source's metadata log already has the same data at the target, so copying the blocks of the
   files that have a record, plus the file-system metadata blocks that differ, makes every
-  allocated block of the target equal to the source's.
+  allocated block of the target equal to the source's. Of those candidate blocks (touched files
+  and metadata) only the ones whose digests differ are copied (`replication.compare`: the two
+  sites digest their own blocks): a file written and shipped long ago whose record is still in
+  the log costs a comparison, not a copy, so the copy is the exact difference.
 - When the source's log cannot prove what changed (its header or a record is damaged, records were
   lost, or the volume holds no jfs at all) the copy says so and copies the whole volume; it never
   does a silent partial copy.
@@ -24,13 +27,12 @@ from dataclasses import asdict, dataclass, field
 
 from jfs.scan import metadata_ranges, scan_log
 from vstore.blocks.errors import TricopyError
-from vstore.blocks.ranges import merge_ranges
+from vstore.blocks.ranges import merge_ranges, ranges_of
 from vstore.lab.system import System
 from vstore.procedures.copying import copy_blocks
 from vstore.procedures.roles import drop_pairs_of, make_primary, start_async_without_copy, volumes_of
 from vstore.procedures.steps import Progress, StepLog, no_progress
-
-COMPARE_CHUNK = 64
+from vstore.replication.compare import differing_blocks
 
 
 @dataclass
@@ -47,22 +49,6 @@ class RecoveryReport:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def differing(system: System, ranges: list[tuple[int, int]], src: tuple[str, str],
-              dst: tuple[str, str]) -> list[tuple[int, int]]:
-    """The sub-ranges whose blocks differ between two volumes (metadata is small: compare it)."""
-    a_storage, b_storage = system.storage(src[0]), system.storage(dst[0])
-    out = []
-    for first, count in ranges:
-        for lba in range(first, first + count, COMPARE_CHUNK):
-            n = min(COMPARE_CHUNK, first + count - lba)
-            a, b = a_storage.host_read(src[1], lba, n), b_storage.host_read(dst[1], lba, n)
-            if a == b:
-                continue
-            bs = len(a) // n
-            out += [(lba + i, 1) for i in range(n) if a[i * bs:(i + 1) * bs] != b[i * bs:(i + 1) * bs]]
-    return merge_ranges(out)
 
 
 def plan_volume(system: System, src: tuple[str, str], dst: tuple[str, str], report: RecoveryReport,
@@ -87,10 +73,11 @@ def plan_volume(system: System, src: tuple[str, str], dst: tuple[str, str], repo
     report.touched_files += len(scan.files)
     report.paths += [f.path or f"inode {f.inode}" for f in scan.files]
     files = merge_ranges([r for f in scan.files for r in f.blocks])
-    meta = differing(system, merge_ranges(list(metadata_ranges(device))), src, dst)
+    candidates = merge_ranges(files + list(metadata_ranges(device)))
+    exact = ranges_of(differing_blocks(system.storage(src[0]), src[1], system.storage(dst[0]), dst[1], candidates))
     steps.step(f"{src[1]}: metadata log names {len(scan.files)} touched files ({sum(n for _, n in files)} "
-               f"blocks); {sum(n for _, n in meta)} metadata blocks differ")
-    return merge_ranges(files + meta)
+               f"blocks); of those and the metadata, {sum(n for _, n in exact)} blocks differ")
+    return exact
 
 
 def equalise(system: System, src_site: str, dst_site: str, steps: StepLog, progress: Progress = no_progress, *,

@@ -19,6 +19,7 @@ Keeps true:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.interrupts import deferred_interrupts
 from vstore.blocks.ranges import COPY_CHUNK, copy_ranges, merge_ranges
+from vstore.blocks.together import run_together
 from vstore.replication.network import VolumeFailed
 from vstore.replication.storage import AsyncCopyProgram, StorageSystem, WriteInhibited
 
@@ -217,9 +219,15 @@ class MirrorGroup(BlockDevice):
         raise TricopyError(f"{self.name}: no synced member can be read")
 
     def flush(self) -> None:
-        for member in self.members:
-            if member.failure == FailureState.NORMAL:
-                self.program.storage.flush_volume(member.volume)
+        """Every write completed before it durable on each working member (A, B), their sync
+        secondaries (C) and the spool holding B's entries."""
+        storage = self.program.storage
+        calls = [functools.partial(storage.flush_volume, m.volume) for m in self.members
+                 if m.failure == FailureState.NORMAL]
+        if self.program.async_program is not None:
+            calls.append(self.program.async_program.log.flush)
+        if calls:
+            run_together(*calls)  # every sync of the flush at once
 
     def has_unshipped(self, ranges: Iterable[tuple[int, int]]) -> bool:
         """The trim-rule question for the file system on this virtual volume [0169]."""

@@ -138,10 +138,12 @@ class PositionBitmap:
         self.num_blocks = num_blocks
         self._bits = bytearray(size) if bits is None else bytearray(bits)
         self._encoded: tuple[bytes, bytes] | None = None  # (bits, their encoding): saved on every write
+        self.changes = 0  # bumped by every mark and clear: a pair's `revision` includes it
 
     def mark(self, lba: int, count: int = 1) -> None:
         if count <= 0 or lba < 0 or lba + count > self.num_blocks:
             raise ValueError(f"blocks {lba}..{lba + count - 1} are outside a {self.num_blocks}-block bitmap")
+        self.changes += 1
         end = lba + count
         while lba < end and lba % 8:
             self._set(lba)
@@ -187,6 +189,7 @@ class PositionBitmap:
 
     def clear(self) -> None:
         self._bits = bytearray(len(self._bits))
+        self.changes += 1
 
     def to_bytes(self) -> bytes:
         bits = bytes(self._bits)
@@ -296,7 +299,24 @@ class Pair:
         if self.state in (PairState.SUSPEND, PairState.SUSPENDING):
             self.bitmap.mark(lba, count)
 
+    @property
+    def revision(self) -> tuple:
+        """Changes whenever anything `to_dict` holds does (the state, reason, failure, history,
+        positions): saving compares revisions instead of whole documents."""
+        last = self.history[-1].get("time") if self.history else None
+        return (self.state, self.reason, self.failure, self.verify_first, len(self.history), last,
+                id(self.bitmap), self.bitmap.changes)
+
     def to_dict(self) -> dict[str, Any]:
+        """The saved form (shared while the pair does not change: do not modify it)."""
+        cached = self.__dict__.get("_saved")
+        if cached is not None and cached[0] == self.revision:
+            return cached[1]
+        doc = self._document()
+        self.__dict__["_saved"] = (self.revision, doc)
+        return doc
+
+    def _document(self) -> dict[str, Any]:
         return {
             "name": self.name, "kind": self.kind.value, "source": self.source, "target": self.target,
             "num_blocks": self.num_blocks, "state": self.state.value, "reason": self.reason,

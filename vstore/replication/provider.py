@@ -4,7 +4,9 @@
 Keeps true: the provider is a block device for the file system on the primary host. A block
 write is acknowledged only after (1) the storage wrote volume A, which it does only once the Sync
 site holds the write (sync copy program: no acknowledged write is missing at C), and (2) the write
-was stamped into an entry (gap-free sequence, timestamp) durably appended to the host's spool.
+was stamped into an entry (gap-free sequence, timestamp) appended to the host's spool. `flush`
+makes every write completed before it durable on A, C and in the spool (the two promises of
+`vstore.blocks.device`).
 Entries leave for the Async host in order and are deleted once it confirms them (vstore.replication.shipping).
 `has_unshipped` answers the trim-rule question of [0169]: does any entry not yet confirmed by the
 Async host (or any position recorded while the async pair was suspended) touch these blocks?
@@ -22,6 +24,7 @@ from collections.abc import Iterable
 
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.interrupts import deferred_interrupts
+from vstore.blocks.together import run_together
 from vstore.replication.storage import AsyncCopyProgram, StorageSystem
 
 
@@ -46,7 +49,8 @@ class Provider(BlockDevice):
         return self.storage.host_read(self.volume, lba, count)
 
     def flush(self) -> None:
-        self.storage.flush_volume(self.volume)
+        """Every write completed before it durable on A, at the Sync site (C) and in the spool."""
+        run_together(lambda: self.storage.flush_volume(self.volume), self.program.log.flush)
 
     def has_unshipped(self, ranges: Iterable[tuple[int, int]]) -> bool:
         return self.program.has_unshipped(self.volume, ranges)

@@ -1,8 +1,9 @@
 """The entry log (spool) on the primary host (SPEC §4 [0044], §8 [0169]; DESIGN invariant 6).
 
 Keeps true:
-- `EntryLog` holds every appended entry until the secondary confirms it. An append is durable
-  (fsync) before it returns when the log is durable. Past its capacity it refuses the append with
+- `EntryLog` holds every appended entry until the secondary confirms it. An append is in place
+  when it returns; `flush` makes every append before it durable (one fdatasync per segment written
+  since the last flush, none when nothing was: group commit). Past its capacity it refuses the append with
   `EntryLogFull` and writes nothing (invariant 6: the caller moves the pair to Suspending ->
   Suspend and records positions instead; it never drops or blocks).
 - What existed is known after a crash or damage. Before an append writes its entries, one pwrite
@@ -10,10 +11,9 @@ Keeps true:
   place: `acked_seq`, the watermark (every entry whose append had returned before this one began),
   `high_seq` (the last sequence number this append uses), `reserved_seq` (a ceiling above it,
   fsynced each time it is crossed, every `SEQ_RESERVE` numbers) and the newest segment with the
-  size this append gives it (fsynced when a segment is made). No fsync per append is added, so
-  the watermark is as durable as the flush policy: exact after a process crash; after a power
-  loss in durable mode it may lag behind the last appends (the reservation and the newest segment
-  do not); in non-durable mode the page cache is all there is. `confirm` fsyncs it first.
+  size this append gives it (fsynced when a segment is made). The watermark is exact after a
+  process crash; after a power loss it may lag behind the last appends (the reservation and the
+  newest segment do not), and entries found past it are kept. `confirm` fsyncs it first.
 - Recovery cuts only a torn tail: bytes at the end of the last segment, after the watermark,
   shorter than an entry and than that append left the segment: the append a crash cut before it
   returned (its sequence number is used again). Anything else lost past the confirmed sequence
@@ -37,7 +37,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +53,7 @@ from vstore.replication.entries import (
     encode_entry,
     encode_manifest,
 )
+from vstore.replication.pending import PendingIndex
 from vstore.replication.segments import (
     CONFIRMED_FILE,
     MANIFEST_FILE,
@@ -123,10 +123,11 @@ class EntryLog:
         self.block_size = block_size
         self._lock = threading.RLock()
         self._segments: list[_Segment] = []
-        self._pending: deque[_Loc] = deque()
-        self._index: dict[int, dict[int, int]] = {}
-        self._waiting_bytes, self._closed, self._repaired = 0, False, False
+        self._pending: PendingIndex[_Loc] = PendingIndex()
+        self._closed, self._repaired = False, False
         self._manifest_fd: int | None = None
+        self._unsynced: list[_Segment] = []  # segments appended to since the last flush
+        self.syncs = 0  # fdatasyncs of segments (the durability tests and benchmarks count them)
         self._confirmed = read_confirmed(self.spool_dir)
         self._recover(record_damage, known_seq)
         if not defer_repairs:
@@ -154,7 +155,7 @@ class EntryLog:
             raise found.damage
         self._segments = [_Segment(c.path, c.first_seq, c.covered, c.size) for c in found.segments]
         for si, it in found.pending:
-            self._add_pending(_Loc(it.seq, it.offset, it.length, it.volume_id, it.lba, it.block_count,
+            self._pending.add(_Loc(it.seq, it.offset, it.length, it.volume_id, it.lba, it.block_count,
                                    it.timestamp_ns, segment=self._segments[si]))
         self._cuts = [(self._segments[si], offset) for si, offset in found.cuts]
         if found.torn is not None:
@@ -207,28 +208,6 @@ class EntryLog:
             if new:
                 fsync_dir(self.spool_dir)
 
-    # -- in-memory index ----------------------------------------------------------------------
-    def _add_pending(self, loc: _Loc) -> None:
-        self._pending.append(loc)
-        self._waiting_bytes += loc.length
-        index = self._index.setdefault(loc.volume_id, {})
-        for lba in range(loc.lba, loc.lba + loc.block_count):
-            index[lba] = index.get(lba, 0) + 1
-
-    def _pop_pending(self) -> _Loc:
-        loc = self._pending.popleft()
-        self._waiting_bytes -= loc.length
-        index = self._index[loc.volume_id]
-        for lba in range(loc.lba, loc.lba + loc.block_count):
-            left = index[lba] - 1
-            if left:
-                index[lba] = left
-            else:
-                del index[lba]
-        if not index:
-            del self._index[loc.volume_id]
-        return loc
-
     # -- appending ----------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
@@ -249,12 +228,12 @@ class EntryLog:
         return entries
 
     def append(self, volume_id: int, lba: int, payload: bytes, *, timestamp_ns: int | None = None) -> Entry:
-        """Append one entry (durable before return when the log is durable)."""
+        """Append one entry (durable at the next `flush`)."""
         return self.append_many([(volume_id, lba, payload)], timestamp_ns=timestamp_ns)[0]
 
     def append_many(self, items: Sequence[tuple[int, int, bytes]], *,
                     timestamp_ns: int | None = None) -> list[Entry]:
-        """Group commit: append all items with one fsync per touched segment; all or nothing.
+        """Append all items, all or nothing (durable at the next `flush`).
         Refused with the `SpoolDamage` while damage is recorded and not yet confirmed past."""
         with self._lock:
             self._check_open()
@@ -264,9 +243,9 @@ class EntryLog:
             entries = self._make_entries(items, timestamp_ns)
             encoded = [encode_entry(e) for e in entries]
             need = sum(len(b) for b in encoded)
-            if self._waiting_bytes + need > self.capacity_bytes:
+            if self._pending.waiting_bytes + need > self.capacity_bytes:
                 raise EntryLogFull(
-                    f"entry log {self.spool_dir} is full ({self._waiting_bytes} of {self.capacity_bytes} "
+                    f"entry log {self.spool_dir} is full ({self._pending.waiting_bytes} of {self.capacity_bytes} "
                     f"bytes waiting, {need} more needed); suspend the async pair and record positions"
                 )
             if not entries:
@@ -277,7 +256,7 @@ class EntryLog:
             return entries
 
     def _write_entries(self, entries: list[Entry], encoded: list[bytes]) -> None:
-        """Manifest slot, then the entries, then sync; on an OS error undo what was written and re-raise."""
+        """Manifest slot, then the entries; on an OS error undo what was written and re-raise."""
         touched: list[_Touch] = []
         new_locs: list[_Loc] = []
         try:
@@ -298,15 +277,17 @@ class EntryLog:
                                      entry.block_count, entry.timestamp_ns, segment=seg))
                 seg.size += len(data)
                 seg.last_seq = entry.seq
-            self._sync(touched)
         except BaseException:
             self._undo(touched)
             raise
         for t in touched:
             if t.segment is not self._segments[-1]:
+                self._sync_segment(t.segment)  # a full segment is made durable as it is left
                 _close_fd(t.segment)
+            elif not any(u is t.segment for u in self._unsynced):
+                self._unsynced.append(t.segment)
         for loc in new_locs:
-            self._add_pending(loc)
+            self._pending.add(loc)
 
     def _plan(self, entries: list[Entry], encoded: list[bytes],
               touched: list[_Touch]) -> list[tuple[_Segment, Entry, bytes]]:
@@ -330,11 +311,17 @@ class EntryLog:
             size += len(data)
         return plan
 
-    def _sync(self, touched: list[_Touch]) -> None:
-        if not self.durable:
-            return
-        for t in touched:
-            os.fsync(t.segment.fd)  # type: ignore[arg-type]
+    def _sync_segment(self, seg: _Segment) -> None:
+        if self.durable and seg.fd is not None:
+            os.fdatasync(seg.fd)
+            self.syncs += 1
+        self._unsynced = [u for u in self._unsynced if u is not seg]
+
+    def flush(self) -> None:
+        """Make every entry appended so far durable (nothing to do when none was since the last flush)."""
+        with self._lock:
+            for seg in list(self._unsynced):
+                self._sync_segment(seg)
 
     def _undo(self, touched: list[_Touch]) -> None:
         for t in reversed(touched):
@@ -402,7 +389,7 @@ class EntryLog:
             save_json_atomic(self.spool_dir / CONFIRMED_FILE, {"confirmed_seq": seq}, durable=self.durable)
             self._confirmed = seq
             while self._pending and self._pending[0].seq <= seq:
-                self._pop_pending()
+                self._pending.pop_oldest()
             damage = self.damage
             if damage is not None and seq >= damage.first_seq:
                 self.damage = None if seq >= damage.last_seq else SpoolDamage(
@@ -439,30 +426,23 @@ class EntryLog:
     def has_unshipped(self, volume_id: int, ranges: Iterable[tuple[int, int]]) -> bool:
         """True when an unconfirmed entry of this volume touches any (first_lba, count) range."""
         with self._lock:
-            index = self._index.get(volume_id)
-            if not index:
-                return False
-            for first, count in ranges:
-                if count > len(index):
-                    if any(first <= lba < first + count for lba in index):
-                        return True
-                elif any(lba in index for lba in range(first, first + count)):
-                    return True
-            return False
+            return self._pending.has_unshipped(volume_id, ranges)
 
     def unshipped_blocks(self, volume_id: int) -> set[int]:
         with self._lock:
-            return set(self._index.get(volume_id, ()))
+            return self._pending.unshipped_blocks(volume_id)
 
     def stats(self) -> LogStats:
         with self._lock:
             if not self._pending:
                 return LogStats(0, 0, None, None, None)
-            return LogStats(len(self._pending), self._waiting_bytes, self._pending[0].timestamp_ns,
+            return LogStats(len(self._pending), self._pending.waiting_bytes, self._pending[0].timestamp_ns,
                             self._pending[0].seq, self._pending[-1].seq)
 
     def close(self) -> None:
         with self._lock:
+            if not self._closed:
+                self.flush()
             for seg in self._segments:
                 _close_fd(seg)
             if self._manifest_fd is not None:

@@ -13,9 +13,15 @@ Keeps true:
     secondary stay identical (the mirror program undoes its other members, Fig 9); or
   - record mode: the write is applied locally and its position recorded in the pair's bitmap, for
     a later Duplex-Pending differential copy [0039], [0041].
+- **Flush** (DESIGN "Block device": the two promises of a disk with a volatile cache): a host
+  write is acknowledged once it is in place at the secondary and here; `flush_volume` makes every
+  write completed before it durable at the secondary (first) and here. A secondary acknowledges
+  writes from its cache, so the extents written since its last completed flush are remembered
+  (`unflushed`) and recorded in the pair's bitmap when it fails: a power cut there may have lost
+  them, and the resync copies them again.
 - **Async copy program** (`AsyncCopyProgram`, [0043]-[0047]): every write to an async source in
-  Duplex becomes one entry in the consistency group's entry log, durable before the write is
-  acknowledged. A full log never drops a write and never blocks: the group goes Suspending ->
+  Duplex becomes one entry in the consistency group's entry log before the write is acknowledged
+  (durable at the log's next flush). A full log never drops a write and never blocks: the group goes Suspending ->
   Suspend, recording the positions of the entries it could not ship and of every later write
   (invariant 6). The same program serves the storage (embodiment 1, volume B) and the host-side
   provider (embodiment 4, volume A).
@@ -32,6 +38,7 @@ from vstore.blocks.device import BlockDevice
 from vstore.blocks.digests import run_digests
 from vstore.blocks.errors import ReadOnlyError, TricopyError
 from vstore.blocks.ranges import COPY_CHUNK, copy_ranges
+from vstore.blocks.together import run_together
 from vstore.replication.entries import Entry
 from vstore.replication.network import LinkDown, Network, SiteDown, VolumeFailed
 from vstore.replication.pairs import Pair, PairKind, PairRegistry, PairState, split_ref
@@ -74,6 +81,8 @@ class SiteStorage(Protocol):
 
     def apply_copy(self, volume: str, lba: int, data: bytes) -> None: ...
 
+    def apply_zeroes(self, volume: str, lba: int, count: int) -> None: ...
+
     def flush_volume(self, volume: str) -> None: ...
 
     def copy_to(self, volume: str, dst_site: str, dst_volume: str, ranges: Iterable[tuple[int, int]],
@@ -89,7 +98,8 @@ class StorageSystem:
     """One site's storage: its volumes and its sync copy program."""
 
     def __init__(self, site: str, volumes: dict[str, Volume], registry: PairRegistry, network: Network,
-                 peers: Callable[[str], SiteStorage], *, fence_reject: bool) -> None:
+                 peers: Callable[[str], SiteStorage], *, fence_reject: bool,
+                 unflushed: dict[str, set[int]] | None = None) -> None:
         self.site = site
         self.volumes = volumes
         self.registry = registry
@@ -98,6 +108,8 @@ class StorageSystem:
         self.fence_reject = fence_reject
         self.async_program: AsyncCopyProgram | None = None  # embodiment 1: the storage makes the entries
         self.host_writes = 0  # acknowledged host writes since the system was opened
+        # sync source -> extents written since its secondary's last flush (may outlive this object)
+        self.unflushed: dict[str, set[int]] = {} if unflushed is None else unflushed
 
     # -- volumes -------------------------------------------------------------------------------
     def volume(self, name: str) -> Volume:
@@ -120,13 +132,13 @@ class StorageSystem:
         """One digest per run of `per` blocks of lba..lba+count-1 (`vstore.blocks.digests`)."""
         device = self._device(volume)
         device.check_range(lba, count)
-        return run_digests(device.read, lba, count, per)
+        return run_digests(device.read, lba, count, per, holes=device.data_ranges, block_size=device.block_size)
 
     def host_write(self, volume: str, lba: int, data: bytes) -> None:
         """A host write: access control, then the sync program, then the local write."""
         vol = self.volume(volume)
         device = self._device(volume)
-        device.check_range(lba, device.check_payload(data))
+        device.check_write(lba, data)
         into = self.registry.into(vol.ref)
         if into is not None and into.state != PairState.SIMPLEX:
             raise ReadOnlyError(
@@ -138,7 +150,7 @@ class StorageSystem:
             self._sync_write(sync_pair, lba, data)
         if self.async_program is not None:
             self.async_program.record(volume, lba, data)
-        device.write(lba, data)
+        device._write(lba, data)  # checked above: once per layer
         self.host_writes += 1
 
     # -- sync copy program ---------------------------------------------------------------------
@@ -159,9 +171,11 @@ class StorageSystem:
                 f"({fenced.reason}) and protection fences the primary volumes"
             )
         count = len(data) // self.volume(split_ref(pair.source)[1]).device.block_size
-        if pair.state in (PairState.DUPLEX, PairState.INITIAL_COPYING, PairState.DUPLEX_PENDING):
+        if pair.state in COPYING:
             try:
                 self.forward(pair, lba, data)
+                self.unflushed.setdefault(split_ref(pair.source)[1], set()).update(range(lba // EXTENT_BLOCKS,
+                                                                      (lba + count - 1) // EXTENT_BLOCKS + 1))
                 return
             except (LinkDown, SiteDown, VolumeFailed) as exc:
                 self.failure_suspend(pair, str(exc))
@@ -181,16 +195,24 @@ class StorageSystem:
         self.peers(site).apply_copy(volume, lba, data)
 
     def apply_copy(self, volume: str, lba: int, data: bytes) -> None:
-        """Receive side of a copy program: writes the secondary, bypassing host access control.
-        Durable before it returns when the volume is durable (invariant 1)."""
-        device = self._device(volume)
-        device.write(lba, data)
-        device.flush()
+        """Receive side of a copy program: writes the secondary, bypassing host access control. The
+        write is in place when this returns (invariant 1); durable at the next `flush_volume`."""
+        self._device(volume).write(lba, data)
+
+    def apply_zeroes(self, volume: str, lba: int, count: int) -> None:
+        """Receive side of a copy of zeros (a hole of the source): a hole here too."""
+        self._device(volume).write_zeroes(lba, count)
 
     def failure_suspend(self, pair: Pair, reason: str) -> None:
-        """Failure Suspend [0038]-[0039]: the pair stops copying and records positions from now on."""
+        """Failure Suspend [0038]-[0039]: the pair stops copying and records positions from now on.
+        The extents written since the secondary's last completed flush are recorded too: the
+        secondary acknowledged them from its cache and may have lost them (a power cut there)."""
         if pair.state == PairState.SUSPEND:
             return
+        if pair.kind == PairKind.SYNC:
+            for extent in self.unflushed.pop(split_ref(pair.source)[1], set()):
+                first = extent * EXTENT_BLOCKS
+                pair.bitmap.mark(first, min(EXTENT_BLOCKS, pair.num_blocks - first))
         if pair.kind == PairKind.ASYNC and pair.state == PairState.DUPLEX:
             pair.transition(PairState.SUSPENDING, reason, failure=True)
         fence = " writes fenced" if self.fence_reject and pair.kind == PairKind.SYNC else " positions recorded"
@@ -207,7 +229,8 @@ class StorageSystem:
         self.network.check_volume(dst_site, dst_volume)
         dst = self.peers(dst_site)
         copied = copy_ranges(src.read, lambda lba, data: dst.apply_copy(dst_volume, lba, data), ranges,
-                             chunk=chunk, progress=progress, target_is_zero=target_is_zero)
+                             chunk=chunk, progress=progress, target_is_zero=target_is_zero,
+                             zero=lambda lba, n: dst.apply_zeroes(dst_volume, lba, n), data=src.data_ranges)
         dst.flush_volume(dst_volume)
         return copied
 
@@ -228,7 +251,52 @@ class StorageSystem:
                     out.write(data)
 
     def flush_volume(self, volume: str) -> None:
-        self._device(volume).flush()
+        """Make every completed write to `volume` durable here and, while its sync pair copies, at
+        its secondary too (the secondary first: a flush returns only when both copies hold it)."""
+        device = self._device(volume)
+        pair = self.registry.from_source(self.volume(volume).ref, PairKind.SYNC)
+        failed: list[Exception] = []
+
+        def secondary() -> None:
+            try:
+                self.forward_flush(pair)  # type: ignore[arg-type]
+                self.unflushed.pop(volume, None)
+            except (LinkDown, SiteDown, VolumeFailed) as exc:
+                self.failure_suspend(pair, str(exc))  # type: ignore[arg-type]
+                failed.append(exc)
+
+        if pair is not None and pair.state in COPYING:
+            run_together(device.flush, secondary)  # both syncs at once
+        else:
+            device.flush()
+        if failed and self.fence_reject:
+            raise WriteInhibited(f"flush of {pair.source} failed at its secondary: {failed[0]}; pair {pair.name} is "
+                                 "now in failure Suspend and protection fences the primary volumes")
+
+    def flush_secondaries(self) -> None:
+        """Flush the secondary of every sync source with unflushed writes, where it answers (a clean
+        stop: what C acknowledged is then durable there). One that does not answer keeps its
+        extents remembered; no pair changes state."""
+        for volume in list(self.unflushed):
+            pair = self.registry.from_source(self.volume(volume).ref, PairKind.SYNC)
+            if pair is None or pair.state not in COPYING:
+                continue
+            try:
+                self.forward_flush(pair)
+            except (LinkDown, SiteDown, VolumeFailed) as exc:
+                log.warning("%s: its secondary did not flush at the stop: %s", pair.name, exc)
+                continue
+            self.unflushed.pop(volume, None)
+
+    def forward_flush(self, pair: Pair) -> None:
+        site, volume = split_ref(pair.target)
+        self.network.check(self.site, site)
+        self.network.check_volume(site, volume)
+        self.peers(site).flush_volume(volume)
+
+
+EXTENT_BLOCKS = 256  # the unit in which writes not yet flushed at a secondary are remembered
+COPYING = frozenset({PairState.DUPLEX, PairState.INITIAL_COPYING, PairState.DUPLEX_PENDING})
 
 
 class AsyncCopyProgram:
