@@ -12,7 +12,8 @@ from tools.bench import network
 
 @pytest.mark.timeout(60)
 def test_quick_run_prints_the_three_parts(capsys):
-    """`--quick` runs all three parts of the network benchmark and prints a number for every row and goal."""
+    """`--quick` runs all three parts of the network benchmark and prints a number for every row and
+    goal: shipping beside the minimal sender with the same MAC, and the lag at full write rate."""
     network.main(["--quick"])
     out = capsys.readouterr().out
     for part in ("(a) loopback throughput", "(b) async shipping", "(c) 4 KiB sync write latency"):
@@ -20,7 +21,10 @@ def test_quick_run_prints_the_three_parts(capsys):
     number = r"(\d+(?:\.\d+)?)"
     assert re.search(rf"raw TCP, 1 MiB sendall\s+{number} MB/s", out), out
     assert re.search(rf"shipping throughput \(from ready\)\s+{number} MB/s\s+{number}x raw", out), out
-    assert re.search(r"goal \(b\) >= 0.6x \(a\) raw TCP: (met|NOT met)", out), out
+    assert re.search(rf"minimal sender/receiver, same MAC and bytes\s+{number} MB/s", out), out
+    assert re.search(r"goal \(b\) >= 0.7x the minimal sender: (met|NOT met)", out), out
+    assert re.search(r"goal \(b\) >= 0.3x \(a\) raw TCP: (met|NOT met)", out), out
+    assert re.search(r"lag at full write rate: \d+ writes .* max \d+", out), out
     for row in ("proxy RTT: raw TCP", "proxy RTT: RPC ping to sync", "app -> primary daemon hop",
                 "local 4 KiB write", "sync write: app.write"):
         assert re.search(rf"{re.escape(row)}.*?\s{number}\s+{number}$", out, re.MULTILINE), row

@@ -28,12 +28,16 @@ from tests.helpers import (
     send_quietly,
 )
 from vstore.blocks.errors import FormatError, TricopyError
+from vstore.net import wire
 from vstore.net.client import AsyncClient, Client
 from vstore.net.keys import create_key, load_key
 from vstore.net.server import bound_port, serve
 from vstore.net.tls import make_ssl_contexts
 from vstore.net.wire import (
+    _FRAME,
     _HEADER,
+    _REQUEST,
+    _RESPONSE,
     FRAME_MAGIC,
     FRAME_VERSION,
     HEADER_SIZE,
@@ -49,6 +53,9 @@ from vstore.net.wire import (
     decode_request,
     decode_response,
     encode_request,
+    encode_response,
+    parse_header,
+    request_parts,
     server_accept,
     session_key,
 )
@@ -132,31 +139,27 @@ def test_round_trip_json_and_binary(server):
         assert c.call("echo") == ({"method": "echo", "args": {}}, b"")
 
 
-def test_async_client_pipelines_with_window(server):
-    """Pipelined calls through a window return every answer in request order."""
-    async def main() -> None:
-        client = await AsyncClient.connect(HOST, server.port, KEY, window=4)
-        async with client:
-            calls = [("echo", {"i": i}, bytes([i]) * 65536) for i in range(40)]
-            results = await client.call_many(calls)
-            assert [r[0]["args"]["i"] for r in results] == list(range(40))
-            assert all(r[1] == bytes([i]) * 65536 for i, r in enumerate(results))
-            assert await client.call("echo", {"x": 1}) == ({"method": "echo", "args": {"x": 1}}, b"")
-
-    asyncio.run(main())
+def test_client_pipelines_with_window(server):
+    """Pipelined calls through a window return every answer in request order, data given as one
+    buffer or as a list of pieces; the connection serves plain calls afterwards."""
+    with Client(HOST, server.port, KEY) as client:
+        calls = [("echo", {"i": i}, bytes([i]) * 65536 if i % 2 else [bytes([i]) * 100, bytes([i]) * 65436])
+                 for i in range(40)]
+        results = client.call_many(calls, window=4)
+        assert [r[0]["args"]["i"] for r in results] == list(range(40))
+        assert all(r[1] == bytes([i]) * 65536 for i, r in enumerate(results))
+        assert client.call("echo", {"x": 1}) == ({"method": "echo", "args": {"x": 1}}, b"")
 
 
 def test_call_many_stops_at_first_failure(server):
     """call_many raises the first failure and sends at most a window's worth of calls after it."""
-    async def main() -> None:
-        async with await AsyncClient.connect(HOST, server.port, KEY, window=2) as client:
-            calls = [("echo", {}, b"")] * 3 + [("fail", {"msg": "stop here"}, b"")] + [("echo", {}, b"")] * 20
-            with pytest.raises(RemoteError, match="stop here"):
-                await client.call_many(calls)
-            assert server.calls <= 4 + 2  # at most a window's worth sent after the failing call
-            assert (await client.call_many([]) == [])
-
-    asyncio.run(main())
+    with Client(HOST, server.port, KEY) as client:
+        calls = [("echo", {}, b"")] * 3 + [("fail", {"msg": "stop here"}, b"")] + [("echo", {}, b"")] * 20
+        with pytest.raises(RemoteError, match="stop here"):
+            client.call_many(calls, window=2)
+        assert server.calls <= 4 + 2  # at most a window's worth sent after the failing call
+        assert client.call_many([]) == []
+        assert client.call("echo") == ({"method": "echo", "args": {}}, b"")
 
 
 def test_handler_tricopy_error_becomes_remote_error(server):
@@ -418,15 +421,17 @@ def test_huge_length_rejected_from_header_alone(server, caplog, after_handshake)
     assert_still_serving(server)
 
 
-def test_wrong_frame_version_is_rejected(server, caplog):
-    """A frame of an unsupported format version is refused, and the log names the version."""
+@pytest.mark.parametrize("version", [FRAME_VERSION - 1, FRAME_VERSION + 1])
+def test_wrong_frame_version_is_rejected(server, caplog, version):
+    """A frame of an unsupported format version (an older or newer tricopy) is refused, and the
+    log names both versions."""
     sock = raw_connect(server.port)
     nonce, hello = client_hello(KEY)
     bad = bytearray(hello)
-    bad[len(FRAME_MAGIC)] = FRAME_VERSION + 1
+    bad[len(FRAME_MAGIC)] = version
     send_quietly(sock, bytes(bad))
     assert_closed_by_server(sock)
-    assert "format version 2 is not supported" in warnings_text(caplog)
+    assert f"format version {version} is not supported (this tricopy reads {FRAME_VERSION})" in warnings_text(caplog)
     assert_still_serving(server)
 
 
@@ -604,3 +609,95 @@ def test_posted_requests_a_restarted_site_never_answered_are_sent_again():
     finally:
         second.stop()
         client.close()
+
+
+# --------------------------------------------------------------------------------------------
+# The hand-packed codecs agree with the declarations
+# --------------------------------------------------------------------------------------------
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 255), st.integers(0, 255), st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1),
+       st.integers(0, 2**32 - 1))
+def test_packed_frame_header_agrees_with_the_declaration(ftype, flags, rid, seq, length):
+    """The struct header of the hot path is `_HEADER` byte for byte, both ways."""
+    fields = {"version": FRAME_VERSION, "type": ftype, "flags": flags, "request_id": rid, "seq": seq,
+              "length": length}
+    declared = _HEADER.build(fields)
+    assert wire._HEADER_FAST.pack(FRAME_MAGIC, *fields.values()) == declared
+    if flags == 0:
+        assert wire._pack_header(ftype, rid, seq, length) == declared
+    parsed = parse_header(declared, 2**32)
+    assert parsed._asdict() == {k: v for k, v in _HEADER.parse(declared).items() if k in fields}
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=60).filter(lambda m: len(m.encode()) < 256),
+       st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=4),
+       st.binary(max_size=300), st.integers(0, 2))
+def test_packed_rpc_payloads_agree_with_the_declarations(method, args, data, status):
+    """Requests and responses packed by hand are what `_REQUEST`/`_RESPONSE` build, and decode to
+    what those declarations parse, data included."""
+    raw = encode_request(method, args, data)
+    declared = _REQUEST.parse(raw)
+    assert _REQUEST.build(declared) == raw
+    got_method, got_args, got_data = decode_request(raw)
+    assert (got_method.encode(), got_args, bytes(got_data)) == (declared.method, args, declared.data)
+    response = encode_response(status, args, data)
+    parsed = _RESPONSE.parse(response)
+    assert (parsed.status, parsed.data) == (status, data)
+    assert _RESPONSE.build(parsed) == response
+    if status == 0:
+        assert decode_response(response) == (args, data)
+
+
+def test_sealed_frame_parses_through_the_frame_declaration():
+    """A frame sealed from pieces is one `_FRAME`: header, payload, then the 16-byte MAC."""
+    client = Session(KEY, OTHER_KEY, T_REQUEST, T_RESPONSE, 1 << 24)
+    data = os.urandom(300_000)
+    raw = b"".join(client.seal_parts(5, request_parts("journal.receive", {"first_seq": 1}, data)))
+    parsed = _FRAME.parse(raw)
+    assert (parsed.header.type, parsed.header.request_id, parsed.header.seq) == (T_REQUEST, 5, 1)
+    assert len(parsed.mac) == wire.MAC_SIZE
+    server = Session(OTHER_KEY, KEY, T_RESPONSE, T_REQUEST, 1 << 24)
+    frame = server.open(raw)
+    assert decode_request(frame.payload) == ("journal.receive", {"first_seq": 1}, data)
+
+
+def test_streamed_and_joined_macs_agree():
+    """The MAC of a frame sealed from many pieces (the streaming MAC) is the one-shot MAC of the
+    same bytes, so a receiver verifying the whole frame accepts it."""
+    pieces = [os.urandom(n) for n in (23, 7, 1 << 20, 5)]
+    key = wire._FrameKey(KEY, T_REQUEST)
+    assert key.tag(9, pieces) == key.tag(9, [b"".join(pieces)])
+    with pytest.raises(wire.AuthError):
+        key.verify(10, b"".join(pieces) + key.tag(9, pieces))  # another sequence number: another nonce
+
+
+class _SpySocket:
+    """A socket that records what each send call is given."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock, self.sent = sock, []
+
+    def sendmsg(self, buffers, *rest):
+        self.sent.append(("sendmsg", list(buffers)))
+        return self.sock.sendmsg(buffers, *rest)
+
+    def sendall(self, data, *rest):
+        self.sent.append(("sendall", [data]))
+        return self.sock.sendall(data, *rest)
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_request_data_is_sent_without_being_joined(server):
+    """A call's data goes to the kernel as the caller's own buffer (sendmsg of header, data, MAC),
+    never copied into a joined frame first."""
+    data = bytearray(os.urandom(2 << 20))
+    with Client(HOST, server.port, KEY) as c:
+        spy = _SpySocket(c._sock)
+        c._sock = spy  # type: ignore[assignment]
+        assert c.call("echo", {}, data) == ({"method": "echo", "args": {}}, bytes(data))
+    calls = [bufs for kind, bufs in spy.sent]
+    assert all(kind == "sendmsg" for kind, _ in spy.sent)
+    assert any(isinstance(b, memoryview) and b.obj is data for bufs in calls for b in bufs)

@@ -122,7 +122,20 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=5000, help="writes of the no-flush comparison")
     ap.add_argument("--durable-writes", type=int, default=800, help="writes of each durable comparison")
     ap.add_argument("--size-mib", type=int, default=64)
+    ap.add_argument("--only-durable", choices=["provider", "mirror", "raw"],
+                    help="run only this path's durable comparison, flush every 16 (to count its syncs with strace)")
     args = ap.parse_args()
+    if args.only_durable:
+        make = {"raw": raw, "provider": lambda t, s: lab_path(t, s, "provider"),
+                "mirror": lambda t, s: lab_path(t, s, "mirror")}[args.only_durable]
+        lbas, payloads = workload(args.durable_writes, args.size_mib << 20, seed=7)
+        with tempfile.TemporaryDirectory() as tmp:
+            write, flush, close = make(Path(tmp), args.size_mib << 20)
+            wall, _, syncs = run(write, flush, 16, lbas, payloads)
+            close()
+        print(f"{args.only_durable}: {args.durable_writes} writes, {args.durable_writes // 16} flushes, "
+              f"{syncs} syncs counted in process")
+        return
     size = args.size_mib << 20
     makers = {"raw os.pwrite": raw, "floor (2 pwrite + entry)": floor,
               "provider path": lambda t, s: lab_path(t, s, "provider"),

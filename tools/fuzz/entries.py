@@ -7,7 +7,7 @@ batch that decodes to the same range and entries (and to the same bytes when its
 or 1), and a batch's sequence numbers obey the plain/coalesced rule.
 
 Input: one flags byte, then the bytes to decode. Flag bit 0 recomputes every CRC (of each entry
-found by walking the headers, then of the batch) before decoding, so the mutations reach the checks
+found by walking the headers, then the batch's `batch_checksum`) before decoding, so the mutations reach the checks
 behind the checksums.
 """
 
@@ -21,6 +21,7 @@ from vstore.replication.entries import (
     ENTRY_MAGIC,
     Batch,
     Entry,
+    batch_checksum,
     decode_batch,
     decode_entry,
     encode_batch,
@@ -52,7 +53,7 @@ def seal_batch(buf: bytearray) -> None:
     end = BATCH_ENTRIES_AT + int.from_bytes(buf[BATCH_HEADER:BATCH_ENTRIES_AT], "big")
     if end + 4 <= len(buf):
         seal_entries(buf, BATCH_ENTRIES_AT, end)
-        harness.seal_crc(buf, 0, end, crc32, "big")
+        harness.seal_crc(buf, 0, end, batch_checksum, "big")
 
 
 def _entries(raw: bytes) -> str:

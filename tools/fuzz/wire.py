@@ -19,7 +19,6 @@ what lies behind the authentication.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 
 from tools.fuzz import harness
@@ -28,6 +27,7 @@ from vstore.net.wire import (
     HEADER_SIZE,
     MAC_SIZE,
     NONCE_SIZE,
+    T_HELLO,
     T_REQUEST,
     T_RESPONSE,
     Session,
@@ -57,11 +57,13 @@ def client_session() -> Session:
     return Session(C2S, S2C, T_REQUEST, T_RESPONSE, MAX_PAYLOAD)
 
 
-def seal(buf: bytearray, key: bytes, start: int = 0, end: int | None = None) -> None:
-    """Put the right MAC under `key` into the last MAC_SIZE bytes of buf[start:end]."""
+def seal(buf: bytearray, key: bytes, start: int = 0, end: int | None = None, ftype: int = T_REQUEST) -> None:
+    """Put the right MAC under `key` (the MAC of frames of type `ftype`, for the sequence number
+    the header says) into the last MAC_SIZE bytes of buf[start:end]."""
     end = len(buf) if end is None else end
     if end - start >= HEADER_SIZE + MAC_SIZE and end <= len(buf):
-        buf[end - MAC_SIZE:end] = hmac.digest(key, bytes(buf[start:end - MAC_SIZE]), "sha256")
+        seq = int.from_bytes(buf[start + 11:start + 19], "big")
+        buf[end - MAC_SIZE:end] = wire._FrameKey(key, ftype).tag(seq, [bytes(buf[start:end - MAC_SIZE])])
 
 
 def _same_json(a: dict, b: dict) -> bool:
@@ -179,7 +181,7 @@ def outcome(data: bytes) -> str:
     else:
         key = {0: C2S, 1: S2C, 2: wire._hello_key(LAB_KEY)}.get(mode, b"")
     if sealed and key:
-        seal(buf, key)
+        seal(buf, key, ftype=T_HELLO if mode == 2 else T_REQUEST)
     raw = bytes(buf)
     if mode == 0:
         return _open(server_session(), raw, C2S)
@@ -204,7 +206,8 @@ def seeds() -> list[bytes]:
     req_frames = [client.seal(1, request), client.seal(2, encode_request("ping", {}, b""))]
     resp_frame = server.seal(1, response)
     _, hello = wire.client_hello(LAB_KEY)
-    welcome = build_frame(S2C, wire.T_WELCOME, 0, 0, wire._WELCOME.build({"nonce": SERVER_NONCE, "protocol": 1}))
+    welcome_payload = wire._WELCOME.build({"nonce": SERVER_NONCE, "protocol": wire.PROTOCOL_VERSION})
+    welcome = build_frame(S2C, wire.T_WELCOME, 0, 0, welcome_payload)
     bodies = [(0, req_frames[0]), (1, resp_frame), (1, server_session().seal(1, error)), (2, hello),
               (3, welcome), (4, b"".join(req_frames)), (12, b"".join(req_frames)), (5, request), (5, response)]
     return [bytes([mode | sealed]) + body for mode, body in bodies for sealed in (0, 0x80)]

@@ -34,7 +34,7 @@ import errno
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from vstore.blocks.codec import create_file
@@ -100,6 +100,24 @@ class BlockDevice(ABC):
     def has_unshipped(self, ranges: BlockRanges) -> bool:
         """True when a write to any of these blocks still waits to reach the Async site."""
         return False
+
+    def writev(self, lba: int, buffers: Sequence[bytes | memoryview]) -> None:
+        """Write consecutive whole-block buffers from `lba` (checked once; an image writes them with
+        one `pwritev`, without joining them)."""
+        total = sum(len(b) for b in buffers)
+        if total == 0 or total % self.block_size or any(len(b) % self.block_size for b in buffers):
+            raise BlockDeviceError(f"{self.name}: a write must be whole {self.block_size}-byte blocks, "
+                                   f"got buffers of {[len(b) for b in buffers]} bytes")
+        self.check_range(lba, total // self.block_size)
+        if self.readonly:
+            raise ReadOnlyError(f"{self.name} is read-only: writes are rejected")
+        self._writev(lba, buffers)
+
+    def _writev(self, lba: int, buffers: Sequence[bytes | memoryview]) -> None:
+        at = lba
+        for b in buffers:
+            self._write(at, bytes(b))
+            at += len(b) // self.block_size
 
     def write_zeroes(self, lba: int, count: int) -> None:
         """Make `count` blocks from `lba` read as zeros (an image punches a hole instead of writing them)."""
@@ -230,6 +248,19 @@ class ImageDevice(BlockDevice):
             n = os.pwrite(fd, view, off)
             view = view[n:]
             off += n
+        self._syncs.written()
+
+    def _writev(self, lba: int, buffers: Sequence[bytes | memoryview]) -> None:
+        fd, off = self._fdn(), lba * self.block_size
+        views = [memoryview(b) for b in buffers]
+        while views:
+            n = os.pwritev(fd, views, off)
+            off += n
+            while views and n >= len(views[0]):  # a short write: continue after what went out
+                n -= len(views[0])
+                views.pop(0)
+            if views and n:
+                views[0] = views[0][n:]
         self._syncs.written()
 
     def _write_zeroes(self, lba: int, count: int) -> None:

@@ -8,7 +8,14 @@ Keeps true:
   the spool; the daemon trims it on `spool.confirm`.
 - A batch is confirmed to the daemon only after the Async site answered that it stored, applied
   and recorded it (`journal.receive`). Batches go out with a bounded window in flight on one
-  connection, which the Async site serves in order.
+  connection, which the Async site serves in order; each is sent as the spool's own bytes (views
+  of one read, `socket.sendmsg` of header, entries and MAC: nothing joined). Confirmations are
+  batched: one `spool.confirm` per round (up to `ROUND_BYTES` of entries), whose answer also
+  says what is acknowledged next, so a busy round costs the daemon one request.
+- The connection to the Async site is kept from round to round and session to session; the
+  shipper plans again (`spool.plan`) only when the daemon's answer says the plan changed (pair
+  states, faults, the targets), and reconnects only when the plan's address did or the
+  connection broke.
 - After any disconnect or restart of either side it starts a new session from the Async site's
   applied sequence (`journal.applied`, after finishing a batch stored before a crash): no gap, no
   entry applied twice (the receive journal refuses both, so a stale sender cannot corrupt D).
@@ -36,7 +43,7 @@ from vstore.daemons.processes import SHIPPER, running_pid
 from vstore.lab.sitedir import SPOOL_DIR
 from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.lab.watch import watching
-from vstore.net.client import AsyncClient
+from vstore.net.client import AsyncClient, Client
 from vstore.net.keys import load_key
 from vstore.net.rpc import (
     JOURNAL_APPLIED,
@@ -49,14 +56,16 @@ from vstore.net.rpc import (
 )
 from vstore.net.tls import client_context
 from vstore.net.wire import ConnectionFailed, RemoteError
-from vstore.replication.entries import Entry, encode_batch_raw
+from vstore.replication.entries import Entry, batch_parts
 from vstore.replication.segments import SpoolReader
 from vstore.replication.shipping import coalesce
 
 log = logging.getLogger("vstore.shipper")
 
 WINDOW = 8  # batches in flight
-PLAN_EVERY_S = 5.0
+READ_STEP = 4 << 20  # what one spool read returns at most (about): a batch of 64 KiB entries
+ROUND_BYTES = 64 << 20  # shipped between two confirmations at most (about)
+GATHER_S = 0.002  # after a wake-up, let the writes of the next moments join the same round
 
 
 class RateMeter:
@@ -97,6 +106,8 @@ class ShipperDaemon:
         self.meter = RateMeter()
         self.wake = asyncio.Event()
         self.stopping = False
+        self.remote: Client | None = None
+        self.remote_address: tuple | None = None
 
     # -- one session: connected to the daemon and to the Async site -----------------------------
     async def session(self, daemon: AsyncClient) -> None:
@@ -108,65 +119,102 @@ class ShipperDaemon:
         if not plan["duplex"] or plan["blocked"]:
             await self.delegate(daemon, plan)
             return
-        host, port = plan["address"]
-        remote = await AsyncClient.connect(host, port, self.key, window=WINDOW, timeout=30.0, ssl_context=self.tls)
+        remote = await self.connect_remote(tuple(plan["address"]))
         try:
             await self.stream(daemon, remote, plan)
-        finally:
-            await remote.close()
+        except BaseException:
+            self.drop_remote()
+            raise
+
+    async def connect_remote(self, address: tuple[str, int]) -> Client:
+        """The connection to the Async site, kept while its address stays the same."""
+        if self.remote is not None and self.remote_address != address:
+            self.drop_remote()
+        if self.remote is None:
+            host, port = address
+            self.remote = await asyncio.to_thread(Client, host, port, self.key, self.tls, 30.0)
+            self.remote_address = address
+        return self.remote
+
+    def drop_remote(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+        self.remote, self.remote_address = None, None
 
     async def delegate(self, daemon: AsyncClient, plan: dict) -> None:
         """Suspended async group or a failed link: the daemon runs the in-process shipper (resync
         by Duplex-Pending, or Suspend with positions recorded)."""
+        self.drop_remote()
         answer = (await daemon.call(SHIP, {"in_process": True}, timeout=600.0))[0]
         if answer.get("error"):
             log.warning("shipping to %s waits: %s", plan.get("target_site"), answer["error"])
             await self.sleep(1.0)
 
-    async def stream(self, daemon: AsyncClient, remote: AsyncClient, plan: dict) -> None:
+    async def stream(self, daemon: AsyncClient, remote: Client, plan: dict) -> None:
         targets = plan["targets"]
-        await remote.call(JOURNAL_FINISH, {"targets": targets})
-        applied = int((await remote.call(JOURNAL_APPLIED))[0]["applied_seq"])
+        await asyncio.to_thread(remote.call, JOURNAL_FINISH, {"targets": targets})
+        applied = int((await asyncio.to_thread(remote.call, JOURNAL_APPLIED))[0]["applied_seq"])
         acked = (await daemon.call(SPOOL_ACKED))[0]
         if acked["confirmed"] < applied <= acked["acked"]:
-            await daemon.call(SPOOL_CONFIRM, {"seq": applied, "stats": self.meter.rates()})
+            acked = (await daemon.call(SPOOL_CONFIRM, {"seq": applied, "stats": self.meter.rates()}))[0]
         sent = max(applied, acked["confirmed"])
         log.info("shipping to %s from entry %d (the Async site applied %d)", plan["target_site"], sent + 1, applied)
-        planned_at = time.monotonic()
         while not self.stopping:
-            acked = (await daemon.call(SPOOL_ACKED))[0]
             if not acked.get("active") or not acked["duplex"] or acked["version"] != plan["version"] \
-                    or time.monotonic() - planned_at > PLAN_EVERY_S:
-                return  # pair states or faults changed, or time to re-plan: a new session
+                    or acked.get("plan") != plan.get("plan"):
+                return  # pair states, faults or targets changed: plan again
             if acked["confirmed"] > sent:
                 sent = acked["confirmed"]  # shipped by the daemon itself meanwhile
-            entries = self.reader.read(sent, acked["acked"])
-            if not entries:
+            if sent >= acked["acked"]:
                 await self.sleep(1.0)
+                acked = (await daemon.call(SPOOL_ACKED))[0]
                 continue
-            await self.send(remote, entries, plan)
-            sent = entries[-1][0].seq
-            self.meter.add(len(entries), sum(len(raw) for _, raw in entries))
-            await daemon.call(SPOOL_CONFIRM, {"seq": sent, "stats": self.meter.rates()})
+            last, count, nbytes = await asyncio.to_thread(self.ship_round, remote, sent, acked["acked"], plan)
+            if not count:
+                await self.sleep(1.0)
+                acked = (await daemon.call(SPOOL_ACKED))[0]
+                continue
+            sent = last
+            self.meter.add(count, nbytes)
+            acked = (await daemon.call(SPOOL_CONFIRM, {"seq": sent, "stats": self.meter.rates()}))[0]
 
-    async def send(self, remote: AsyncClient, entries: list[tuple[Entry, bytes]], plan: dict) -> None:
-        """Batches of `batch_entries`, built from the entries' bytes as the spool holds them."""
+    def ship_round(self, remote: Client, after: int, upto: int, plan: dict) -> tuple[int, int, int]:
+        """Ship entries after+1..upto (at most about `ROUND_BYTES`); (last entry, entries, bytes).
+        Each batch is read just before it is sent, so reading overlaps the batches in flight."""
         step = int(plan["batch_entries"])
+        done = [after, 0, 0]
 
-        def calls() -> Iterator[tuple[str, dict, bytes]]:  # built as the window lets them go
-            for start in range(0, len(entries), step):
-                batch = entries[start:start + step]
-                first, last = batch[0][0].seq, batch[-1][0].seq
-                raw = dict((e.seq, data) for e, data in batch)
-                kept = coalesce([e for e, _ in batch]) if plan["coalescing"] else [e for e, _ in batch]
-                data = encode_batch_raw([raw[e.seq] for e in kept], first, last, coalesced=len(kept) != len(batch))
-                yield JOURNAL_RECEIVE, {"first_seq": first, "last_seq": last, "targets": plan["targets"]}, data
+        def calls() -> Iterator[tuple[str, dict, list]]:  # built as the window lets them go
+            while done[0] < upto and done[2] < ROUND_BYTES:
+                entries = self.reader.read(done[0], upto, max_bytes=READ_STEP)
+                if not entries:
+                    return
+                for start in range(0, len(entries), step):
+                    yield self.batch_call(entries[start:start + step], plan)
+                done[0] = entries[-1][0].seq
+                done[1] += len(entries)
+                done[2] += sum(len(raw) for _, raw in entries)
 
-        await remote.call_many(calls())
+        remote.call_many(calls(), WINDOW)
+        return done[0], done[1], done[2]
+
+    @staticmethod
+    def batch_call(batch: list[tuple[Entry, bytes]], plan: dict) -> tuple[str, dict, list]:
+        """One `journal.receive` of the entries' bytes as the spool holds them (views, not copies)."""
+        first, last = batch[0][0].seq, batch[-1][0].seq
+        kept = coalesce([e for e, _ in batch]) if plan["coalescing"] else [e for e, _ in batch]
+        if len(kept) == len(batch):
+            raws = [raw for _, raw in batch]
+        else:
+            by_seq = {e.seq: raw for e, raw in batch}
+            raws = [by_seq[e.seq] for e in kept]
+        data = batch_parts(raws, first, last, coalesced=len(kept) != len(batch))
+        return JOURNAL_RECEIVE, {"first_seq": first, "last_seq": last, "targets": plan["targets"]}, data
 
     async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.wake.wait(), seconds)
+            await asyncio.sleep(GATHER_S)
         self.wake.clear()
 
     # -- running --------------------------------------------------------------------------------
@@ -204,6 +252,7 @@ class ShipperDaemon:
                             backoff = 0.1
                 except (ConnectionFailed, RemoteError, TricopyError, OSError) as exc:
                     self.reader.close()
+                    self.drop_remote()
                     log.warning("shipper: %s (entries keep waiting; retrying)", exc)
                     await self.sleep(backoff)
                     backoff = min(backoff * 2, 1.0)
@@ -211,3 +260,4 @@ class ShipperDaemon:
             pass
         finally:
             self.reader.close()
+            self.drop_remote()

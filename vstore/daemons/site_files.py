@@ -151,7 +151,8 @@ class SiteFiles:
             self.device(volume)
         return Receiver(self.journal(), self.site, targets,
                         lambda volume, lba, data: self.device(volume).write(lba, data),
-                        lambda volume: self.device(volume).flush(), self._check_entry)
+                        lambda volume: self.device(volume).flush(), self._check_entry,
+                        writev=lambda volume, lba, bufs: self.device(volume).writev(lba, bufs))
 
     def _check_entry(self, volume: str, lba: int, payload: bytes) -> None:
         dev = self.device(volume)

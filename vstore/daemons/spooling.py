@@ -4,7 +4,9 @@ the shipper process (DESIGN "Daemons": shipping is its own process; SPEC §4 [00
 Keeps true:
 - The daemon is the only writer of its spool: it appends entries (under the site lock, durable
   before the ack), answers `spool.acked` (the last acknowledged entry: the shipper never sends
-  past it) and `spool.plan`, and trims on `spool.confirm` once the Async site has applied a batch.
+  past it; and what the shipper's plan depends on, so that it plans again only when that changed)
+  and `spool.plan`, and trims on `spool.confirm` once the Async site has applied a batch, which
+  answers as `spool.acked` does (one request per shipping round).
 - The shipper's rates kept from `spool.confirm` are what `ShipStats` declares (finite,
   non-negative), so status never shows what a peer made up.
 """
@@ -84,7 +86,14 @@ class SpoolRequests:
             acked = min(acked, spool.damage.first_seq - 1)
         return {"active": True, "acked": acked, "confirmed": spool.confirmed_seq,
                 "duplex": self.async_group_duplex(state) and spool.damage is None,  # damage: the daemon resyncs
-                "version": faults.stat().st_mtime_ns if faults.is_file() else 0}
+                "version": faults.stat().st_mtime_ns if faults.is_file() else 0, "plan": self.async_pairs(state)}
+
+    def async_pairs(self, state: dict) -> list[list]:
+        """[source, target, state] of each async pair from this site: when it changes, so may the
+        shipper's plan (where to, which targets)."""
+        pairs = [doc["pair"] for doc in state.get("pairs", {}).values()]
+        return sorted([str(p.get("source")), str(p.get("target")), str(p.get("state"))] for p in pairs
+                      if p.get("kind") == "async" and str(p.get("source", "")).startswith(f"{self.site}:"))
 
     @rpc(names.SPOOL_ACKED, NoArgs)
     def spool_acked_request(self, args: NoArgs, data: bytes) -> Answer:
@@ -116,7 +125,8 @@ class SpoolRequests:
 
     @rpc(names.SPOOL_CONFIRM, SpoolConfirm)
     def spool_confirm(self, args: SpoolConfirm, data: bytes) -> Answer:
-        """The Async site applied entries up to `seq`: trim the spool there; keep the shipper's rates."""
+        """The Async site applied entries up to `seq`: trim the spool there; keep the shipper's rates.
+        The answer is `spool.acked`'s, after the trim: what the shipper may send next."""
         spool = self.spool()
         if spool is None:
             raise TricopyError(f"site {self.site} does not run the application: no spool to confirm")
@@ -124,7 +134,7 @@ class SpoolRequests:
             spool.confirm(args.seq)
         self.ship_stats = {**msgspec.structs.asdict(args.stats), "confirmed_seq": spool.confirmed_seq,
                            "time": time.time()}
-        return {"confirmed": spool.confirmed_seq}, b""
+        return self.spool_acked(), b""
 
     def shipping_status(self) -> dict:
         """The shipper process as status shows it: running or not, send rate, last confirmation."""

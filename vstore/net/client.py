@@ -1,6 +1,7 @@
 """RPC clients of a site daemon (DESIGN "Sites and links", "Process model": asyncio daemons with a
-thread-safe synchronous facade; SPEC §4): `AsyncClient` (pipelined, for the shipper), `Client`
-(blocking, for CLI commands) and `Peer` (a `Client` opened on first use, for daemons and the CLI).
+thread-safe synchronous facade; SPEC §4): `AsyncClient` (concurrent calls pipelined, for the
+shipper's talk with its daemon), `Client` (blocking, for CLI commands; `call_many` pipelines, for
+the shipper's batches) and `Peer` (a `Client` opened on first use, for daemons and the CLI).
 
 Keeps true:
 - Every connection runs the nonce handshake of `vstore.net.wire` first and then only exchanges
@@ -11,6 +12,9 @@ Keeps true:
   is repeated only by `Client` on a kept connection the site closed since, see
   `_exchange_renewing`).
 - A site's refusal comes back as `RemoteError` with the site's message.
+- A request's data goes out as it was given: `Client` sends header, payload pieces and MAC with
+  one `socket.sendmsg` (under TLS, one write each), never joined; answers are received into one
+  buffer per frame (`recv_into`); the data a call returns is that frame's data as `bytes`.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import ssl
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from vstore.blocks.errors import FormatError
 from vstore.net.keys import check_key
@@ -32,6 +36,7 @@ from vstore.net.wire import (
     HEADER_SIZE,
     MAC_SIZE,
     AuthError,
+    Buffer,
     ConnectionFailed,
     HandshakeFailed,
     RemoteError,
@@ -39,15 +44,16 @@ from vstore.net.wire import (
     client_finish,
     client_hello,
     decode_response,
-    encode_request,
     parse_header,
     read_raw_frame,
+    request_parts,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 10.0
 DEFAULT_WINDOW = 8
+_IOV_MAX = 1024  # buffers one sendmsg takes at most (Linux's UIO_MAXIOV)
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,18 +168,18 @@ class AsyncClient:
         except (OSError, ssl.SSLError) as e:
             self._fail(e)
 
-    async def _send(self, method: str, args: dict | None, data: bytes) -> asyncio.Future[bytes]:
+    async def _send(self, method: str, args: dict | None, data: Buffer) -> asyncio.Future[bytes]:
         """Send one request now; returns a future of the raw response payload."""
         if self._failure is not None:
             raise ConnectionFailed(*self._failure.args)
-        payload = encode_request(method, args, data)
+        payload = request_parts(method, args, data)
         async with self._send_lock:
             rid = self._next_id
             self._next_id = rid % 0xFFFFFFFF + 1
             fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
             self._pending[rid] = fut
             try:
-                self._writer.write(self._session.seal(rid, payload))
+                self._writer.writelines(self._session.seal_parts(rid, payload))
                 await self._writer.drain()
             except (OSError, ssl.SSLError) as e:
                 raise self._fail(e) from None
@@ -184,9 +190,10 @@ class AsyncClient:
             payload = await asyncio.wait_for(asyncio.shield(fut), timeout)
         except TimeoutError:
             raise self._fail(f"no answer to {method!r} within {timeout}s") from None
-        return decode_response(payload)
+        meta, out = decode_response(payload)
+        return meta, bytes(out)
 
-    async def call(self, method: str, args: dict | None = None, data: bytes = b"", *,
+    async def call(self, method: str, args: dict | None = None, data: Buffer = b"", *,
                    timeout: float | None = None) -> tuple[dict, bytes]:
         """Run `method` on the site; returns (result, data). RemoteError if the site refused it.
 
@@ -196,48 +203,6 @@ class AsyncClient:
         async with self._window:
             fut = await self._send(method, args, data)
             return await self._await(fut, method, self.timeout if timeout is None else timeout)
-
-    async def call_many(self, calls: Iterable[tuple[str, dict | None, bytes]]) -> list[tuple[dict, bytes]]:
-        """Send calls in order with at most `window` in flight; returns their results in order.
-
-        On the first failure no further call is sent; the calls already in flight are awaited,
-        then that first failure is raised.
-        """
-        results: list[tuple[dict, bytes]] = []
-        in_flight: deque[tuple[str, asyncio.Future[bytes]]] = deque()
-        failure: BaseException | None = None
-
-        async def settle_oldest() -> None:
-            nonlocal failure
-            method, fut = in_flight.popleft()
-            try:
-                results.append(await self._await(fut, method, self.timeout))
-            except Exception as e:
-                failure = failure or e
-            finally:
-                self._window.release()
-
-        try:
-            for method, args, data in calls:
-                while in_flight and self._window.locked():
-                    await settle_oldest()
-                await self._window.acquire()
-                try:
-                    in_flight.append((method, await self._send(method, args, data)))
-                except BaseException:
-                    self._window.release()
-                    raise
-                while in_flight and in_flight[0][1].done():
-                    await settle_oldest()
-                if failure is not None:
-                    break
-        except Exception as e:
-            failure = failure or e
-        while in_flight:
-            await settle_oldest()
-        if failure is not None:
-            raise failure
-        return results
 
     async def close(self) -> None:
         """Close the connection; pending calls fail with ConnectionFailed."""
@@ -271,29 +236,50 @@ class Client:
         self._sock: socket.socket | None = None
         self._session: Session | None = None
         self._next_id = 1
-        self._posted: deque[tuple[int, str, bytes]] = deque()  # (request id, method, payload) unanswered
+        self._posted: deque[tuple[int, str, list[Buffer]]] = deque()  # (request id, method, payload) unanswered
         with self._lock:
             self._connect()
 
     # -- plumbing
-    def _recv_exactly(self, n: int, deadline: float) -> bytes:
+    def _recv_into(self, view: memoryview, deadline: float) -> None:
         assert self._sock is not None
-        buf = bytearray()
-        while len(buf) < n:
+        while view:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError("timed out")
             self._sock.settimeout(remaining)
-            chunk = self._sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
+            n = self._sock.recv_into(view)
+            if not n:
                 raise EOFError("connection closed by the site")
-            buf += chunk
-        return bytes(buf)
+            view = view[n:]
 
-    def _read_raw(self, deadline: float) -> bytes:
-        head = self._recv_exactly(HEADER_SIZE, deadline)
+    def _read_raw(self, deadline: float) -> bytearray:
+        """One frame, received into its own buffer (the header checked before the rest is read)."""
+        head = bytearray(HEADER_SIZE)
+        self._recv_into(memoryview(head), deadline)
         header = parse_header(head, self.max_payload)
-        return head + self._recv_exactly(header.length + MAC_SIZE, deadline)
+        frame = bytearray(HEADER_SIZE + header.length + MAC_SIZE)
+        frame[:HEADER_SIZE] = head
+        self._recv_into(memoryview(frame)[HEADER_SIZE:], deadline)
+        return frame
+
+    def _send_parts(self, parts: list[Buffer]) -> None:
+        """Send the buffers in order: one sendmsg per kernel send, no joined copy."""
+        assert self._sock is not None
+        if isinstance(self._sock, ssl.SSLSocket):  # no sendmsg under TLS: one write per piece
+            for part in parts:
+                self._sock.sendall(part)
+            return
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            sent = self._sock.sendmsg(views[:_IOV_MAX])
+            while sent and views:
+                if sent >= len(views[0]):
+                    sent -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][sent:]
+                    sent = 0
 
     def _connect(self) -> None:
         deadline = time.monotonic() + self.timeout
@@ -323,15 +309,15 @@ class Client:
         self._sock, self._session = None, None
         self._posted.clear()
 
-    def _send(self, payload: bytes) -> int:
+    def _send(self, payload: list[Buffer]) -> int:
         assert self._sock is not None and self._session is not None
         rid = self._next_id
         self._next_id = rid % 0xFFFFFFFF + 1
         self._sock.settimeout(self.timeout)
-        self._sock.sendall(self._session.seal(rid, payload))
+        self._send_parts(self._session.seal_parts(rid, payload))
         return rid
 
-    def _answer(self, rid: int, deadline: float) -> bytes:
+    def _answer(self, rid: int, deadline: float) -> Buffer:
         assert self._session is not None
         frame = self._session.open(self._read_raw(deadline))
         if frame.request_id != rid:
@@ -349,13 +335,13 @@ class Client:
             except RemoteError as e:
                 log.warning("net: posted request %r refused by %s:%d: %s", method, self.host, self.port, e)
 
-    def _exchange(self, payload: bytes) -> bytes:
+    def _exchange(self, payload: list[Buffer]) -> Buffer:
         deadline = time.monotonic() + self.timeout
         rid = self._send(payload)
         self._settle_posted(deadline)
         return self._answer(rid, deadline)
 
-    def _exchange_renewing(self, payload: bytes, reused: bool) -> bytes:
+    def _exchange_renewing(self, payload: list[Buffer], reused: bool) -> Buffer:
         """`_exchange`; when a kept connection turns out closed by the site (it restarted since),
         once more on a new one, after the posted requests it never answered. Every request is safe
         to repeat (writes and state updates are idempotent, the receive journal refuses a batch
@@ -372,11 +358,11 @@ class Client:
             self._posted.append((self._send(again), method, again))
         return self._exchange(payload)
 
-    def post(self, method: str, args: dict | None = None, data: bytes = b"") -> None:
+    def post(self, method: str, args: dict | None = None, data: Buffer = b"") -> None:
         """Send a request without waiting for its answer (read before the next call's answer). For
         updates whose answer nobody waits on; once sent, the site serves it even if this process
         dies at once. ConnectionFailed if it cannot be sent."""
-        payload = encode_request(method, args, data)
+        payload = request_parts(method, args, data)
         with self._lock:
             if self._sock is None:
                 self._connect()
@@ -386,26 +372,64 @@ class Client:
                 self._drop()
                 raise _unreachable(self.host, self.port, e) from None
 
-    # -- API
-    def call(self, method: str, args: dict | None = None, data: bytes = b"") -> tuple[dict, bytes]:
-        """Run `method` on the site; returns (result, data). RemoteError if the site refused it."""
-        payload = encode_request(method, args, data)
+    @contextlib.contextmanager
+    def _guarded(self, what: str) -> Iterator[bool]:
+        """Under the lock and connected (yields whether the connection was kept from before); a
+        broken link or a timeout drops the connection and becomes ConnectionFailed."""
         with self._lock:
             reused = self._sock is not None
             if not reused:
                 self._connect()
             try:
-                answer = self._exchange_renewing(payload, reused)
+                yield reused
             except TimeoutError:
                 self._drop()
-                raise _unreachable(self.host, self.port, f"no answer to {method!r} within {self.timeout}s") from None
+                raise _unreachable(self.host, self.port, f"no answer to {what} within {self.timeout}s") from None
             except (OSError, EOFError, FormatError) as e:
                 self._drop()
                 raise _unreachable(self.host, self.port, e) from None
             except BaseException:  # e.g. KeyboardInterrupt mid-frame: the stream is out of step
                 self._drop()
                 raise
-        return decode_response(answer)
+
+    def _settle_one(self, rid: int, results: list[tuple[dict, bytes]]) -> RemoteError | None:
+        try:
+            meta, out = decode_response(self._answer(rid, time.monotonic() + self.timeout))
+        except RemoteError as e:
+            return e
+        results.append((meta, bytes(out)))
+        return None
+
+    # -- API
+    def call_many(self, calls: Iterable[tuple[str, dict | None, Buffer | list[Buffer]]],
+                  window: int = DEFAULT_WINDOW) -> list[tuple[dict, bytes]]:
+        """Send calls in order with at most `window` unanswered (the site answers in order and works
+        on one while the next is on its way); returns their results in order. On the first refusal
+        no further call is sent, those in flight are read, then it is raised."""
+        results: list[tuple[dict, bytes]] = []
+        failure: RemoteError | None = None
+        in_flight: deque[int] = deque()
+        with self._guarded("a pipelined call"):
+            self._settle_posted(time.monotonic() + self.timeout)
+            for method, args, data in calls:
+                while in_flight and (len(in_flight) >= window or failure is not None):
+                    failure = self._settle_one(in_flight.popleft(), results) or failure
+                if failure is not None:
+                    break
+                in_flight.append(self._send(request_parts(method, args, data)))
+            while in_flight:
+                failure = self._settle_one(in_flight.popleft(), results) or failure
+        if failure is not None:
+            raise failure
+        return results
+
+    def call(self, method: str, args: dict | None = None, data: Buffer = b"") -> tuple[dict, bytes]:
+        """Run `method` on the site; returns (result, data). RemoteError if the site refused it."""
+        payload = request_parts(method, args, data)
+        with self._guarded(repr(method)) as reused:
+            answer = self._exchange_renewing(payload, reused)
+        meta, out = decode_response(answer)
+        return meta, bytes(out)
 
     def close(self) -> None:
         """Close the connection (a later call reconnects)."""
@@ -445,11 +469,11 @@ class Peer:
                                       ssl_context=self.ssl_context)
             return self._client
 
-    def call(self, method: str, args: dict | None = None, data: bytes = b"") -> tuple[dict, bytes]:
+    def call(self, method: str, args: dict | None = None, data: Buffer = b"") -> tuple[dict, bytes]:
         """`Client.call`, connecting first if needed."""
         return self._connected().call(method, args, data)
 
-    def post(self, method: str, args: dict | None = None, data: bytes = b"") -> None:
+    def post(self, method: str, args: dict | None = None, data: Buffer = b"") -> None:
         """Send without waiting for the answer (`Client.post`), connecting first if needed."""
         self._connected().post(method, args, data)
 

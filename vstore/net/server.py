@@ -15,6 +15,9 @@ Keeps true:
 - At most `max_connections` authenticated connections are served at once: the first request of
   one more is answered with an error naming the limit, and the connection is closed. A connection
   whose peer sends nothing (or reads no answer) for `idle_timeout` seconds is closed.
+- A connection reads each frame straight into that frame's own buffer (`FrameCutter` under an
+  `asyncio.BufferedProtocol`): nothing is read ahead of the frame being handled, so a peer's
+  bytes wait in the kernel, never in this process, and a payload is never copied on its way in.
 - Requests on one connection are handled one at a time in arrival order; connections are served
   concurrently. A handler's `TricopyError` comes back to the caller as `RemoteError` with the
   same message; any other exception is logged with its traceback on the server and answered with
@@ -24,36 +27,35 @@ Keeps true:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.net.keys import check_key
 from vstore.net.wire import (
     DEFAULT_MAX_PAYLOAD,
+    HEADER_SIZE,
+    MAC_SIZE,
     MAX_HELLO_PAYLOAD,
     STATUS_ERROR,
     STATUS_INTERNAL,
     STATUS_OK,
+    Buffer,
     Frame,
+    FrameHeader,
     Session,
     decode_request,
-    encode_response,
-    read_body,
-    read_header,
-    read_raw_frame,
+    parse_header,
+    response_parts,
     server_accept,
 )
 
 log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
-READER_LIMIT = 64 * 1024  # what a connection's stream buffers ahead of the frame being read (x2 + one read)
 
 Handler = Callable[[str, dict, bytes], Awaitable[tuple[dict, bytes]]]
 
@@ -113,35 +115,196 @@ class _Gate:
         self.unauthenticated_bytes -= nbytes
 
 
-def _peer_address(writer: asyncio.StreamWriter) -> tuple[str, str]:
+def _peer_address(transport: asyncio.BaseTransport) -> tuple[str, str]:
     """(host, "host:port") of the connection's peer."""
-    peer = writer.get_extra_info("peername")
+    peer = transport.get_extra_info("peername")
     if isinstance(peer, tuple) and len(peer) >= 2:
         return str(peer[0]), f"{peer[0]}:{peer[1]}"
     return str(peer), str(peer)
 
 
-async def _call_handler(handler: Handler, method: str, args: dict, data: bytes, peer: str) -> bytes:
+async def _call_handler(handler: Handler, method: str, args: dict, data: Buffer, peer: str) -> list[Buffer]:
     """Run the handler and encode its answer; never raises (errors become error responses)."""
     try:
-        result, out = await handler(method, args, data)
-        return encode_response(STATUS_OK, result, out)
+        result, out = await handler(method, args, data)  # type: ignore[arg-type]
+        return response_parts(STATUS_OK, result, out)
     except TricopyError as e:
-        return encode_response(STATUS_ERROR, {"error": str(e), "kind": type(e).__name__})
+        return response_parts(STATUS_ERROR, {"error": str(e), "kind": type(e).__name__})
     except Exception:
         log.exception("net: handler failed on %r from %s", method, peer)
-        return encode_response(STATUS_INTERNAL, {
+        return response_parts(STATUS_INTERNAL, {
             "error": f"the site failed internally on {method!r} (see the site's log)", "kind": "internal"})
+
+
+class FrameCutter:
+    """The receiving end's frame boundaries. `buffer()` is where the next received bytes go: the
+    rest of the header, then the rest of the frame's own bytearray; `filled(n)` says n bytes
+    arrived there. A whole header is checked at once (`parse_header` against `limit`) and then
+    waits (`waiting`): its frame is allocated only by `begin_body()`, so the caller decides
+    whether it may hold that much. `take()` returns the whole frame and starts the next."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._head = bytearray(HEADER_SIZE)
+        self.header: FrameHeader | None = None
+        self._frame: bytearray | None = None
+        self._got = 0
+
+    @property
+    def started(self) -> bool:
+        """Some bytes of the next frame arrived."""
+        return self._got > 0
+
+    @property
+    def done(self) -> bool:
+        return self._frame is not None and self._got == len(self._frame)
+
+    @property
+    def waiting(self) -> bool:
+        """Nothing more can be received before `begin_body()` or `take()`."""
+        return self.header is not None and (self._frame is None or self.done)
+
+    def buffer(self) -> memoryview:
+        return memoryview(self._head if self._frame is None else self._frame)[self._got:]
+
+    def filled(self, n: int) -> None:
+        self._got += n
+        if self._frame is None and self._got == HEADER_SIZE:
+            self.header = parse_header(self._head, self.limit)
+
+    def begin_body(self) -> None:
+        assert self.header is not None and self._frame is None
+        self._frame = bytearray(HEADER_SIZE + self.header.length + MAC_SIZE)
+        self._frame[:HEADER_SIZE] = self._head
+
+    def take(self) -> bytearray:
+        assert self._frame is not None and self.done
+        frame, self._frame, self.header, self._got = self._frame, None, None, 0
+        return frame
+
+
+class _FrameStream(asyncio.BufferedProtocol):
+    """One connection's bytes, received into the buffers of a `FrameCutter`: reading pauses
+    whenever the cutter waits for the connection (a header to admit, a frame to take), so nothing
+    is read ahead. Writes wait (`send`) while the transport's buffer is over its high-water mark."""
+
+    def __init__(self, on_connect: Callable[[_FrameStream], Awaitable[None]]) -> None:
+        self.cutter = FrameCutter(MAX_HELLO_PAYLOAD)
+        self.transport: asyncio.Transport | None = None
+        self._on_connect = on_connect
+        self._loop = asyncio.get_running_loop()
+        self._wake: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
+        self._eof = False
+        self._received = 0  # bytes so far: progress for the idle timeout
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self.task: asyncio.Task | None = None
+
+    # -- protocol callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.task = self._loop.create_task(self._on_connect(self))
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.cutter.buffer()
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._received += nbytes
+        try:
+            self.cutter.filled(nbytes)
+        except FormatError as e:
+            self._error = e
+        if self._error is not None or self.cutter.waiting:
+            self._pause()
+        self._notify()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._notify()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        if exc is not None and self._error is None:
+            self._error = exc
+        self._can_write.set()
+        self._notify()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # -- for the connection's task
+    def _pause(self) -> None:
+        if self.transport is not None and self.transport.is_reading():
+            self.transport.pause_reading()
+
+    def _notify(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def _until(self, ready: Callable[[], bool], idle: float | None) -> bool:
+        """Wait (reading) until `ready()`; False at a clean end of stream before any byte of a frame.
+        TimeoutError when no byte arrives for `idle` seconds."""
+        while not ready():
+            if self._error is not None:
+                raise self._error
+            if self._eof:
+                if not self.cutter.started:
+                    return False
+                raise FormatError("truncated network frame (end of stream inside a frame)")
+            self._wake = self._loop.create_future()
+            assert self.transport is not None
+            if not self.transport.is_reading() and not self.transport.is_closing():
+                self.transport.resume_reading()
+            seen = self._received
+            try:
+                await asyncio.wait_for(asyncio.shield(self._wake), idle)
+            except TimeoutError:
+                if self._received == seen:
+                    raise
+        return True
+
+    async def header(self, limit: int, idle: float | None = None) -> FrameHeader | None:
+        """The next frame's header, checked against `limit`; None at a clean end of stream."""
+        self.cutter.limit = limit
+        if not await self._until(lambda: self.cutter.header is not None, idle):
+            return None
+        assert self.cutter.header is not None
+        return self.cutter.header
+
+    async def body(self, idle: float | None = None) -> bytearray:
+        """The whole frame whose header `header` returned, received into its own buffer."""
+        self.cutter.begin_body()
+        if not await self._until(lambda: self.cutter.done, idle):
+            raise FormatError("truncated network frame (end of stream inside a frame)")
+        return self.cutter.take()
+
+    async def frame(self, limit: int, idle: float | None = None) -> bytearray | None:
+        return None if await self.header(limit, idle) is None else await self.body(idle)
+
+    async def send(self, parts: list[Buffer], idle: float) -> None:
+        assert self.transport is not None
+        if self.transport.is_closing():
+            raise ConnectionResetError("connection closed")
+        for part in parts:
+            self.transport.write(part)
+        async with asyncio.timeout(idle):  # a peer that reads no answer is idle too
+            await self._can_write.wait()
 
 
 class _Connection:
     """One client connection: handshake, first (authenticating) request, then requests until idle."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, key: bytes,
-                 handler: Handler, max_payload: int, gate: _Gate) -> None:
-        self.reader, self.writer, self.key, self.handler = reader, writer, key, handler
+    def __init__(self, stream: _FrameStream, key: bytes, handler: Handler, max_payload: int, gate: _Gate) -> None:
+        self.stream, self.key, self.handler = stream, key, handler
         self.max_payload, self.gate, self.limits = max_payload, gate, gate.limits
-        self.host, self.peer = _peer_address(writer)
+        assert stream.transport is not None
+        self.host, self.peer = _peer_address(stream.transport)
         self.phase = "no handshake"  # what the peer failed to send when a timeout closes the connection
 
     async def run(self) -> None:
@@ -179,39 +342,38 @@ class _Connection:
     async def _authenticate(self) -> tuple[Session, Frame]:
         """The handshake and the first request's header within the handshake timeout, then that
         request's body (the peer may not pause for longer than the idle timeout), verified."""
-        session, head, header = await asyncio.wait_for(self._handshake(), self.limits.handshake_timeout)
+        session, header = await asyncio.wait_for(self._handshake(), self.limits.handshake_timeout)
         self.phase = "nothing"
         self.gate.reserve(header.length)
         try:
-            raw = await read_body(self.reader, head, header, self.limits.idle_timeout)
+            raw = await self.stream.body(self.limits.idle_timeout)
         finally:
             self.gate.release(header.length)
         return session, session.open(raw)  # the MAC under the fresh session key: this peer has the lab key
 
-    async def _handshake(self) -> tuple[Session, bytes, Any]:
-        raw = await read_raw_frame(self.reader, MAX_HELLO_PAYLOAD)
+    async def _handshake(self) -> tuple[Session, FrameHeader]:
+        raw = await self.stream.frame(MAX_HELLO_PAYLOAD)
         if raw is None:
             raise FormatError("connection closed before the handshake")
         session, welcome = server_accept(self.key, raw, self.max_payload)
-        self.writer.write(welcome)
-        await self.writer.drain()
-        got = await read_header(self.reader, session.max_payload)
-        if got is None:
+        await self.stream.send([welcome], self.limits.idle_timeout)
+        header = await self.stream.header(session.max_payload)
+        if header is None:
             raise ConnectionResetError("connection closed after the handshake, before any request")
-        return session, *got
+        return session, header
 
     async def _refuse_busy(self, session: Session, first: Frame) -> None:
         limit = self.limits.max_connections
         log.warning("net: refusing connection from %s: %d authenticated connections already (limits.max_connections)",
                     self.peer, limit)
-        refusal = encode_response(STATUS_ERROR, {
+        refusal = response_parts(STATUS_ERROR, {
             "error": f"the site already serves {limit} connections, its limit (limits.max_connections in "
                      "topology.toml); close idle clients or raise the limit", "kind": "TricopyError"})
-        await self._send(session.seal(first.request_id, refusal))
+        await self.stream.send(session.seal_parts(first.request_id, refusal), self.limits.idle_timeout)
 
     async def _serve(self, session: Session) -> None:
         idle = self.limits.idle_timeout
-        while (raw := await read_raw_frame(self.reader, session.max_payload, idle)) is not None:
+        while (raw := await self.stream.frame(session.max_payload, idle)) is not None:
             await self._answer(session, session.open(raw))
 
     async def _answer(self, session: Session, frame: Frame) -> None:
@@ -220,17 +382,12 @@ class _Connection:
         method, args, data = decode_request(frame.payload)
         payload = await _call_handler(self.handler, method, args, data, self.peer)
         try:
-            reply = session.seal(request_id, payload)
+            reply = session.seal_parts(request_id, payload)
         except TricopyError as e:
             log.warning("net: answer to %r for %s not sendable: %s", method, self.peer, e)
-            refusal = encode_response(STATUS_ERROR, {"error": str(e), "kind": "TricopyError"})
-            reply = session.seal(request_id, refusal)
-        await self._send(reply)
-
-    async def _send(self, frame: bytes) -> None:
-        self.writer.write(frame)
-        async with asyncio.timeout(self.limits.idle_timeout):  # a peer that reads no answer is idle too
-            await self.writer.drain()
+            refusal = response_parts(STATUS_ERROR, {"error": str(e), "kind": "TricopyError"})
+            reply = session.seal_parts(request_id, refusal)
+        await self.stream.send(reply, self.limits.idle_timeout)
 
 
 async def serve(host: str, port: int, key: bytes, handler: Handler, *, ssl_context: ssl.SSLContext | None = None,
@@ -244,16 +401,16 @@ async def serve(host: str, port: int, key: bytes, handler: Handler, *, ssl_conte
         limits = ServerLimits(**{**limits.to_dict(), "handshake_timeout": handshake_timeout})
     gate = _Gate(limits)
 
-    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def on_connect(stream: _FrameStream) -> None:
         try:
-            await _Connection(reader, writer, key, handler, max_payload, gate).run()
+            await _Connection(stream, key, handler, max_payload, gate).run()
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            assert stream.transport is not None
+            stream.transport.close()
 
-    return await asyncio.start_server(on_connect, host, port, ssl=ssl_context, limit=READER_LIMIT,
-                                      ssl_handshake_timeout=limits.handshake_timeout if ssl_context else None)
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: _FrameStream(on_connect), host, port, ssl=ssl_context,
+                                    ssl_handshake_timeout=limits.handshake_timeout if ssl_context else None)
 
 
 def bound_port(server: asyncio.Server) -> int:

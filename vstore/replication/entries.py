@@ -5,7 +5,10 @@ Keeps true:
 - One construct declaration of an entry: magic, version, gap-free sequence number (per
   consistency group, the first is 1), timestamp, volume id, LBA, block count, block size, payload
   and a CRC32 over all of it. A batch (what travels to the Async site) has its own header: magic,
-  version, first/last sequence it covers, count, a "coalesced" flag and a CRC over everything.
+  version, first/last sequence it covers, count, a "coalesced" flag, the entries as the spool
+  holds them, and a CRC32 over the header and the entries' own CRCs (`batch_checksum`: each entry's
+  CRC already covers its bytes, so a batch is checked in one pass over its payloads, and built
+  from the spool's bytes without reading them again).
   A plain batch holds exactly the consecutive entries first..last; a coalesced one a strictly
   increasing subset of them ending at last (entries overwritten later in the same batch dropped).
 - Sequence numbers are 1..`MAX_SEQ`; a saved "last confirmed/applied" number is valid only when
@@ -15,15 +18,18 @@ Keeps true:
   first sequence number and the expected size of the newest segment, CRC32) is what recovery trusts about what existed;
   `vstore.replication.spool` explains its fields.
 - Bad bytes always give `FormatError`. The hot paths (`encode_entry`, `decode_entry`,
-  `encode_manifest`) use the compiled header of the same declaration; the tests prove they agree
-  with `ENTRY` and `SPOOL_MANIFEST` byte for byte.
+  `batch_parts`, `decode_batch`, `encode_manifest`) pack and unpack the same layouts with `struct`
+  and never copy a payload (a decoded entry's payload is a view of the bytes it came from); the
+  tests prove they agree with `ENTRY`, `BATCH` and `SPOOL_MANIFEST` byte for byte, damage included.
 """
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 from construct import (
     Bytes,
@@ -49,7 +55,7 @@ BLOCK_SIZE = 4096
 ENTRY_MAGIC = b"TCEN"
 ENTRY_VERSION = 1
 BATCH_MAGIC = b"TCBA"
-BATCH_VERSION = 1
+BATCH_VERSION = 2
 MAX_SEQ = (1 << 64) - 1  # the largest sequence number an entry carries (its field is 64 bits)
 MANIFEST_MAGIC = b"TCSM"
 MANIFEST_VERSION = 1
@@ -65,8 +71,8 @@ _ENTRY_HEADER = Struct(
     "block_size" / Int32ub,
 )
 ENTRY_HEADER_SIZE = _ENTRY_HEADER.sizeof()
-_ENTRY_HEADER_FAST = _ENTRY_HEADER.compile()
-_CRC_FIELD = Int32ub
+_ENTRY_HEADER_FAST = struct.Struct(">4sHQQIQII")  # `_ENTRY_HEADER`'s layout (tests check they agree)
+_CRC_FIELD = struct.Struct(">I")
 _CRC_SIZE = 4
 
 ENTRY = Struct(
@@ -77,17 +83,42 @@ ENTRY = Struct(
     "crc" / Checksum(Int32ub, crc32, this.body.data),
 )
 
+_BATCH_HEADER = Struct(
+    "magic" / Const(BATCH_MAGIC),
+    "version" / Int16ub,
+    "first_seq" / Int64ub,
+    "last_seq" / Int64ub,
+    "count" / Int32ub,
+    "coalesced" / Flag,
+)
+BATCH_HEADER_SIZE = _BATCH_HEADER.sizeof() + 8  # and the entries' length prefix
+_BATCH_HEADER_FAST = struct.Struct(">4sHQQIBQ")  # `_BATCH_HEADER` and the prefix (tests check they agree)
+
+
+def batch_checksum(body: bytes | memoryview) -> int:
+    """The CRC32 a batch ends with, over its header and then each entry's own CRC field, the
+    entries found by their headers; over the whole body when the entries do not cut it exactly
+    (such a batch is refused when decoded anyway)."""
+    view = memoryview(body)
+    crc = zlib.crc32(view[:BATCH_HEADER_SIZE])
+    pos = BATCH_HEADER_SIZE
+    while pos < len(view):
+        if len(view) - pos < ENTRY_HEADER_SIZE:
+            return crc32(view)
+        *_, count, size = _ENTRY_HEADER_FAST.unpack_from(view, pos)
+        pos += entry_size(count, size)
+        if pos > len(view):
+            return crc32(view)
+        crc = zlib.crc32(view[pos - _CRC_SIZE:pos], crc)
+    return crc & 0xFFFFFFFF
+
+
 BATCH = Struct(
     "body" / RawCopy(Struct(
-        "magic" / Const(BATCH_MAGIC),
-        "version" / Int16ub,
-        "first_seq" / Int64ub,
-        "last_seq" / Int64ub,
-        "count" / Int32ub,
-        "coalesced" / Flag,
+        "header" / _BATCH_HEADER,
         "entries" / Prefixed(Int64ub, GreedyBytes),
     )),
-    "crc" / Checksum(Int32ub, crc32, this.body.data),
+    "crc" / Checksum(Int32ub, batch_checksum, this.body.data),
     Terminated,
 )
 
@@ -126,7 +157,7 @@ def encode_manifest(m: Manifest) -> bytes:
                 high_seq=m.high_seq, reserved_seq=m.reserved_seq, active_first=m.active_first,
                 active_end=m.active_end)
     raw = _MANIFEST_BODY_FAST.build(body)  # once per append: the compiled body of the same declaration
-    return raw + _CRC_FIELD.build(crc32(raw))
+    return raw + _CRC_FIELD.pack(crc32(raw))
 
 
 def decode_manifest(raw: bytes, where: str) -> Manifest | None:
@@ -177,19 +208,33 @@ def encode_entry(e: Entry) -> bytes:
         raise ValueError(
             f"entry {e.seq}: payload of {len(e.payload)} bytes is not {e.block_count} whole blocks"
         )
-    header = dict(magic=ENTRY_MAGIC, version=ENTRY_VERSION, seq=e.seq, timestamp_ns=e.timestamp_ns,
-                  volume_id=e.volume_id, lba=e.lba, block_count=e.block_count, block_size=e.block_size)
     try:
-        # The hot path: the same declaration (ENTRY = header, payload, CRC32 over both), built
-        # with the compiled header; tests check it equals ENTRY.build byte for byte.
-        body = _ENTRY_HEADER_FAST.build(header) + bytes(e.payload)
-    except Exception as err:  # construct integer range errors: a caller bug
+        # The hot path: the same declaration (ENTRY = header, payload, CRC32 over both), packed
+        # with struct; tests check it equals ENTRY.build byte for byte.
+        head = _ENTRY_HEADER_FAST.pack(ENTRY_MAGIC, ENTRY_VERSION, e.seq, e.timestamp_ns, e.volume_id, e.lba,
+                                       e.block_count, e.block_size)
+    except struct.error as err:  # an integer out of its field's range: a caller bug
         raise ValueError(f"entry {e.seq} cannot be encoded: {err}") from None
-    return body + _CRC_FIELD.build(crc32(body))
+    crc = zlib.crc32(e.payload, zlib.crc32(head))
+    return b"".join((head, e.payload, _CRC_FIELD.pack(crc)))
 
 
-def decode_entry(buf: bytes | memoryview, offset: int = 0) -> tuple[Entry, int]:
-    """Decode the entry at `offset`; return it and the offset just after it. FormatError if bad."""
+class EntryHeader(NamedTuple):
+    """An entry's header as `_ENTRY_HEADER` declares it."""
+
+    magic: bytes
+    version: int
+    seq: int
+    timestamp_ns: int
+    volume_id: int
+    lba: int
+    block_count: int
+    block_size: int
+
+
+def decode_entry(buf: bytes | bytearray | memoryview, offset: int = 0) -> tuple[Entry, int]:
+    """Decode the entry at `offset`; return it and the offset just after it. FormatError if bad.
+    The entry's payload is a view of `buf`, not a copy."""
     view = memoryview(buf)
     where = f"entry at offset {offset}"
     if len(view) - offset < ENTRY_HEADER_SIZE:
@@ -202,16 +247,20 @@ def decode_entry(buf: bytes | memoryview, offset: int = 0) -> tuple[Entry, int]:
     # was parsed above; the CRC is checked over the body without building a parse tree, and tests
     # check that this agrees with parsing through ENTRY for good and damaged bytes alike.
     crc_at = end - _CRC_SIZE
-    if crc32(view[offset:crc_at]) != int.from_bytes(view[crc_at:end], "big"):
-        raise FormatError(f"{where}: checksum mismatch (the entry is damaged)")
+    if crc32(view[offset:crc_at]) != _CRC_FIELD.unpack_from(view, crc_at)[0]:
+        raise FormatError(f"{where}: checksum (CRC) mismatch (the entry is damaged)")
     entry = Entry(seq=hdr.seq, timestamp_ns=hdr.timestamp_ns, volume_id=hdr.volume_id, lba=hdr.lba,
-                  block_count=hdr.block_count, payload=bytes(view[offset + ENTRY_HEADER_SIZE:crc_at]))
+                  block_count=hdr.block_count, payload=view[offset + ENTRY_HEADER_SIZE:crc_at])  # type: ignore[arg-type]
     return entry, end
 
 
-def parse_entry_header(raw: bytes | memoryview, where: str) -> Any:
+def parse_entry_header(raw: bytes | memoryview, where: str) -> EntryHeader:
     """The header of an entry (to find its length without reading its payload)."""
-    hdr = parse_checked(_ENTRY_HEADER_FAST, raw[:ENTRY_HEADER_SIZE], where)
+    if len(raw) < ENTRY_HEADER_SIZE:
+        raise FormatError(f"{where}: truncated ({len(raw)} bytes, a header needs {ENTRY_HEADER_SIZE})")
+    hdr = EntryHeader(*_ENTRY_HEADER_FAST.unpack_from(raw))
+    if hdr.magic != ENTRY_MAGIC:
+        raise FormatError(f"{where}: bad magic {bytes(hdr.magic)!r}, expected {ENTRY_MAGIC!r}")
     check_version(hdr.version, ENTRY_VERSION, where)
     if hdr.block_count == 0 or hdr.block_size == 0:
         raise FormatError(f"{where}: block count and block size must be positive (header damaged)")
@@ -266,25 +315,50 @@ def encode_batch(entries: Sequence[Entry], *, first_seq: int | None = None, last
     return encode_batch_raw([encode_entry(e) for e in entries], first, last, coalesced=coalesced)
 
 
-def encode_batch_raw(encoded_entries: Sequence[bytes], first_seq: int, last_seq: int, *, coalesced: bool) -> bytes:
+def batch_parts(encoded_entries: Sequence[bytes | memoryview], first_seq: int, last_seq: int, *,
+                coalesced: bool) -> list[bytes | memoryview]:
     """A batch of entries that are already encoded (read from the spool: their own CRCs were
-    checked there) covering first_seq..last_seq; `encode_batch` checks the sequences."""
-    body = dict(magic=BATCH_MAGIC, version=BATCH_VERSION, first_seq=first_seq, last_seq=last_seq,
-                count=len(encoded_entries), coalesced=coalesced, entries=b"".join(encoded_entries))
-    return BATCH.build(dict(body=dict(value=body)))
+    checked there) covering first_seq..last_seq, as pieces to send in order: the entries are not
+    copied or read again (`batch_checksum` takes only their CRC fields)."""
+    length = sum(map(len, encoded_entries))
+    head = _BATCH_HEADER_FAST.pack(BATCH_MAGIC, BATCH_VERSION, first_seq, last_seq, len(encoded_entries),
+                                   bool(coalesced), length)
+    crc = zlib.crc32(head)
+    for raw in encoded_entries:
+        crc = zlib.crc32(memoryview(raw)[len(raw) - _CRC_SIZE:], crc)
+    return [head, *encoded_entries, _CRC_FIELD.pack(crc & 0xFFFFFFFF)]
 
 
-def decode_batch(buf: bytes) -> Batch:
-    """Decode a batch with its range; FormatError on any damage, a wrong count or bad sequences."""
-    parsed = parse_checked(BATCH, buf, "batch")
-    b = parsed.body.value
-    check_version(b.version, BATCH_VERSION, "batch")
+def encode_batch_raw(encoded_entries: Sequence[bytes | memoryview], first_seq: int, last_seq: int, *,
+                     coalesced: bool) -> bytes:
+    """`batch_parts` joined; `encode_batch` checks the sequences."""
+    return b"".join(batch_parts(encoded_entries, first_seq, last_seq, coalesced=coalesced))
+
+
+def decode_batch(buf: bytes | bytearray | memoryview) -> Batch:
+    """Decode a batch with its range; FormatError on any damage, a wrong count or bad sequences.
+    One pass over the bytes (each entry's CRC); the entries' payloads are views of `buf`."""
+    view = memoryview(buf)
+    if len(view) < BATCH_HEADER_SIZE + _CRC_SIZE:
+        raise FormatError(f"batch: truncated ({len(view)} bytes, a batch needs at least "
+                          f"{BATCH_HEADER_SIZE + _CRC_SIZE})")
+    magic, version, first, last, count, flag, length = _BATCH_HEADER_FAST.unpack_from(view)
+    if magic != BATCH_MAGIC:
+        raise FormatError(f"batch: bad magic {bytes(magic)!r}, expected {BATCH_MAGIC!r}")
+    end = BATCH_HEADER_SIZE + length
+    if end + _CRC_SIZE != len(view):
+        raise FormatError(f"batch: entries of {length} bytes announced, so {end + _CRC_SIZE} bytes in all, "
+                          f"but the batch has {len(view)}")
+    if batch_checksum(view[:end]) != _CRC_FIELD.unpack_from(view, end)[0]:
+        raise FormatError("batch: wrong CRC (the batch is damaged)")
+    check_version(version, BATCH_VERSION, "batch")
     entries: list[Entry] = []
+    body = view[BATCH_HEADER_SIZE:end]
     offset = 0
-    while offset < len(b.entries):
-        entry, offset = decode_entry(b.entries, offset)
+    while offset < len(body):
+        entry, offset = decode_entry(body, offset)
         entries.append(entry)
-    if len(entries) != b.count:
-        raise FormatError(f"batch: header says {b.count} entries, body holds {len(entries)}")
-    _check_batch(entries, b.first_seq, b.last_seq, b.coalesced, "batch")
-    return Batch(b.first_seq, b.last_seq, entries, b.coalesced)
+    if len(entries) != count:
+        raise FormatError(f"batch: header says {count} entries, body holds {len(entries)}")
+    _check_batch(entries, first, last, bool(flag), "batch")
+    return Batch(first, last, entries, bool(flag))

@@ -9,7 +9,15 @@ Keeps true:
 - `Receiver` is the only code that applies a batch: store, then write every entry to the volume its
   volume id names (a batch naming an unknown volume id is refused before anything is written) and
   flush those volumes, then mark applied. The lab in one process and the site
-  daemon both use it; only how a volume is written differs.
+  daemon both use it; only how a volume is written differs. Given a `writev`, each run of entries
+  that continue one another on one volume is written with one call (a `pwritev` of the received
+  payloads, never joined); entries overwriting each other stay in their order.
+- A batch costs one commit of the journal, whatever its number of entries: the batch file (fsync,
+  rename, directory fsync), the volumes' flushes, then `applied.json` (fsync, rename, directory
+  fsync). The batch is written in place into the file of the batch applied before it (renamed
+  aside, `.batch.spare`), then renamed to batch.bin: the rename keeps a stored batch whole, and
+  no file is allocated per batch. Retiring the applied batch needs no sync of its own: a
+  batch.bin that outlives a crash is already covered by `applied.json` and is dropped at open.
 - A received batch is checked whole (decoded, its range as the request says, every volume id
   known, right after the applied sequence) before any file is written; only then are the targets
   (`targets.json`, which volume each volume id lands on, kept by a daemon so that a stored batch
@@ -21,6 +29,7 @@ Keeps true:
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -29,12 +38,12 @@ from typing import Annotated, Protocol
 import msgspec
 
 from vstore.blocks.codec import (
+    create_file,
     fsync_dir,
     load_json,
     make_dir,
     remove_stale_temps,
     save_json_atomic,
-    write_file_atomic,
 )
 from vstore.blocks.errors import FormatError, TricopyError, brief
 from vstore.blocks.schema import validate
@@ -44,6 +53,7 @@ log = logging.getLogger("vstore.journal")
 
 # --------------------------------------------------------------------------------------------
 _BATCH_FILE = "batch.bin"
+_SPARE_FILE = ".batch.spare"  # the last applied batch's file, overwritten in place by the next one
 _APPLIED_FILE = "applied.json"
 TARGETS_FILE = "targets.json"
 
@@ -146,8 +156,7 @@ class ReceiveJournal:
                 raise TricopyError("refusing to store an empty batch")
             first = entries[0].seq if first_seq is None else first_seq
             self._check_next(first)
-            data = encode_batch(entries, first_seq=first_seq, last_seq=last_seq)
-            write_file_atomic(self._batch_path, data, durable=self.durable)
+            self._write_batch(encode_batch(entries, first_seq=first_seq, last_seq=last_seq))
 
     def _check_next(self, first: int) -> None:
         if self._batch_path.exists():
@@ -167,7 +176,25 @@ class ReceiveJournal:
             self._check_next(batch.first_seq)
             if targets is not None:
                 self._save_targets(targets)
-            write_file_atomic(self._batch_path, data, durable=self.durable)
+            self._write_batch(data)
+
+    def _write_batch(self, data: bytes) -> None:
+        """batch.bin := data, whole or not at all: written into the spare file, then renamed."""
+        spare = self.recv_dir / _SPARE_FILE
+        fd = create_file(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW)
+        try:
+            view, done = memoryview(data), 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], done)
+            if os.fstat(fd).st_size != len(view):
+                os.ftruncate(fd, len(view))
+            if self.durable:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.replace(spare, self._batch_path)
+        if self.durable:
+            fsync_dir(self.recv_dir)
 
     def stored_batch(self) -> Batch | None:
         """The stored batch not yet applied, with its range, or None. A stored batch always starts
@@ -207,9 +234,7 @@ class ReceiveJournal:
             elif not self._batch_path.exists():
                 raise TricopyError(f"{self.recv_dir}: no stored batch to mark applied")
             self._save_applied(last_seq)
-            self._batch_path.unlink()
-            if self.durable:
-                fsync_dir(self.recv_dir)
+            os.replace(self._batch_path, self.recv_dir / _SPARE_FILE)  # no sync: see the module's docstring
 
     def set_applied_seq(self, seq: int) -> None:
         """After a full/differential resync: D now reflects everything up to `seq`; any stored
@@ -258,11 +283,13 @@ class Receiver:
 
     def __init__(self, journal: ReceiveJournal, site: str, targets: Mapping[int, str],
                  write: Callable[[str, int, bytes], None], flush: Callable[[str], None],
-                 check: Callable[[str, int, bytes], None] | None = None) -> None:
+                 check: Callable[[str, int, bytes], None] | None = None,
+                 writev: Callable[[str, int, Sequence[bytes]], None] | None = None) -> None:
         self.journal = journal
         self.site = site
         self.targets = dict(targets)
         self._write = write
+        self._writev = writev
         self._flush = flush
         self._check = check
 
@@ -289,7 +316,7 @@ class Receiver:
                               f"{first_seq}..{last_seq}")
         self._check_targets(batch.entries)
         self.journal.store_encoded(batch, data, self.targets if keep_targets else None)
-        self._apply(batch.entries)
+        self._apply(batch.entries, checked=True)
         self.journal.mark_applied(batch.last_seq)
         return len(batch.entries)
 
@@ -309,13 +336,34 @@ class Receiver:
             if self._check is not None:
                 self._check(self.targets[e.volume_id], e.lba, e.payload)
 
-    def _apply(self, entries: Sequence[Entry]) -> None:
+    def _apply(self, entries: Sequence[Entry], checked: bool = False) -> None:
         """Write the entries in order; a batch naming a volume id this site lacks writes nothing."""
-        self._check_targets(entries)
+        if not checked:
+            self._check_targets(entries)
         used: set[str] = set()
-        for e in entries:
-            volume = self.targets[e.volume_id]
-            self._write(volume, e.lba, e.payload)
-            used.add(volume)
+        if self._writev is None:
+            for e in entries:
+                volume = self.targets[e.volume_id]
+                self._write(volume, e.lba, e.payload)
+                used.add(volume)
+        else:
+            for volume, lba, payloads in runs(entries, self.targets):
+                self._writev(volume, lba, payloads)
+                used.add(volume)
         for volume in sorted(used):
             self._flush(volume)
+
+
+def runs(entries: Sequence[Entry], targets: Mapping[int, str]) -> list[tuple[str, int, list[bytes]]]:
+    """(volume, first lba, payloads) of each run of entries, in order, where an entry starts on the
+    block right after the one before it on the same volume (so a run writes no block twice)."""
+    out: list[tuple[str, int, list[bytes]]] = []
+    end = -1
+    for e in entries:
+        volume = targets[e.volume_id]
+        if out and out[-1][0] == volume and e.lba == end:
+            out[-1][2].append(e.payload)
+        else:
+            out.append((volume, e.lba, [e.payload]))
+        end = e.lba + e.block_count
+    return out

@@ -381,6 +381,7 @@ class PairRegistry:
     def __init__(self, pairs: dict[str, Pair] | None = None) -> None:
         self.pairs: dict[str, Pair] = dict(pairs or {})
         self.versions: dict[str, int] = {name: 0 for name in self.pairs}
+        self._groups: dict[tuple[PairKind, str], list[Pair]] = {}  # `group` answers until a pair is added or removed
 
     def __iter__(self) -> Iterator[Pair]:
         return iter(sorted(self.pairs.values(), key=lambda p: p.name))
@@ -405,12 +406,14 @@ class PairRegistry:
                 raise TricopyError(f"{pair.source} is already the source of {pair.kind.value} pair {other.name}")
         self.pairs[pair.name] = pair
         self.versions[pair.name] = 0
+        self._groups.clear()
         return pair
 
     def remove(self, name: str) -> None:
         self.get(name)
         del self.pairs[name]
         self.versions.pop(name, None)
+        self._groups.clear()
 
     def from_source(self, ref: str, kind: PairKind) -> Pair | None:
         for p in self.pairs.values():
@@ -428,8 +431,11 @@ class PairRegistry:
         return [p for p in self if split_ref(p.source)[0] == site or split_ref(p.target)[0] == site]
 
     def group(self, kind: PairKind, source_site: str) -> list[Pair]:
-        """The pairs of one consistency group: same kind, same source site [0128]."""
-        return [p for p in self if p.kind == kind and split_ref(p.source)[0] == source_site]
+        """The pairs of one consistency group: same kind, same source site [0128] (a new list each time)."""
+        key = (kind, source_site)
+        if key not in self._groups:  # a pair's kind and volumes never change: only membership does
+            self._groups[key] = [p for p in self if p.kind == kind and split_ref(p.source)[0] == source_site]
+        return list(self._groups[key])
 
     # -- persistence ---------------------------------------------------------------------------
     def bump(self, pair: Pair) -> None:

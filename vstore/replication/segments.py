@@ -13,7 +13,8 @@ Keeps true:
   entries touched, or `positions=None`: every volume needs a full differential check.
 - `SpoolReader` never writes: it reads entries after+1..upto in order, each checked against its
   CRC (a damaged spool is never shipped), finds an entry past bytes it cannot read, and says so
-  when an entry it was asked for is in no segment.
+  when an entry it was asked for is in no segment. Intact entries are read many at a time, one
+  `pread` into one buffer, and handed out as views of it (never copied again).
 """
 
 from __future__ import annotations
@@ -397,22 +398,6 @@ def _walk(segs: list[SegmentContents], confirmed: int, marks: tuple[int, int], b
     return end + 1, None
 
 
-def read_entry_at(fd: int, offset: int, where: str) -> tuple[Entry, bytes] | None:
-    """The entry at `offset` of an open segment with its bytes; None at EOF; FormatError if bad."""
-    raw = os.pread(fd, ENTRY_HEADER_SIZE, offset)
-    if len(raw) < ENTRY_HEADER_SIZE:
-        if raw:
-            raise FormatError(f"{where}: a truncated entry")
-        return None
-    header = parse_entry_header(raw, where)
-    length = entry_size(header.block_count, header.block_size)
-    if offset + length > os.fstat(fd).st_size:  # a header claiming more than the file holds: damaged or torn
-        raise FormatError(f"{where}: the entry there runs past the end of its segment")
-    raw = os.pread(fd, length, offset)
-    entry, _ = decode_entry(raw)  # checks the entry's CRC: a damaged spool is never shipped
-    return entry, raw
-
-
 class SpoolReader:
     """Reads entries from the spool's segment files, read-only, following the appending daemon."""
 
@@ -445,42 +430,48 @@ class SpoolReader:
         return False
 
     def _seek(self, seq: int) -> None:
-        """Position at entry `seq` (following its segment's headers, else scanning it)."""
+        """Position at entry `seq` (reading its segment's entries up to it, else scanning it)."""
         candidates = [(first, path) for first, path in segment_files(self.spool_dir) if first <= seq]
         if not candidates:
             raise FormatError(f"entry {seq} is not in the spool {self.spool_dir} (already trimmed?)")
         self._open(*candidates[-1])
-        try:
-            while self._next < seq:
-                found = read_entry_at(self._fd, self._offset, self._where())  # type: ignore[arg-type]
-                if found is None:
-                    raise FormatError(f"entry {seq} is not in the spool {self.spool_dir}")
-                self._offset += len(found[1])
-                self._next += 1
-        except FormatError:
-            if not self._find(seq):
-                raise FormatError(f"entry {seq} is not in the spool {self.spool_dir} (damaged or already "
-                                  "trimmed)") from None
+        while self._next < seq and self._read_run(seq - 1, READ_BYTES):
+            pass
+        if self._next != seq and not self._find(seq):
+            raise FormatError(f"entry {seq} is not in the spool {self.spool_dir} (damaged or already trimmed)")
 
-    def _where(self) -> str:
-        return f"{self.spool_dir} segment {self._first} offset {self._offset}"
-
-    def _read_one(self) -> tuple[Entry, bytes] | None:
+    def _read_run(self, upto: int, budget: int) -> list[tuple[Entry, memoryview]]:
+        """The intact entries from the current position on (up to `upto`, about `budget` bytes),
+        read with one pread: each entry and its bytes are views of that one buffer. Stops before
+        anything that is not the next entry, whole and checked against its CRC."""
         assert self._fd is not None
+        avail = os.fstat(self._fd).st_size - self._offset
+        if avail < ENTRY_HEADER_SIZE:
+            return []
+        view = memoryview(os.pread(self._fd, min(avail, max(budget, ENTRY_HEADER_SIZE)), self._offset))
         try:
-            found = read_entry_at(self._fd, self._offset, self._where())
-            if found is not None and found[0].seq != self._next:
-                raise FormatError(f"{self.spool_dir}: entry {found[0].seq} found where {self._next} was expected")
-        except FormatError:  # bytes that are no entry before it: read past them, else try the next segment
-            found = read_entry_at(self._fd, self._offset, self._where()) if self._find(self._next) else None
-        if found is None:
-            return None
-        self._offset += len(found[1])
-        self._next += 1
-        return found
+            first = parse_entry_header(view[:ENTRY_HEADER_SIZE], "entry")
+        except FormatError:
+            return []
+        if len(view) < entry_size(first.block_count, first.block_size) <= avail:  # one entry over the budget
+            view = memoryview(os.pread(self._fd, entry_size(first.block_count, first.block_size), self._offset))
+        out: list[tuple[Entry, memoryview]] = []
+        pos = 0
+        while self._next <= upto and len(view) - pos >= ENTRY_HEADER_SIZE:
+            try:
+                entry, end = decode_entry(view, pos)
+            except FormatError:
+                break
+            if entry.seq != self._next:
+                break
+            out.append((entry, view[pos:end]))
+            pos, self._next = end, self._next + 1
+        self._offset += pos
+        return out
 
     def read(self, after: int, upto: int, max_bytes: int = READ_BYTES) -> list[tuple[Entry, bytes]]:
-        """Entries after+1 .. upto (at most about `max_bytes`), in order, each with its encoded bytes."""
+        """Entries after+1 .. upto (at most about `max_bytes`), in order, each with its encoded
+        bytes (views of the buffers they were read into)."""
         out: list[tuple[Entry, bytes]] = []
         size = 0
         if after >= upto:
@@ -488,13 +479,16 @@ class SpoolReader:
         if self._fd is None or self._next != after + 1:
             self._seek(after + 1)
         while self._next <= upto and size < max_bytes:
-            found = self._read_one()
-            if found is None:  # the rest is in the next segment
-                path = self.spool_dir / segment_name(self._next)
-                if not path.is_file():
-                    raise FormatError(f"{self.spool_dir}: acknowledged entry {self._next} is in no segment")
-                self._open(self._next, path)
+            run = self._read_run(upto, max_bytes - size)
+            if run:
+                out.extend(run)  # type: ignore[arg-type]
+                size += sum(len(raw) for _, raw in run)
                 continue
-            out.append(found)
-            size += len(found[1])
+            assert self._fd is not None
+            if os.fstat(self._fd).st_size - self._offset >= ENTRY_HEADER_SIZE and self._find(self._next):
+                continue  # bytes that are no entry before it: read on past them
+            path = self.spool_dir / segment_name(self._next)  # the rest is in the next segment
+            if not path.is_file():
+                raise FormatError(f"{self.spool_dir}: acknowledged entry {self._next} is in no segment")
+            self._open(self._next, path)
         return out

@@ -1,14 +1,18 @@
-"""Copies keep sparse images sparse: a hole of the source is not read and becomes a hole of the
-target (also where the target held data), an all-zero chunk is never written as zeros, and the
-result reads exactly as the source."""
+"""Block I/O beyond single writes: copies keep sparse images sparse (a hole of the source is not
+read and becomes a hole of the target, also where the target held data; an all-zero chunk is never
+written as zeros; the result reads exactly as the source), and `writev` writes consecutive buffers
+as one write."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import BS, blocks
 from vstore.blocks.device import ImageDevice, create_image
+from vstore.blocks.errors import BlockDeviceError
 from vstore.blocks.ranges import copy_ranges
 
 
@@ -55,3 +59,18 @@ def test_data_ranges_name_where_an_image_holds_data(tmp_path: Path) -> None:
         assert len(covered) < 8192 // 4
         dev.write_zeroes(5000, 3)
         assert dev.read(5000, 3) == bytes(3 * BS)
+
+
+def test_writev_writes_consecutive_buffers_and_refuses_partial_blocks(tmp_path: Path) -> None:
+    """`writev` lands each buffer right after the previous one (views included), and a buffer that
+    is not whole blocks, or a run past the end, is refused before anything is written."""
+    path = tmp_path / "img"
+    create_image(path, 64 * BS)
+    with ImageDevice(path) as dev:
+        dev.writev(5, [blocks(1), memoryview(blocks(2) + blocks(3)), blocks(4)])
+        assert dev.read(5, 4) == blocks(1) + blocks(2) + blocks(3) + blocks(4)
+        before = dev.read(0, 64)
+        for bad in ([blocks(1)[:100]], [blocks(1)] * 70):
+            with pytest.raises(BlockDeviceError):
+                dev.writev(0, bad)
+        assert dev.read(0, 64) == before
