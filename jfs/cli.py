@@ -65,7 +65,7 @@ def mounted(target: str, *, writable: bool) -> Iterator[FileSystem]:
     with errors():
         dev = targets.open(target, writable=writable)
         try:
-            fs = FileSystem.mount(dev, readonly=not writable)
+            fs = FileSystem.mount(dev, readonly=not writable, session=False)
             yield fs
             fs.unmount()
         finally:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jfs import layout as L
+from jfs import packing as P
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
 
@@ -45,17 +46,16 @@ class Inode:
     nblocks: int = 0
 
     def build(self) -> bytes:
-        return L.build_checked(L.Inode, dict(
-            type=self.type, mode=self.mode, reserved=0, nlink=self.nlink, generation=self.generation,
-            size=self.size, atime_ns=self.atime_ns, mtime_ns=self.mtime_ns, ctime_ns=self.ctime_ns,
-            direct=self.direct, indirect=self.indirect, dindirect=self.dindirect, nblocks=self.nblocks))
+        return P.pack_inode(P.InodeValues(self.type, self.mode, self.nlink, self.generation, self.size,
+                                          self.atime_ns, self.mtime_ns, self.ctime_ns, self.direct,
+                                          self.indirect, self.dindirect, self.nblocks))
 
     @classmethod
     def parse(cls, ino: int, raw: bytes) -> Inode | None:
         """None for a free (all-zero) slot; FormatError for a corrupt one."""
         if L.is_zero(raw):
             return None
-        v = L.parse_checked(L.Inode, raw, f"inode {ino}")
+        v = P.unpack_inode(raw, f"inode {ino}")
         if v.type not in TYPE_NAMES:
             raise FormatError(f"inode {ino} has unknown type {v.type}; run 'jfs fsck' to repair")
         return cls(ino, v.type, v.mode, v.nlink, v.generation, v.size, v.atime_ns, v.mtime_ns,
@@ -65,22 +65,32 @@ class Inode:
 # -- directory blocks -----------------------------------------------------------------------------
 @dataclass
 class DirBlock:
+    """The entries of one directory block; `used` is the bytes they take, kept as they change."""
+
     lba: int
     entries: dict[str, tuple[int, int]]  # name -> (ino, type)
+    used: int = -1
 
-    def used(self) -> int:
-        return sum(L.dir_entry_size(n) for n in self.entries)
+    def __post_init__(self) -> None:
+        if self.used < 0:
+            self.used = sum(L.dir_entry_size(n) for n in self.entries)
+
+    def add(self, name: str, ino: int, typ: int) -> None:
+        if name not in self.entries:
+            self.used += L.dir_entry_size(name)
+        self.entries[name] = (ino, typ)
+
+    def remove(self, name: str) -> None:
+        del self.entries[name]
+        self.used -= L.dir_entry_size(name)
 
     def image(self, block_size: int, owner: int) -> bytes:
-        return L.build_checked(L.dir_block(block_size), dict(
-            count=len(self.entries), owner=owner,
-            entries=[dict(ino=i, type=t, name=n) for n, (i, t) in self.entries.items()]))
+        return P.pack_dir_block(block_size, owner, ((n, i, t) for n, (i, t) in self.entries.items()))
 
 
 def parse_dir_entries(block_size: int, raw: bytes, what: str) -> tuple[int, list[tuple[str, int, int]]]:
     """(owner inode, [(name, ino, type)] in stored order) of a directory block."""
-    v = L.parse_checked(L.dir_block(block_size), raw, what)
-    return v.owner, [(e.name, e.ino, e.type) for e in v.entries]
+    return P.unpack_dir_block(block_size, raw, what)
 
 
 def parse_dir_block(block_size: int, lba: int, raw: bytes, what: str) -> tuple[int, DirBlock]:
@@ -95,18 +105,17 @@ def parse_dir_block(block_size: int, lba: int, raw: bytes, what: str) -> tuple[i
 # -- pointer blocks -------------------------------------------------------------------------------
 def ptr_image(block_size: int, level: int, owner: int, ptrs: list[int]) -> bytes:
     """A pointer block; `ptrs` shorter than a block's worth is padded with holes."""
-    full = ptrs + [0] * (L.ptrs_per_block(block_size) - len(ptrs))
-    return L.build_checked(L.ptr_block(block_size), dict(level=level, reserved=0, owner=owner, ptrs=full))
+    return P.pack_ptr_block(block_size, level, owner, ptrs)
 
 
-def parse_ptr_block(block_size: int, raw: bytes, what: str) -> Any:
+def parse_ptr_block(block_size: int, raw: bytes, what: str) -> P.PtrValues:
     """The values (level, owner, ptrs) of a pointer block."""
-    return L.parse_checked(L.ptr_block(block_size), raw, what)
+    return P.unpack_ptr_block(block_size, raw, what)
 
 
 # -- bitmaps ----------------------------------------------------------------------------------------
 def bitmap_image(block_size: int, magic: bytes, index: int, bits: bytes) -> bytes:
-    return L.build_checked(L.bitmap_block(block_size, magic), dict(reserved=0, index=index, bits=bits))
+    return P.pack_bitmap_block(block_size, magic, index, bits)
 
 
 def bitmap_images(geo: L.Geometry, bits: bytes, magic: bytes) -> list[bytes]:
@@ -117,13 +126,12 @@ def bitmap_images(geo: L.Geometry, bits: bytes, magic: bytes) -> list[bytes]:
 
 def parse_bitmap(block_size: int, magic: bytes, blocks: list[bytes], first_lba: int, what: str) -> bytearray:
     """The bits of a whole bitmap from its blocks (each checked: magic, CRC, index)."""
-    st = L.bitmap_block(block_size, magic)
     bits = bytearray()
     for k, raw in enumerate(blocks):
-        v = L.parse_checked(st, raw, f"{what} block {first_lba + k}")
-        if v.index != k:
+        index, chunk = P.unpack_bitmap_block(block_size, magic, raw, f"{what} block {first_lba + k}")
+        if index != k:
             raise FormatError(f"{what} block {first_lba + k} is out of place; run 'jfs fsck'")
-        bits += v.bits
+        bits += chunk
     return bits
 
 

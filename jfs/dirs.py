@@ -26,6 +26,8 @@ from jfs.errors import FileNotFound, InvalidArgument, NameTooLong, NotADirectory
 from jfs.txn import Transactions
 from vstore.blocks.errors import FormatError
 
+DCACHE_ENTRIES = 65536  # paths remembered by `lookup`
+
 
 def split_path(path: str) -> list[str]:
     parts: list[str] = []
@@ -90,6 +92,13 @@ class Directories(Transactions):
                 return "holds an invalid name"
         return None
 
+    def _index(self, ino: int) -> dict[str, DirBlock]:
+        """name -> the block holding it, for every entry of directory `ino` (built once per load)."""
+        index = self.dindex.get(ino)
+        if index is None:
+            index = self.dindex[ino] = {n: b for b in self.dir_blocks(ino) for n in b.entries}
+        return index
+
     def _entries(self, ino: int) -> dict[str, tuple[int, int]]:
         out: dict[str, tuple[int, int]] = {}
         for b in self.dir_blocks(ino):
@@ -97,16 +106,17 @@ class Directories(Transactions):
         return out
 
     def _lookup_in(self, dir_ino: int, name: str) -> tuple[int, int] | None:
-        for b in self.dir_blocks(dir_ino):
-            if name in b.entries:
-                return b.entries[name]
-        return None
+        block = self._index(dir_ino).get(name)
+        return None if block is None else block.entries[name]
 
     def _dir_add(self, dir_ino: int, dir_path: str, op: str, name: str, ino: int, typ: int) -> None:
+        """Add an entry: into the last block when it has room (O(1) while a directory grows), else
+        the first block with room, else a new block."""
         blocks = self.dir_blocks(dir_ino)
-        need = L.dir_entry_size(name)
-        cap = L.dir_capacity(self.bs)
-        target = next((b for b in blocks if b.used() + need <= cap), None)
+        index = self._index(dir_ino)
+        room = L.dir_capacity(self.bs) - L.dir_entry_size(name)
+        target = blocks[-1] if blocks and blocks[-1].used <= room else \
+            next((b for b in blocks if b.used <= room), None)
         if target is None:
             m = self.filemap(dir_ino)
             lba = self._alloc_blocks(1)[0]
@@ -116,16 +126,17 @@ class Directories(Transactions):
             node = self.inode(dir_ino)
             node.size = len(blocks) * self.bs
             self._record(dir_ino, dir_path, op, self._store_map(dir_ino, m))
-        target.entries[name] = (ino, typ)
+        target.add(name, ino, typ)
+        index[name] = target
         self._t().meta[target.lba] = target.image(self.bs, dir_ino)
         self._touch_dir(dir_ino, dir_path, op, [target.lba])
 
     def _dir_remove(self, dir_ino: int, dir_path: str, op: str, name: str) -> None:
         blocks = self.dir_blocks(dir_ino)
-        idx = next(i for i, b in enumerate(blocks) if name in b.entries)
-        b = blocks[idx]
-        del b.entries[name]
-        if not b.entries and idx == len(blocks) - 1:
+        b = self._index(dir_ino).pop(name)
+        b.remove(name)
+        self.dcache.clear()  # paths through this name are gone
+        if not b.entries and b is blocks[-1]:
             blocks.pop()
             m = self.filemap(dir_ino)
             m.data.pop()
@@ -156,8 +167,14 @@ class Directories(Transactions):
         return ino
 
     def lookup(self, path: str) -> int:
-        """The inode number of `path`."""
-        return self._resolve(split_path(path))
+        """The inode number of `path` (remembered until a name is removed or the state reloaded)."""
+        ino = self.dcache.get(path)
+        if ino is None:
+            ino = self._resolve(split_path(path))
+            if len(self.dcache) >= DCACHE_ENTRIES:
+                self.dcache.clear()
+            self.dcache[path] = ino
+        return ino
 
     def _parent(self, path: str) -> tuple[int, str, str, list[str]]:
         """(parent inode, parent path, name, parts) of a path that names an entry."""

@@ -64,7 +64,8 @@ from jfs.errors import (
     NotADirectory,
     NotEmpty,
 )
-from jfs.metalog import BlockView, MetaLog
+from jfs.logring import BlockView
+from jfs.metalog import MetaLog
 from vstore.blocks.device import BlockDevice, ImageDevice
 from vstore.blocks.errors import BlockDeviceError, FormatError
 
@@ -198,11 +199,13 @@ class FileSystem(Directories):
 
     # -- mount / unmount ---------------------------------------------------------------------
     @classmethod
-    def mount(cls, device: BlockDevice, *, readonly: bool = False, log_full_wait: float | None = None) -> FileSystem:
+    def mount(cls, device: BlockDevice, *, readonly: bool = False, log_full_wait: float | None = None,
+              session: bool = True) -> FileSystem:
         """Mount: check the superblock, replay the committed log, mark the volume in use. A full
         metadata log waits up to `log_full_wait` seconds for shipping before `LogFull`; by default,
         as long as the device says (`log_full_wait` on a device whose writes another process ships),
-        else not at all."""
+        else not at all. `session=False` (one short command) leaves the superblock's state as it
+        is: the log alone keeps the volume consistent, and nothing is written unless it changes."""
         if log_full_wait is None:
             log_full_wait = float(getattr(device, "log_full_wait", 0.0))
         block0 = device.read(0)
@@ -222,18 +225,24 @@ class FileSystem(Directories):
         if damaged is not None:
             log.warning("%s: %s; mounted with the backup superblock (last block)%s", device.name,
                         str(damaged).split(";")[0], "" if fs.readonly else ", which now replaces it")
-        if not fs.readonly:
+        if not fs.readonly and (session or damaged is not None):
             fs._write_superblock(L.STATE_DIRTY)
+            fs.marked_dirty = True
         return fs
 
     def unmount(self) -> None:
-        """Checkpoint (already done per transaction), mark clean, flush."""
-        if not self.readonly:
+        """Commit what is pending, checkpoint the log on disk, mark clean (when marked dirty)."""
+        if self.readonly:
+            return
+        self.commit_pending()
+        self.log.sync()
+        if self.marked_dirty:
             self._write_superblock(L.STATE_CLEAN)
+            self.marked_dirty = False
 
     def _write_superblock(self, state: int) -> None:
         self.view.write(0, superblock_image(self.geo, self.uuid, self.label, state,
-                                            self.log.head.checkpoint_seq, self.sb.mkfs_time_ns))
+                                            self.log.checkpointed(), self.sb.mkfs_time_ns))
         self.view.flush()
 
     def __enter__(self) -> FileSystem:
@@ -306,7 +315,8 @@ class FileSystem(Directories):
         k0, k1 = offset // bs, (end - 1) // bs
         lbas = [m.data[k] if k < len(m.data) else 0 for k in range(k0, k1 + 1)]
         raw = self._read_blocks(lbas)
-        return raw[offset - k0 * bs:end - k0 * bs]
+        lo, hi = offset - k0 * bs, end - k0 * bs
+        return raw if lo == 0 and hi == len(raw) else raw[lo:hi]
 
     def truncate(self, path: str, size: int) -> None:
         if size < 0:
@@ -429,7 +439,7 @@ class FileSystem(Directories):
         self._setattr(path, apply)
 
     def _setattr(self, path: str, change: Callable[[Inode], None]) -> None:
-        with self._op():
+        with self._op(joinable=True):
             ino = self.lookup(path)
             node = self.inode(ino)
             change(node)
@@ -438,19 +448,25 @@ class FileSystem(Directories):
             self._record(ino, join(split_path(path)), "setattr", [])
 
     def fsync(self, path: str | None = None) -> None:
-        """Durable before returning (every operation already committed and checkpointed)."""
+        """Durable before returning: what is pending is committed, and every commit ends with the
+        flush of its commit point."""
         if path is not None:
             self.lookup(path)
-        self.view.flush()
+        self.commit_pending()
 
     def sync(self) -> None:
-        self.view.flush()
+        self.commit_pending()
 
     def trim(self) -> int:
-        """Trim the metadata log under the [0168]-[0170] rule; returns records deleted."""
+        """Trim the metadata log under the [0168]-[0170] rule (the header on disk records it);
+        returns records deleted."""
         if self.readonly:
             return 0
-        return self.log.trim()
+        self.commit_pending()
+        self.log.sync()
+        removed = self.log.trim()
+        self.log.sync()
+        return removed
 
     def statfs(self) -> StatFs:
         """Sizes and free counts; blocks held for writes not yet committed (`reserve`) count as used."""

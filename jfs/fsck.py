@@ -200,7 +200,7 @@ class Checker(VolumeChecks):
                                      f"{brief(name)} twice; the second entry is removed")
                         self.dir_writes[lba] = ino
                     else:
-                        block.entries[name] = (child, typ)
+                        block.add(name, child, typ)
                 blocks.append(block)
             self.dirs[ino] = blocks
             if [b.lba for b in blocks] != data:
@@ -278,7 +278,7 @@ class Checker(VolumeChecks):
                         bad = "names a directory that is already linked elsewhere"
                     if bad is not None:
                         if self.problem("dir-entry-bad", f"{path}/{name}: {bad}; entry removed"):
-                            del b.entries[name]
+                            b.remove(name)
                             self.dir_writes[b.lba] = ino
                         continue
                     self.links[child] += 1
@@ -330,7 +330,7 @@ class Checker(VolumeChecks):
         """Add an entry, growing the directory by a block when it must; False when it cannot."""
         blocks = self.dirs[dir_ino]
         cap = L.dir_capacity(self.geo.block_size)
-        target = next((b for b in blocks if b.used() + L.dir_entry_size(name) <= cap), None)
+        target = next((b for b in blocks if b.used + L.dir_entry_size(name) <= cap), None)
         if target is None:
             lba = self._free_block()
             if lba is None:
@@ -345,7 +345,7 @@ class Checker(VolumeChecks):
                 del self.owner[lba]
                 self._set_dir_blocks(dir_ino)
                 return False
-        target.entries[name] = (ino, self.inodes[ino].type)
+        target.add(name, ino, self.inodes[ino].type)
         self.dir_writes[target.lba] = dir_ino
         return True
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from jfs import layout as L
 from jfs.codecs import superblock_at, superblock_image
-from jfs.metalog import (
+from jfs.logring import (
     MAX_SEQ,
     BlockView,
     LogHead,

@@ -7,6 +7,12 @@ an entry for D).
 
 Keeps true:
 - Each FUSE request is one or more complete jfs operations; nothing half-done reaches the volume.
+  Mode and time changes join a running transaction (`FileSystem.group`), committed with the next
+  other operation, at every flush (each close) and fsync, every `COMMIT_INTERVAL` seconds and at
+  unmount: what tar and cp -a set after a file's close rides with the next file's create.
+- The kernel keeps attributes, names, negative lookups and file pages for `CACHE_TIMEOUT` and
+  sends writes of up to `MAX_WRITE`: the volume's claim is exclusive, so no other writer can make
+  what it keeps stale. Its writeback cache stays off (`WRITEBACK_CACHE`).
   A failed operation returns the errno its `TricopyError` carries (ENOENT, EEXIST, ENOTEMPTY,
   ENOSPC, ENAMETOOLONG, EISDIR, ENOTDIR, EINVAL, EFBIG, EROFS); a full metadata log (`LogFull`,
   entries not yet shipped, [0169]) is reported as ENOSPC; anything unexpected as EIO.
@@ -69,6 +75,13 @@ log = logging.getLogger("jfs.fuse")
 BUFFER_BYTES = 4 << 20  # per open file: gathered writes are committed at this size
 TOTAL_BUFFER_BYTES = 64 << 20  # all files together
 MAX_WRITE = 1 << 20  # largest FUSE write request asked of the kernel
+FUSE_CAP_WRITEBACK_CACHE = 1 << 16  # libfuse 3 fuse_common.h
+# Off: with the kernel's writeback cache a write(2) lands in the page cache and succeeds whatever
+# the space left, so ENOSPC would surface only at writeback, losing bytes a write accepted (the
+# POSIX error semantics above). jfs gathers writes itself instead (`jfs.wbuf`).
+WRITEBACK_CACHE = False
+CACHE_TIMEOUT = 60.0  # seconds the kernel may keep attributes and names (this mount is their only writer)
+COMMIT_INTERVAL = 5.0  # seconds an operation waits at most in the running group (jbd2's commit interval)
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -130,6 +143,8 @@ class JfsOperations:
         self.buffer = WriteBuffer(fs, buffer_bytes=buffer_bytes, total_bytes=TOTAL_BUFFER_BYTES)
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started = False  # the kernel connection was set up (libfuse called init)
+        self.last_commit = time.monotonic()
+        fs.group = True  # operations join one running transaction, committed at flush/fsync/interval
 
     # -- gathered writes (a failure is recorded for the open files, never raised here) ------------
     def commit(self, path: str) -> None:
@@ -264,6 +279,7 @@ class JfsOperations:
     @_request
     def flush(self, path: str, fh: int) -> int:
         self.commit(path)
+        self.fs.commit_pending()  # every close: the file's transaction committed, the device flushed
         self.buffer.check(fh)
         return 0
 
@@ -279,14 +295,36 @@ class JfsOperations:
         return 0
 
     def init_with_config(self, conn: Any, config: Any) -> None:
-        """Ask the kernel for large write requests (fewer round trips per MiB)."""
+        """Ask the kernel for large write requests (fewer round trips per MiB), its writeback cache
+        (writes gathered in the page cache, sent in large requests) and long attribute, name and
+        negative-lookup timeouts: every change of this volume goes through this mount (its claim
+        is exclusive), so what the kernel keeps cannot go stale."""
         self.started = True
         if conn is not None and hasattr(conn, "max_write"):
             conn.max_write = max(int(conn.max_write), MAX_WRITE)
+        if conn is not None and WRITEBACK_CACHE and int(getattr(conn, "capable", 0)) & FUSE_CAP_WRITEBACK_CACHE:
+            conn.want = int(conn.want) | FUSE_CAP_WRITEBACK_CACHE
+        if config is not None and hasattr(config, "attr_timeout"):
+            config.attr_timeout = config.entry_timeout = config.negative_timeout = CACHE_TIMEOUT
+            config.kernel_cache = 1
+
+    def tick(self) -> None:
+        """Commit the running group when it has waited `COMMIT_INTERVAL` (called periodically)."""
+        with self._mutex:
+            if time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
+                self._commit_group()
+
+    def _commit_group(self) -> None:
+        self.last_commit = time.monotonic()
+        try:
+            self.fs.commit_pending()
+        except (TricopyError, OSError) as exc:
+            log.warning("committing the running transaction failed: %s", exc)
 
     def destroy(self, path: str) -> None:
         with self._mutex:
             self.commit_all()  # what cannot be stored now is logged (jfs.wbuf)
+            self._commit_group()
 
 
 @functools.cache
@@ -320,6 +358,9 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
     check_mountpoint(mp)
     fs = FileSystem.mount(device, readonly=readonly)
     ops = JfsOperations(fs)
+    done = threading.Event()
+    ticker = threading.Thread(target=_tick, args=(ops, done), name="jfs-commit", daemon=True)
+    ticker.start()
     try:
         if state is not None:
             write_state(state, {"pid": os.getpid(), "target": device.name, "mountpoint": str(mp.resolve())})
@@ -336,6 +377,8 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
             raise TricopyError(f"libfuse could not mount {mp} (error {exc}); check that it is an empty "
                                "directory that is not mounted already") from None
     finally:
+        done.set()
+        ticker.join()
         with ops._mutex:
             try:
                 ops.commit_all()
@@ -343,3 +386,8 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
                 fs.unmount()
                 if state is not None:
                     state.unlink(missing_ok=True)
+
+
+def _tick(ops: JfsOperations, done: threading.Event) -> None:
+    while not done.wait(1.0):
+        ops.tick()

@@ -27,7 +27,7 @@ from jfs import layout as L
 from jfs.blockmap import walk
 from jfs.codecs import Inode, find_superblock, parse_ptr_block
 from jfs.errors import IncompleteLog
-from jfs.metalog import BlockView, LogRecord, read_header, replay_committed, scan_ring
+from jfs.logring import BlockView, LogRecord, read_header, replay_committed, scan_ring
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
 from vstore.blocks.ranges import Ranges, merge_ranges

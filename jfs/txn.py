@@ -1,15 +1,22 @@
 """A mounted jfs's in-memory state, and each operation as one metadata-log transaction (SPEC §8 [0160]-[0161]).
 
-The model is xv6's begin_op()/log_write()/end_op() around the buffer cache: an operation runs
-inside `_op()`, changes inodes, block maps, directory blocks and the allocators in memory while
-`_Txn` collects what it touched, and at the end `_commit` turns that into block images (inode-table
-blocks, bitmap blocks, pointer and directory blocks) and hands them, with the file data and one
-record per touched inode, to `MetaLog.commit`. File data is copy-on-write: new data always goes to
-freshly allocated blocks.
+The model is xv6's begin_op()/log_write()/end_op() around the buffer cache, with jbd2's running
+transaction: an operation runs inside `_op()`, changes inodes, block maps, directory blocks and
+the allocators in memory while `_Txn` collects what it touched, and at the end `_seal` turns its
+inodes into inode-table images. Without grouping, the operation is then committed alone
+(`_write_txn`: bitmap images, `MetaLog.commit`). With `group` set (the FUSE mount), a mode or time
+change joins the running transaction instead, committed with the next other operation or by
+`commit_pending` (close, fsync, size, interval). Operations that create, fill or remove files are
+committed when they return, so a failing commit never takes back a file an application saw. File data is
+copy-on-write: new data always goes to freshly allocated blocks.
 
 Keeps true:
 - Any failure inside an operation (no space, log full, bad name...) leaves the volume unchanged:
-  nothing reaches the log, and the in-memory state is reloaded from disk.
+  nothing of it reaches the log (what it allocated is given back, the running group is committed
+  without it), and the in-memory state is reloaded from disk.
+- A running group holds (`log.reserved`) the log space its commit can need at most (`_cost`); an
+  operation that would not fit commits the group first, so a group never fails for lack of log
+  space after its operations succeeded.
 - A block or inode the operation frees becomes allocatable only after its transaction committed
   (the bitmap images carry the cleared bits; the in-memory bits are cleared after the commit).
 - Directory blocks, pointer blocks, inodes and bitmaps reach their home location only through a
@@ -35,10 +42,11 @@ from typing import Any
 
 from jfs import layout as L
 from jfs.alloc import Bitmap
-from jfs.blockmap import FileMap, read_map, store_map
+from jfs.blockmap import FileMap, read_map, store_map, write_cost
 from jfs.codecs import DirBlock, Inode, bitmap_image, parse_bitmap
 from jfs.errors import FileTooLarge, LogFull, NoSpace, ReadOnlyFs
-from jfs.metalog import BlockView, MetaLog, RecordSpec
+from jfs.logring import BlockView
+from jfs.metalog import MetaLog, RecordSpec, txn_blocks
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
 from vstore.blocks.ranges import Ranges, merge_ranges, ranges_of
@@ -53,6 +61,7 @@ class _Txn:
     freed_blocks: set[int] = field(default_factory=set)
     freed_inodes: set[int] = field(default_factory=set)
     bitmap_dirty: set[tuple[str, int]] = field(default_factory=set)
+    allocated: list[tuple[str, int]] = field(default_factory=list)  # ("b"|"i", number), to undo on failure
 
 
 class _Log(MetaLog):
@@ -81,6 +90,10 @@ class Transactions:
         self.log = self._open_log()
         self.reserved_blocks = 0  # held by `reserve` for writes not yet committed
         self._txn: _Txn | None = None
+        self.group = False  # group commit: operations join `_running`, committed by `commit_pending`
+        self._running: _Txn | None = None
+        self._running_hold = 0  # log blocks held for committing `_running`
+        self.marked_dirty = False  # the superblock says "in use"
         self._torn = False  # a commit failed after it may have written part of its transaction
         self._stale = False  # the in-memory state must be read again before the next operation
         self._load()
@@ -98,6 +111,8 @@ class Transactions:
         self.inodes: dict[int, Inode | None] = {}
         self.maps: dict[int, FileMap] = {}
         self.dirs: dict[int, list[DirBlock]] = {}
+        self.dindex: dict[int, dict[str, DirBlock]] = {}  # directory -> name -> block holding it
+        self.dcache: dict[str, int] = {}  # path -> inode, for `lookup`
         self.itable: dict[int, bytes] = {}
         self.ibits = self._load_bitmap(geo.ibitmap_start, geo.ibitmap_blocks, L.INODE_BITMAP_MAGIC,
                                        geo.inode_count, 2, "inode bitmap")
@@ -109,6 +124,7 @@ class Transactions:
         re-open the log so that its transaction is either replayed in full or not there at all."""
         self._stale = True
         self.inodes, self.maps, self.dirs, self.itable = {}, {}, {}, {}
+        self.dindex, self.dcache = {}, {}
         if self._torn:
             reserved = self.log.reserved
             self.log = self._open_log()
@@ -171,24 +187,8 @@ class Transactions:
     # -- reservations for writes not yet committed -------------------------------------------------
     def write_cost(self, path: str, offset: int, size: int) -> tuple[int, int]:
         """(blocks, log blocks) that one `write(path, offset, size bytes)` transaction can need at
-        most: every touched block anew (copy-on-write), every pointer block over them, and a
-        transaction that lists each of them as its own range and touches a bitmap block for each
-        block allocated or freed."""
-        if size <= 0:
-            return 0, 0
-        bs, p = self.bs, L.ptrs_per_block(self.bs)
-        k0, k1 = offset // bs, (offset + size - 1) // bs
-        ptrs = 0
-        single, double = L.N_DIRECT, L.N_DIRECT + p  # first file block under each pointer tree
-        if k1 >= single and k0 < double:
-            ptrs += 1
-        if k1 >= double:
-            ptrs += 2 + (k1 - double) // p - (max(k0, double) - double) // p  # the root and its children
-        blocks = k1 - k0 + 1 + ptrs
-        meta = 1 + min(self.geo.bbitmap_blocks, 2 * blocks) + ptrs  # inode table, bitmaps, pointers
-        body = 16 + 4 * meta + 16 + len(path.encode()) + 8 * blocks
-        desc = -(-(L.TXN_HEAD_BYTES + body) // bs)
-        return blocks, desc + meta + 1
+        most (`blockmap.write_cost`)."""
+        return write_cost(self.geo, len(path.encode()), offset, size)
 
     def reservable(self) -> tuple[int, int]:
         """(blocks, log blocks) that `reserve` can hold now (the log trimmed as far as the rule allows)."""
@@ -222,12 +222,15 @@ class Transactions:
             raise NoSpace("the file system has no free blocks left; delete files or use a larger image")
         out = self.bbits.alloc(n, "blocks")
         bpb = L.bits_per_bitmap_block(self.bs)
-        self._t().bitmap_dirty.update(("b", i // bpb) for i in out)
+        t = self._t()
+        t.bitmap_dirty.update(("b", i // bpb) for i in out)
+        t.allocated.extend(("b", i) for i in out)
         return out
 
     def _alloc_inode(self, typ: int, mode: int) -> Inode:
         ino = self.ibits.alloc(1, "inodes")[0]
         self._t().bitmap_dirty.add(("i", ino // L.bits_per_bitmap_block(self.bs)))
+        self._t().allocated.append(("i", ino))
         now = time.time_ns()
         node = Inode(ino, typ, mode & 0o7777, 1 if typ == L.TYPE_FILE else 2,
                      self.log.head.head_seq & 0xFFFFFFFF, 0, now, now, now)
@@ -235,6 +238,7 @@ class Transactions:
         self.maps[ino] = FileMap([])
         if typ == L.TYPE_DIR:
             self.dirs[ino] = []
+            self.dindex[ino] = {}
         self._dirty(ino)
         return node
 
@@ -253,21 +257,23 @@ class Transactions:
 
     # -- file content (copy-on-write) ---------------------------------------------------------------
     def _read_blocks(self, lbas: list[int]) -> bytes:
-        out = bytearray()
+        """The blocks `lbas` (0 = hole), read in runs of consecutive blocks and joined once."""
+        parts: list[bytes] = []
         i = 0
         while i < len(lbas):
-            if not lbas[i]:
-                out += bytes(self.bs)
-                i += 1
-                continue
             j = i + 1
-            while j < len(lbas) and lbas[j] == lbas[j - 1] + 1:
-                j += 1
-            if not all(self.geo.data_start <= b < self.geo.data_end for b in (lbas[i], lbas[j - 1])):
-                raise FormatError("a file points outside the data area; run 'jfs fsck'")
-            out += self.view.read(lbas[i], j - i)
+            if not lbas[i]:
+                while j < len(lbas) and not lbas[j]:
+                    j += 1
+                parts.append(bytes((j - i) * self.bs))
+            else:
+                while j < len(lbas) and lbas[j] == lbas[j - 1] + 1:
+                    j += 1
+                if not (self.geo.data_start <= lbas[i] and lbas[j - 1] < self.geo.data_end):
+                    raise FormatError("a file points outside the data area; run 'jfs fsck'")
+                parts.append(self.view.read(lbas[i], j - i))
             i = j
-        return bytes(out)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _put_data(self, ino: int, offset: int, data: bytes) -> list[int]:
         """Copy-on-write `data` at `offset` into the file's map; returns the new data blocks."""
@@ -340,30 +346,58 @@ class Transactions:
             rec.path = rec.path or path
 
     @contextmanager
-    def _op(self) -> Iterator[_Txn]:
+    def _op(self, joinable: bool = False) -> Iterator[_Txn]:
+        """One operation. With `group` set, a `joinable` one (attributes) joins the running group;
+        any other commits at once, together with the group."""
         if self.readonly:
             raise ReadOnlyFs("the file system is mounted read-only")
         if self._stale:
             self._reload()  # an earlier failure could not read the volume back: it must work first
-        self._txn = _Txn()
+        t = self._txn = _Txn()
         try:
-            yield self._txn
-            self._commit(self._txn)
+            yield t
+            self._seal(t)
         except BaseException:
-            self._txn = None
-            with suppress(Exception):  # the operation's own error is the one to report
-                self._reload()  # memory holds the failed operation: read the volume's state back
-            raise  # when the reload failed too, the state stays `_stale`: retried before the next operation
+            self._abandon(t)
+            raise
         finally:
             self._txn = None
+        if self.group and joinable:
+            self._join(t)
+        elif self._running is not None:
+            self._join(t)
+            self.commit_pending()
+        else:
+            self._commit_now(t)
 
-    def _commit(self, t: _Txn) -> None:
-        if not t.records and not t.meta and not t.dirty_inodes:
-            return
-        geo = self.geo
-        for ino in t.dirty_inodes:  # inodes into their table blocks
+    def _abandon(self, t: _Txn) -> None:
+        """A failed operation: what it allocated is given back, what earlier operations of the
+        running group did is committed, and memory is read back from the volume."""
+        self._txn = None
+        for kind, i in t.allocated:
+            (self.ibits if kind == "i" else self.bbits).clear(i)
+        with suppress(Exception):  # the operation's own error is the one to report
+            self.commit_pending()
+        with suppress(Exception):
+            self._reload()  # memory holds the failed operation: read the volume's state back
+        # when the reload failed too, the state stays `_stale`: retried before the next operation
+
+    def _commit_now(self, t: _Txn) -> None:
+        try:
+            self._write_txn(t)
+        except BaseException:
+            with suppress(Exception):
+                self._reload()
+            raise
+
+    def _seal(self, t: _Txn) -> None:
+        """At the end of a successful operation: its inodes into their table blocks, its freed
+        inodes out of the caches."""
+        geo, r = self.geo, self._running
+        for ino in t.dirty_inodes:
             blk, off = geo.inode_location(ino)
-            raw = bytearray(t.meta.get(blk) or self._itable_block(blk))
+            raw = bytearray(t.meta.get(blk) or (r.meta.get(blk) if r is not None else None)
+                            or self._itable_block(blk))
             node = self.inodes.get(ino)
             raw[off:off + L.INODE_SIZE] = node.build() if node is not None and ino not in t.freed_inodes \
                 else bytes(L.INODE_SIZE)
@@ -372,6 +406,68 @@ class Transactions:
             self.inodes[ino] = None
             self.maps.pop(ino, None)
             self.dirs.pop(ino, None)
+            self.dindex.pop(ino, None)
+
+    # -- group commit ------------------------------------------------------------------------------
+    def _join(self, t: _Txn) -> None:
+        """Add a sealed operation to the running group: its data goes to its (free) blocks now, its
+        images and records wait for `commit_pending`. The group's log space is held as it grows;
+        a group that would not fit is committed first, and one that grew large is committed."""
+        if not (t.records or t.meta):
+            return
+        r = self._running
+        if r is not None and not self._hold(self._cost(r, t)):
+            self.commit_pending()
+            r = None
+        if r is None:
+            if not self._hold(self._cost(None, t)):
+                self._commit_now(t)  # LogFull (after waiting for shipping) as without grouping
+                return
+            r = self._running = _Txn()
+        self.log._write_blocks(t.data)  # ordered mode holds: nothing points at them before the commit
+        for lba in t.freed_blocks:
+            r.meta.pop(lba, None)
+        r.meta.update(t.meta)
+        for ino, rec in t.records.items():
+            old = r.records.get(ino)
+            r.records[ino] = rec if old is None else RecordSpec(
+                ino, rec.path or old.path, rec.op, merge_ranges(old.ranges + rec.ranges))
+        r.freed_blocks |= t.freed_blocks
+        r.freed_inodes |= t.freed_inodes
+        r.bitmap_dirty |= t.bitmap_dirty
+        if self._running_hold > max(8, (self.geo.log_blocks - 1) // 8):
+            self.commit_pending()
+
+    def _cost(self, r: _Txn | None, t: _Txn) -> int:
+        """Log blocks that committing `r` with `t` joined can need at most."""
+        parts = [t] if r is None else [t, r]
+        bitmaps = set().union(*(x.bitmap_dirty for x in parts))
+        freed = sum(len(x.freed_blocks) + len(x.freed_inodes) for x in parts)
+        metas = len(set().union(*(x.meta for x in parts))) + min(
+            len(bitmaps) + freed, self.geo.ibitmap_blocks + self.geo.bbitmap_blocks)
+        return txn_blocks(self.bs, metas, [rec for x in parts for rec in x.records.values()])
+
+    def _hold(self, cost: int) -> bool:
+        """Hold `cost` log blocks in all for the running group; False when they are not free."""
+        more = cost - self._running_hold
+        if more > self.log.free():
+            self.log.trim()
+            if more > self.log.free():
+                return False
+        self.log.reserved, self._running_hold = self.log.reserved + more, cost
+        return True
+
+    def commit_pending(self) -> None:
+        """Commit the running group, if any; what its commit raises is raised (memory re-read)."""
+        r, self._running = self._running, None
+        self.log.reserved, self._running_hold = max(0, self.log.reserved - self._running_hold), 0
+        if r is not None:
+            self._commit_now(r)
+
+    def _write_txn(self, t: _Txn) -> None:
+        if not t.records and not t.meta and not t.dirty_inodes:
+            return
+        geo = self.geo
         nbytes = L.bits_per_bitmap_block(self.bs) // 8
         for kind, k in self._bitmap_blocks_touched(t, nbytes):
             bm = self.ibits if kind == "i" else self.bbits
@@ -401,5 +497,4 @@ class Transactions:
 
     def _bitmap_blocks_touched(self, t: _Txn, nbytes: int) -> set[tuple[str, int]]:
         bpb = nbytes * 8
-        touched = {("i", i // bpb) for i in t.freed_inodes} | {("b", i // bpb) for i in t.freed_blocks}
-        return touched | t.bitmap_dirty
+        return {("i", i // bpb) for i in t.freed_inodes} | {("b", i // bpb) for i in t.freed_blocks} | t.bitmap_dirty

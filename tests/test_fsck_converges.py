@@ -15,7 +15,7 @@ from jfs import layout as L
 from jfs.codecs import parse_dir_entries, superblock_at
 from jfs.fs import FileSystem, mkfs
 from jfs.fsck import EXIT_CLEAN, EXIT_FIXED, EXIT_UNFIXED, FsckResult, fsck
-from jfs.metalog import BlockView, read_header
+from jfs.logring import BlockView, read_header
 from jfs.scan import scan_log
 from tools.fuzz import harness, jfsutil
 from tools.fuzz.jfs_image import read_everything
@@ -159,8 +159,8 @@ def test_empty_log_whose_tail_and_head_differ_is_found_before_a_write_breaks_it(
 
 
 @pytest.mark.parametrize(("which", "field", "value"), [
-    (MOUNTED, "head_off", 4), (MOUNTED, "head_off", 1), (CLEAN, "checkpoint_seq", 8),
-    (MOUNTED, "head_seq", 10), (MOUNTED, "tail_seq", 12), (MOUNTED, "flags", 6),
+    (MOUNTED, "head_off", 10), (MOUNTED, "head_off", 1), (CLEAN, "checkpoint_seq", 8),
+    (MOUNTED, "head_seq", 11), (MOUNTED, "tail_seq", 12), (MOUNTED, "flags", 6),
 ])
 def test_log_header_positions_that_contradict_the_log(which: int, field: str, value: int) -> None:
     """A log header whose head is not where its transactions end, whose checkpoint is not the

@@ -121,3 +121,35 @@ def test_fixed_workload_all_epoch_reorderings() -> None:
         check_state(dev, [states[before[e]]] + ([states[before[e] + 1]] if has_commit else []))
         count += 1
     assert count > len(rec.writes())
+
+
+def test_a_commit_whose_header_never_landed_stays_uncommitted() -> None:
+    """A commit block that reached the disk while the log header written in the same flush epoch
+    did not (that flush never returned) is no commit: the mount shows the tree before it, and so
+    do later mounts, fsck and the mount after it, although the transaction sits at the new head."""
+    rec, geo, states = run([("write_file", "/a", b"1" * 3000), ("write_file", "/b", b"2" * 3000)])
+    epochs = rec.epochs()
+    e = max(i for i, ep in enumerate(epochs) if any(is_commit(w, geo) for w in ep))
+    commit = next(w for w in epochs[e] if is_commit(w, geo))
+    dev = rec.materialise([w for ep in epochs[:e] for w in ep] + [commit])
+    for _ in range(2):
+        fs = FileSystem.mount(dev)
+        assert tree(fs) == states[-2]
+        fs.unmount()
+    assert fsck(dev).exit_code == 0
+    fs = FileSystem.mount(dev)
+    assert tree(fs) == states[-2]
+
+
+def test_a_transaction_costs_two_flushes() -> None:
+    """Each committed operation asks the device for exactly two flushes (ordering point, commit
+    point); unmount adds two (the last homes, then the header) and one for the superblock."""
+    rec, fs = fresh()
+    ops = [("mkdir", "/d"), ("write_file", "/d/c", b"x" * 5000), ("rename", "/d/c", "/a"), ("unlink", "/a")]
+    for op in ops:
+        before = rec.ops.count(None)
+        apply(fs, op)
+        assert rec.ops.count(None) - before == 2, op
+    before = rec.ops.count(None)
+    fs.unmount()
+    assert rec.ops.count(None) - before == 3

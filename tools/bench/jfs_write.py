@@ -1,7 +1,11 @@
 """Benchmark: write a tree of files (4 KiB-1 MiB, seeded) into a jfs image vs the same bytes as
 plain files in a temporary directory; prints both times and the ratio.
 
-Run: python -m tools.bench.jfs_write [--files 1000] [--seed 1]
+With `--one-dir N [N ...]`: create N empty files in one directory of an in-process mount (image
+not durable), and print the create cost by decile and the cost of a warm and a cold lookup, so
+that a cost growing with the directory's size shows.
+
+Run: python -m tools.bench.jfs_write [--files 1000] [--seed 1] [--one-dir 1000 10000]
 """
 
 from __future__ import annotations
@@ -58,11 +62,56 @@ def bench_plain(tree: list[tuple[str, bytes]], root: Path) -> float:
     return time.perf_counter() - start
 
 
+def bench_one_dir(n: int, root: Path) -> None:
+    """Create `n` empty files in /d; print ms per create by decile and µs per stat (warm, cold)."""
+    img = root / f"dir{n}.img"
+    create_image(img, 64 << 20, 4096)
+    dev = ImageDevice(img)
+    mkfs(dev, inodes=max(1024, n + 64))
+    fs = FileSystem.mount(dev)
+    fs.mkdir("/d")
+    deciles = []
+    cpu0, start = time.process_time(), time.perf_counter()
+    step = max(1, n // 10)
+    t = time.perf_counter()
+    for i in range(n):
+        fs.create(f"/d/f{i:06d}")
+        if (i + 1) % step == 0:
+            now = time.perf_counter()
+            deciles.append((now - t) / step * 1000)
+            t = now
+    total, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    names = [f"/d/f{i:06d}" for i in range(0, n, max(1, n // 200))]
+    t = time.perf_counter()
+    for p in names:
+        fs.stat(p)
+    warm = (time.perf_counter() - t) / len(names) * 1e6
+    fs.unmount()
+    dev.close()
+    dev = ImageDevice(img)
+    fs = FileSystem.mount(dev)
+    t = time.perf_counter()
+    fs.stat(names[-1])  # loads the directory
+    cold = (time.perf_counter() - t) * 1e6
+    blocks = len(fs.dir_blocks(fs.lookup("/d")))
+    fs.unmount()
+    dev.close()
+    print(f"{n:>6} files in one directory: create {total:6.2f} s (CPU {cpu:.2f} s), "
+          f"{n / total:7.0f}/s; ms per create by decile: {' '.join(f'{d:.2f}' for d in deciles)}")
+    print(f"        stat warm {warm:.1f} µs, first stat after mount (loads {blocks} dir blocks) {cold:.0f} µs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--one-dir", type=int, nargs="*", default=None, metavar="N")
     args = ap.parse_args()
+    if args.one_dir:
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in args.one_dir:
+                bench_one_dir(n, Path(tmp))
+        return
     tree = workload(args.files, args.seed)
     total = sum(len(d) for _, d in tree)
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from jfs import layout as L
 from jfs.codecs import DirBlock, Inode, bitmap_image, parse_bitmap, parse_dir_block, parse_ptr_block, ptr_image
-from jfs.metalog import BlockView, LogHead, read_header, replay_committed, scan_ring
+from jfs.logring import BlockView, LogHead, read_header, replay_committed, scan_ring
 from tools.fuzz import harness, jfsutil
 from vstore.blocks.device import MemoryDevice
 
@@ -56,7 +56,7 @@ def _dir(raw: bytes) -> str:
     if not harness.ok(got):
         return harness.describe(got)
     owner, block = got  # type: ignore[misc]
-    assert isinstance(block, DirBlock) and block.used() <= L.dir_capacity(BS)
+    assert isinstance(block, DirBlock) and block.used <= L.dir_capacity(BS)
     assert parse_dir_block(BS, 40, block.image(BS, owner), "again") == (owner, block)
     return f"directory block of {len(block.entries)}"
 

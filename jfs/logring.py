@@ -1,0 +1,306 @@
+"""The metadata log as stored: its header, the ring of transactions, and the one reading of it
+(SPEC §8 [0160]; FORMAT.md "Metadata log area").
+
+Mount, fsck and the recovery scan all read the ring with `scan_ring` and apply what is committed
+but not yet checkpointed with `replay_committed`; `jfs.metalog.MetaLog` writes it.
+
+Keeps true:
+- A transaction is committed exactly when its commit block is on disk with a matching CRC, it
+  overlaps no transaction before it, and what it names is what a commit writes (`_justified`:
+  records of inodes in the table, known operations, ranges in the data area; ascending homes, each
+  a bitmap block, a recorded inode's table block or a block a record names). Replay ignores
+  anything else, so it never writes the superblocks, the log area, a block past the device or a
+  block no record names (a file's data).
+- A log header is read only when its positions are possible (`header_problem`), and the log is
+  opened only when its transactions end at the head offset (`RingScan.broken`).
+- Replay re-writes the images of the transaction at the head (committed, not checkpointed) and
+  records the checkpoint in the header; doing it twice gives the same blocks (idempotent). A
+  transaction found after it was never acknowledged (its header record is not on disk): replay
+  zeroes its descriptor before the header moves past, so it can never become committed later.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Any
+
+from jfs.layout import (
+    LOG_FLAG_RECORDS_LOST,
+    TXN_HEAD_BYTES,
+    Commit,
+    Geometry,
+    LogHeader,
+    TxnBody,
+    TxnHead,
+    crc32,
+    parse,
+    parse_checked,
+)
+from jfs.packing import pack_log_header
+from vstore.blocks.device import BlockDevice
+from vstore.blocks.errors import FormatError
+from vstore.blocks.ranges import Ranges, merge_ranges
+
+
+@dataclass
+class LogRecord:
+    """Which file (inode, path when known) an operation changed, and the data blocks it wrote."""
+
+    seq: int
+    ino: int
+    path: str | None
+    op: str
+    ranges: Ranges
+
+
+@dataclass
+class Txn:
+    """A committed transaction found in the ring."""
+
+    seq: int
+    off: int
+    nblocks: int
+    homes: list[int]
+    records: list[LogRecord]
+    images: list[bytes] = field(default_factory=list)
+
+
+@dataclass
+class LogHead:
+    """The log header's values (see FORMAT.md "Log header")."""
+
+    uuid: bytes
+    flags: int = 0
+    tail_seq: int = 1
+    tail_off: int = 0
+    head_seq: int = 1
+    head_off: int = 0
+    checkpoint_seq: int = 0
+
+    def build(self, block_size: int) -> bytes:
+        return pack_log_header(block_size, self.flags, self.uuid, self.tail_seq, self.tail_off, self.head_seq,
+                               self.head_off, self.checkpoint_seq)
+
+
+class BlockView:
+    """Reads and writes through to a device, or into an overlay when the device must not change
+    (read-only mount, `fsck -n`): replayed blocks then live only in memory."""
+
+    def __init__(self, device: BlockDevice, *, readonly: bool = False) -> None:
+        self.device = device
+        self.readonly = readonly or device.readonly
+        self.overlay: dict[int, bytes] = {}
+
+    def read(self, lba: int, count: int = 1) -> bytes:
+        if not self.overlay:
+            return self.device.read(lba, count)
+        bs = self.device.block_size
+        raw = bytearray(self.device.read(lba, count))
+        for i in range(count):
+            img = self.overlay.get(lba + i)
+            if img is not None:
+                raw[i * bs:(i + 1) * bs] = img
+        return bytes(raw)
+
+    def write(self, lba: int, data: bytes) -> None:
+        if self.readonly:
+            bs = self.device.block_size
+            for i in range(len(data) // bs):
+                self.overlay[lba + i] = bytes(data[i * bs:(i + 1) * bs])
+        else:
+            self.device.write(lba, data)
+
+    def flush(self) -> None:
+        if not self.readonly:
+            self.device.flush()
+
+
+# -- reading the log (shared by mount, fsck and the recovery scan) ------------------------------
+MAX_SEQ = 1 << 63  # sequences stay far from the u64 limit
+
+
+def parse_header(view: BlockView, geo: Geometry) -> LogHead:
+    """The log header's values as stored (magic, version and CRC checked, positions not)."""
+    v = parse_checked(LogHeader, view.read(geo.log_start), f"log header (block {geo.log_start})")
+    return LogHead(v.uuid, v.flags, v.tail_seq, v.tail_off, v.head_seq, v.head_off, v.checkpoint_seq)
+
+
+def header_problem(head: LogHead, geo: Geometry) -> str | None:
+    """What makes the positions of a parsed log header impossible, or None."""
+    ring = geo.log_blocks - 1
+    checks = ((head.tail_off < ring and head.head_off < ring, "a position lies outside the ring"),
+              (1 <= head.tail_seq <= head.head_seq < MAX_SEQ and head.head_seq - head.tail_seq <= ring // 2,
+               "its sequences are out of order"),
+              (head.checkpoint_seq == head.head_seq - 1, "its checkpoint is not the transaction before the head"),
+              (head.tail_seq != head.head_seq or head.tail_off == head.head_off,
+               "the log is empty but its tail and head differ"),
+              (not head.flags & ~LOG_FLAG_RECORDS_LOST, "it has unknown flags"))
+    return next((why for ok, why in checks if not ok), None)
+
+
+def read_header(view: BlockView, geo: Geometry) -> LogHead:
+    head = parse_header(view, geo)
+    problem = header_problem(head, geo)
+    if problem is not None:
+        raise FormatError(f"log header (block {geo.log_start}) holds impossible positions ({problem}); "
+                          "run 'jfs fsck' to check and repair")
+    return head
+
+
+def _read_ring(view: BlockView, geo: Geometry, off: int, count: int) -> bytes:
+    ring = geo.log_blocks - 1
+    out = bytearray()
+    while count:
+        n = min(count, ring - off)
+        out += view.read(geo.log_start + 1 + off, n)
+        count -= n
+        off = (off + n) % ring
+    return bytes(out)
+
+
+def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) -> Txn | None:
+    """The committed transaction `seq` at ring offset `off`, or None when there is none (end of
+    the log, torn or corrupt transaction)."""
+    bs, ring = geo.block_size, geo.log_blocks - 1
+    try:
+        head = parse_checked(TxnHead, _read_ring(view, geo, off, 1)[:TxnHead.sizeof()], "txn")
+    except FormatError:
+        return None
+    total = head.desc_blocks + head.meta_blocks + 1
+    if head.uuid != uuid or head.seq != seq or head.desc_blocks < 1 or total > ring:
+        return None
+    raw = _read_ring(view, geo, off, total)
+    try:
+        commit = parse_checked(Commit, raw[-bs:][:Commit.sizeof()], "commit")
+    except FormatError:
+        return None
+    if commit.uuid != uuid or commit.seq != seq or commit.total_blocks != total \
+            or commit.txn_crc != crc32(raw[:-bs]):
+        return None
+    desc_end = head.desc_blocks * bs
+    body_raw = raw[TXN_HEAD_BYTES:TXN_HEAD_BYTES + head.body_len]
+    if TXN_HEAD_BYTES + head.body_len > desc_end:
+        return None
+    try:
+        body = parse(TxnBody, body_raw, "txn body")
+    except FormatError:
+        return None
+    records = [LogRecord(seq, r.ino, r.path or None, str(r.op),
+                         [(x.first, x.count) for x in r.ranges]) for r in body.records]
+    if len(body.homes) != head.meta_blocks or not _justified(geo, list(body.homes), body.records):
+        return None
+    images = [raw[desc_end + i * bs:desc_end + (i + 1) * bs] for i in range(head.meta_blocks)]
+    return Txn(seq, off, total, list(body.homes), records, images)
+
+
+def _justified(geo: Geometry, homes: list[int], records: Any) -> bool:
+    """Whether what a transaction names is what a commit can write: each record names an inode of
+    the table, a known operation, an absolute path (or none) and ranges inside the data area; the
+    homes ascend, each a bitmap block, the inode-table block of a recorded inode, or a block of
+    the data area that a record's ranges name (its directory or pointer block)."""
+    tables = set()
+    named: Ranges = []
+    for r in records:
+        if not 0 < r.ino < geo.inode_count or not isinstance(r.op, str) \
+                or (r.path and (r.path[0] != "/" or "\0" in r.path)):
+            return False
+        for x in r.ranges:
+            if not (x.count and geo.data_start <= x.first and x.first + x.count <= geo.data_end):
+                return False
+            named.append((x.first, x.count))
+        tables.add(geo.inode_location(r.ino)[0])
+    if any(a >= b for a, b in zip(homes, homes[1:], strict=False)):
+        return False
+    runs = merge_ranges(named)
+    starts = [first for first, _ in runs]
+    for h in homes:
+        if geo.ibitmap_start <= h < geo.itable_start or h in tables:
+            continue
+        i = bisect_right(starts, h) - 1
+        if not (geo.data_start <= h and i >= 0 and h < runs[i][0] + runs[i][1]):
+            return False
+    return True
+
+
+@dataclass
+class RingScan:
+    """The transactions found; `broken` says why the log is not what its header claims (the log
+    must be repaired), `problem` why it cannot prove what changed (`broken`, or records lost)."""
+
+    head: LogHead
+    txns: list[Txn]
+    problem: str | None
+    broken: str | None = None
+
+
+def scan_ring(view: BlockView, geo: Geometry, head: LogHead) -> RingScan:
+    """Every committed transaction from the tail on, none overlapping another. `problem` names a
+    checkpointed transaction that is missing or corrupt (a hole in the middle of the log), or a
+    head offset other than where the checkpointed transactions end."""
+    txns: list[Txn] = []
+    off, seq, ring = head.tail_off, head.tail_seq, geo.log_blocks - 1
+    used = 0
+    head_at = off if seq == head.head_seq else None  # where transaction head_seq starts
+    while used < ring and seq <= head.head_seq:
+        txn = read_txn(view, geo, head.uuid, off, seq)
+        if txn is None or used + txn.nblocks > ring:
+            break
+        txns.append(txn)
+        used += txn.nblocks
+        off = (off + txn.nblocks) % ring
+        seq += 1
+        if seq == head.head_seq:
+            head_at = off
+    broken = None
+    if seq < head.head_seq:
+        broken = (f"log transaction {seq} (ring offset {off}) is missing or corrupt although the "
+                  f"log header says transactions up to {head.head_seq - 1} are committed")
+    elif head_at != head.head_off:
+        broken = (f"the checkpointed log transactions end at ring offset {head_at} but the log "
+                  f"header puts the next one at {head.head_off}")
+    problem = broken
+    if problem is None and head.flags & LOG_FLAG_RECORDS_LOST:
+        problem = "log records were discarded by an earlier repair; the log cannot prove what changed"
+    return RingScan(head, txns, problem, broken)
+
+
+def replay_committed(view: BlockView, geo: Geometry, ring: RingScan) -> list[Txn]:
+    """Write the images of every committed transaction the checkpoint does not cover yet, in order,
+    then record the checkpoint in the log header (`ring.head` is updated). A transaction found
+    right after them has a commit block whose header record never reached the disk (the commit
+    was not acknowledged): its descriptor is zeroed before the header moves past it, or it would
+    pass for the committed one at the new head. Returns the transactions replayed. Through a
+    read-only view the replay lives in the overlay only."""
+    pending = [t for t in ring.txns if t.seq > ring.head.checkpoint_seq]
+    for t in pending:
+        for lba, img in zip(t.homes, t.images, strict=True):
+            view.write(lba, img)
+    if pending:
+        last, head = pending[-1], ring.head
+        off = (last.off + last.nblocks) % (geo.log_blocks - 1)
+        if read_txn(view, geo, head.uuid, off, last.seq + 1) is not None:
+            view.write(geo.log_start + 1 + off, bytes(geo.block_size))
+        view.flush()
+        head.checkpoint_seq = last.seq
+        head.head_seq = last.seq + 1
+        head.head_off = off
+        view.write(geo.log_start, head.build(geo.block_size))
+        view.flush()
+    return pending
+
+
+def block_runs(blocks: dict[int, bytes], block_size: int) -> list[tuple[int, bytes]]:
+    """(first lba, bytes) of each run of consecutive blocks, in ascending order."""
+    runs: list[tuple[int, bytes]] = []
+    run_start, run = 0, bytearray()
+    for lba in sorted(blocks):
+        if run and lba == run_start + len(run) // block_size:
+            run += blocks[lba]
+            continue
+        if run:
+            runs.append((run_start, bytes(run)))
+        run_start, run = lba, bytearray(blocks[lba])
+    if run:
+        runs.append((run_start, bytes(run)))
+    return runs
