@@ -84,10 +84,14 @@ class BlockDevice(ABC):
     def check_write(self, lba: int, data: bytes) -> int:
         """The block count of a write of `data` at `lba`, or the error refusing it."""
         count = self.check_payload(data)
+        self.check_writable(lba, count)
+        return count
+
+    def check_writable(self, lba: int, count: int) -> None:
+        """Refuse a write of `count` blocks at `lba` outside the device or to a read-only one."""
         self.check_range(lba, count)
         if self.readonly:
             raise ReadOnlyError(f"{self.name} is read-only: writes are rejected")
-        return count
 
     def write(self, lba: int, data: bytes) -> None:
         self.check_write(lba, data)
@@ -108,9 +112,7 @@ class BlockDevice(ABC):
         if total == 0 or total % self.block_size or any(len(b) % self.block_size for b in buffers):
             raise BlockDeviceError(f"{self.name}: a write must be whole {self.block_size}-byte blocks, "
                                    f"got buffers of {[len(b) for b in buffers]} bytes")
-        self.check_range(lba, total // self.block_size)
-        if self.readonly:
-            raise ReadOnlyError(f"{self.name} is read-only: writes are rejected")
+        self.check_writable(lba, total // self.block_size)
         self._writev(lba, buffers)
 
     def _writev(self, lba: int, buffers: Sequence[bytes | memoryview]) -> None:
@@ -121,9 +123,7 @@ class BlockDevice(ABC):
 
     def write_zeroes(self, lba: int, count: int) -> None:
         """Make `count` blocks from `lba` read as zeros (an image punches a hole instead of writing them)."""
-        self.check_range(lba, count)
-        if self.readonly:
-            raise ReadOnlyError(f"{self.name} is read-only: writes are rejected")
+        self.check_writable(lba, count)
         self._write_zeroes(lba, count)
 
     def _write_zeroes(self, lba: int, count: int) -> None:

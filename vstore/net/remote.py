@@ -212,18 +212,16 @@ class AppDevice(BlockDevice):
         return b"".join(self.client.call(APP_READ, {"volume": self.volume, "lba": first, "count": n})[1]
                         for first, n in spans(lba, count, self.block_size))
 
-    def _write(self, lba: int, data: bytes) -> None:
+    def _write(self, lba: int, data: bytes, *, fua: bool = False) -> None:
         """Each request is one acknowledged application write; a large write is several."""
+        args = {"volume": self.volume, "fua": True} if fua else {"volume": self.volume}
         for first, n in spans(lba, len(data) // self.block_size, self.block_size):
             at = (first - lba) * self.block_size
-            self.client.call(APP_WRITE, {"volume": self.volume, "lba": first}, data[at:at + n * self.block_size])
+            self.client.call(APP_WRITE, {**args, "lba": first}, data[at:at + n * self.block_size])
 
     def write_fua(self, lba: int, data: bytes) -> None:
-        count = self.check_write(lba, data)
-        for first, n in spans(lba, count, self.block_size):
-            at = (first - lba) * self.block_size
-            self.client.call(APP_WRITE, {"volume": self.volume, "lba": first, "fua": True},
-                             data[at:at + n * self.block_size])
+        self.check_write(lba, data)
+        self._write(lba, data, fua=True)
 
     def flush(self) -> None:
         self.client.call(APP_FLUSH, {"volume": self.volume})
