@@ -14,6 +14,7 @@ Keeps true:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from jfs.errors import NoSpace
 
@@ -47,6 +48,16 @@ class Bitmap:
         if self.test(i):
             self.bits[i >> 3] &= ~(1 << (i & 7))
             self.nfree += 1
+
+    def block_bytes(self, k: int, nbytes: int, cleared: Iterable[int] = ()) -> bytes:
+        """The bits of bitmap block `k` (`nbytes` bytes a block), with those of `cleared` that
+        fall in it shown clear (a transaction's freed bits, cleared in memory once it commits)."""
+        chunk = bytearray(self.bits[k * nbytes:(k + 1) * nbytes])
+        lo = k * nbytes * 8
+        for i in cleared:
+            if lo <= i < lo + nbytes * 8:
+                chunk[(i - lo) >> 3] &= ~(1 << ((i - lo) & 7))
+        return bytes(chunk)
 
     def alloc(self, n: int, what: str) -> list[int]:
         if n > self.nfree:

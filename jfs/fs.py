@@ -259,7 +259,6 @@ class FileSystem(Directories):
             raise IsADirectory(f"{path} is a directory")
         return ino, node
 
-
     def create(self, path: str, mode: int = 0o644) -> int:
         """Create an empty regular file; returns its inode number."""
         with self._op():
@@ -293,16 +292,20 @@ class FileSystem(Directories):
             node.mtime_ns = node.ctime_ns = time.time_ns()
             self._record(ino, join(parts), op, blocks)
 
-    def write(self, path: str, offset: int, data: bytes) -> int:
-        """Write `data` at `offset` (overwrite and/or extend); returns bytes written."""
+    def write(self, path: str, offset: int, data: bytes, *, grouped: bool = False) -> int:
+        """Write `data` at `offset` (overwrite and/or extend); returns bytes written. `grouped`
+        (with `group` set): the write joins the running group like an attribute change: committed
+        with the next other operation or `commit_pending`, and `on_lost` hears if that fails."""
         if offset < 0:
             raise InvalidArgument("a write offset cannot be negative")
-        with self._op():
+        with self._op(joinable=grouped) as t:
             ino, node = self._file(path)
             blocks = self._put_data(ino, offset, bytes(data))
             blocks += self._store_map(ino, self.filemap(ino))
             node.mtime_ns = node.ctime_ns = time.time_ns()
             self._record(ino, join(split_path(path)), "write", blocks)
+            if grouped:
+                t.data_inos.add(ino)
         return len(data)
 
     def read(self, path: str, offset: int = 0, size: int | None = None) -> bytes:

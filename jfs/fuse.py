@@ -7,9 +7,11 @@ an entry for D).
 
 Keeps true:
 - Each FUSE request is one or more complete jfs operations; nothing half-done reaches the volume.
-  Mode and time changes join a running transaction (`FileSystem.group`), committed with the next
-  other operation, at every flush (each close) and fsync, every `COMMIT_INTERVAL` seconds and at
-  unmount: what tar and cp -a set after a file's close rides with the next file's create.
+  Mode and time changes join a running transaction (`FileSystem.group`), and so do the file's
+  gathered writes that such a change finds (they are committed first, as part of it): committed
+  with the next other operation (a create, the next close with writes of its own...), at fsync,
+  every `COMMIT_INTERVAL` seconds and at unmount. What tar and cp -a write and set on a file (data,
+  futimens, fchmod, close) rides with the next file's create: one transaction per file.
 - The kernel keeps attributes, names, negative lookups and file pages for `CACHE_TIMEOUT` and
   sends writes of up to `MAX_WRITE`: the volume's claim is exclusive, so no other writer can make
   what it keeps stale. Its writeback cache stays off (`WRITEBACK_CACHE`).
@@ -17,16 +19,17 @@ Keeps true:
   ENOSPC, ENAMETOOLONG, EISDIR, ENOTDIR, EINVAL, EFBIG, EROFS); a full metadata log (`LogFull`,
   entries not yet shipped, [0169]) is reported as ENOSPC; anything unexpected as EIO.
 - Writes are group-committed per open file (`jfs.wbuf`): consecutive `write` requests are gathered
-  (up to `BUFFER_BYTES`) and committed as one `fs.write` transaction at the latest on flush (every
-  close()), fsync, release, or before any request that could observe or rename them (read,
-  truncate, setattr, unlink, rmdir, rename). `getattr` reports the gathered size.
+  (up to `BUFFER_BYTES`) and committed as one `fs.write` transaction (or joined to the running
+  one, above) at the latest on flush (every close()), fsync, release, or before any request that
+  could observe or rename them (read, truncate, setattr, unlink, rmdir, rename). `getattr` reports the gathered size.
 - POSIX error semantics for data: a byte `write` accepted stays, or the error is returned later.
   Each accepted write reserves the blocks and log space its commit can need, so `statfs` (df)
   counts gathered bytes as used and a write that cannot get its reservation returns ENOSPC itself
   (or a short count): running out of space never drops accepted data. A commit that still fails
   (EIO, a write the storage refuses) is reported, errseq-style, once to every file description
   open when it happened: its next fsync, close() (flush) or write fails with that errno; after that
-  the description is clear again. No other request fails because of it.
+  the description is clear again. No other request fails because of it, except the one whose
+  commit took a running group with it (`FileSystem.on_lost` records that group's files' data).
 - `fsync` commits the file's gathered writes and then calls `fs.fsync(path)`, which flushes
   through the device (the provider's `flush()` on `lab:LAB`; an fsync of the image file when the
   image is mounted `durable`) before it returns.
@@ -144,11 +147,11 @@ class JfsOperations:
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started = False  # the kernel connection was set up (libfuse called init)
         self.last_commit = time.monotonic()
-        fs.group = True  # operations join one running transaction, committed at flush/fsync/interval
+        fs.group = True  # attribute changes join one running transaction, committed as said above
 
     # -- gathered writes (a failure is recorded for the open files, never raised here) ------------
-    def commit(self, path: str) -> None:
-        self.buffer.commit(path)
+    def commit(self, path: str, *, grouped: bool = False) -> None:
+        self.buffer.commit(path, grouped=grouped)
 
     def commit_all(self) -> None:
         self.buffer.commit_all()
@@ -168,7 +171,7 @@ class JfsOperations:
 
     @_request
     def chmod(self, path: str, mode: int) -> int:
-        self.commit(path)
+        self.commit(path, grouped=True)  # the data rides in the same transaction as the mode
         self.fs.chmod(path, mode & 0o7777)
         return 0
 
@@ -179,7 +182,7 @@ class JfsOperations:
 
     @_request
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> int:
-        self.commit(path)
+        self.commit(path, grouped=True)  # the data rides in the same transaction as the times
         now = time.time_ns()
         if times is None:
             atime, mtime = now, now
@@ -278,8 +281,7 @@ class JfsOperations:
 
     @_request
     def flush(self, path: str, fh: int) -> int:
-        self.commit(path)
-        self.fs.commit_pending()  # every close: the file's transaction committed, the device flushed
+        self.commit(path)  # every close: the file's gathered writes committed (with the running group)
         self.buffer.check(fh)
         return 0
 

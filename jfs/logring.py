@@ -31,13 +31,9 @@ from jfs.layout import (
     Commit,
     Geometry,
     LogHeader,
-    TxnBody,
-    TxnHead,
     crc32,
-    parse,
-    parse_checked,
 )
-from jfs.packing import pack_log_header
+from jfs.packing import pack_log_header, unpack_commit, unpack_log_header, unpack_txn_body, unpack_txn_head
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
 from vstore.blocks.ranges import Ranges, merge_ranges
@@ -117,12 +113,15 @@ class BlockView:
 
 
 # -- reading the log (shared by mount, fsck and the recovery scan) ------------------------------
+# Parsed with `jfs.packing`'s struct readers, which give what the `jfs.layout` declarations give.
 MAX_SEQ = 1 << 63  # sequences stay far from the u64 limit
+LOG_HEADER_BYTES = LogHeader.sizeof()
+COMMIT_BYTES = Commit.sizeof()
 
 
 def parse_header(view: BlockView, geo: Geometry) -> LogHead:
     """The log header's values as stored (magic, version and CRC checked, positions not)."""
-    v = parse_checked(LogHeader, view.read(geo.log_start), f"log header (block {geo.log_start})")
+    v = unpack_log_header(view.read(geo.log_start)[:LOG_HEADER_BYTES], f"log header (block {geo.log_start})")
     return LogHead(v.uuid, v.flags, v.tail_seq, v.tail_off, v.head_seq, v.head_off, v.checkpoint_seq)
 
 
@@ -164,7 +163,7 @@ def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) ->
     the log, torn or corrupt transaction)."""
     bs, ring = geo.block_size, geo.log_blocks - 1
     try:
-        head = parse_checked(TxnHead, _read_ring(view, geo, off, 1)[:TxnHead.sizeof()], "txn")
+        head = unpack_txn_head(_read_ring(view, geo, off, 1)[:TXN_HEAD_BYTES], "txn")
     except FormatError:
         return None
     total = head.desc_blocks + head.meta_blocks + 1
@@ -172,7 +171,7 @@ def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) ->
         return None
     raw = _read_ring(view, geo, off, total)
     try:
-        commit = parse_checked(Commit, raw[-bs:][:Commit.sizeof()], "commit")
+        commit = unpack_commit(raw[-bs:][:COMMIT_BYTES], "commit")
     except FormatError:
         return None
     if commit.uuid != uuid or commit.seq != seq or commit.total_blocks != total \
@@ -183,15 +182,15 @@ def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) ->
     if TXN_HEAD_BYTES + head.body_len > desc_end:
         return None
     try:
-        body = parse(TxnBody, body_raw, "txn body")
+        homes, body_records = unpack_txn_body(body_raw, "txn body")
     except FormatError:
         return None
-    records = [LogRecord(seq, r.ino, r.path or None, str(r.op),
-                         [(x.first, x.count) for x in r.ranges]) for r in body.records]
-    if len(body.homes) != head.meta_blocks or not _justified(geo, list(body.homes), body.records):
+    if len(homes) != head.meta_blocks or not _justified(geo, homes, body_records):
         return None
+    records = [LogRecord(seq, r.ino, r.path or None, str(r.op), [(x.first, x.count) for x in r.ranges])
+               for r in body_records]
     images = [raw[desc_end + i * bs:desc_end + (i + 1) * bs] for i in range(head.meta_blocks)]
-    return Txn(seq, off, total, list(body.homes), records, images)
+    return Txn(seq, off, total, homes, records, images)
 
 
 def _justified(geo: Geometry, homes: list[int], records: Any) -> bool:

@@ -212,3 +212,104 @@ def pack_txn_body(homes: Sequence[int], records: Iterable[tuple[int, str, str, S
         parts.append(_U32.pack(len(ranges)))
         parts.extend(_RANGE.pack(first, count) for first, count in ranges)
     return b"".join(parts)
+
+
+class LogHeaderValues(NamedTuple):
+    flags: int
+    uuid: bytes
+    tail_seq: int
+    tail_off: int
+    head_seq: int
+    head_off: int
+    checkpoint_seq: int
+
+
+def unpack_log_header(raw: bytes, what: str) -> LogHeaderValues:
+    body = _open(raw, _LOG_HEADER.size, b"JLOG", what)
+    f = _LOG_HEADER.unpack_from(body)
+    _check_version(f[1], what)
+    return LogHeaderValues(*f[2:])
+
+
+class TxnHeadValues(NamedTuple):
+    desc_blocks: int
+    uuid: bytes
+    seq: int
+    meta_blocks: int
+    body_len: int
+
+
+def unpack_txn_head(raw: bytes, what: str) -> TxnHeadValues:
+    body = _open(raw, _TXN_HEAD.size, b"JTXD", what)
+    f = _TXN_HEAD.unpack_from(body)
+    _check_version(f[1], what)
+    return TxnHeadValues(*f[2:])
+
+
+class CommitValues(NamedTuple):
+    reserved: int
+    uuid: bytes
+    seq: int
+    total_blocks: int
+    txn_crc: int
+
+
+def unpack_commit(raw: bytes, what: str) -> CommitValues:
+    body = _open(raw, _COMMIT.size, b"JTXC", what)
+    f = _COMMIT.unpack_from(body)
+    _check_version(f[1], what)
+    return CommitValues(*f[2:])
+
+
+class RangeValues(NamedTuple):
+    first: int
+    count: int
+
+
+class RecordValues(NamedTuple):
+    ino: int
+    op: str | int  # the operation's name; an unknown code stays the number (as construct's Enum)
+    path: str
+    ranges: list[RangeValues]
+
+
+_OP_NAMES = {code: name for name, code in OPS.items()}
+
+
+def unpack_txn_body(raw: bytes, what: str) -> tuple[list[int], list[RecordValues]]:
+    """(homes, records) of a transaction body (trailing bytes ignored, as the declaration does)."""
+    view = memoryview(raw)
+    end = len(view)
+
+    def need(pos: int, n: int) -> None:
+        if pos + n > end:
+            raise _corrupt(what, "it ends inside a field")
+
+    need(0, 4)
+    (nhomes,) = _U32.unpack_from(view, 0)
+    need(4, 4 * nhomes)
+    homes = list(struct.unpack_from(f"<{nhomes}I", view, 4))
+    pos = 4 + 4 * nhomes
+    need(pos, 4)
+    (nrecs,) = _U32.unpack_from(view, pos)
+    pos += 4
+    records: list[RecordValues] = []
+    for _ in range(nrecs):
+        need(pos, _RECORD_HEAD.size)
+        ino, code, n = _RECORD_HEAD.unpack_from(view, pos)
+        pos += _RECORD_HEAD.size
+        need(pos, n)
+        try:
+            path = str(view[pos:pos + n], "utf8")
+        except UnicodeDecodeError:
+            raise _corrupt(what, "a path is not UTF-8") from None
+        pos += n
+        need(pos, 4)
+        (nranges,) = _U32.unpack_from(view, pos)
+        pos += 4
+        need(pos, _RANGE.size * nranges)
+        flat = struct.unpack_from(f"<{2 * nranges}I", view, pos)
+        pos += _RANGE.size * nranges
+        ranges = [RangeValues(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+        records.append(RecordValues(ino, _OP_NAMES.get(code, code), path, ranges))
+    return homes, records

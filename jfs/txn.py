@@ -2,13 +2,13 @@
 
 The model is xv6's begin_op()/log_write()/end_op() around the buffer cache, with jbd2's running
 transaction: an operation runs inside `_op()`, changes inodes, block maps, directory blocks and
-the allocators in memory while `_Txn` collects what it touched, and at the end `_seal` turns its
-inodes into inode-table images. Without grouping, the operation is then committed alone
-(`_write_txn`: bitmap images, `MetaLog.commit`). With `group` set (the FUSE mount), a mode or time
-change joins the running transaction instead, committed with the next other operation or by
-`commit_pending` (close, fsync, size, interval). Operations that create, fill or remove files are
-committed when they return, so a failing commit never takes back a file an application saw. File data is
-copy-on-write: new data always goes to freshly allocated blocks.
+the allocators in memory while `_Txn` collects what it touched; `_seal` turns its inodes into
+inode-table images; then it is committed alone (`_write_txn`, `MetaLog.commit`), or, with `group`
+set (the FUSE mount), a mode or time change or a `grouped` write (gathered writes an attribute
+change finds) joins the running transaction, committed with the next other operation or by
+`commit_pending`; `on_lost` hears which files' data a failed group took. Creates and removals
+commit when they return, so a failing commit never takes back a file an application saw. File
+data is copy-on-write: new data always goes to freshly allocated blocks.
 
 Keeps true:
 - Any failure inside an operation (no space, log full, bad name...) leaves the volume unchanged:
@@ -18,14 +18,12 @@ Keeps true:
   operation that would not fit commits the group first, so a group never fails for lack of log
   space after its operations succeeded.
 - A block or inode the operation frees becomes allocatable only after its transaction committed
-  (the bitmap images carry the cleared bits; the in-memory bits are cleared after the commit).
-- Directory blocks, pointer blocks, inodes and bitmaps reach their home location only through a
-  committed transaction.
-- The caches (`inodes`, `maps`, `dirs`, `itable`) always equal what the volume holds after the last
-  commit. A commit that fails part-way (the device refused a write after the log was touched) may
-  leave its transaction committed or not: before the next operation the log is opened again (its
-  committed transaction replayed, exactly as at mount) and the state re-read, so memory never
-  disagrees with the volume; until that succeeds every operation fails.
+  (the bitmap images carry the cleared bits, cleared in memory after the commit). Directory,
+  pointer, inode and bitmap blocks reach their home only through a committed transaction.
+- The caches (`inodes`, `maps`, `dirs`, `itable`) equal what the volume holds after the last
+  commit. A commit that fails part-way may leave its transaction committed or not: before the
+  next operation the log is opened again (replayed as at mount) and the state re-read, so memory
+  never disagrees with the volume; until that succeeds every operation fails.
 - Blocks and log space `reserve`d for writes not yet committed are never handed to another
   operation: `_alloc_blocks` and every transaction see only what is free beyond them, and `statfs`
   counts them as used. `write_cost` is an upper bound of what one `write` transaction allocates and
@@ -35,7 +33,7 @@ Keeps true:
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,6 +60,7 @@ class _Txn:
     freed_inodes: set[int] = field(default_factory=set)
     bitmap_dirty: set[tuple[str, int]] = field(default_factory=set)
     allocated: list[tuple[str, int]] = field(default_factory=list)  # ("b"|"i", number), to undo on failure
+    data_inos: set[int] = field(default_factory=set)  # files whose gathered data it holds (`on_lost`)
 
 
 class _Log(MetaLog):
@@ -93,6 +92,8 @@ class Transactions:
         self.group = False  # group commit: operations join `_running`, committed by `commit_pending`
         self._running: _Txn | None = None
         self._running_hold = 0  # log blocks held for committing `_running`
+        # told (inodes, error) when a running group holding those files' data fails to commit
+        self.on_lost: Callable[[set[int], BaseException], None] | None = None
         self.marked_dirty = False  # the superblock says "in use"
         self._torn = False  # a commit failed after it may have written part of its transaction
         self._stale = False  # the in-memory state must be read again before the next operation
@@ -391,8 +392,7 @@ class Transactions:
             raise
 
     def _seal(self, t: _Txn) -> None:
-        """At the end of a successful operation: its inodes into their table blocks, its freed
-        inodes out of the caches."""
+        """After a successful operation: its inodes into their table blocks, freed ones out of the caches."""
         geo, r = self.geo, self._running
         for ino in t.dirty_inodes:
             blk, off = geo.inode_location(ino)
@@ -404,9 +404,8 @@ class Transactions:
             t.meta[blk] = bytes(raw)
         for ino in t.freed_inodes:
             self.inodes[ino] = None
-            self.maps.pop(ino, None)
-            self.dirs.pop(ino, None)
-            self.dindex.pop(ino, None)
+            for cache in (self.maps, self.dirs, self.dindex):
+                cache.pop(ino, None)
 
     # -- group commit ------------------------------------------------------------------------------
     def _join(self, t: _Txn) -> None:
@@ -432,9 +431,8 @@ class Transactions:
             old = r.records.get(ino)
             r.records[ino] = rec if old is None else RecordSpec(
                 ino, rec.path or old.path, rec.op, merge_ranges(old.ranges + rec.ranges))
-        r.freed_blocks |= t.freed_blocks
-        r.freed_inodes |= t.freed_inodes
-        r.bitmap_dirty |= t.bitmap_dirty
+        for name in ("freed_blocks", "freed_inodes", "bitmap_dirty", "data_inos"):
+            getattr(r, name).update(getattr(t, name))
         if self._running_hold > max(8, (self.geo.log_blocks - 1) // 8):
             self.commit_pending()
 
@@ -458,28 +456,33 @@ class Transactions:
         return True
 
     def commit_pending(self) -> None:
-        """Commit the running group, if any; what its commit raises is raised (memory re-read)."""
+        """Commit the running group, if any; what its commit raises is raised (memory re-read),
+        after `on_lost` was told which files' data it took with it."""
         r, self._running = self._running, None
         self.log.reserved, self._running_hold = max(0, self.log.reserved - self._running_hold), 0
-        if r is not None:
+        if r is None:
+            return
+        try:
             self._commit_now(r)
+        except BaseException as exc:
+            if r.data_inos and self.on_lost is not None:
+                self.on_lost(r.data_inos, exc)
+            raise
 
     def _write_txn(self, t: _Txn) -> None:
         if not t.records and not t.meta and not t.dirty_inodes:
             return
         geo = self.geo
         nbytes = L.bits_per_bitmap_block(self.bs) // 8
-        for kind, k in self._bitmap_blocks_touched(t, nbytes):
-            bm = self.ibits if kind == "i" else self.bbits
-            freed = t.freed_inodes if kind == "i" else t.freed_blocks
-            chunk = bytearray(bm.bits[k * nbytes:(k + 1) * nbytes])
-            for i in freed:
-                if k * nbytes * 8 <= i < (k + 1) * nbytes * 8:
-                    j = i - k * nbytes * 8
-                    chunk[j >> 3] &= ~(1 << (j & 7))
-            magic = L.INODE_BITMAP_MAGIC if kind == "i" else L.BLOCK_BITMAP_MAGIC
-            start = geo.ibitmap_start if kind == "i" else geo.bbitmap_start
-            t.meta[start + k] = bitmap_image(self.bs, magic, k, bytes(chunk))
+        touched = {("i", i // (nbytes * 8)) for i in t.freed_inodes} | t.bitmap_dirty \
+            | {("b", i // (nbytes * 8)) for i in t.freed_blocks}
+        for kind, k in touched:
+            inodes = kind == "i"
+            chunk = (self.ibits if inodes else self.bbits).block_bytes(
+                k, nbytes, t.freed_inodes if inodes else t.freed_blocks)
+            start = geo.ibitmap_start if inodes else geo.bbitmap_start
+            t.meta[start + k] = bitmap_image(self.bs, L.INODE_BITMAP_MAGIC if inodes else L.BLOCK_BITMAP_MAGIC,
+                                             k, chunk)
         self._torn = True  # from the first write on, a failure may leave part of it on the volume
         try:
             self.log.commit(t.meta, list(t.records.values()), t.data)
@@ -494,7 +497,3 @@ class Transactions:
             self.bbits.clear(i)
         for i in t.freed_inodes:
             self.ibits.clear(i)
-
-    def _bitmap_blocks_touched(self, t: _Txn, nbytes: int) -> set[tuple[str, int]]:
-        bpb = nbytes * 8
-        return {("i", i // bpb) for i in t.freed_inodes} | {("b", i // bpb) for i in t.freed_blocks} | t.bitmap_dirty

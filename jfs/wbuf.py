@@ -103,6 +103,7 @@ class WriteBuffer:
         self.handles: dict[int, _Handle] = {}
         self.seq = 0
         self.next_fh = 1
+        fs.on_lost = self._group_lost
 
     # -- open file descriptions -----------------------------------------------------------------
     def open(self, ino: int) -> int:
@@ -149,21 +150,28 @@ class WriteBuffer:
         p = self.pending.get(path)
         return None if p is None else p.end
 
-    def commit(self, path: str) -> None:
-        """Commit `path`'s gathered writes as one transaction; a failure is recorded, not raised."""
+    def commit(self, path: str, *, grouped: bool = False) -> None:
+        """Commit `path`'s gathered writes as one transaction (`grouped`: as part of the running
+        group, see `FileSystem.write`); a failure is recorded, not raised."""
         p = self.pending.pop(path, None)
         if p is None:
             return
         self.total -= p.size
         self.fs.release(*p.held)
         try:
-            self.fs.write(path, p.offset, b"".join(p.chunks))
+            self.fs.write(path, p.offset, b"".join(p.chunks), grouped=grouped)
         except (TricopyError, OSError) as exc:
             self.record(p.ino, exc)
             log.warning("%s: %d bytes written at offset %d are lost: %s", path, p.size, p.offset, exc)
         except Exception as exc:
             self.record(p.ino, exc)
             log.exception("%s: %d bytes written at offset %d are lost", path, p.size, p.offset)
+
+    def _group_lost(self, inos: set[int], exc: BaseException) -> None:
+        """The running group failed to commit, with the data these files wrote: record it."""
+        for ino in inos:
+            self.record(ino, exc)
+        log.warning("gathered writes of %d file(s) are lost: %s", len(inos), exc)
 
     def commit_all(self) -> None:
         for path in list(self.pending):
