@@ -201,7 +201,7 @@ def write_cost(geo: L.Geometry, path_bytes: int, offset: int, size: int) -> tupl
     """(blocks, log blocks) that one transaction writing `size` bytes at `offset` of a file (whose
     path is `path_bytes` long) can need at most: every touched block anew (copy-on-write), every
     pointer block over them, and a transaction that lists each of them as its own range and
-    touches a bitmap block for each block allocated or freed."""
+    data run and touches a bitmap block for each block allocated or freed."""
     if size <= 0:
         return 0, 0
     bs, p = geo.block_size, L.ptrs_per_block(geo.block_size)
@@ -214,6 +214,6 @@ def write_cost(geo: L.Geometry, path_bytes: int, offset: int, size: int) -> tupl
         ptrs += 2 + (k1 - double) // p - (max(k0, double) - double) // p  # the root and its children
     blocks = k1 - k0 + 1 + ptrs
     meta = 1 + min(geo.bbitmap_blocks, 2 * blocks) + ptrs  # inode table, bitmaps, pointers
-    body = 16 + 4 * meta + 16 + path_bytes + 8 * blocks
+    body = 16 + 4 * meta + 16 + path_bytes + 8 * blocks + 4 + 12 * blocks  # ... and each as its own data run
     desc = -(-(L.TXN_HEAD_BYTES + body) // bs)
     return blocks, desc + meta + 1

@@ -30,7 +30,7 @@ from jfs import targets
 from jfs.codecs import read_superblock
 from jfs.fs import FileSystem, mkfs, probe_image
 from jfs.fsck import EXIT_ERROR, Checker, fsck
-from jfs.fuse import fuse_available, serve
+from jfs.fuse import COMMIT_INTERVAL, fuse_available, serve
 from jfs.mounts import as_mount, check_mountpoint, foreground_argv, start_background, state_path, unmount
 from jfs.scan import scan_log
 from vstore.blocks.device import ImageDevice, create_image
@@ -296,7 +296,10 @@ def mount_command(target: str = typer.Argument(..., help="image file, lab:LAB, o
           foreground: bool = typer.Option(False, "--foreground", "-f",
                                           help="serve in this process until unmounted (Ctrl-C unmounts)"),
           durable: bool = typer.Option(False, "--durable",
-                                       help="image targets: fsync the image at every flush point")) -> None:
+                                       help="image targets: fsync the image at every flush point"),
+          commit_interval: float = typer.Option(COMMIT_INTERVAL, "--commit-interval", min=0.05,
+                                                help="seconds at most before an operation is durable "
+                                                     "(fsync and unmount make it durable at once)")) -> None:
     """Mount a jfs through FUSE; returns once the mount is live. Example: jfs mount disk.img /mnt/disk"""
     with errors():
         why = fuse_available()
@@ -309,13 +312,17 @@ def mount_command(target: str = typer.Argument(..., help="image file, lab:LAB, o
         if not foreground:
             dev = targets.open(target, writable=False)  # fail here, in the caller, on a bad target or one in use
             dev.close()
-            start_background(foreground_argv(target, str(mountpoint), durable=durable), mountpoint)
+            argv = foreground_argv(target, str(mountpoint), durable=durable)
+            if commit_interval != COMMIT_INTERVAL:
+                argv += ["--commit-interval", repr(commit_interval)]
+            start_background(argv, mountpoint)
             out.print(f"mounted {target} at {mountpoint}; unmount with: jfs umount {mountpoint}")
             return
         with as_mount(mountpoint):  # the volume's claim names this mount until it is unmounted
             dev = targets.open(target, writable=writable, durable=durable)
         try:
-            serve(dev, mountpoint, readonly=not writable, state=state_path(mountpoint))
+            serve(dev, mountpoint, readonly=not writable, state=state_path(mountpoint),
+                  commit_interval=commit_interval)
         finally:
             dev.close()
 

@@ -65,11 +65,14 @@ class Inode:
 # -- directory blocks -----------------------------------------------------------------------------
 @dataclass
 class DirBlock:
-    """The entries of one directory block; `used` is the bytes they take, kept as they change."""
+    """The entries of one directory block; `used` is the bytes they take, kept as they change.
+    The packed entries are kept too while names are only appended (a growing directory), so the
+    block image costs one new entry, not the whole block; any other change packs them anew."""
 
     lba: int
     entries: dict[str, tuple[int, int]]  # name -> (ino, type)
     used: int = -1
+    packed: bytearray | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.used < 0:
@@ -78,14 +81,21 @@ class DirBlock:
     def add(self, name: str, ino: int, typ: int) -> None:
         if name not in self.entries:
             self.used += L.dir_entry_size(name)
+            if self.packed is not None:
+                self.packed += P.pack_dir_entry(name, ino, typ)
+        else:
+            self.packed = None
         self.entries[name] = (ino, typ)
 
     def remove(self, name: str) -> None:
         del self.entries[name]
         self.used -= L.dir_entry_size(name)
+        self.packed = None
 
     def image(self, block_size: int, owner: int) -> bytes:
-        return P.pack_dir_block(block_size, owner, ((n, i, t) for n, (i, t) in self.entries.items()))
+        if self.packed is None:
+            self.packed = bytearray(b"".join(P.pack_dir_entry(n, i, t) for n, (i, t) in self.entries.items()))
+        return P.pack_dir_block_packed(block_size, owner, len(self.entries), self.packed)
 
 
 def parse_dir_entries(block_size: int, raw: bytes, what: str) -> tuple[int, list[tuple[str, int, int]]]:

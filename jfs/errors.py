@@ -67,3 +67,7 @@ class IncompleteLog(JfsError):
 
 class ReadOnlyFs(JfsError):
     errno = _errno.EROFS
+
+
+class DeviceFailed(JfsError):
+    """A flush of the device failed: the volume takes no more changes until it is checked."""

@@ -12,9 +12,12 @@ Keeps true:
   is replayed at mount. A file's metadata is therefore logged between every open-for-write and
   close ([0161]).
 - Ordered mode with copy-on-write data: new file data goes to freshly allocated blocks, written
-  and flushed before the commit that makes it visible; blocks a transaction frees become
-  allocatable only after it commits. A crash shows each file as of one committed transaction,
-  never garbage and never a mix.
+  before the commit that makes it visible, its CRC in that commit; blocks a transaction frees become
+  allocatable only once it is checkpointed on disk. A crash shows each file as of one committed
+  transaction, never garbage and never a mix.
+- Operations are durable at `fsync`, `sync`, unmount (and, in the FUSE mount, every commit
+  interval), not when they return: after a power cut the volume shows the state after a prefix of
+  the operations, which holds every operation before the last completed flush.
 - The file system never asks what device it runs on: all I/O is `read`/`write`/`flush`, and the
   trim rule asks `device.has_unshipped` ([0169]). How long a full log waits for shipping is the
   caller's choice at mount (`log_full_wait`), since only the caller knows whether another process
@@ -451,29 +454,17 @@ class FileSystem(Directories):
             self._record(ino, join(split_path(path)), "setattr", [])
 
     def fsync(self, path: str | None = None) -> None:
-        """Durable before returning: what is pending is committed, and every commit ends with the
-        flush of its commit point."""
+        """Durable before returning: what is pending is committed, then one flush makes every
+        transaction written so far durable (their homes follow at the next flush)."""
         if path is not None:
             self.lookup(path)
         self.commit_pending()
-
-    def sync(self) -> None:
-        self.commit_pending()
-
-    def trim(self) -> int:
-        """Trim the metadata log under the [0168]-[0170] rule (the header on disk records it);
-        returns records deleted."""
-        if self.readonly:
-            return 0
-        self.commit_pending()
-        self.log.sync()
-        removed = self.log.trim()
-        self.log.sync()
-        return removed
+        if self.log.written and not self.readonly:
+            self.log.flush()
 
     def statfs(self) -> StatFs:
         """Sizes and free counts; blocks held for writes not yet committed (`reserve`) count as used."""
-        free = max(0, self.bbits.nfree - self.reserved_blocks)
+        free = max(0, self.bbits.nfree + len(self.freeing) - self.reserved_blocks)
         return StatFs(self.bs, self.geo.num_blocks, free, self.geo.inode_count,
                       self.ibits.nfree, L.MAX_NAME, self.geo.log_blocks, self.log.used(), self.label,
                       str(uuidlib.UUID(bytes=self.uuid)))

@@ -10,7 +10,7 @@ Keeps true:
   Mode and time changes join a running transaction (`FileSystem.group`), and so do the file's
   gathered writes that such a change finds (they are committed first, as part of it): committed
   with the next other operation (a create, the next close with writes of its own...), at fsync,
-  every `COMMIT_INTERVAL` seconds and at unmount. What tar and cp -a write and set on a file (data,
+  every commit interval and at unmount. What tar and cp -a write and set on a file (data,
   futimens, fchmod, close) rides with the next file's create: one transaction per file.
 - The kernel keeps attributes, names, negative lookups and file pages for `CACHE_TIMEOUT` and
   sends writes of up to `MAX_WRITE`: the volume's claim is exclusive, so no other writer can make
@@ -30,9 +30,12 @@ Keeps true:
   open when it happened: its next fsync, close() (flush) or write fails with that errno; after that
   the description is clear again. No other request fails because of it, except the one whose
   commit took a running group with it (`FileSystem.on_lost` records that group's files' data).
-- `fsync` commits the file's gathered writes and then calls `fs.fsync(path)`, which flushes
-  through the device (the provider's `flush()` on `lab:LAB`; an fsync of the image file when the
-  image is mounted `durable`) before it returns.
+- Operations are written when they return and made durable by a flush through the device (the
+  provider's `flush()` on `lab:LAB`; an fsync of the image file when the image is mounted
+  `durable`) only at fsync/fdatasync/fsyncdir, every commit interval (`COMMIT_INTERVAL`, `jfs
+  mount --commit-interval`) and unmount: after a power cut the volume shows the state after a
+  prefix of the operations holding every one before the last completed flush. `fsync` commits
+  the file's gathered writes and then calls `fs.fsync(path)`: one flush before it returns.
 - Unmount (`jfs umount`, `fusermount3 -u`) and SIGTERM/SIGINT/SIGHUP end the FUSE loop; then
   gathered writes are committed, the superblock is marked clean and the device closed (on
   `lab:LAB` that saves the lab state). SIGKILL leaves a dirty volume whose committed log is
@@ -64,6 +67,7 @@ from jfs.mounts import check_mountpoint, write_state
 from jfs.wbuf import WriteBuffer, errno_of
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import TricopyError
+from vstore.blocks.interrupts import signals_belong_to_library
 
 
 class FuseOSError(OSError):
@@ -84,7 +88,7 @@ FUSE_CAP_WRITEBACK_CACHE = 1 << 16  # libfuse 3 fuse_common.h
 # POSIX error semantics above). jfs gathers writes itself instead (`jfs.wbuf`).
 WRITEBACK_CACHE = False
 CACHE_TIMEOUT = 60.0  # seconds the kernel may keep attributes and names (this mount is their only writer)
-COMMIT_INTERVAL = 5.0  # seconds an operation waits at most in the running group (jbd2's commit interval)
+COMMIT_INTERVAL = 5.0  # seconds an operation waits at most to be durable (jbd2's commit interval)
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
 
@@ -140,8 +144,10 @@ class JfsOperations:
 
     use_ns = True  # times in nanoseconds (mfusepy)
 
-    def __init__(self, fs: FileSystem, *, buffer_bytes: int = BUFFER_BYTES) -> None:
+    def __init__(self, fs: FileSystem, *, buffer_bytes: int = BUFFER_BYTES,
+                 commit_interval: float = COMMIT_INTERVAL) -> None:
         self.fs = fs
+        self.commit_interval = commit_interval
         self._mutex = threading.RLock()
         self.buffer = WriteBuffer(fs, buffer_bytes=buffer_bytes, total_bytes=TOTAL_BUFFER_BYTES)
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -311,15 +317,19 @@ class JfsOperations:
             config.kernel_cache = 1
 
     def tick(self) -> None:
-        """Commit the running group when it has waited `COMMIT_INTERVAL` (called periodically)."""
+        """Every `commit_interval` seconds (called periodically): commit the running group and make
+        every operation so far durable and checkpointed (`fs.sync`)."""
         with self._mutex:
-            if time.monotonic() - self.last_commit >= COMMIT_INTERVAL:
-                self._commit_group()
+            if time.monotonic() - self.last_commit >= self.commit_interval:
+                self._commit_group(durable=True)
 
-    def _commit_group(self) -> None:
+    def _commit_group(self, *, durable: bool = False) -> None:
         self.last_commit = time.monotonic()
         try:
-            self.fs.commit_pending()
+            if durable and not self.fs.readonly:
+                self.fs.sync()
+            else:
+                self.fs.commit_pending()
         except (TricopyError, OSError) as exc:
             log.warning("committing the running transaction failed: %s", exc)
 
@@ -350,7 +360,7 @@ def _fsname(name: str) -> str:
 
 
 def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False,
-          state: Path | None = None) -> None:
+          state: Path | None = None, commit_interval: float = COMMIT_INTERVAL) -> None:
     """Mount the jfs on `device` at `mountpoint` and serve it until unmounted or signalled, then
     leave the volume clean. The caller closes `device`."""
     why = fuse_available()
@@ -359,7 +369,7 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
     mp = Path(mountpoint)
     check_mountpoint(mp)
     fs = FileSystem.mount(device, readonly=readonly)
-    ops = JfsOperations(fs)
+    ops = JfsOperations(fs, commit_interval=commit_interval)
     done = threading.Event()
     ticker = threading.Thread(target=_tick, args=(ops, done), name="jfs-commit", daemon=True)
     ticker.start()
@@ -370,6 +380,7 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
                                     subtype="jfs", use_ino=True)
         if readonly:
             opts["ro"] = True
+        signals_belong_to_library()  # libfuse's handlers end its loop between requests: keep them
         try:
             _fuse_class()(ops, str(mp), **opts)
         except RuntimeError as exc:
@@ -391,5 +402,5 @@ def serve(device: BlockDevice, mountpoint: str | Path, *, readonly: bool = False
 
 
 def _tick(ops: JfsOperations, done: threading.Event) -> None:
-    while not done.wait(1.0):
+    while not done.wait(min(1.0, ops.commit_interval)):
         ops.tick()

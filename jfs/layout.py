@@ -15,11 +15,14 @@ Keeps true:
   need (the inode table holds `inode_count` inodes, every slot one).
 
 The metadata log area (a fixed range sized at mkfs, [0160]) holds a header block and a ring of
-transactions: descriptor block(s), metadata block images, commit block (CRC over the transaction).
+transactions: descriptor block(s) (homes, records, and the CRC of each run of file data the
+transaction points at), metadata block images, commit block (CRC over the transaction); each
+descriptor names the CRC of the transaction before it, so replay follows one unbroken chain.
 """
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from dataclasses import dataclass
 from functools import cache
@@ -49,6 +52,7 @@ from construct import (
 from vstore.blocks.errors import FormatError
 
 VERSION = 1
+LOG_VERSION = 2  # the log header, transaction descriptor and commit block (FORMAT.md "Metadata log area")
 MIN_BLOCK_SIZE = 2048
 MAX_BLOCK_SIZE = 65536
 INODE_SIZE = 128
@@ -69,6 +73,14 @@ LOG_FLAG_RECORDS_LOST = 1  # records were discarded (fsck reset): the scan canno
 
 def crc32(data: bytes) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def txn_digest(data: bytes | memoryview) -> int:
+    """The 32-bit check of a transaction (its descriptor and images) and of a data run: the first
+    4 bytes of SHA-1 (little-endian; hardware-assisted here, 3x BLAKE2b), not CRC-32, since every
+    block that ends in its own CRC-32 leaves a CRC-32 register in the same state, so a CRC over a
+    run of such blocks cannot tell one sealed block from another."""
+    return int.from_bytes(hashlib.sha1(data).digest()[:4], "little")
 
 
 def _checked(body: Any) -> Struct:
@@ -207,7 +219,7 @@ def bitmap_block(block_size: int, magic: bytes) -> Struct:
 # -- metadata log area --------------------------------------------------------------------------
 LogHeaderBody = Struct(
     "magic" / Const(b"JLOG"),
-    "version" / Const(VERSION, Int16ul),
+    "version" / Const(LOG_VERSION, Int16ul),
     "flags" / Int16ul,
     "uuid" / Bytes(16),
     "tail_seq" / Int64ul,
@@ -220,12 +232,13 @@ LogHeader = _checked(LogHeaderBody)
 
 TxnHeadBody = Struct(
     "magic" / Const(b"JTXD"),
-    "version" / Const(VERSION, Int16ul),
+    "version" / Const(LOG_VERSION, Int16ul),
     "desc_blocks" / Int16ul,
     "uuid" / Bytes(16),
     "seq" / Int64ul,
     "meta_blocks" / Int32ul,
     "body_len" / Int32ul,
+    "prev_crc" / Int32ul,  # the txn_crc of transaction seq - 1 (0 when unknown): the chain replay follows
 )
 TxnHead = _checked(TxnHeadBody)
 TXN_HEAD_BYTES = TxnHead.sizeof()
@@ -238,14 +251,16 @@ Record = Struct(
     "path" / PascalString(Int16ul, "utf8"),
     "ranges" / PrefixedArray(Int32ul, Range),
 )
+DataRun = Struct("first" / Int32ul, "count" / Int32ul, "crc" / Int32ul)  # file data the transaction points at
 TxnBody = Struct(
     "homes" / PrefixedArray(Int32ul, Int32ul),
     "records" / PrefixedArray(Int32ul, Record),
+    "data" / PrefixedArray(Int32ul, DataRun),
 )
 
 CommitBody = Struct(
     "magic" / Const(b"JTXC"),
-    "version" / Const(VERSION, Int16ul),
+    "version" / Const(LOG_VERSION, Int16ul),
     "reserved" / Int16ul,
     "uuid" / Bytes(16),
     "seq" / Int64ul,

@@ -13,10 +13,15 @@ Keeps true:
   block no record names (a file's data).
 - A log header is read only when its positions are possible (`header_problem`), and the log is
   opened only when its transactions end at the head offset (`RingScan.broken`).
-- Replay re-writes the images of the transaction at the head (committed, not checkpointed) and
-  records the checkpoint in the header; doing it twice gives the same blocks (idempotent). A
-  transaction found after it was never acknowledged (its header record is not on disk): replay
-  zeroes its descriptor before the header moves past, so it can never become committed later.
+- Past the header's head, the committed transactions are the longest chain of valid ones: each
+  with its commit CRC, the CRC of the one before it in its descriptor, and the file data it points
+  at intact (CRC per data run); the first that fails ends it, and nothing after a gap is taken.
+  After a power cut that left any subset of the unflushed writes, replay therefore gives the
+  state after a prefix of the transactions, and every transaction before the last completed
+  flush is in it.
+- Replay re-writes the images of those transactions in order and records the checkpoint in the
+  header; doing it twice gives the same blocks (idempotent). A transaction refused right after
+  them gets its descriptor zeroed, so it can never become committed later.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from jfs.layout import (
     Commit,
     Geometry,
     LogHeader,
-    crc32,
+    txn_digest,
 )
 from jfs.packing import pack_log_header, unpack_commit, unpack_log_header, unpack_txn_body, unpack_txn_head
 from vstore.blocks.device import BlockDevice
@@ -52,7 +57,8 @@ class LogRecord:
 
 @dataclass
 class Txn:
-    """A committed transaction found in the ring."""
+    """A committed transaction found in the ring (`crc` its commit's txn_crc, `prev_crc` the one
+    its descriptor names for the transaction before it, `data` its (first, count, crc) data runs)."""
 
     seq: int
     off: int
@@ -60,6 +66,9 @@ class Txn:
     homes: list[int]
     records: list[LogRecord]
     images: list[bytes] = field(default_factory=list)
+    crc: int = 0
+    prev_crc: int = 0
+    data: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -81,20 +90,28 @@ class LogHead:
 
 class BlockView:
     """Reads and writes through to a device, or into an overlay when the device must not change
-    (read-only mount, `fsck -n`): replayed blocks then live only in memory."""
+    (read-only mount, `fsck -n`): replayed blocks then live only in memory. `pending` holds the
+    metadata images of transactions not yet durable (their homes wait for a flush): reads see
+    them, the device does not have them yet."""
 
     def __init__(self, device: BlockDevice, *, readonly: bool = False) -> None:
         self.device = device
         self.readonly = readonly or device.readonly
         self.overlay: dict[int, bytes] = {}
+        self.pending: dict[int, tuple[int, bytes]] = {}  # lba -> (transaction seq, image)
 
     def read(self, lba: int, count: int = 1) -> bytes:
         if not self.overlay:
-            return self.device.read(lba, count)
+            if not self.pending:
+                return self.device.read(lba, count)
+            if count == 1:
+                hit = self.pending.get(lba)
+                return hit[1] if hit is not None else self.device.read(lba)
         bs = self.device.block_size
         raw = bytearray(self.device.read(lba, count))
         for i in range(count):
-            img = self.overlay.get(lba + i)
+            hit = self.pending.get(lba + i)
+            img = hit[1] if hit is not None else self.overlay.get(lba + i)
             if img is not None:
                 raw[i * bs:(i + 1) * bs] = img
         return bytes(raw)
@@ -175,22 +192,29 @@ def read_txn(view: BlockView, geo: Geometry, uuid: bytes, off: int, seq: int) ->
     except FormatError:
         return None
     if commit.uuid != uuid or commit.seq != seq or commit.total_blocks != total \
-            or commit.txn_crc != crc32(raw[:-bs]):
+            or commit.txn_crc != txn_digest(memoryview(raw)[:-bs]):
         return None
     desc_end = head.desc_blocks * bs
     body_raw = raw[TXN_HEAD_BYTES:TXN_HEAD_BYTES + head.body_len]
     if TXN_HEAD_BYTES + head.body_len > desc_end:
         return None
     try:
-        homes, body_records = unpack_txn_body(body_raw, "txn body")
+        homes, body_records, data = unpack_txn_body(body_raw, "txn body")
     except FormatError:
         return None
-    if len(homes) != head.meta_blocks or not _justified(geo, homes, body_records):
+    if len(homes) != head.meta_blocks or not _justified(geo, homes, body_records) \
+            or not all(n and geo.data_start <= a and a + n <= geo.data_end for a, n, _ in data):
         return None
     records = [LogRecord(seq, r.ino, r.path or None, str(r.op), [(x.first, x.count) for x in r.ranges])
                for r in body_records]
     images = [raw[desc_end + i * bs:desc_end + (i + 1) * bs] for i in range(head.meta_blocks)]
-    return Txn(seq, off, total, homes, records, images)
+    return Txn(seq, off, total, homes, records, images, commit.txn_crc, head.prev_crc, data)
+
+
+def data_intact(view: BlockView, txn: Txn) -> bool:
+    """Whether every run of file data `txn` points at holds what it held when `txn` was written
+    (after a power cut, any of the unflushed writes before its commit block may be missing)."""
+    return all(txn_digest(view.read(first, count)) == crc for first, count, crc in txn.data)
 
 
 def _justified(geo: Geometry, homes: list[int], records: Any) -> bool:
@@ -234,16 +258,21 @@ class RingScan:
 
 
 def scan_ring(view: BlockView, geo: Geometry, head: LogHead) -> RingScan:
-    """Every committed transaction from the tail on, none overlapping another. `problem` names a
-    checkpointed transaction that is missing or corrupt (a hole in the middle of the log), or a
-    head offset other than where the checkpointed transactions end."""
+    """Every committed transaction from the tail on, none overlapping another: the checkpointed
+    ones (before the head), then the longest run of valid transactions past the head, each
+    naming the CRC of the one before it and its file data intact (`data_intact`); the first that
+    is not ends the scan, so nothing after a gap is ever taken. `problem` names a checkpointed
+    transaction that is missing or corrupt (a hole in the middle of the log), or a head offset
+    other than where the checkpointed transactions end."""
     txns: list[Txn] = []
     off, seq, ring = head.tail_off, head.tail_seq, geo.log_blocks - 1
     used = 0
     head_at = off if seq == head.head_seq else None  # where transaction head_seq starts
-    while used < ring and seq <= head.head_seq:
+    while used < ring and seq < MAX_SEQ:
         txn = read_txn(view, geo, head.uuid, off, seq)
         if txn is None or used + txn.nblocks > ring:
+            break
+        if seq >= head.head_seq and ((txns and txn.prev_crc != txns[-1].crc) or not data_intact(view, txn)):
             break
         txns.append(txn)
         used += txn.nblocks
@@ -264,25 +293,52 @@ def scan_ring(view: BlockView, geo: Geometry, head: LogHead) -> RingScan:
     return RingScan(head, txns, problem, broken)
 
 
+def damaged_after(view: BlockView, geo: Geometry, ring: RingScan) -> str | None:
+    """Why the end of `ring`'s chain is damage rather than the end of what was written: the block
+    where the next transaction would start holds that transaction's head (this file system, the
+    next sequence number), yet the transaction was refused. After a power cut that is a torn
+    commit; on a copy that lost no page cache (the Sync site after losing the primary) it is a
+    damaged transaction whose records (and every later one's) the chain cannot show."""
+    if ring.txns:
+        last = ring.txns[-1]
+        off, seq = (last.off + last.nblocks) % (geo.log_blocks - 1), last.seq + 1
+    else:
+        off, seq = ring.head.tail_off, ring.head.tail_seq
+    try:
+        head = unpack_txn_head(_read_ring(view, geo, off, 1)[:TXN_HEAD_BYTES], "txn")
+    except FormatError:
+        return None
+    if head.uuid != ring.head.uuid or head.seq != seq:
+        return None
+    return (f"log transaction {seq} (ring offset {off}) was written but is damaged: the records from "
+            "it on cannot be read")
+
+
 def replay_committed(view: BlockView, geo: Geometry, ring: RingScan) -> list[Txn]:
-    """Write the images of every committed transaction the checkpoint does not cover yet, in order,
-    then record the checkpoint in the log header (`ring.head` is updated). A transaction found
-    right after them has a commit block whose header record never reached the disk (the commit
-    was not acknowledged): its descriptor is zeroed before the header moves past it, or it would
-    pass for the committed one at the new head. Returns the transactions replayed. Through a
-    read-only view the replay lives in the overlay only."""
+    """Write the images of every committed transaction the checkpoint does not cover yet (the
+    valid chain past the head), in order, then record the checkpoint in the log header
+    (`ring.head` is updated). A transaction that parses right after them but was refused (its
+    data or its chain did not hold: torn by a power cut, or left from an earlier try) has its
+    descriptor zeroed, so that it can never pass later for the transaction written there next.
+    Returns the transactions replayed. Through a read-only view the replay lives in the overlay
+    only."""
     pending = [t for t in ring.txns if t.seq > ring.head.checkpoint_seq]
     for t in pending:
         for lba, img in zip(t.homes, t.images, strict=True):
             view.write(lba, img)
+    head = ring.head
+    seq, off = head.head_seq, head.head_off
     if pending:
-        last, head = pending[-1], ring.head
-        off = (last.off + last.nblocks) % (geo.log_blocks - 1)
-        if read_txn(view, geo, head.uuid, off, last.seq + 1) is not None:
-            view.write(geo.log_start + 1 + off, bytes(geo.block_size))
+        last = pending[-1]
+        seq, off = last.seq + 1, (last.off + last.nblocks) % (geo.log_blocks - 1)
+    torn = read_txn(view, geo, head.uuid, off, seq) is not None
+    if torn:
+        view.write(geo.log_start + 1 + off, bytes(geo.block_size))
+    if pending or torn:
         view.flush()
-        head.checkpoint_seq = last.seq
-        head.head_seq = last.seq + 1
+    if pending:
+        head.checkpoint_seq = seq - 1
+        head.head_seq = seq
         head.head_off = off
         view.write(geo.log_start, head.build(geo.block_size))
         view.flush()

@@ -1,25 +1,27 @@
 """The live metadata log of a mounted jfs: atomic transactions with per-file records, and trimming.
 
-The model is xv6 log.c with jbd2's commit: a transaction is written top to bottom in
-`MetaLog.commit`: the file data it makes visible (ordered mode) with the log blocks, a flush, the
-commit block, a flush (the commit point), then the home locations (checkpoint, xv6's
-install_trans), which the next flush makes durable. Reading the stored log (mount, fsck, the
-recovery scan) is `jfs.logring`.
+The model is ext4's jbd2 in data=ordered mode with a commit interval: `MetaLog.commit` writes the
+file data a transaction makes visible, then the transaction (descriptor, images, commit block) in
+the ring, and returns without a flush. `flush` (fsync, `sync`, the commit interval, unmount, a
+log that needs room) moves the pipeline: written -> durable (homes written) -> checkpointed
+(header). Reading the stored log (mount, fsck, the recovery scan) is `jfs.logring`.
 
 Implements SPEC §8 [0160] (metadata log area), [0161] (a file's metadata is logged between
 open-for-write and close: every jfs write commits a transaction with the file's record) and
 [0168]-[0170] (trimming).
 
 Keeps true:
-- A transaction is descriptor block(s) (records + home addresses), the new images of the metadata
-  blocks it changes, and a commit block whose CRC covers all of them (see `jfs.logring`).
-- Two flushes per transaction, the ordering points journaling needs: (1) after the file data, the
-  descriptor and images, and the previous transaction's homes; then the log header recording that
-  previous transaction as checkpointed, and the commit block; (2) the commit point. The homes are
-  written after (2) and become durable at the next transaction's (1), or at `sync`. So the header
-  on disk is at most one transaction behind, which replay covers: at most one committed
-  transaction is ever not checkpointed on disk, and a block freed by a checkpointed transaction
-  may be reused for file data without replay ever overwriting it.
+- A transaction is descriptor block(s) (records, home addresses, the check (`txn_digest`) of
+  each run of file data it points at, the check of the transaction before it), the new images of
+  the metadata blocks it changes, and a commit block whose check covers them: replay can tell it complete
+  or torn on its own, whatever subset of the unflushed writes a power cut left (`jfs.logring`).
+- No flush per transaction. A transaction's homes are written only after a flush made it durable
+  (until then reads see them in `view.pending`); the header moves past it only after a further
+  flush made those homes durable, and `on_release` hears the head of each header once it is
+  durable: blocks a transaction freed may be reused only after that (replay starts at that head,
+  so it never rewrites a block reused since). `sync` flushes until all three are on disk. A home
+  write that fails is retried at the next flush; the header never passes its transaction before.
+- A failed flush fails the log (`failed`): nothing more is committed (ext4's errors=remount-ro).
 - The ring never overwrites a live record, nor one that the header on disk still counts as live:
   a transaction that does not fit after trimming (and waiting up to `log_full_wait` seconds for
   shipping) fails with `LogFull` before anything is written, and ring space that a trim freed is
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from jfs.errors import LogFull
-from jfs.layout import TXN_HEAD_BYTES, Geometry, crc32
+from jfs.layout import TXN_HEAD_BYTES, Geometry, txn_digest
 from jfs.logring import (
     LOG_FLAG_RECORDS_LOST,
     BlockView,
@@ -66,9 +68,11 @@ class RecordSpec:
     ranges: Ranges
 
 
-def txn_blocks(block_size: int, metas: int, records: list[RecordSpec]) -> int:
-    """Log blocks at most of a transaction of `metas` images and `records` (ranges not merged)."""
-    body = 8 + 4 * metas + sum(11 + len((r.path or "").encode()) + 8 * len(r.ranges) for r in records)
+def txn_blocks(block_size: int, metas: int, records: list[RecordSpec], runs: int = 0) -> int:
+    """Log blocks at most of a transaction of `metas` images, `records` (ranges not merged) and
+    `runs` data runs."""
+    body = 12 + 4 * metas + sum(11 + len((r.path or "").encode()) + 8 * len(r.ranges) for r in records) \
+        + 12 * runs
     return -(-(TXN_HEAD_BYTES + body) // block_size) + metas + 1
 
 
@@ -87,15 +91,27 @@ class MetaLog:
         self.geo = geo
         self.head = head
         self.txns = txns  # live (untrimmed) transactions, oldest first
+        self._used = sum(t.nblocks for t in txns)  # their ring blocks
         self.owned_ranges = owned_ranges
         self.has_unshipped = has_unshipped
         self.log_full_wait = log_full_wait
         self.ring = geo.log_blocks - 1
-        self.unflushed: Txn | None = None  # committed; its homes are written but not flushed
+        self.written: list[Txn] = []  # committed in the ring, not flushed yet; homes held in `view.pending`
+        self.to_home: list[Txn] = []  # flushed; homes not written yet (a write of them failed)
+        self.durable: list[Txn] = []  # flushed; homes written, not flushed yet
+        self._homes: dict[int, dict[int, bytes]] = {}  # seq -> homes, of `written`
+        self.ckpt_seq = head.head_seq - 1  # the last transaction whose homes are durable
         self.on_disk = head.build(geo.block_size)  # the header image last written
+        self._header_head = head.head_seq  # the head that header records
+        self._header_unflushed = False  # that header was written after the last flush
+        self.durable_head = head.head_seq  # the head of the last header known durable
         self.undurable = 0  # ring blocks trimmed in memory, not yet by a header that is on disk
         self._put_covers = 0  # of those, the ones the header last written records
         self.flushes = 0  # device flushes this log asked for
+        self.last_crc = txns[-1].crc if txns else 0  # the chain: named by the next transaction
+        self.failed: BaseException | None = None  # a flush failed: nothing more is written
+        # told the durable head after each flush: what transactions before it freed may be reused
+        self.on_release: Callable[[int], None] | None = None
         for t in txns:
             t.images = []
 
@@ -118,6 +134,7 @@ class MetaLog:
         if head.uuid != uuid:
             raise FormatError("the log area belongs to another file system (UUID differs); "
                               "run 'jfs fsck' to check and repair")
+        view.pending.clear()  # images of transactions not durable: the log decides which stand
         ring = scan_ring(view, geo, head)
         if ring.broken:
             raise FormatError(f"metadata log: {ring.broken}; run 'jfs fsck' to repair")
@@ -128,42 +145,81 @@ class MetaLog:
     # -- the header and the flushes ----------------------------------------------------------------
     def checkpointed(self) -> int:
         """The last transaction whose homes are on disk."""
-        return self.head.head_seq - (2 if self.unflushed is not None else 1)
+        return self.ckpt_seq
+
+    def unflushed(self) -> bool:
+        """Whether a committed transaction, a home or the header still waits for a flush."""
+        return bool(self.written or self.to_home or self.durable) or self._header_unflushed
 
     def _header_image(self) -> bytes:
-        """The header as it may be written now: checkpointed up to `checkpointed()`, the
-        transaction after that (if committed) to be replayed."""
-        h, u = self.head, self.unflushed
-        if u is None:
-            return h.build(self.geo.block_size)
-        return LogHead(h.uuid, h.flags, h.tail_seq, h.tail_off, u.seq, u.off, u.seq - 1).build(self.geo.block_size)
+        """The header as it may be written now: checkpointed up to `ckpt_seq`, replay from the next."""
+        h = self.head
+        first = self._uncheckpointed()
+        seq, off = (first[0].seq, first[0].off) if first else (h.head_seq, h.head_off)
+        return LogHead(h.uuid, h.flags, h.tail_seq, h.tail_off, seq, off, seq - 1).build(self.geo.block_size)
 
-    def _put_header(self) -> bool:
+    def _uncheckpointed(self) -> list[Txn]:
+        """The oldest transaction whose homes are not durable, if any, as a list of at most one."""
+        return (self.durable or self.to_home or self.written)[:1]
+
+    def _put_header(self) -> None:
         """Write the header when it says something new; durable at the next flush."""
         img = self._header_image()
         if img == self.on_disk:
-            return False
+            return
         self.view.write(self.geo.log_start, img)
         self.on_disk, self._put_covers = img, self.undurable
-        return True
+        self._header_unflushed = True
+        first = self._uncheckpointed()
+        self._header_head = first[0].seq if first else self.head.head_seq
 
-    def _flush(self) -> None:
-        self.view.flush()
+    def flush(self) -> None:
+        """One device flush, the pipeline moved one step: the transactions written before it are
+        durable and their homes are written now; those whose homes were written before it are
+        checkpointed, and the header says so (durable at the next flush)."""
+        if self.failed is not None:
+            raise self.failed
+        try:
+            self.view.flush()
+        except BaseException as exc:
+            self.failed = exc  # what reached the disk is unknown: like ext4's errors=remount-ro
+            raise
         self.flushes += 1
-        self.unflushed = None  # its homes were written before this flush
+        self._header_unflushed = False
+        self.durable_head = self._header_head
         self.undurable -= self._put_covers
         self._put_covers = 0
+        if self.durable:
+            self.ckpt_seq = self.durable[-1].seq
+        self.durable = []
+        self.to_home += self.written
+        self.written = []
+        pending = self.view.pending
+        while self.to_home:  # durable now: their homes may be overwritten (a failed write is retried)
+            t = self.to_home[0]
+            homes = self._homes[t.seq]
+            self._write_blocks(homes)
+            for lba in homes:
+                if pending.get(lba, (0,))[0] == t.seq:
+                    del pending[lba]
+            del self._homes[t.seq]
+            self.durable.append(self.to_home.pop(0))
+        self._put_header()
+        if self.on_release is not None:
+            self.on_release(self.durable_head)
 
     def sync(self) -> None:
-        """Make every committed transaction checkpointed on disk, and the header say so."""
-        if self.unflushed is not None:
-            self._flush()
-        if self._put_header():
-            self._flush()
+        """Make every committed transaction checkpointed on disk, and the header say so durably."""
+        while True:
+            if not (self.written or self.to_home or self.durable):
+                self._put_header()  # the header alone changed (a trim): durable at this flush
+            if not self.unflushed():
+                return
+            self.flush()
 
     # -- space ---------------------------------------------------------------------------------
     def used(self) -> int:
-        return sum(t.nblocks for t in self.txns)
+        return self._used
 
     def free(self) -> int:
         return self.ring - self.used()
@@ -171,62 +227,80 @@ class MetaLog:
     def records(self) -> list[LogRecord]:
         return [r for t in self.txns for r in t.records]
 
+    def room(self, nblocks: int) -> bool:
+        """Whether `nblocks` are free, after trimming and, when that is not enough, after a
+        checkpoint (`sync`) and trimming again."""
+        if self.free() >= nblocks:
+            return True
+        self.trim()
+        if self.free() < nblocks and self.ckpt_seq < self.head.head_seq - 1:
+            self.sync()
+            self.trim()
+        return self.free() >= nblocks
+
     def reserve(self, nblocks: int) -> None:
-        """Make room for a transaction of `nblocks` (trimming, waiting up to `log_full_wait` for
-        shipping) or raise LogFull; nothing is written to the ring here."""
+        """Make room for a transaction of `nblocks` (trimming, checkpointing, waiting up to
+        `log_full_wait` for shipping) or raise LogFull; nothing is written to the ring here."""
         if nblocks > self.ring:
             raise LogFull(f"this change needs {nblocks} log blocks but the metadata log has only "
                           f"{self.ring}; re-create the file system with a larger log")
         deadline = time.monotonic() + self.log_full_wait
-        while self.free() < nblocks:
-            self.trim()
-            if self.free() >= nblocks:
-                break
+        while not self.room(nblocks):
             if time.monotonic() >= deadline:
                 raise LogFull("the metadata log is full and its records cannot be trimmed until the "
                               "pending writes are shipped to the Async site; ship them and retry")
             time.sleep(0.05)
 
     # -- commit ----------------------------------------------------------------------------------
-    def commit(self, homes: dict[int, bytes], records: list[RecordSpec], data: dict[int, bytes]) -> int:
-        """Commit one transaction: `homes` (lba -> new image) are the metadata blocks it changes,
-        `records` name the files, `data` (lba -> block) is the file data it makes visible. Returns
-        its sequence. Nothing is written when there is no room (LogFull)."""
-        desc, images, total = self._encode(homes, records)
+    def commit(self, homes: dict[int, bytes], records: list[RecordSpec], data: dict[int, bytes],
+               runs: list[tuple[int, int, int]] | None = None) -> int:
+        """Write one transaction, without a flush: `homes` (lba -> new image) are the metadata
+        blocks it changes, `records` name the files, `data` (lba -> block) is the file data it
+        makes visible (written first), `runs` the (first, count, crc) of data written earlier
+        that it points at too. Returns its sequence. It is durable at the next `flush`; its homes
+        are written after that one. Nothing is written when there is no room (LogFull)."""
+        if self.failed is not None:
+            raise self.failed
+        all_runs = list(runs or []) + [(lba, len(run) // self.geo.block_size, txn_digest(run))
+                                       for lba, run in block_runs(data, self.geo.block_size)]
+        desc, images, total = self._encode(homes, records, all_runs)
         self.reserve(total)
         if self.ring - self.used() - self.undurable < total:
             self.sync()  # the room was made by a trim that the header on disk does not know yet
         seq, off = self.head.head_seq, self.head.head_off
         body = desc + images
-        self._write_blocks(data)  # ordered mode: the data is on disk before anything points at it
-        self._write_ring(off, body)
-        self._flush()  # (1): data, descriptor, images and the previous transaction's homes
-        self._put_header()  # the previous transaction checkpointed, the trims since
-        self._write_ring((off + total - 1) % self.ring, self._commit_block(seq, total, body))
-        self._flush()  # (2): the commit point
-        self._write_blocks(homes)  # checkpoint, as contiguous runs; durable at the next flush
+        crc = txn_digest(body)
+        self._write_blocks(data)  # ordered mode: the data precedes the commit that points at it
+        self._write_ring(off, body + self._commit_block(seq, total, crc))
         recs = [LogRecord(seq, r.ino, r.path, r.op, merge_ranges(r.ranges)) for r in records]
-        txn = Txn(seq, off, total, sorted(homes), recs)
+        txn = Txn(seq, off, total, sorted(homes), recs, crc=crc, prev_crc=self.last_crc)
         self.txns.append(txn)
-        self.unflushed = txn
+        self._used += total
+        self.written.append(txn)
+        self._homes[seq] = homes
+        pending = self.view.pending
+        for lba, img in homes.items():
+            pending[lba] = (seq, img)
+        self.last_crc = crc
         self.head.checkpoint_seq = seq
         self.head.head_seq = seq + 1
         self.head.head_off = (off + total) % self.ring
         return seq
 
-    def _encode(self, homes: dict[int, bytes], records: list[RecordSpec]) -> tuple[bytes, bytes, int]:
+    def _encode(self, homes: dict[int, bytes], records: list[RecordSpec],
+                runs: list[tuple[int, int, int]]) -> tuple[bytes, bytes, int]:
         """(descriptor blocks, metadata images, total blocks with the commit block)."""
         bs = self.geo.block_size
         lbas = sorted(homes)
-        body = pack_txn_body(lbas, ((r.ino, r.op, r.path or "", merge_ranges(r.ranges)) for r in records))
+        body = pack_txn_body(lbas, ((r.ino, r.op, r.path or "", merge_ranges(r.ranges)) for r in records), runs)
         desc_blocks = -(-(TXN_HEAD_BYTES + len(body)) // bs)
-        head = pack_txn_head(desc_blocks, self.head.uuid, self.head.head_seq, len(lbas), len(body))
+        head = pack_txn_head(desc_blocks, self.head.uuid, self.head.head_seq, len(lbas), len(body), self.last_crc)
         desc = (head + body).ljust(desc_blocks * bs, b"\0")
         images = b"".join(homes[lba] for lba in lbas)
         return desc, images, desc_blocks + len(lbas) + 1
 
-    def _commit_block(self, seq: int, total: int, covered: bytes) -> bytes:
-        return pack_commit(self.geo.block_size, self.head.uuid, seq, total, crc32(covered))
+    def _commit_block(self, seq: int, total: int, crc: int) -> bytes:
+        return pack_commit(self.geo.block_size, self.head.uuid, seq, total, crc)
 
     def _write_blocks(self, blocks: dict[int, bytes]) -> None:
         for lba, run in block_runs(blocks, self.geo.block_size):
@@ -261,6 +335,7 @@ class MetaLog:
             for r in txn.records:
                 remaining[r.ino] -= 1
             self.txns.pop(0)
+            self._used -= txn.nblocks
             removed += len(txn.records)
             self.undurable += txn.nblocks
             self.head.tail_seq = txn.seq + 1

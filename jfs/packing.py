@@ -34,11 +34,12 @@ _ENTRY_HEAD = struct.Struct("<IBB")
 _PTR_HEAD = struct.Struct("<4sHBBI")
 _BITMAP_HEAD = struct.Struct("<4sHHI")
 _LOG_HEADER = struct.Struct("<4sHH16sQIQIQ")
-_TXN_HEAD = struct.Struct("<4sHH16sQII")
+_TXN_HEAD = struct.Struct("<4sHH16sQIII")
 _COMMIT = struct.Struct("<4sHH16sQII")
 _U32 = struct.Struct("<I")
 _RECORD_HEAD = struct.Struct("<IBH")
 _RANGE = struct.Struct("<II")
+_DATA_RUN = struct.Struct("<III")
 
 OPS = {"create": 1, "write": 2, "truncate": 3, "unlink": 4, "rename": 5, "mkdir": 6, "rmdir": 7, "setattr": 8}
 
@@ -71,6 +72,16 @@ def _open(raw: bytes, body_len: int, magic: bytes, what: str) -> memoryview:
 
 def _check_version(version: int, what: str) -> None:
     if version != L.VERSION:
+        raise _corrupt(what, f"version {version}")
+
+
+def _check_log_version(version: int, what: str) -> None:
+    if version == 1:
+        raise FormatError(f"{what} is metadata log version 1, written by an older jfs that flushed every "
+                          f"transaction; this jfs reads version {L.LOG_VERSION} only: if the volume was "
+                          "unmounted cleanly, 'jfs fsck' rewrites its (empty) log as the new version; "
+                          "if not, mount and unmount it once with the older jfs first")
+    if version != L.LOG_VERSION:
         raise _corrupt(what, f"version {version}")
 
 
@@ -118,6 +129,24 @@ def pack_dir_block(block_size: int, owner: int, entries: Iterable[tuple[str, int
     if len(body) > block_size - 4:
         raise ValueError(f"directory entries need {len(body)} bytes, a block holds {block_size - 4}")
     return _seal(body.ljust(block_size - 4, b"\0"))
+
+
+def pack_dir_entry(name: str, ino: int, typ: int) -> bytes:
+    """One directory entry as `pack_dir_block` lays it out."""
+    enc = name.encode()
+    return _ENTRY_HEAD.pack(ino, typ, len(enc)) + enc
+
+
+def pack_dir_block_packed(block_size: int, owner: int, count: int, packed: bytes | bytearray) -> bytes:
+    """The directory block of `count` entries already packed (`pack_dir_entry`, in order): the
+    bytes `pack_dir_block` gives for them."""
+    if _DIR_HEAD.size + len(packed) > block_size - 4:
+        raise ValueError(f"directory entries need {_DIR_HEAD.size + len(packed)} bytes, "
+                         f"a block holds {block_size - 4}")
+    body = bytearray(_DIR_HEAD.pack(b"JDIR", L.VERSION, count, owner))
+    body += packed
+    body += bytes(block_size - 4 - len(body))
+    return bytes(body) + _CRC.pack(_crc(body))
 
 
 def unpack_dir_block(block_size: int, raw: bytes, what: str) -> tuple[int, list[tuple[str, int, int]]]:
@@ -188,20 +217,23 @@ def unpack_bitmap_block(block_size: int, magic: bytes, raw: bytes, what: str) ->
 # -- the metadata log -------------------------------------------------------------------------------
 def pack_log_header(block_size: int, flags: int, uuid: bytes, tail_seq: int, tail_off: int, head_seq: int,
                     head_off: int, checkpoint_seq: int) -> bytes:
-    return _seal(_LOG_HEADER.pack(b"JLOG", L.VERSION, flags, uuid, tail_seq, tail_off, head_seq, head_off,
+    return _seal(_LOG_HEADER.pack(b"JLOG", L.LOG_VERSION, flags, uuid, tail_seq, tail_off, head_seq, head_off,
                                   checkpoint_seq), block_size)
 
 
-def pack_txn_head(desc_blocks: int, uuid: bytes, seq: int, meta_blocks: int, body_len: int) -> bytes:
-    return _seal(_TXN_HEAD.pack(b"JTXD", L.VERSION, desc_blocks, uuid, seq, meta_blocks, body_len))
+def pack_txn_head(desc_blocks: int, uuid: bytes, seq: int, meta_blocks: int, body_len: int,
+                  prev_crc: int = 0) -> bytes:
+    return _seal(_TXN_HEAD.pack(b"JTXD", L.LOG_VERSION, desc_blocks, uuid, seq, meta_blocks, body_len, prev_crc))
 
 
 def pack_commit(block_size: int, uuid: bytes, seq: int, total_blocks: int, txn_crc: int) -> bytes:
-    return _seal(_COMMIT.pack(b"JTXC", L.VERSION, 0, uuid, seq, total_blocks, txn_crc), block_size)
+    return _seal(_COMMIT.pack(b"JTXC", L.LOG_VERSION, 0, uuid, seq, total_blocks, txn_crc), block_size)
 
 
-def pack_txn_body(homes: Sequence[int], records: Iterable[tuple[int, str, str, Sequence[tuple[int, int]]]]) -> bytes:
-    """The transaction body: home LBAs, then (ino, op name, path, ranges) records."""
+def pack_txn_body(homes: Sequence[int], records: Iterable[tuple[int, str, str, Sequence[tuple[int, int]]]],
+                  data: Sequence[tuple[int, int, int]] = ()) -> bytes:
+    """The transaction body: home LBAs, (ino, op name, path, ranges) records, (first, count, crc)
+    data runs."""
     parts = [_U32.pack(len(homes)), struct.pack(f"<{len(homes)}I", *homes)]
     recs = list(records)
     parts.append(_U32.pack(len(recs)))
@@ -211,6 +243,8 @@ def pack_txn_body(homes: Sequence[int], records: Iterable[tuple[int, str, str, S
         parts.append(enc)
         parts.append(_U32.pack(len(ranges)))
         parts.extend(_RANGE.pack(first, count) for first, count in ranges)
+    parts.append(_U32.pack(len(data)))
+    parts.extend(_DATA_RUN.pack(first, count, crc) for first, count, crc in data)
     return b"".join(parts)
 
 
@@ -227,7 +261,7 @@ class LogHeaderValues(NamedTuple):
 def unpack_log_header(raw: bytes, what: str) -> LogHeaderValues:
     body = _open(raw, _LOG_HEADER.size, b"JLOG", what)
     f = _LOG_HEADER.unpack_from(body)
-    _check_version(f[1], what)
+    _check_log_version(f[1], what)
     return LogHeaderValues(*f[2:])
 
 
@@ -237,12 +271,13 @@ class TxnHeadValues(NamedTuple):
     seq: int
     meta_blocks: int
     body_len: int
+    prev_crc: int
 
 
 def unpack_txn_head(raw: bytes, what: str) -> TxnHeadValues:
     body = _open(raw, _TXN_HEAD.size, b"JTXD", what)
     f = _TXN_HEAD.unpack_from(body)
-    _check_version(f[1], what)
+    _check_log_version(f[1], what)
     return TxnHeadValues(*f[2:])
 
 
@@ -257,7 +292,7 @@ class CommitValues(NamedTuple):
 def unpack_commit(raw: bytes, what: str) -> CommitValues:
     body = _open(raw, _COMMIT.size, b"JTXC", what)
     f = _COMMIT.unpack_from(body)
-    _check_version(f[1], what)
+    _check_log_version(f[1], what)
     return CommitValues(*f[2:])
 
 
@@ -276,8 +311,9 @@ class RecordValues(NamedTuple):
 _OP_NAMES = {code: name for name, code in OPS.items()}
 
 
-def unpack_txn_body(raw: bytes, what: str) -> tuple[list[int], list[RecordValues]]:
-    """(homes, records) of a transaction body (trailing bytes ignored, as the declaration does)."""
+def unpack_txn_body(raw: bytes, what: str) -> tuple[list[int], list[RecordValues], list[tuple[int, int, int]]]:
+    """(homes, records, data runs) of a transaction body (trailing bytes ignored, as the
+    declaration does)."""
     view = memoryview(raw)
     end = len(view)
 
@@ -312,4 +348,10 @@ def unpack_txn_body(raw: bytes, what: str) -> tuple[list[int], list[RecordValues
         pos += _RANGE.size * nranges
         ranges = [RangeValues(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
         records.append(RecordValues(ino, _OP_NAMES.get(code, code), path, ranges))
-    return homes, records
+    need(pos, 4)
+    (nruns,) = _U32.unpack_from(view, pos)
+    pos += 4
+    need(pos, _DATA_RUN.size * nruns)
+    flat = struct.unpack_from(f"<{3 * nruns}I", view, pos)
+    runs = [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    return homes, records, runs

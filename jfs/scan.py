@@ -27,7 +27,7 @@ from jfs import layout as L
 from jfs.blockmap import walk
 from jfs.codecs import Inode, find_superblock, parse_ptr_block
 from jfs.errors import IncompleteLog
-from jfs.logring import BlockView, LogRecord, read_header, replay_committed, scan_ring
+from jfs.logring import BlockView, LogRecord, RingScan, damaged_after, read_header, replay_committed, scan_ring
 from vstore.blocks.device import BlockDevice
 from vstore.blocks.errors import FormatError
 from vstore.blocks.ranges import Ranges, merge_ranges
@@ -88,6 +88,10 @@ def scan_log(device: BlockDevice) -> LogScan:
     except FormatError as exc:
         return LogScan(complete=False, problem=str(exc))
     ring = scan_ring(view, geo, head)
+    if ring.problem is None:  # recovery reads a copy that lost no page cache: a refused written txn is damage
+        damaged = damaged_after(view, geo, ring)
+        if damaged is not None:
+            ring = RingScan(ring.head, ring.txns, damaged, ring.broken)
     replay_committed(view, geo, ring)  # into the overlay: the replica is never written
     by_ino: dict[int, TouchedFile] = {}
     records: list[LogRecord] = []

@@ -8,7 +8,8 @@ set (the FUSE mount), a mode or time change or a `grouped` write (gathered write
 change finds) joins the running transaction, committed with the next other operation or by
 `commit_pending`; `on_lost` hears which files' data a failed group took. Creates and removals
 commit when they return, so a failing commit never takes back a file an application saw. File
-data is copy-on-write: new data always goes to freshly allocated blocks.
+data is copy-on-write (`jfs.cow`): new data always goes to freshly allocated blocks. Commits do
+not flush: `fsync` (one flush), `sync` and unmount make them durable (`jfs.metalog`).
 
 Keeps true:
 - Any failure inside an operation (no space, log full, bad name...) leaves the volume unchanged:
@@ -17,13 +18,17 @@ Keeps true:
 - A running group holds (`log.reserved`) the log space its commit can need at most (`_cost`); an
   operation that would not fit commits the group first, so a group never fails for lack of log
   space after its operations succeeded.
-- A block or inode the operation frees becomes allocatable only after its transaction committed
-  (the bitmap images carry the cleared bits, cleared in memory after the commit). Directory,
+- An inode the operation frees becomes allocatable after its transaction is written; a block
+  only once a durable log header starts replay past that transaction (`freeing`, released by
+  `MetaLog.on_release`), so replay never rewrites a block reused since and never finds the data
+  of a transaction it replays overwritten. The bitmap images carry the cleared bits at once.
+  Allocation that finds no free block checkpoints the log (`sync`) to release them. Directory,
   pointer, inode and bitmap blocks reach their home only through a committed transaction.
 - The caches (`inodes`, `maps`, `dirs`, `itable`) equal what the volume holds after the last
   commit. A commit that fails part-way may leave its transaction committed or not: before the
   next operation the log is opened again (replayed as at mount) and the state re-read, so memory
-  never disagrees with the volume; until that succeeds every operation fails.
+  never disagrees with the volume; until that succeeds every operation fails. A failed flush fails
+  every later change (`DeviceFailed`, ext4's errors=remount-ro): what is durable is unknown.
 - Blocks and log space `reserve`d for writes not yet committed are never handed to another
   operation: `_alloc_blocks` and every transaction see only what is free beyond them, and `statfs`
   counts them as used. `write_cost` is an upper bound of what one `write` transaction allocates and
@@ -42,11 +47,13 @@ from jfs import layout as L
 from jfs.alloc import Bitmap
 from jfs.blockmap import FileMap, read_map, store_map, write_cost
 from jfs.codecs import DirBlock, Inode, bitmap_image, parse_bitmap
-from jfs.errors import FileTooLarge, LogFull, NoSpace, ReadOnlyFs
-from jfs.logring import BlockView
+from jfs.cow import CopyOnWrite
+from jfs.errors import DeviceFailed, LogFull, NoSpace, ReadOnlyFs
+from jfs.layout import txn_digest
+from jfs.logring import BlockView, block_runs
 from jfs.metalog import MetaLog, RecordSpec, txn_blocks
 from vstore.blocks.device import BlockDevice
-from vstore.blocks.errors import FormatError
+from vstore.blocks.errors import FormatError, brief
 from vstore.blocks.ranges import Ranges, merge_ranges, ranges_of
 
 
@@ -60,6 +67,7 @@ class _Txn:
     freed_inodes: set[int] = field(default_factory=set)
     bitmap_dirty: set[tuple[str, int]] = field(default_factory=set)
     allocated: list[tuple[str, int]] = field(default_factory=list)  # ("b"|"i", number), to undo on failure
+    runs: list[tuple[int, int, int]] = field(default_factory=list)  # (first, count, crc) of data written at join
     data_inos: set[int] = field(default_factory=set)  # files whose gathered data it holds (`on_lost`)
 
 
@@ -73,7 +81,7 @@ class _Log(MetaLog):
         return super().free() - self.reserved
 
 
-class Transactions:
+class Transactions(CopyOnWrite):
     """The state of a mounted jfs (caches, allocators, the log) and the transaction machinery."""
 
     def __init__(self, device: BlockDevice, view: BlockView, sb: Any, *, log_full_wait: float = 0.0) -> None:
@@ -95,6 +103,8 @@ class Transactions:
         # told (inodes, error) when a running group holding those files' data fails to commit
         self.on_lost: Callable[[set[int], BaseException], None] | None = None
         self.marked_dirty = False  # the superblock says "in use"
+        self.freeing: set[int] = set()  # blocks freed by committed transactions, not reusable yet
+        self._freeing_by: list[tuple[int, set[int]]] = []  # (seq, blocks it freed), oldest first
         self._torn = False  # a commit failed after it may have written part of its transaction
         self._stale = False  # the in-memory state must be read again before the next operation
         self._load()
@@ -104,7 +114,18 @@ class Transactions:
         log = _Log.open(self.view, self.geo, self.uuid, owned_ranges=self.data_ranges_of,
                         has_unshipped=self.device.has_unshipped, log_full_wait=self.log_full_wait)
         assert isinstance(log, _Log)
+        log.on_release = self._release
+        self.freeing, self._freeing_by = set(), []  # the replay left every transaction checkpointed
         return log
+
+    def _release(self, durable_head: int) -> None:
+        """The header on disk starts replay at `durable_head`: the blocks that the transactions
+        before it freed may be reused."""
+        while self._freeing_by and self._freeing_by[0][0] < durable_head:
+            _, blocks = self._freeing_by.pop(0)
+            for i in blocks:
+                self.bbits.clear(i)
+            self.freeing -= blocks
 
     # -- in-memory state loaded from disk ------------------------------------------------------
     def _load(self) -> None:
@@ -119,6 +140,8 @@ class Transactions:
                                        geo.inode_count, 2, "inode bitmap")
         self.bbits = self._load_bitmap(geo.bbitmap_start, geo.bbitmap_blocks, L.BLOCK_BITMAP_MAGIC,
                                        geo.data_end, geo.data_start, "block bitmap")
+        for i in self.freeing:  # free in the images, not yet reusable
+            self.bbits.set(i)
 
     def _reload(self) -> None:
         """Read the state back from the volume after a failed operation; after a torn commit, first
@@ -195,18 +218,20 @@ class Transactions:
         """(blocks, log blocks) that `reserve` can hold now (the log trimmed as far as the rule allows)."""
         if not self.readonly:
             self.log.trim()
-        return max(0, self.bbits.nfree - self.reserved_blocks), max(0, self.log.free())
+        return max(0, self.bbits.nfree + len(self.freeing) - self.reserved_blocks), max(0, self.log.free())
 
     def reserve(self, blocks: int, log_blocks: int) -> None:
         """Hold `blocks` free blocks and `log_blocks` log blocks for a write committed later, or raise
         NoSpace / LogFull and hold nothing."""
         if self.readonly:
             raise ReadOnlyFs("the file system is mounted read-only")
+        self._check_failed()
+        if blocks > self.bbits.nfree - self.reserved_blocks and self.freeing:
+            self.log.sync()  # blocks freed by committed transactions are reusable once checkpointed
         if blocks > self.bbits.nfree - self.reserved_blocks:
             raise NoSpace("the file system has no free blocks left; delete files or use a larger image")
         if log_blocks > self.log.free():
-            self.log.trim()
-            if log_blocks > self.log.free():
+            if not self.log.room(log_blocks):
                 raise LogFull("the metadata log has no room for more writes until its records are shipped "
                               "to the Async site; ship them and retry")
         self.reserved_blocks += blocks
@@ -219,6 +244,8 @@ class Transactions:
 
     # -- allocation -------------------------------------------------------------------------------
     def _alloc_blocks(self, n: int) -> list[int]:
+        if n > self.bbits.nfree - self.reserved_blocks and self.freeing:
+            self.log.sync()  # blocks freed by committed transactions are reusable once checkpointed
         if n > self.bbits.nfree - self.reserved_blocks:
             raise NoSpace("the file system has no free blocks left; delete files or use a larger image")
         out = self.bbits.alloc(n, "blocks")
@@ -256,79 +283,6 @@ class Transactions:
         t.freed_inodes.add(ino)
         t.dirty_inodes.add(ino)
 
-    # -- file content (copy-on-write) ---------------------------------------------------------------
-    def _read_blocks(self, lbas: list[int]) -> bytes:
-        """The blocks `lbas` (0 = hole), read in runs of consecutive blocks and joined once."""
-        parts: list[bytes] = []
-        i = 0
-        while i < len(lbas):
-            j = i + 1
-            if not lbas[i]:
-                while j < len(lbas) and not lbas[j]:
-                    j += 1
-                parts.append(bytes((j - i) * self.bs))
-            else:
-                while j < len(lbas) and lbas[j] == lbas[j - 1] + 1:
-                    j += 1
-                if not (self.geo.data_start <= lbas[i] and lbas[j - 1] < self.geo.data_end):
-                    raise FormatError("a file points outside the data area; run 'jfs fsck'")
-                parts.append(self.view.read(lbas[i], j - i))
-            i = j
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _put_data(self, ino: int, offset: int, data: bytes) -> list[int]:
-        """Copy-on-write `data` at `offset` into the file's map; returns the new data blocks."""
-        bs, node, m = self.bs, self.inode(ino), self.filemap(ino)
-        end = offset + len(data)
-        if not data:
-            return []
-        if -(-end // bs) > L.max_file_blocks(bs):
-            raise FileTooLarge(f"files are limited to {L.max_file_blocks(bs) * bs} bytes")
-        k0, k1 = offset // bs, (end - 1) // bs
-        if len(m.data) <= k1:
-            m.data += [0] * (k1 + 1 - len(m.data))
-        new = self._alloc_blocks(k1 - k0 + 1)
-        t = self._t()
-        for i, k in enumerate(range(k0, k1 + 1)):
-            lo, hi = max(offset, k * bs), min(end, (k + 1) * bs)
-            if hi - lo == bs:
-                blk = data[lo - offset:hi - offset]
-            else:
-                old = m.data[k]
-                base = bytearray(t.data.get(old) or (self.view.read(old) if old else bytes(bs)))
-                base[lo - k * bs:hi - k * bs] = data[lo - offset:hi - offset]
-                blk = bytes(base)
-            if m.data[k]:
-                self._free_block(m.data[k])
-                t.data.pop(m.data[k], None)
-            m.data[k] = new[i]
-            t.data[new[i]] = blk
-        node.size = max(node.size, end)
-        return new
-
-    def _set_size(self, ino: int, size: int) -> list[int]:
-        """Truncate or extend (with a hole); returns data blocks written (a zeroed tail)."""
-        bs, node, m = self.bs, self.inode(ino), self.filemap(ino)
-        if -(-size // bs) > L.max_file_blocks(bs):
-            raise FileTooLarge(f"files are limited to {L.max_file_blocks(bs) * bs} bytes")
-        written: list[int] = []
-        if size < node.size:
-            keep = -(-size // bs)
-            for b in m.data[keep:]:
-                self._free_block(b)
-            del m.data[keep:]
-            if size % bs and keep <= len(m.data) and m.data[keep - 1]:
-                old = self.view.read(m.data[keep - 1])
-                tail = old[:size % bs] + bytes(bs - size % bs)
-                if tail != old:
-                    new = self._alloc_blocks(1)[0]
-                    self._free_block(m.data[keep - 1])
-                    m.data[keep - 1] = new
-                    self._t().data[new] = tail
-                    written.append(new)
-        node.size = size
-        return written
-
     # -- transactions ---------------------------------------------------------------------------------
     def _t(self) -> _Txn:
         assert self._txn is not None, "metadata changes happen only inside an operation"
@@ -352,6 +306,7 @@ class Transactions:
         any other commits at once, together with the group."""
         if self.readonly:
             raise ReadOnlyFs("the file system is mounted read-only")
+        self._check_failed()
         if self._stale:
             self._reload()  # an earlier failure could not read the volume back: it must work first
         t = self._txn = _Txn()
@@ -370,6 +325,11 @@ class Transactions:
             self.commit_pending()
         else:
             self._commit_now(t)
+
+    def _check_failed(self) -> None:
+        if self.log.failed is not None:
+            raise DeviceFailed(f"a flush of the device failed ({brief(str(self.log.failed))}), so what is on "
+                               "disk is unknown; no more changes are made: unmount, then run 'jfs fsck'")
 
     def _abandon(self, t: _Txn) -> None:
         """A failed operation: what it allocated is given back, what earlier operations of the
@@ -407,6 +367,24 @@ class Transactions:
             for cache in (self.maps, self.dirs, self.dindex):
                 cache.pop(ino, None)
 
+    # -- durability -------------------------------------------------------------------------------
+    def sync(self) -> None:
+        """Every operation so far durable and checkpointed on disk (the header says so)."""
+        self.commit_pending()
+        if not self.readonly:
+            self.log.sync()
+
+    def trim(self) -> int:
+        """Trim the metadata log under the [0168]-[0170] rule (the header on disk records it);
+        returns records deleted."""
+        if self.readonly:
+            return 0
+        self.commit_pending()
+        self.log.sync()
+        removed = self.log.trim()
+        self.log.sync()
+        return removed
+
     # -- group commit ------------------------------------------------------------------------------
     def _join(self, t: _Txn) -> None:
         """Add a sealed operation to the running group: its data goes to its (free) blocks now, its
@@ -424,6 +402,7 @@ class Transactions:
                 return
             r = self._running = _Txn()
         self.log._write_blocks(t.data)  # ordered mode holds: nothing points at them before the commit
+        r.runs.extend((lba, len(run) // self.bs, txn_digest(run)) for lba, run in block_runs(t.data, self.bs))
         for lba in t.freed_blocks:
             r.meta.pop(lba, None)
         r.meta.update(t.meta)
@@ -443,15 +422,14 @@ class Transactions:
         freed = sum(len(x.freed_blocks) + len(x.freed_inodes) for x in parts)
         metas = len(set().union(*(x.meta for x in parts))) + min(
             len(bitmaps) + freed, self.geo.ibitmap_blocks + self.geo.bbitmap_blocks)
-        return txn_blocks(self.bs, metas, [rec for x in parts for rec in x.records.values()])
+        runs = len(t.data) + (len(r.runs) if r is not None else 0)
+        return txn_blocks(self.bs, metas, [rec for x in parts for rec in x.records.values()], runs)
 
     def _hold(self, cost: int) -> bool:
         """Hold `cost` log blocks in all for the running group; False when they are not free."""
         more = cost - self._running_hold
-        if more > self.log.free():
-            self.log.trim()
-            if more > self.log.free():
-                return False
+        if more > self.log.free() and not self.log.room(more):
+            return False
         self.log.reserved, self._running_hold = self.log.reserved + more, cost
         return True
 
@@ -476,16 +454,17 @@ class Transactions:
         nbytes = L.bits_per_bitmap_block(self.bs) // 8
         touched = {("i", i // (nbytes * 8)) for i in t.freed_inodes} | t.bitmap_dirty \
             | {("b", i // (nbytes * 8)) for i in t.freed_blocks}
+        freeing = t.freed_blocks | self.freeing if self.freeing else t.freed_blocks
         for kind, k in touched:
             inodes = kind == "i"
             chunk = (self.ibits if inodes else self.bbits).block_bytes(
-                k, nbytes, t.freed_inodes if inodes else t.freed_blocks)
+                k, nbytes, t.freed_inodes if inodes else freeing)
             start = geo.ibitmap_start if inodes else geo.bbitmap_start
             t.meta[start + k] = bitmap_image(self.bs, L.INODE_BITMAP_MAGIC if inodes else L.BLOCK_BITMAP_MAGIC,
                                              k, chunk)
         self._torn = True  # from the first write on, a failure may leave part of it on the volume
         try:
-            self.log.commit(t.meta, list(t.records.values()), t.data)
+            seq = self.log.commit(t.meta, list(t.records.values()), t.data, t.runs)
         except LogFull:
             self._torn = False  # refused before anything was written
             raise
@@ -493,7 +472,8 @@ class Transactions:
         for lba, img in t.meta.items():
             if geo.itable_start <= lba < geo.data_start:
                 self.itable[lba] = img
-        for i in t.freed_blocks:
-            self.bbits.clear(i)
+        if t.freed_blocks:  # reusable once a durable header has replay start past this transaction
+            self._freeing_by.append((seq, set(t.freed_blocks)))
+            self.freeing |= t.freed_blocks
         for i in t.freed_inodes:
             self.ibits.clear(i)

@@ -15,18 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from construct import ConstructError
 
 from jfs.fs import FileSystem
 from tests import helpers
 from tests.helpers import BS, assert_closed_by_server, blocks, handshake, image, image_tree, read_frame
 from tools.faults.killer import VICTIMS, run_once
-from vstore.daemons.intent import WriteIntent
+from vstore.daemons.intent import _INTENT, INTENT_VERSION, WriteIntent, pack_intent
 from vstore.daemons.processes import lab_down, lab_up, running_pid, site_peer, start_site, stop_site
 from vstore.lab.topology import load_topology
 from vstore.net.client import Peer
 from vstore.net.keys import load_key
 from vstore.net.linkproxy import LinkProxy
-from vstore.net.wire import ConnectionFailed, encode_request
+from vstore.net.rpc import SPOOL_ACKED
+from vstore.net.wire import ConnectionFailed, RemoteError, encode_request
 from vstore.targets import open_lab_target
 
 
@@ -459,3 +461,36 @@ def test_key_file_with_wrong_permissions_is_refused_at_start(daemon_lab, vstore)
     r = vstore("lab", "up", lab, ok=False)
     assert r.exit_code == 1 and "chmod 600" in r.stderr
     assert running_pid(lab, "primary") is None
+
+
+def test_spool_acked_is_a_long_poll_answered_by_the_next_write(daemon_lab, vstore):
+    """`spool.acked` with `wait` holds its answer until an entry past `after` is acknowledged (or the
+    wait ends, answering what is acknowledged then); without `wait` it answers at once."""
+    lab = daemon_lab(mode="provider")
+    lab_up(lab)
+    stop_site(lab, "shipper")
+    vstore("write", lab, "--lba", 0, input=blocks(0))
+    with site_peer(lab, "primary") as peer:
+        now = peer.call(SPOOL_ACKED)[0]["acked"]
+        assert peer.call(SPOOL_ACKED, {"after": now, "wait": 0.2})[0]["acked"] == now  # nothing new: the wait ends
+        answers: list[dict] = []
+        poll = threading.Thread(target=lambda: answers.append(
+            site_peer(lab, "primary").call(SPOOL_ACKED, {"after": now, "wait": 10.0})[0]))
+        poll.start()
+        vstore("write", lab, "--lba", 1, input=blocks(1))
+        poll.join()
+        assert answers[0]["acked"] == now + 1
+        with pytest.raises(RemoteError, match="wait"):
+            peer.call(SPOOL_ACKED, {"after": now, "wait": 100.0})
+
+
+def test_the_write_intent_record_packed_on_the_write_path_is_the_declared_one():
+    """`pack_intent` (struct, the write path) gives the bytes of the construct declaration, names of
+    every length up to the field's included; a name too long for the field is refused as before."""
+    for active, volume, lba, count in ((True, "0", 7, 1), (False, "", 0, 0), (True, "é" * 32, (1 << 64) - 1, 9),
+                                       (True, "v" * 64, 1 << 40, (1 << 32) - 1)):
+        declared = _INTENT.build(dict(body=dict(value=dict(version=INTENT_VERSION, active=active, volume=volume,
+                                                           lba=lba, count=count))))
+        assert pack_intent(active, volume, lba, count) == declared
+    with pytest.raises(ConstructError):
+        pack_intent(True, "v" * 65, 0, 1)

@@ -159,8 +159,8 @@ def test_empty_log_whose_tail_and_head_differ_is_found_before_a_write_breaks_it(
 
 
 @pytest.mark.parametrize(("which", "field", "value"), [
-    (MOUNTED, "head_off", 10), (MOUNTED, "head_off", 1), (CLEAN, "checkpoint_seq", 8),
-    (MOUNTED, "head_seq", 11), (MOUNTED, "tail_seq", 12), (MOUNTED, "flags", 6),
+    (MOUNTED, "head_off", 4), (MOUNTED, "head_off", 1), (CLEAN, "checkpoint_seq", 8),
+    (MOUNTED, "head_seq", 12), (MOUNTED, "tail_seq", 12), (MOUNTED, "flags", 6),
 ])
 def test_log_header_positions_that_contradict_the_log(which: int, field: str, value: int) -> None:
     """A log header whose head is not where its transactions end, whose checkpoint is not the
@@ -329,3 +329,18 @@ def test_any_field_of_any_structure_converges(part: int) -> None:
                     (problems(dry), problems(first))
     finally:
         logging.disable(logging.NOTSET)
+
+
+def test_a_version_1_log_is_refused_by_name_and_fsck_rewrites_it() -> None:
+    """A cleanly unmounted volume whose log header is version 1 (the older jfs): the mount refuses
+    it with a message naming the version and what to do, fsck rewrites the log as the current
+    version, and every file is kept."""
+    buf = bytearray(image(CLEAN))
+    n = L.LogHeader.sizeof() - 4
+    start = GEO.log_start * BS
+    buf[start + 4] = 1
+    buf[start + n:start + n + 4] = L.crc32(bytes(buf[start:start + n])).to_bytes(4, "little")
+    with pytest.raises(FormatError, match="version 1.*jfs fsck"):
+        FileSystem.mount(Device(N, BS, data=bytes(buf)))
+    dev = found_then_fixed(bytes(buf))
+    assert FileSystem.mount(dev, readonly=True).read("/d/b") == B_CONTENT

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from jfs import layout as L
 from jfs import packing as P
+from jfs.codecs import DirBlock
 from vstore.blocks.errors import FormatError
 
 BS = [2048, 4096]
@@ -139,8 +140,9 @@ def test_log_structures_agree(bs: int, flags: int, uuid: bytes, tail_seq: int, t
     assert P.pack_log_header(bs, flags, uuid, tail_seq, tail_off, head_seq, head_off, cp) == L.build_checked(
         L.LogHeader, dict(flags=flags, uuid=uuid, tail_seq=tail_seq, tail_off=tail_off, head_seq=head_seq,
                           head_off=head_off, checkpoint_seq=cp), bs)
-    assert P.pack_txn_head(desc, uuid, head_seq, meta, body_len) == L.build_checked(
-        L.TxnHead, dict(desc_blocks=desc, uuid=uuid, seq=head_seq, meta_blocks=meta, body_len=body_len))
+    assert P.pack_txn_head(desc, uuid, head_seq, meta, body_len, crc) == L.build_checked(
+        L.TxnHead, dict(desc_blocks=desc, uuid=uuid, seq=head_seq, meta_blocks=meta, body_len=body_len,
+                        prev_crc=crc))
     assert P.pack_commit(bs, uuid, head_seq, meta, crc) == L.build_checked(
         L.Commit, dict(reserved=0, uuid=uuid, seq=head_seq, total_blocks=meta, txn_crc=crc), bs)
 
@@ -148,15 +150,18 @@ def test_log_structures_agree(bs: int, flags: int, uuid: bytes, tail_seq: int, t
 @settings(max_examples=60)
 @given(st.lists(u32, max_size=20), st.lists(st.tuples(
     u32, st.sampled_from(sorted(P.OPS)), st.one_of(st.just(""), names.map(lambda n: "/" + n)),
-    st.lists(st.tuples(u32, u32), max_size=5)), max_size=8))
-def test_txn_body_agrees(homes: list[int], records: list[tuple[int, str, str, list[tuple[int, int]]]]) -> None:
-    """A transaction body packed by struct is the construct build, and parses back to its records."""
-    raw = P.pack_txn_body(homes, records)
+    st.lists(st.tuples(u32, u32), max_size=5)), max_size=8), st.lists(st.tuples(u32, u32, u32), max_size=6))
+def test_txn_body_agrees(homes: list[int], records: list[tuple[int, str, str, list[tuple[int, int]]]],
+                         runs: list[tuple[int, int, int]]) -> None:
+    """A transaction body packed by struct is the construct build, and parses back to its records
+    and data runs."""
+    raw = P.pack_txn_body(homes, records, runs)
     assert raw == L.TxnBody.build(dict(homes=homes, records=[
         dict(ino=i, op=op, path=path, ranges=[dict(first=f, count=c) for f, c in ranges])
-        for i, op, path, ranges in records]))
+        for i, op, path, ranges in records], data=[dict(first=f, count=c, crc=x) for f, c, x in runs]))
     back = L.TxnBody.parse(raw)
     assert [(r.ino, str(r.op), r.path, [(x.first, x.count) for x in r.ranges]) for r in back.records] == records
+    assert [(d.first, d.count, d.crc) for d in back.data] == runs
     assert set(P.OPS) == set(L.Op.encmapping) and all(L.Op.encmapping[k] == v for k, v in P.OPS.items())
 
 
@@ -172,8 +177,8 @@ def test_log_structures_parse_alike(bs: int, flags: int, uuid: bytes, tail_seq: 
     cases = [
         (P.pack_log_header(bs, flags, uuid, tail_seq, tail_off, head_seq, head_off, cp), L.LogHeader,
          P.unpack_log_header, ("flags", "uuid", "tail_seq", "tail_off", "head_seq", "head_off", "checkpoint_seq")),
-        (P.pack_txn_head(desc, uuid, head_seq, meta, body_len), L.TxnHead, P.unpack_txn_head,
-         ("desc_blocks", "uuid", "seq", "meta_blocks", "body_len")),
+        (P.pack_txn_head(desc, uuid, head_seq, meta, body_len, crc), L.TxnHead, P.unpack_txn_head,
+         ("desc_blocks", "uuid", "seq", "meta_blocks", "body_len", "prev_crc")),
         (P.pack_commit(bs, uuid, head_seq, meta, crc), L.Commit, P.unpack_commit,
          ("reserved", "uuid", "seq", "total_blocks", "txn_crc")),
     ]
@@ -184,7 +189,7 @@ def test_log_structures_parse_alike(bs: int, flags: int, uuid: bytes, tail_seq: 
             v = L.parse_checked(decl, b[:decl.sizeof()], "log structure")
             return tuple(v[f] for f in fields)
 
-        for b in [raw, *damaged(raw[:decl.sizeof()], rng), reseal(raw, body_len_, 4, 2)]:
+        for b in [raw, *damaged(raw[:decl.sizeof()], rng), reseal(raw, body_len_, 4, 9)]:
             def quick(x: bytes, decl: Any = decl, fast: Any = fast) -> Any:
                 return tuple(fast(x[:decl.sizeof()], "log structure"))
 
@@ -194,22 +199,24 @@ def test_log_structures_parse_alike(bs: int, flags: int, uuid: bytes, tail_seq: 
 @settings(max_examples=80)
 @given(st.lists(u32, max_size=20), st.lists(st.tuples(
     u32, st.sampled_from(sorted(P.OPS)), st.one_of(st.just(""), names.map(lambda n: "/" + n)),
-    st.lists(st.tuples(u32, u32), max_size=5)), max_size=8), st.integers(0, 10 ** 6))
+    st.lists(st.tuples(u32, u32), max_size=5)), max_size=8), st.lists(st.tuples(u32, u32, u32), max_size=6),
+    st.integers(0, 10 ** 6))
 def test_txn_body_parses_alike(homes: list[int], records: list[tuple[int, str, str, list[tuple[int, int]]]],
-                               seed: int) -> None:
+                               runs: list[tuple[int, int, int]], seed: int) -> None:
     """A transaction body read by struct gives the construct values (unknown operation codes stay
     numbers, trailing bytes are ignored), and both refuse the same damaged bodies."""
     rng = random.Random(seed)
-    raw = P.pack_txn_body(homes, records)
+    raw = P.pack_txn_body(homes, records, runs)
 
     def slow(b: bytes) -> Any:
         v = L.parse(L.TxnBody, b, "txn body")
         return list(v.homes), [(r.ino, r.op if isinstance(r.op, str) else int(r.op), r.path,
-                                [(x.first, x.count) for x in r.ranges]) for r in v.records]
+                                [(x.first, x.count) for x in r.ranges]) for r in v.records], \
+            [(d.first, d.count, d.crc) for d in v.data]
 
     def fast(b: bytes) -> Any:
-        h, recs = P.unpack_txn_body(b, "txn body")
-        return h, [(r.ino, r.op, r.path, [(x.first, x.count) for x in r.ranges]) for r in recs]
+        h, recs, data = P.unpack_txn_body(b, "txn body")
+        return h, [(r.ino, r.op, r.path, [(x.first, x.count) for x in r.ranges]) for r in recs], data
 
     variants = [raw, raw + rng.randbytes(7), raw[:rng.randrange(len(raw) + 1)]]
     for _ in range(6):
@@ -218,3 +225,20 @@ def test_txn_body_parses_alike(homes: list[int], records: list[tuple[int, str, s
         variants.append(bytes(b))
     for b in variants:
         assert outcome(fast, b) == outcome(slow, b)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(st.sampled_from(["add", "remove"]), st.sampled_from([f"n{i}" for i in range(12)]),
+                          u32, st.sampled_from([1, 2])), max_size=30), u32)
+def test_dir_block_image_kept_as_names_are_added_is_the_full_pack(changes: list[tuple[str, str, int, int]],
+                                                                  owner: int) -> None:
+    """A directory block's image, kept packed while names are appended and packed anew after any
+    other change, is byte for byte the block `pack_dir_block` builds from its entries."""
+    block = DirBlock(100, {})
+    for op, name, ino, typ in changes:
+        if op == "add":
+            block.add(name, ino, typ)
+        elif name in block.entries:
+            block.remove(name)
+        full = P.pack_dir_block(2048, owner, ((n, i, t) for n, (i, t) in block.entries.items()))
+        assert block.image(2048, owner) == full

@@ -68,6 +68,7 @@ class ServerThread:
 
     def __init__(self, key: bytes = KEY, port: int = 0, **kw) -> None:
         self.calls = 0
+        self.kept: list = []
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -90,6 +91,10 @@ class ServerThread:
             return {}, b""
         if method == "big":
             return {}, b"x" * args["n"]
+        if method == "keep":  # holds on to the request's data (a view of its frame) after answering
+            self.kept.append(data)
+            await asyncio.sleep(0)
+            return {"kept": len(self.kept)}, b""
         raise TricopyError(f"unknown method {method}")
 
     def stop(self) -> None:
@@ -149,6 +154,23 @@ def test_client_pipelines_with_window(server):
         assert [r[0]["args"]["i"] for r in results] == list(range(40))
         assert all(r[1] == bytes([i]) * 65536 for i, r in enumerate(results))
         assert client.call("echo", {"x": 1}) == ({"method": "echo", "args": {"x": 1}}, b"")
+
+
+def test_large_requests_pipelined_are_answered_in_order_with_their_own_data(server):
+    """Large requests pipelined on one connection (the server receives the next one while it answers
+    one, and reuses a large frame's buffer nothing refers to any more) each get their own data back,
+    in order; data a handler still holds is never overwritten by later frames."""
+    size = 512 << 10
+    with Client(HOST, server.port, KEY) as client:
+        calls = [(("keep" if i % 3 == 0 else "echo"), {"i": i}, bytes([i]) * size) for i in range(12)]
+        results = client.call_many(calls, window=4)
+        for i, (meta, data) in enumerate(results):
+            if i % 3:
+                assert (meta["args"]["i"], data) == (i, bytes([i]) * size)
+            else:
+                assert meta["kept"] == i // 3 + 1
+        assert [bytes(v) for v in server.kept] == [bytes([i]) * size for i in range(0, 12, 3)]
+        assert client.call("echo", {"x": 1}, b"small") == ({"method": "echo", "args": {"x": 1}}, b"small")
 
 
 def test_call_many_stops_at_first_failure(server):

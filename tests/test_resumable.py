@@ -1,26 +1,34 @@
 """A long copy stopped by Ctrl-C continues where it stopped when the command runs again, and status
-never shows a pair Duplex whose copy did not finish."""
+never shows a pair Duplex whose copy did not finish; shipping killed mid-way continues from what
+the Async site applied."""
 
 from __future__ import annotations
 
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import blocks
 from vstore.blocks.errors import TricopyError
+from vstore.daemons.processes import lab_down, lab_up, running_pid, site_peer
 from vstore.lab.copies import unfinished
+from vstore.lab.sitedir import RECV_DIR, SPOOL_DIR
 from vstore.lab.system import System
+from vstore.net.rpc import JOURNAL_APPLIED
 from vstore.procedures import failback as fb
 from vstore.procedures import failover as fo
 from vstore.procedures.create import init_lab
 from vstore.procedures.recovery import recover
+from vstore.replication.segments import read_confirmed
 from vstore.reports import status_document
 
 BS = 4096
@@ -185,3 +193,41 @@ def test_init_refuses_a_lab_the_disk_cannot_hold(tmp_path: Path) -> None:
     with pytest.raises(TricopyError, match="can grow to .* pass --overcommit"):
         init_lab(tmp_path / "huge", size=1 << 50)
     assert not (tmp_path / "huge").exists()
+
+
+def wait_applied(lab: Path, seq: int, timeout: float = 20.0) -> None:
+    """Until the Async site's daemon says it applied entry `seq` (or later)."""
+    end = time.monotonic() + timeout
+    with site_peer(lab, "async") as peer:
+        while peer.call(JOURNAL_APPLIED)[0]["applied_seq"] < seq:
+            assert time.monotonic() < end, f"entry {seq} was not applied"
+            time.sleep(0.05)
+
+
+def test_a_lost_lazy_confirmation_only_reships_what_the_async_site_skips(daemon_lab, vstore):
+    """The primary daemon keeps the shipper's confirmations lazily (no sync per round) and the Async
+    site keeps its applied batches until a checkpoint: after both are SIGKILLed, the spool's confirmed
+    position on disk is older than what the Async site applied, yet after the restart nothing is
+    sent twice (no batch refused as a duplicate) and D equals A."""
+    lab = daemon_lab(mode="provider")
+    lab_up(lab)
+    for i in range(5):
+        vstore("write", lab, "--lba", i, input=blocks(i))
+    wait_applied(lab, 5)
+    assert read_confirmed(lab / "primary" / SPOOL_DIR) < 5  # lazily confirmed: not on disk yet
+    assert list((lab / "async" / RECV_DIR).glob("applied-*.bin"))  # kept until a checkpoint
+    for site in ("primary", "async"):
+        os.kill(running_pid(lab, site), signal.SIGKILL)
+    lab_down(lab)
+    lab_up(lab)
+    with site_peer(lab, "async") as peer:
+        assert peer.call(JOURNAL_APPLIED)[0]["applied_seq"] == 5  # the kept batches count
+    for i in range(5, 8):
+        vstore("write", lab, "--lba", i, input=blocks(i))
+    vstore("ship", lab)  # with the shipper running: waits until it shipped everything acknowledged
+    lab_down(lab)
+    logs = "".join((lab / "run" / f"{name}.log").read_text() for name in ("shipper", "async"))
+    assert "gap or duplicate" not in logs
+    assert image(lab, "async", "D") == image(lab, "primary", "A")
+    assert read_confirmed(lab / "primary" / SPOOL_DIR) >= 8  # a clean stop makes the position durable
+

@@ -3,7 +3,8 @@
 Keeps true: these functions only read a `System` (pairs, states, spool positions, volumes) and never
 change it; they import no terminal code (typer, rich), so a daemon answering `status`, `snapshot`
 or `verify` loads only the replication stack. The documents are DESIGN.md's "JSON contract":
-- `status_document`: `vstore status --json` (sites, pairs, states, entries waiting, the damage
+- `status_document`: `vstore status --json` (sites, pairs, states, entries waiting, the running
+  NBD exports (`exports`: address, clients, requests and their rate), the damage
   found in the spool (`spool_damage`; the async group is then Suspend), and the copies
   a stopped command left unfinished; a pair whose target such a copy was writing is never shown
   Duplex: it is shown Suspend, with the command that continues the copy as its reason; and the
@@ -22,6 +23,7 @@ from pathlib import Path
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.ranges import ranges_of
 from vstore.lab.copies import unfinished
+from vstore.lab.served import running_exports
 from vstore.lab.system import System
 from vstore.lab.topology import load_topology
 from vstore.procedures.create import INIT_MARKER, mode_warnings
@@ -68,6 +70,7 @@ def status_document(system: System) -> dict:
     doc["spool_damage"] = system.spool_damage.to_dict() if system.spool_damage is not None else None
     doc["unfinished_copies"] = unfinished(system.lab_dir)
     doc["unfinished_setup"] = (system.lab_dir / INIT_MARKER).is_file()
+    doc["exports"] = running_exports(system.lab_dir)  # NBD servers of the lab's volume (`vstore export`)
     for copy in doc["unfinished_copies"]:
         for p in doc["pairs"]:
             if p["target"] == copy["target"] and p["state"] == PairState.DUPLEX.value:

@@ -4,7 +4,9 @@ candidates it measured for the frames (`python -m tools.bench.network --macs`).
 The minimal pair does only what shipping must: the sender preads 4 MiB of the spool's bytes, MACs
 them with the frames' MAC (AES-256-GCM tag, the sequence number as nonce) and sends header, chunk
 and tag with one `sendmsg`; the receiver `recv_into`s a preallocated buffer, verifies the tag and
-pwrites the chunk. No framing of entries, no journal, no confirmation.
+pwrites the chunk (and, in its durable form, fdatasyncs it: what a receiver that keeps each
+chunk on disk before the next one must do at least). No framing of entries, no journal, no
+confirmation.
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ def _start(target: Callable[..., None], *args: Any) -> tuple[mp.Process, int]:
     return proc, port_q.get(timeout=30)
 
 
-def _anchor_receiver(port_q: mp.Queue, out: str) -> None:
-    """recv_into a preallocated buffer, verify the tag, pwrite; one byte back at the end."""
+def _anchor_receiver(port_q: mp.Queue, out: str, sync: bool = False) -> None:
+    """recv_into a preallocated buffer, verify the tag, pwrite (`sync`: then fdatasync); one byte
+    back at the end."""
     aead = AESGCM(KEY)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600)
     buf = bytearray(ANCHOR_CHUNK + 16)
@@ -61,14 +64,18 @@ def _anchor_receiver(port_q: mp.Queue, out: str) -> None:
                     got += conn.recv_into(view[got:])
                 aead.decrypt(struct.pack(">QI", seq, 0), bytes(view[length:]), view[:length])
                 os.pwrite(fd, view[:length], offset)
+                if sync:
+                    os.fdatasync(fd)
                 offset += length
             conn.sendall(b"k")
     os.close(fd)
 
 
-def bench_anchor(source: Path, out: Path) -> tuple[float, float]:
-    """(MB/s, sender CPU s) of the file `source` sent by pread + MAC + sendmsg to `_anchor_receiver`."""
-    proc, port = _start(_anchor_receiver, str(out))
+def bench_anchor(source: Path, out: Path, *, sync: bool = False) -> tuple[float, float]:
+    """(MB/s, sender CPU s) of the file `source` sent by pread + MAC + sendmsg to `_anchor_receiver`
+    (`sync`: the receiver fdatasyncs each chunk)."""
+    out.unlink(missing_ok=True)  # a new file each time: blocks allocated, as in the Async site's sparse image
+    proc, port = _start(_anchor_receiver, str(out), sync)
     aead = AESGCM(KEY)
     fd = os.open(source, os.O_RDONLY)
     size = os.fstat(fd).st_size

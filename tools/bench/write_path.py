@@ -72,25 +72,27 @@ def raw(tmp: Path, size: int) -> tuple[Callable[[int, bytes], None], Callable[[]
     return (lambda lba, data: os.pwrite(fd, data, lba * BS)), (lambda: os.fdatasync(fd)), (lambda: os.close(fd))
 
 
-def floor(tmp: Path, size: int) -> tuple[Callable[[int, bytes], None], Callable[[], None], Callable[[], None]]:
-    """Two pwrites and one struct-packed, CRC'd entry appended: what any design of this path must do."""
-    a, c = image(tmp / "fa.img", size), image(tmp / "fc.img", size)
-    spool = os.open(tmp / "floor.spool", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def floor(tmp: Path, size: int, images: int = 2) -> tuple[Callable[[int, bytes], None], Callable[[], None],
+                                                         Callable[[], None]]:
+    """`images` pwrites (2: A and C; 3: A, B and C as the mirror path must) and one struct-packed,
+    CRC'd entry appended: what any design of this path must do."""
+    fds = [image(tmp / f"floor{images}-{i}.img", size) for i in range(images)]
+    spool = os.open(tmp / f"floor{images}.spool", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     seq = [0]
 
     def write(lba: int, data: bytes) -> None:
         seq[0] += 1
-        os.pwrite(c, data, lba * BS)
-        os.pwrite(a, data, lba * BS)
+        for fd in fds:
+            os.pwrite(fd, data, lba * BS)
         head = ENTRY.pack(b"TCEN", 1, seq[0], time.time_ns(), 0, lba, 1)
         os.write(spool, head + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(head))))
 
     def flush() -> None:
-        for fd in (c, a, spool):
+        for fd in (*fds, spool):
             os.fdatasync(fd)
 
     def close() -> None:
-        for fd in (a, c, spool):
+        for fd in (*fds, spool):
             os.close(fd)
 
     return write, flush, close
@@ -122,6 +124,8 @@ def main() -> None:
     ap.add_argument("--writes", type=int, default=5000, help="writes of the no-flush comparison")
     ap.add_argument("--durable-writes", type=int, default=800, help="writes of each durable comparison")
     ap.add_argument("--size-mib", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds of the no-flush comparison (least CPU counts)")
     ap.add_argument("--only-durable", choices=["provider", "mirror", "raw"],
                     help="run only this path's durable comparison, flush every 16 (to count its syncs with strace)")
     args = ap.parse_args()
@@ -138,23 +142,32 @@ def main() -> None:
         return
     size = args.size_mib << 20
     makers = {"raw os.pwrite": raw, "floor (2 pwrite + entry)": floor,
+              "mirror floor (3 pwrite + entry)": lambda t, s: floor(t, s, 3),
               "provider path": lambda t, s: lab_path(t, s, "provider"),
               "mirror path": lambda t, s: lab_path(t, s, "mirror")}
     lbas, payloads = workload(args.writes, size)
-    print(f"1. {args.writes} random 4 KiB writes on a {args.size_mib} MiB volume, no flush")
-    print(f"   {'path':<26} {'writes/s':>10} {'CPU us/write':>13} {'x floor (CPU)':>14}")
+    print(f"1. {args.writes} random 4 KiB writes on a {args.size_mib} MiB volume, no flush; "
+          f"least of {args.rounds} rounds")
+    print(f"   {'path':<32} {'writes/s':>10} {'CPU us/write':>13} {'x floor (CPU)':>14}")
     cpu_of: dict[str, float] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, make in makers.items():
-            write, _, close = make(Path(tmp), size)
-            wall, cpu, _ = run(write, None, 1, lbas, payloads)
-            close()
-            cpu_of[name] = cpu / args.writes * 1e6
-            ratio = cpu_of[name] / cpu_of["floor (2 pwrite + entry)"] if name != "raw os.pwrite" else float("nan")
-            print(f"   {name:<26} {args.writes / wall:>10.0f} {cpu_of[name]:>13.1f} {ratio:>13.2f}x")
+    wall_of: dict[str, float] = {}
+    for round_ in range(args.rounds):  # interleaved rounds; the least CPU of each path counts (a noisy machine)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, make in makers.items():
+                (Path(tmp) / str(round_)).mkdir(exist_ok=True)
+                write, _, close = make(Path(tmp) / str(round_), size)
+                wall, cpu, _ = run(write, None, 1, lbas, payloads)
+                close()
+                cpu_of[name] = min(cpu_of.get(name, float("inf")), cpu / args.writes * 1e6)
+                wall_of[name] = min(wall_of.get(name, float("inf")), wall)
+    for name in makers:
+        ratio = cpu_of[name] / cpu_of["floor (2 pwrite + entry)"] if name != "raw os.pwrite" else float("nan")
+        print(f"   {name:<32} {args.writes / wall_of[name]:>10.0f} {cpu_of[name]:>13.1f} {ratio:>13.2f}x")
     for name in ("provider path", "mirror path"):
         ratio = cpu_of[name] / cpu_of["floor (2 pwrite + entry)"]
         print(f"   {name}: {ratio:.2f}x the floor  (goal <= 3x: {'met' if ratio <= 3 else 'NOT met'})")
+    ratio = cpu_of["mirror path"] / cpu_of["mirror floor (3 pwrite + entry)"]
+    print(f"   mirror path: {ratio:.2f}x the mirror floor (context: the mirror path writes B too)")
     n = args.durable_writes
     lbas, payloads = workload(n, size, seed=7)
     for every in (16, 1):
@@ -163,7 +176,7 @@ def main() -> None:
         rate: dict[str, float] = {}
         with tempfile.TemporaryDirectory() as tmp:
             for name, make in makers.items():
-                if name.startswith("floor"):
+                if "floor" in name:
                     continue
                 write, flush, close = make(Path(tmp), size)
                 wall, _, syncs = run(write, flush, every, lbas, payloads)

@@ -6,7 +6,9 @@ Keeps true:
   device's content at `start()` is kept, so any prefix of the log can be materialised.
 - A crash state is the start image plus a prefix of the writes (`prefix_states`), or, inside one
   flush epoch (the writes between two flushes, which a disk may persist in any order), the
-  completed epochs plus any subset of the open epoch's writes in any order (`epoch_states`).
+  completed epochs plus any subset of the open epoch's writes in any order (`epoch_states`), or
+  any subset of it applied in log order (`subset_states`: every subset of a short epoch, else the
+  systematic ones and seeded random ones), which is what a power cut leaves of unflushed writes.
 - The wrapped device still answers `has_unshipped` (the file system must not notice the wrapper).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -130,4 +133,35 @@ class RecordingDevice(BlockDevice):
                     for lba, data in applied.items():
                         dev.write(lba, data)
                     yield e, k, dev
+            before += epoch
+
+    def subset_states(self, max_exhaustive: int = 10, samples: int = 48,
+                      seed: int = 0) -> Iterator[tuple[int, tuple[int, ...], MemoryDevice]]:
+        """What a power cut can leave: for each flush epoch e, the epochs before it plus a subset
+        of e's writes (applied in log order, a later write of a block over an earlier one). Every
+        subset when e has at most `max_exhaustive` writes; else none, all, each one left out,
+        each one alone, each prefix, and `samples` seeded random subsets. Yields (epoch index,
+        indexes of the writes kept, device)."""
+        rng = random.Random(seed)
+        before: list[Write] = []
+        for e, epoch in enumerate(self.epochs()):
+            n = len(epoch)
+            picks: Iterable[tuple[int, ...]]
+            if n <= max_exhaustive:
+                picks = (tuple(i for i in range(n) if m >> i & 1) for m in range(1 << n))
+            else:
+                every = tuple(range(n))
+                picks = [(), every, *((i,) for i in every), *(every[:i] + every[i + 1:] for i in every),
+                         *(every[:i] for i in range(1, n)),
+                         *(tuple(i for i in every if rng.random() < 0.5) for _ in range(samples))]
+            base = self.materialise(before)
+            seen: set[tuple[int, ...]] = set()
+            for keep in picks:
+                if keep in seen:
+                    continue
+                seen.add(keep)
+                dev = MemoryDevice(self.num_blocks, self.block_size, data=bytes(base.buf))
+                for i in keep:
+                    dev.write(epoch[i].lba, epoch[i].data)
+                yield e, keep, dev
             before += epoch

@@ -6,4 +6,5 @@ the outcome for one input, usable from pytest), `seeds()` (valid inputs made by 
 and `main()` (atheris, by hand: `python -m tools.fuzz.entries -atheris_runs=100000`). See README.md.
 """
 
-TARGETS = ("entries", "spool", "journal", "wire", "sitestate", "topology", "pairs", "jfs_blocks", "jfs_image", "rpc")
+TARGETS = ("entries", "spool", "journal", "wire", "sitestate", "topology", "pairs", "jfs_blocks", "jfs_image", "rpc",
+           "nbd")

@@ -58,7 +58,7 @@ def reseal_block(buf: bytearray, lba: int, bs: int, itable: range) -> None:
 
 
 def reseal_ring(buf: bytearray, geo: L.Geometry) -> None:
-    """Each transaction found in the ring gets a valid head, txn CRC and commit block."""
+    """Each transaction found in the ring gets a valid head, txn check (`txn_digest`) and commit block."""
     bs, ring, first = geo.block_size, geo.log_blocks - 1, geo.log_start + 1
     for off in range(ring):
         at = (first + off) * bs
@@ -75,7 +75,7 @@ def reseal_ring(buf: bytearray, geo: L.Geometry) -> None:
         if buf[commit:commit + 4] != b"JTXC":
             continue
         covered = b"".join(bytes(buf[b:b + bs]) for b in blocks[:-1])
-        buf[commit + 36:commit + 40] = L.crc32(covered).to_bytes(4, "little")
+        buf[commit + 36:commit + 40] = L.txn_digest(covered).to_bytes(4, "little")
         _put_crc(buf, commit, commit + _COMMIT_CRC)
 
 
@@ -241,15 +241,15 @@ def _populate(fs: FileSystem) -> None:
 
 @cache
 def base_images() -> tuple[bytes, ...]:
-    """(clean, mounted, crash at the last commit point) images of the same small tree."""
+    """(clean, mounted, crash with the last transaction written but not checkpointed) images of the same small tree."""
     dev = _Snapshots(NUM_BLOCKS, BLOCK_SIZE)
     mkfs(dev, label="fuzz", uuid=UUID, inodes=32, log_blocks=24)
     fs = FileSystem.mount(dev)
     _populate(fs)
+    fs.sync()  # every transaction so far checkpointed: the header on disk is past them
     mounted = bytes(dev.buf)
-    dev.at_flush.clear()
     fs.write_file("/d/last", b"the last write")
-    crash = dev.at_flush[1]  # data flushed, then the log blocks ending in the commit: the commit point
+    crash = bytes(dev.buf)  # the transaction written (data, log blocks, commit), not flushed, homes not written
     fs.unmount()
     return bytes(dev.buf), mounted, crash
 

@@ -109,6 +109,15 @@ def make_dir(path: str | Path, *, parents: bool = False, exist_ok: bool = False)
         os.close(fd)
 
 
+def fsync_path(path: Path) -> None:
+    """fsync a file (or a directory) by its path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: Path) -> None:
     """fsync a directory so that a rename or a new file inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

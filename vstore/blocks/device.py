@@ -243,11 +243,12 @@ class ImageDevice(BlockDevice):
     def _write(self, lba: int, data: bytes) -> None:
         fd = self._fdn()
         off = lba * self.block_size
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, off)
-            view = view[n:]
-            off += n
+        n = os.pwrite(fd, data, off)
+        if n != len(data):  # a short write (rare): continue after what went out
+            view = memoryview(data)[n:]
+            while view:
+                n = os.pwrite(fd, view, off + len(data) - len(view))
+                view = view[n:]
         self._syncs.written()
 
     def _writev(self, lba: int, buffers: Sequence[bytes | memoryview]) -> None:

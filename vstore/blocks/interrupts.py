@@ -23,30 +23,48 @@ HELD = (int(signal.SIGINT), int(signal.SIGTERM))
 
 
 _depth = 0  # deferred_interrupts blocks open in the main thread: an inner one needs nothing of its own
+_foreign = False  # set by `signals_belong_to_library`: never swap handlers in this process
 
 
-@contextlib.contextmanager
-def deferred_interrupts() -> Iterator[None]:
+def signals_belong_to_library() -> None:
+    """This process's SIGINT/SIGTERM handlers were installed by a C library Python does not see
+    (libfuse: they end its loop between requests, so no request is cut in two). From now on
+    `deferred_interrupts` leaves them alone: swapping them back would install what Python believes
+    is there (the default action) over the library's."""
+    global _foreign
+    _foreign = True
+
+
+class deferred_interrupts:  # noqa: N801 - used as a function: `with deferred_interrupts():`
     """Hold SIGINT and SIGTERM until the block ends, then deliver them (the handlers are swapped
-    with `_signal`, which skips the enum conversions of `signal.signal`: this is on every write)."""
-    global _depth
-    if _depth or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
+    with `_signal`, which skips the enum conversions of `signal.signal`, and this is a plain class,
+    not a generator: it is on every write)."""
 
-    def hold(signum: int, frame: FrameType | None) -> None:
-        pending.append(signum)
+    __slots__ = ("pending", "previous")
 
-    previous = {sig: _signal.signal(sig, hold) for sig in HELD}
-    _depth += 1
-    try:
-        yield
-    finally:
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.previous: dict[int, object] | None = None
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        self.pending.append(signum)
+
+    def __enter__(self) -> None:
+        global _depth
+        if _depth or _foreign or threading.current_thread() is not threading.main_thread():
+            return
+        self.previous = {sig: _signal.signal(sig, self._hold) for sig in HELD}
+        _depth += 1
+
+    def __exit__(self, *exc: object) -> None:
+        global _depth
+        previous = self.previous
+        if previous is None:
+            return
         _depth -= 1
         for sig, handler in previous.items():
             _signal.signal(sig, handler)
-        for sig in dict.fromkeys(pending):
+        for sig in dict.fromkeys(self.pending):
             deliver(sig, previous[sig])
 
 

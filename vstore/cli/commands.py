@@ -36,6 +36,7 @@ from vstore.cli.common import (
     daemon_client,
     die,
     err,
+    export_line,
     open_lab,
     out,
     progress_bars,
@@ -120,6 +121,8 @@ def print_status(doc: dict) -> None:
         pid = f" (pid {shipping['pid']})" if shipping["pid"] else ""
         out.print(f"shipper process: {shipping['process']}{pid}, sending {rate}; last confirmed batch {last}",
                   highlight=False)
+    for export in doc.get("exports", []):
+        out.print(f"NBD export: {export_line(export)}", highlight=False)
 
 
 # -- I/O ------------------------------------------------------------------------------------------

@@ -159,3 +159,10 @@ def daemon_client(lab: Path, *, application: bool = True) -> Peer | None:
     """The coordinating daemon's client when the lab is up, else None (commands open the files).
     `application=False`: any daemon that answers will do when no site runs the application."""
     return coordinator(lab, application=application) if lab.is_dir() and is_up(lab) else None
+
+
+def export_line(export: dict) -> str:
+    """One running NBD export (`status --json` "exports"): where, who, how busy."""
+    clients = sorted({c for e in export["exports"] for c in e["clients"]})
+    return (f"{export['url']} (pid {export['pid']}), {len(clients)} client(s)"
+            f"{': ' + ', '.join(clients) if clients else ''}, {export['requests_per_s']:.0f} requests/s")

@@ -36,7 +36,7 @@ from rich.text import Text
 
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size
-from vstore.cli.common import STATE_STYLE, check_output_path, daemon_client, open_lab, user_errors
+from vstore.cli.common import STATE_STYLE, check_output_path, daemon_client, export_line, open_lab, user_errors
 from vstore.lab.topology import SITE_NAMES
 from vstore.lab.watch import watching
 from vstore.net.rpc import SNAPSHOT
@@ -256,6 +256,8 @@ def render(snapshot: dict, history: History | None = None, *, note: str | None =
         header.append(f"  shipper process {shipping['process']}", style="green" if running else "bold red")
         if running:
             header.append(f" ({format_size(int(shipping['bytes_per_s']))}/s)", style="dim")
+    for export in snapshot.get("exports", []):
+        header.append(f"\n  NBD export {export_line(export)}", style="cyan")
     if note:
         header.append(f"  {note}", style="bold yellow")
     damage = snapshot.get("spool_damage")

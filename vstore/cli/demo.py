@@ -10,6 +10,12 @@ these is a named stage (`STAGES`: init, up, write, kill, check, recover, verify)
 `DemoRun`; `run_stage` runs one, times it and prints its step line. What the stages do to the lab
 is `vstore.cli.demo_lab`, the result and its report `vstore.cli.demo_report`.
 
+With `--ext4` the same stages run with the kernel's ext4 on the replicated volume instead of jfs
+(SPEC §6, embodiment 2; `vstore.cli.demo_ext4`): the volume attached through the daemons, a loop
+device, mkfs.ext4, files fsynced, the whole primary host killed (its dead mounts taken away), C and
+D checked in copies repaired by e2fsck, recovery at the Sync site, and the ext4 mounted read-only
+there. Every mount and loop device it made is gone when it ends, whatever the outcome.
+
 The far link has 30 ms of one-way delay by default (application writes wait only for the Sync site,
 so the delay is felt by shipping alone), and its bandwidth is by default "auto": unlimited while
 the file system is made, then set to 85% of the rate at which the first files' entries crossed it,
@@ -54,6 +60,7 @@ import typer
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.units import format_size, parse_size
 from vstore.cli.common import die, user_errors
+from vstore.cli.demo_ext4 import Ext4Demo, check_ext4_demo
 from vstore.cli.demo_lab import (
     AUTO_FRACTION,
     DemoOptions,
@@ -91,6 +98,7 @@ class DemoRun:
     stage: str = "init"
     plain_topology: str = ""  # topology.toml as `init_lab` wrote it (no relay)
     link: LinkProxy | None = None
+    ext4: Ext4Demo | None = None  # the ext4 demo's mounts and measurements (--ext4)
 
     @property
     def topology(self) -> Path:
@@ -150,16 +158,23 @@ def kill_stage(run: DemoRun) -> str:
     return f"SIGKILL {victims}; the primary site is lost"
 
 
-def check_stage(run: DemoRun) -> str:
-    lab, result = run.lab, run.result
+def survivors_down(run: DemoRun) -> None:
+    """The far link drained and gone, the Async site's applied entry settled, the survivors'
+    daemons stopped (so their images can be read as they are), the primary site's directory gone."""
+    lab = run.lab
     if run.link is not None:
         run.link.drain(timeout=run.opts.async_delay_ms / 1000 + 2.0)  # what was already on the wire still arrives
         run.link.stop()
         run.link = None
-    result.async_applied_seq = settled_applied_seq(lab)
+    run.result.async_applied_seq = settled_applied_seq(lab)
     lab_down(lab)  # the survivors, so that their images can be read as they are
     run.topology.write_text(run.plain_topology)  # no relay any more
     shutil.rmtree(lab / "primary")
+
+
+def check_stage(run: DemoRun) -> str:
+    lab, result = run.lab, run.result
+    survivors_down(run)
     result.lost_at_sync, _ = compare_files(lab / "sync" / "C.img", result.files)
     result.in_flight_at_async, result.async_note = compare_files(lab / "async" / "D.img", result.files)
     return (f"Sync site: {len(result.files) - len(result.lost_at_sync)} of {len(result.files)} "
@@ -168,6 +183,14 @@ def check_stage(run: DemoRun) -> str:
 
 def recover_stage(run: DemoRun) -> str:
     rec = run.result.recovery = recover_at_sync(run.lab, run.ui)
+    if run.ext4 is not None:
+        run.ext4.info["recovery_copy"] = "whole volume compared" if rec["fallback_full_copy"] else "touched files"
+    if rec["fallback_full_copy"]:
+        why = ("an ext4 volume has no jfs metadata log to tell what changed" if run.ext4 is not None
+               else "; ".join(rec["problems"]))
+        return (f"at the Sync site: WHOLE VOLUME COMPARED by digests ({why}), "
+                f"{format_size(rec['bytes_copied'])} that differed copied to the Async site instead of "
+                f"{format_size(rec['full_copy_bytes'])}; async copy C -> D re-established")
     return (f"at the Sync site: {rec['touched_files']} touched files, "
             f"{format_size(rec['bytes_copied'])} copied to the Async site instead of "
             f"{format_size(rec['full_copy_bytes'])}; async copy C -> D re-established")
@@ -194,6 +217,57 @@ STAGES = (  # after init, in order; if one fails, what the demo started is stopp
 )
 
 
+def ext4_of(run: DemoRun) -> Ext4Demo:
+    assert run.ext4 is not None
+    return run.ext4
+
+
+def ext4_write_stage(run: DemoRun) -> str:
+    result = run.result
+    ext4_of(run).write(run.opts, run.ui, result, run.link)
+    linked = (f"; the far link ran at {format_size(result.async_link['bandwidth'])}/s"
+              if result.async_link.get("bandwidth") else "")
+    return (f"{len(result.files)} files ({format_size(run.opts.files * run.opts.file_size)}) written to the "
+            f"kernel's ext4 on lab:{run.lab}, each acknowledged once its fsync returned{linked}")
+
+
+def ext4_kill_stage(run: DemoRun) -> str:
+    if run.link is not None:
+        run.link.sever()
+    run.result.killed = ext4_of(run).kill()
+    victims = ", ".join(f"{n} (pid {p})" for n, p in run.result.killed.items()) or "nothing (no process was running)"
+    return f"SIGKILL {victims}; the primary site is lost, its dead ext4 mount and loop device removed"
+
+
+def ext4_check_stage(run: DemoRun) -> str:
+    result = run.result
+    survivors_down(run)
+    ext4_of(run).check(result)
+    fsck = ext4_of(run).info["e2fsck_exit"]
+    return (f"Sync site: {len(result.files) - len(result.lost_at_sync)} of {len(result.files)} files intact; "
+            f"Async site: {len(result.in_flight_at_async)} file(s) were still in flight (copies repaired by "
+            f"e2fsck -fy: C exit {fsck['C']}, D exit {fsck['D']})")
+
+
+def ext4_verify_stage(run: DemoRun) -> str:
+    if run.opts.keep_up:
+        lab_up(run.lab)
+        run.result.daemons = "up"
+    text = ext4_of(run).verify(run.result)
+    n = len(run.result.files)
+    return f"{n - len(run.result.missing_at_new_primary)} of {n} acknowledged files read back: {text}"
+
+
+EXT4_STAGES = (  # the same names, the ext4 work where it differs
+    STAGES[0],
+    Stage("write", "writing", ext4_write_stage),
+    Stage("kill", "kill", ext4_kill_stage),
+    Stage("check", "check", ext4_check_stage),
+    STAGES[4],
+    Stage("verify", "verify", ext4_verify_stage),
+)
+
+
 def run_stage(run: DemoRun, stage: Stage) -> None:
     """Run one stage, record how long it took in the result's timings, then print its step line."""
     run.stage = stage.name
@@ -205,7 +279,10 @@ def run_stage(run: DemoRun, stage: Stage) -> None:
 
 
 def stop_what_was_started(run: DemoRun) -> None:
-    """After a failed or interrupted stage: the relay stopped, the daemons down, no route through the relay."""
+    """After a failed or interrupted stage: the ext4 demo's mounts and loop device gone, the relay
+    stopped, the daemons down, no route through the relay."""
+    if run.ext4 is not None:
+        run.ext4.release()
     if run.link is not None:
         run.link.stop()
     if run.lab.is_dir() and is_up(run.lab):
@@ -242,23 +319,27 @@ class DemoInterrupted(Exception):
     """The user stopped the demo (Ctrl-C or SIGTERM) after the lab was created."""
 
 
-def run_demo(lab: Path, opts: DemoOptions, ui: Ui) -> DemoResult:
+def run_demo(lab: Path, opts: DemoOptions, ui: Ui, *, ext4: bool = False) -> DemoResult:
     with interruptible() as asked:
-        return _run_demo(lab, opts, ui, asked)
+        return _run_demo(lab, opts, ui, asked, ext4)
 
 
-def _run_demo(lab: Path, opts: DemoOptions, ui: Ui, asked: threading.Event) -> DemoResult:
+def _run_demo(lab: Path, opts: DemoOptions, ui: Ui, asked: threading.Event, ext4: bool) -> DemoResult:
     started = time.monotonic()
     check_options(opts)
+    if ext4:
+        check_ext4_demo()
     check_lab_path(lab)
     base_port = opts.base_port if opts.base_port is not None else free_base_port(4)
     result = DemoResult(lab=str(lab), options={
         "files": opts.files, "file_size": opts.file_size, "size": opts.size, "base_port": base_port,
-        "keep_up": opts.keep_up})
-    run = DemoRun(lab, opts, ui, result, base_port, mark=time.monotonic())
+        "keep_up": opts.keep_up, "ext4": ext4}, file_system="ext4" if ext4 else "jfs")
+    run = DemoRun(lab, opts, ui, result, base_port, mark=time.monotonic(), ext4=Ext4Demo(lab) if ext4 else None)
+    if run.ext4 is not None:
+        result.ext4 = run.ext4.info
     run_stage(run, INIT)  # nothing runs yet: a failure here has nothing to stop
     try:
-        for stage in STAGES:
+        for stage in EXT4_STAGES if ext4 else STAGES:
             run_stage(run, stage)
     except BaseException as exc:
         interrupted = asked.is_set() or isinstance(exc, KeyboardInterrupt)
@@ -298,6 +379,9 @@ def demo_command(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON document on stdout (steps go to stderr).")
                        ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No step lines and no progress bars.")] = False,
+    ext4: Annotated[bool, typer.Option("--ext4", help="The kernel's ext4 instead of jfs: the volume attached "
+                                       "through FUSE (vstore attach), a loop device, mkfs.ext4; needs root, "
+                                       "e2fsprogs and FUSE.")] = False,
 ) -> None:
     """The whole story in one command: create a provider-mode lab (embodiment 4) in LAB, start its
     daemons with the Async site far away (a loopback relay limits the bandwidth of the primary ->
@@ -315,6 +399,11 @@ def demo_command(
     With the defaults it takes about ten seconds. The lab stays for exploring (`jfs ls lab:LAB /demo`,
     `vstore status LAB`, `vstore failback LAB`); remove it with `vstore lab down LAB && rm -rf LAB`.
 
+    With --ext4 the file system is the kernel's ext4 on a loop device over the attached volume; a file
+    counts once its fsync returned; C and D are checked in copies repaired by e2fsck -fy, recovery copies
+    the whole volume (there is no jfs log to tell what changed) and the ext4 is mounted read-only at the
+    Sync site to read every file back. Every mount and loop device it made is removed at the end.
+
     Example: vstore demo /tmp/demo --files 200   (afterwards: jfs ls lab:/tmp/demo /demo)
     """
     ui = Ui(quiet=quiet, as_json=as_json)
@@ -325,7 +414,7 @@ def demo_command(
                            base_port=base_port, async_delay_ms=async_delay, async_bandwidth=bandwidth,
                            auto_bandwidth=AUTO_FRACTION if choice == "auto" else None, keep_up=keep_up)
         try:
-            result = run_demo(lab, opts, ui)
+            result = run_demo(lab, opts, ui, ext4=ext4)
         except DemoInterrupted as exc:
             die(str(exc), 130)
     if as_json:
@@ -338,6 +427,8 @@ def demo_command(
     if result.missing_at_new_primary:
         die(f"{len(result.missing_at_new_primary)} acknowledged file(s) are not readable at the new primary; "
             "keep the lab for analysis")
+    if result.ext4 and result.ext4.get("problems"):
+        die(f"the ext4 demo found: {'; '.join(result.ext4['problems'])}; keep the lab for analysis")
 
 
 def register(app: typer.Typer) -> None:

@@ -39,6 +39,8 @@ class DemoResult:
     daemons: str = "down"
     seconds: float = 0.0
     options: dict = field(default_factory=dict)
+    file_system: str = "jfs"  # or "ext4" (`--ext4`)
+    ext4: dict | None = None  # the ext4 demo's own measurements (e2fsck exits, the mount at Sync, ...)
 
     def to_json(self) -> dict:
         return {"lab": self.lab, "files_written": len(self.files),
@@ -48,7 +50,8 @@ class DemoResult:
                 "recovery": self.recovery, "new_primary": "sync",
                 "missing_at_new_primary": self.missing_at_new_primary, "killed": self.killed,
                 "async_link": self.async_link, "daemons": self.daemons, "timings": self.timings,
-                "options": self.options, "seconds": round(self.seconds, 3)}
+                "options": self.options, "seconds": round(self.seconds, 3), "file_system": self.file_system,
+                **({"ext4": self.ext4} if self.ext4 is not None else {})}
 
 
 class Ui:
@@ -95,6 +98,20 @@ def in_flight_text(result: DemoResult) -> str:
     return inflight
 
 
+def ext4_text(info: dict) -> str:
+    """The ext4 row: e2fsck of the copies, the mount at the Sync site, and any problem found."""
+    fsck = info.get("e2fsck_exit", {})
+    text = ", ".join(f"{site} exit {rc}" for site, rc in fsck.items())
+    text = f"e2fsck -fy of copies: {text}" if text else "not checked"
+    at_sync = info.get("at_sync")
+    if at_sync:
+        text += "; mounted read-only at Sync" + (" after the kernel replayed its journal"
+                                                  if at_sync.get("journal_replayed") else "")
+    if info.get("problems"):
+        text += f"; [bold red]{'; '.join(info['problems'])}[/]"
+    return text
+
+
 def print_report(result: DemoResult, console: Console) -> None:
     n = len(result.files)
     nbytes = sum(f["bytes"] for f in result.files)
@@ -110,9 +127,13 @@ def print_report(result: DemoResult, console: Console) -> None:
     ratio = rec["full_copy_bytes"] / rec["bytes_copied"] if rec.get("bytes_copied") else float("inf")
     table.add_row("recovery at Sync", f"{rec['touched_files']} touched files, {rec['blocks_copied']} blocks "
                   f"({format_size(rec['bytes_copied'])}) copied C -> D instead of {format_size(rec['full_copy_bytes'])}"
-                  f" ({ratio:.0f}x less) in {rec['seconds']:.2f}s"
-                  + (" [yellow](full copy: the log could not prove what changed)[/]"
+                  + f" ({ratio:.0f}x less) in {rec['seconds']:.2f}s"
+                  + ((" [yellow](the volume holds no jfs metadata log to tell what changed: every block compared "
+                      "by digests)[/]" if result.ext4 is not None
+                      else " [yellow](the log could not prove what changed: every block compared by digests)[/]")
                      if rec.get("fallback_full_copy") else ""))
+    if result.ext4 is not None:
+        table.add_row("ext4", ext4_text(result.ext4))
     table.add_row("new primary", "the Sync site: " + ("[green]every acknowledged file readable[/]"
                   if not result.missing_at_new_primary else
                   f"[bold red]{len(result.missing_at_new_primary)} files unreadable:[/] "
@@ -123,5 +144,9 @@ def print_report(result: DemoResult, console: Console) -> None:
     console.print(table)
     lab = result.lab
     first = result.files[0]["path"]
+    if result.ext4 is not None:
+        console.print(f"try: vstore attach {lab} /mnt/x --readonly; losetup -r -f --show /mnt/x/A; mount -o ro "
+                      f"LOOPDEV /mnt/y; head -3 /mnt/y{first};  vstore status {lab}", highlight=False, soft_wrap=True)
+        return
     console.print(f"try: jfs read lab:{lab} {first} | head -3;  vstore status {lab};  vstore failback {lab}"
                   + (f";  vstore lab down {lab}" if result.daemons == "up" else ""), highlight=False, soft_wrap=True)

@@ -27,9 +27,11 @@ from vstore.blocks.holders import check_free
 from vstore.blocks.pids import read_pid
 from vstore.blocks.units import parse_size
 from vstore.cli.common import LabArg, QuietOption, command_line, err, out, progress_bars, stoppable, user_errors
-from vstore.daemons.processes import RUN_DIR, SHIPPER, lab_down, lab_up, ready_file
+from vstore.daemons.processes import EXPORT, RUN_DIR, SHIPPER, lab_down, lab_up, ready_file, stop_site
 from vstore.daemons.shipper import ShipperDaemon
 from vstore.daemons.site import SiteDaemon
+from vstore.exports.nbd_export import parse_listen
+from vstore.lab.served import running_exports
 from vstore.procedures.create import init_lab
 from vstore.reports import lab_warnings
 from vstore.targets import APP_LOCK
@@ -79,21 +81,30 @@ def lab_init_command(
     out.print(f"lab [bold]{lab}[/] ready ({mode} mode)")
 
 
-def lab_up_command(lab: LabArg) -> None:
+def lab_up_command(
+    lab: LabArg,
+    export: Annotated[bool, typer.Option("--export", help="Also serve the application's volume over NBD "
+                                                          "(`vstore export`, stopped by `lab down`).")] = False,
+    export_listen: Annotated[str, typer.Option(help="HOST:PORT of that export.")] = "127.0.0.1:10809",
+) -> None:
     """Start the three site daemons on 127.0.0.1 (ports in topology.toml) and the shipper process of
     the site running the application, in the background; pid and log files go to LAB/run/. While a
     lab is up, vstore and jfs commands talk to the daemons.
 
-    Example: vstore lab up /tmp/lab
+    Example: vstore lab up /tmp/lab --export   (then: qemu-img info nbd://127.0.0.1:10809/A)
     """
     with user_errors():
-        pids = lab_up(lab)
+        if export:
+            parse_listen(export_listen)  # refuse a bad address before starting anything
+        pids = lab_up(lab, export=export_listen if export else None)
         warnings = lab_warnings(lab)
     for line in warnings:
         err.print(f"[yellow]warning[/]: {line}", highlight=False, soft_wrap=True)
     for name, pid in pids.items():
-        what = "shipper process" if name == SHIPPER else f"site {name} daemon"
+        what = {SHIPPER: "shipper process", EXPORT: "NBD export"}.get(name, f"site {name} daemon")
         out.print(f"{what}: pid {pid} (log {lab / 'run' / name}.log)", highlight=False)
+    for doc in running_exports(lab) if export else []:
+        out.print(f"NBD export serving {doc['url']}", highlight=False)
 
 
 def lab_down_command(
@@ -107,9 +118,10 @@ def lab_down_command(
     Example: vstore lab down /tmp/lab
     """
     with user_errors():
+        export = lab.is_dir() and stop_site(lab, EXPORT)  # `lab up --export`'s holds the volume: it goes first
         if not force and lab.is_dir():
             check_free(lab / RUN_DIR / APP_LOCK, resource=f"lab:{lab.absolute()}", wait=0)
-        stopped = lab_down(lab)
+        stopped = [EXPORT] * export + lab_down(lab)
     out.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 

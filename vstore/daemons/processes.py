@@ -44,6 +44,7 @@ from vstore.blocks import pids
 from vstore.blocks.codec import create_file, make_dir, write_file_atomic
 from vstore.blocks.errors import TricopyError
 from vstore.blocks.holders import BRIEF_WAIT, Claim, check_free, claim
+from vstore.lab import served
 from vstore.lab.sitedir import lab_application_site
 from vstore.lab.system import DAEMONS_LOCK, LAB_LOCK
 from vstore.lab.topology import SITE_NAMES, Topology, load_topology
@@ -56,6 +57,7 @@ from vstore.net.wire import ConnectionFailed
 log = logging.getLogger("vstore.processes")
 RUN_DIR = "run"
 SHIPPER = "shipper"  # the shipping process's name in LAB/run (pid and log files)
+EXPORT = "export"  # the NBD export `lab up --export` starts (`vstore export`), a client of the daemons
 CONTROL_LOCK = "run/control.lock"  # held by a whole-lab command: lab up, lab down, a procedure's quiesced
 
 
@@ -125,10 +127,18 @@ def _vstore_daemon(argv: list[str], cwd: str, topology: str) -> str | None:
     return options.get("--site") if "serve" in argv else None
 
 
+def _vstore_export(argv: list[str], cwd: str, lab: str) -> bool:
+    """Whether `argv` is `vstore export LAB` of this lab (a relative LAB taken from `cwd`)."""
+    if not any(a == "vstore.cli" or os.path.basename(a) == "vstore" for a in argv[:3]) or EXPORT not in argv:
+        return False
+    at = argv.index(EXPORT)
+    return at + 1 < len(argv) and os.path.realpath(os.path.join(cwd, argv[at + 1])) == lab
+
+
 def lab_processes(lab: Path) -> dict[int, str]:
     """pid -> name (a site or "shipper") of every running process of the lab: the ones its pid
     files name, and every `vstore serve|shipper` whose command line names its topology.toml."""
-    found = {pid: name for name in PROCESSES if (pid := running_pid(lab, name))}
+    found = {pid: name for name in ALL_PROCESSES if (pid := running_pid(lab, name))}
     topology = os.path.realpath(lab / "topology.toml")
     try:
         entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
@@ -144,7 +154,7 @@ def lab_processes(lab: Path) -> dict[int, str]:
         except OSError:
             continue  # gone meanwhile, or another user's
         argv = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
-        name = _vstore_daemon(argv, cwd, topology)
+        name = EXPORT if _vstore_export(argv, cwd, os.path.realpath(lab)) else _vstore_daemon(argv, cwd, topology)
         if name is not None and pids.alive(pid):
             found[pid] = name
     return found
@@ -157,6 +167,7 @@ def running_pid(lab: Path, site: str) -> int | None:
 
 
 PROCESSES = (*SITE_NAMES, SHIPPER)
+ALL_PROCESSES = (*PROCESSES, EXPORT)  # what `lab down` stops, the export first
 
 
 def is_up(lab: Path) -> bool:
@@ -164,9 +175,10 @@ def is_up(lab: Path) -> bool:
     return (lab / RUN_DIR).is_dir() and any(running_pid(lab, name) for name in PROCESSES)
 
 
-def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
+def start_site(lab: Path, name: str, timeout: float = 15.0, *, listen: str = "127.0.0.1:10809") -> int:
     """Start a site's daemon (`name` = primary, sync or async) or the shipper process (`name` =
-    "shipper", for the site running the application) in the background; return its pid. Its pid
+    "shipper", for the site running the application; `name` = "export": `vstore export` on
+    `listen`) in the background; return its pid. Its pid
     file is written as soon as it exists; one that does not come up is stopped (and reaped, so
     that nothing it claimed is held any more) before the error is raised."""
     make_dir(lab / RUN_DIR, exist_ok=True)
@@ -179,6 +191,8 @@ def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
         if site is None:
             raise TricopyError(f"no site of {lab} runs the application: there is nothing to ship")
         argv = ["shipper", "--site", site, "--config", config]
+    elif name == EXPORT:
+        argv = ["export", str(lab.absolute()), "--listen", listen]
     else:
         argv = ["serve", "--site", name, "--config", config]
     ready = ready_file(lab, name)
@@ -197,7 +211,7 @@ def start_site(lab: Path, name: str, timeout: float = 15.0) -> int:
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace")[-400:].strip()
                 raise TricopyError(f"the {name} daemon exited at start: {tail.splitlines()[-1] if tail else ''}")
-            if pids.read_pid(ready) == proc.pid:
+            if pids.read_pid(ready) == proc.pid or (name == EXPORT and served.status_file(lab, proc.pid).exists()):
                 return proc.pid
             time.sleep(0.02)
         raise TricopyError(f"the {name} daemon did not come up within {timeout:.0f}s; see {log_path}")
@@ -230,8 +244,9 @@ def daemons_claim(lab: Path) -> Claim:
     return held
 
 
-def lab_up(lab: Path) -> dict[str, int]:
-    """Start the daemon of every site present, then the shipper of the site running the application.
+def lab_up(lab: Path, *, export: str | None = None) -> dict[str, int]:
+    """Start the daemon of every site present, then the shipper of the site running the application,
+    then (`export` = HOST:PORT) the NBD export of the application's volume.
     Refused before anything starts while another whole-lab command runs (`whole_lab`) or a process
     has the lab open (`check_lab_free`)."""
     topo = load_topology(lab)
@@ -246,6 +261,8 @@ def lab_up(lab: Path) -> dict[str, int]:
         try:
             for name in names:
                 started[name] = start_site(lab, name)
+            if export is not None:
+                started[EXPORT] = start_site(lab, EXPORT, listen=export)
         except TricopyError as exc:
             undone = [name for name in reversed(list(started)) if name not in already and stop_site(lab, name)]
             note = f"; stopped again what this call had started ({', '.join(undone)})" if undone else ""
@@ -290,7 +307,7 @@ def lab_down(lab: Path) -> list[str]:
     with whole_lab(lab, "being stopped"):
         running = lab_processes(lab)
         stopped = []
-        for name in (SHIPPER, *SITE_NAMES):
+        for name in (EXPORT, SHIPPER, *SITE_NAMES):
             found = [pid for pid, n in running.items() if n == name]
             _stop(lab, name, found, 10.0)
             if found:

@@ -12,6 +12,8 @@ Keeps true:
   of one read, `socket.sendmsg` of header, entries and MAC: nothing joined). Confirmations are
   batched: one `spool.confirm` per round (up to `ROUND_BYTES` of entries), whose answer also
   says what is acknowledged next, so a busy round costs the daemon one request.
+- A small round (fewer than `GATHER_ENTRIES` entries) runs on the event loop itself; a larger
+  one in a worker thread (pread, crc32, GCM and sendmsg release the GIL).
 - The connection to the Async site is kept from round to round and session to session; the
   shipper plans again (`spool.plan`) only when the daemon's answer says the plan changed (pair
   states, faults, the targets), and reconnects only when the plan's address did or the
@@ -19,8 +21,14 @@ Keeps true:
 - After any disconnect or restart of either side it starts a new session from the Async site's
   applied sequence (`journal.applied`, after finishing a batch stored before a crash): no gap, no
   entry applied twice (the receive journal refuses both, so a stale sender cannot corrupt D).
-- It is woken by watchdog events on the spool directory (new or grown segment files) and once a
-  second otherwise; no busy polling. An unreachable Async site leaves entries waiting; pair-state
+- It waits for new entries in the daemon: `spool.acked` and `spool.confirm` are long polls
+  (`SpoolWait`), answered once an entry past what was sent is acknowledged, or after `POLL_S`
+  (when pair states and faults are looked at again); no busy polling, nothing per write. Rounds
+  are grouped: while fewer than `GATHER_ENTRIES` wait, a round starts no sooner than `GATHER_S`
+  after the previous one started, so at a steady write rate a round carries the writes of
+  `GATHER_S` (one daemon request, one batch, one journal commit at the Async site for all of
+  them) and an entry waits at most `GATHER_S` plus one round before it is sent; a write after a
+  quiet spell goes at once. An unreachable Async site leaves entries waiting; pair-state
   work (a Suspended group's resync, a link failed on purpose) is done by the daemon, asked with
   `ship {"in_process": true}`.
 """
@@ -28,7 +36,6 @@ Keeps true:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -42,7 +49,6 @@ from vstore.blocks.errors import TricopyError
 from vstore.daemons.processes import SHIPPER, running_pid
 from vstore.lab.sitedir import SPOOL_DIR
 from vstore.lab.topology import SITE_NAMES, load_topology
-from vstore.lab.watch import watching
 from vstore.net.client import AsyncClient, Client
 from vstore.net.keys import load_key
 from vstore.net.rpc import (
@@ -65,7 +71,9 @@ log = logging.getLogger("vstore.shipper")
 WINDOW = 8  # batches in flight
 READ_STEP = 4 << 20  # what one spool read returns at most (about): a batch of 64 KiB entries
 ROUND_BYTES = 64 << 20  # shipped between two confirmations at most (about)
-GATHER_S = 0.002  # after a wake-up, let the writes of the next moments join the same round
+GATHER_S = 0.05  # a round starts at most this long after the one before when few entries wait (the lag bound)
+GATHER_ENTRIES = 64  # entries waiting that start a round at once (the daemon's `spooling.GATHER_ENTRIES`)
+POLL_S = 1.0  # how long the daemon holds a long poll with nothing new (plan changes are seen this often)
 
 
 class RateMeter:
@@ -104,7 +112,6 @@ class ShipperDaemon:
         self.spool_dir = lab / site / SPOOL_DIR
         self.reader = SpoolReader(self.spool_dir)
         self.meter = RateMeter()
-        self.wake = asyncio.Event()
         self.stopping = False
         self.remote: Client | None = None
         self.remote_address: tuple | None = None
@@ -159,24 +166,37 @@ class ShipperDaemon:
             acked = (await daemon.call(SPOOL_CONFIRM, {"seq": applied, "stats": self.meter.rates()}))[0]
         sent = max(applied, acked["confirmed"])
         log.info("shipping to %s from entry %d (the Async site applied %d)", plan["target_site"], sent + 1, applied)
+        started = 0.0  # when the last round started
         while not self.stopping:
             if not acked.get("active") or not acked["duplex"] or acked["version"] != plan["version"] \
                     or acked.get("plan") != plan.get("plan"):
                 return  # pair states, faults or targets changed: plan again
             if acked["confirmed"] > sent:
                 sent = acked["confirmed"]  # shipped by the daemon itself meanwhile
-            if sent >= acked["acked"]:
-                await self.sleep(1.0)
-                acked = (await daemon.call(SPOOL_ACKED))[0]
+            waiting = acked["acked"] - sent
+            if waiting <= 0 or (waiting < GATHER_ENTRIES and started + GATHER_S > time.monotonic()):
+                acked = (await daemon.call(SPOOL_ACKED, self.poll(sent, started)))[0]
                 continue
-            last, count, nbytes = await asyncio.to_thread(self.ship_round, remote, sent, acked["acked"], plan)
+            started = time.monotonic()
+            if waiting < GATHER_ENTRIES:  # a small round: no hand-off to a worker thread
+                last, count, nbytes = self.ship_round(remote, sent, acked["acked"], plan)
+            else:
+                last, count, nbytes = await asyncio.to_thread(self.ship_round, remote, sent, acked["acked"], plan)
             if not count:
-                await self.sleep(1.0)
+                await self.sleep(0.1)
                 acked = (await daemon.call(SPOOL_ACKED))[0]
                 continue
             sent = last
             self.meter.add(count, nbytes)
-            acked = (await daemon.call(SPOOL_CONFIRM, {"seq": sent, "stats": self.meter.rates()}))[0]
+            acked = (await daemon.call(SPOOL_CONFIRM, {"seq": sent, "stats": self.meter.rates(),
+                                                       **self.poll(sent, started)}))[0]
+
+    @staticmethod
+    def poll(after: int, started: float) -> dict:
+        """The long poll of the daemon's answer: once an entry after `after` is acknowledged, and
+        not before `GATHER_S` after the round that `started` (unless many wait)."""
+        gather = min(1.0, max(0.0, started + GATHER_S - time.monotonic()))
+        return {"after": after, "wait": POLL_S, "gather": round(gather, 6)}
 
     def ship_round(self, remote: Client, after: int, upto: int, plan: dict) -> tuple[int, int, int]:
         """Ship entries after+1..upto (at most about `ROUND_BYTES`); (last entry, entries, bytes).
@@ -212,10 +232,7 @@ class ShipperDaemon:
         return JOURNAL_RECEIVE, {"first_seq": first, "last_seq": last, "targets": plan["targets"]}, data
 
     async def sleep(self, seconds: float) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self.wake.wait(), seconds)
-            await asyncio.sleep(GATHER_S)
-        self.wake.clear()
+        await asyncio.sleep(seconds)
 
     # -- running --------------------------------------------------------------------------------
     async def run(self, ready: Path | None = None) -> None:
@@ -224,8 +241,7 @@ class ShipperDaemon:
         if other and other != os.getpid():
             raise TricopyError(f"the shipper process of {self.lab} is already running (pid {other})")
         make_dir(self.spool_dir, parents=True, exist_ok=True)
-        with watching(self.spool_dir, lambda: loop.call_soon_threadsafe(self.wake.set)):
-            await self._serve(loop, ready)
+        await self._serve(loop, ready)
 
     async def _serve(self, loop: asyncio.AbstractEventLoop, ready: Path | None) -> None:
         main = asyncio.current_task()

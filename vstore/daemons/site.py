@@ -11,7 +11,11 @@ Keeps true:
   request's arguments are checked against their declaration (vstore/daemons/requests.py) before
   its handler runs: a refused request changed nothing.
 - One request at a time touches the site (a lock serialises request handlers), so writes to the
-  consistency group are sequenced in one place. A coordinating request (an application write,
+  consistency group are sequenced in one place. A short request (`inline=True`: the application's
+  requests, the volumes', the shipper's, carrying less than `INLINE_BYTES`) runs on the event loop
+  itself when the lock is free, with no hand-off to a worker thread; anything else, or a short
+  request while the site is busy, runs in a worker thread, so the loop never waits for the lock
+  (and receives a large request's successor meanwhile). A coordinating request (an application write,
   status, ship) works on a `System` with the other sites reached through `vstore.net.remote`, and
   saves what changed before answering; the `System` is kept between requests and reloaded from
   every site when a peer did not answer, a request failed, or faults.json changed.
@@ -69,7 +73,7 @@ from vstore.daemons.requests import (
     unknown_request,
 )
 from vstore.daemons.site_files import SiteFiles
-from vstore.daemons.spooling import SpoolRequests
+from vstore.daemons.spooling import WAITED, SpoolRequests
 from vstore.lab.system import System
 from vstore.lab.topology import SITE_NAMES, load_topology
 from vstore.net import rpc as names
@@ -85,6 +89,7 @@ from vstore.replication.storage import StorageSystem
 from vstore.reports import snapshot_of, status_document, verify
 
 log = logging.getLogger("vstore.daemon")
+INLINE_BYTES = 256 << 10  # an inline request carrying more data runs in a worker thread (the server reads ahead)
 Answer = tuple[dict, bytes]
 Ranges = Annotated[list[tuple[Lba, Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]]], msgspec.Meta(max_length=1 << 20)]
 
@@ -247,17 +252,17 @@ class SiteDaemon(SiteFiles, SpoolRequests):
                     if route.options.get("saves"):
                         system.save()
 
-    @rpc(names.PING, NoArgs)
+    @rpc(names.PING, NoArgs, inline=True)
     def ping(self, args: NoArgs, data: bytes) -> Answer:
         return {"site": self.site, "pid": os.getpid()}, b""
 
-    @rpc(names.APP_INFO, AppInfo, coordinated=True)
+    @rpc(names.APP_INFO, AppInfo, coordinated=True, inline=True)
     def app_info(self, system: System, args: AppInfo, data: bytes) -> Answer:
         dev = system.device(args.volume)
         return {"block_size": dev.block_size, "num_blocks": dev.num_blocks, "name": dev.name,
                 "active": system.active_site}, b""
 
-    @rpc(names.APP_WRITE, AppWrite, coordinated=True, saves=True)
+    @rpc(names.APP_WRITE, AppWrite, coordinated=True, saves=True, inline=True)
     def app_write(self, system: System, args: AppWrite, data: bytes) -> Answer:
         name = system.volume_name(args.volume)
         dev = system.device(name)
@@ -273,20 +278,20 @@ class SiteDaemon(SiteFiles, SpoolRequests):
             dev.write(args.lba, data)
         return {}, b""
 
-    @rpc(names.APP_FLUSH, AppFlush, coordinated=True, saves=True)
+    @rpc(names.APP_FLUSH, AppFlush, coordinated=True, saves=True, inline=True)
     def app_flush(self, system: System, args: AppFlush, data: bytes) -> Answer:
         name = system.volume_name(args.volume)
         system.device(name).flush()
         self.activity_log().flushed(name)
         return {}, b""
 
-    @rpc(names.APP_READ, AppRead, coordinated=True)
+    @rpc(names.APP_READ, AppRead, coordinated=True, inline=True)
     def app_read(self, system: System, args: AppRead, data: bytes) -> Answer:
         dev = system.device(args.volume)
         check_reply(args.count, dev.block_size)
         return {}, dev.read(args.lba, args.count)
 
-    @rpc(names.APP_HAS_UNSHIPPED, AppHasUnshipped, coordinated=True)
+    @rpc(names.APP_HAS_UNSHIPPED, AppHasUnshipped, coordinated=True, inline=True)
     def app_has_unshipped(self, system: System, args: AppHasUnshipped, data: bytes) -> Answer:
         dev = system.device(args.volume)
         return {"answer": dev.has_unshipped(args.ranges)}, b""
@@ -330,8 +335,26 @@ class SiteDaemon(SiteFiles, SpoolRequests):
         with contextlib.suppress(ValueError, OSError):  # stderr may not be a file (tests)
             faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack to the log
 
-        async def handler(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+        appended = asyncio.Event()  # set after every request that may have appended to the spool
+
+        async def run(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+            route = HANDLERS.route(method)
+            if route is not None and route.options.get("inline") and len(data) < INLINE_BYTES \
+                    and self.lock.acquire(blocking=False):
+                try:  # a short request while the site is free: no hand-off to a worker thread
+                    return self.handle(method, args, data)
+                finally:
+                    self.lock.release()
             return await asyncio.to_thread(self.handle, method, args, data)
+
+        async def handler(method: str, args: dict, data: bytes) -> tuple[dict, bytes]:
+            if method not in WAITED:
+                try:
+                    return await run(method, args, data)
+                finally:
+                    appended.set()
+            answer = await run(method, args, data)
+            return await self.long_poll(answer, args, lambda: run(names.SPOOL_ACKED, {}, b""), appended)
 
         with self.lock:  # the port first (one daemon per site), then recovery, then requests
             try:
@@ -379,6 +402,8 @@ class SiteDaemon(SiteFiles, SpoolRequests):
                 self.activity.close()
                 self.activity = None
             if self.entry_log is not None:
+                with contextlib.suppress(TricopyError, OSError):
+                    self.entry_log.confirm(self.entry_log.confirmed_seq)  # the lazy position, durably
                 self.entry_log.close()
                 self.entry_log = None
             self.close_files()

@@ -152,7 +152,7 @@ class SiteFiles:
         return Receiver(self.journal(), self.site, targets,
                         lambda volume, lba, data: self.device(volume).write(lba, data),
                         lambda volume: self.device(volume).flush(), self._check_entry,
-                        writev=lambda volume, lba, bufs: self.device(volume).writev(lba, bufs))
+                        writev=lambda volume, lba, bufs: self.device(volume).writev(lba, bufs), group_commit=True)
 
     def _check_entry(self, volume: str, lba: int, payload: bytes) -> None:
         dev = self.device(volume)
@@ -178,12 +178,17 @@ class SiteFiles:
                                   f"volume {brief(name)}, which is not an image file in {self.site_dir}")
 
     def close_files(self) -> None:
+        if self._journal is not None:
+            try:  # a clean stop: the kept batches' volumes flushed, the applied sequence recorded
+                self.receiver({}).checkpoint()
+            except (TricopyError, OSError) as exc:
+                log.warning("the receive journal keeps its batches until the next start: %s", exc)
         for dev in self.devices.values():
             dev.close()
         self.devices.clear()
 
     # -- requests -------------------------------------------------------------------------------
-    @rpc(names.STATE_GET, NoArgs)
+    @rpc(names.STATE_GET, NoArgs, inline=True)
     def state_get(self, args: NoArgs, data: bytes) -> Answer:
         return {"state": self.state()}, b""
 
@@ -194,13 +199,13 @@ class SiteFiles:
         save_json_atomic(self.site_dir / STATE_FILE, state, durable=self.topo.durable)
         return {}, b""
 
-    @rpc(names.VOL_READ, VolRead)
+    @rpc(names.VOL_READ, VolRead, inline=True)
     def vol_read(self, args: VolRead, data: bytes) -> Answer:
         dev = self.device(args.volume)
         check_reply(args.count, dev.block_size)
         return {}, dev.read(args.lba, args.count)
 
-    @rpc(names.VOL_WRITE, VolWrite)
+    @rpc(names.VOL_WRITE, VolWrite, inline=True)
     def vol_write(self, args: VolWrite, data: bytes) -> Answer:
         dev = self.device(args.volume)
         dev.write(args.lba, data)
@@ -208,7 +213,7 @@ class SiteFiles:
             dev.flush()
         return {"incarnation": self.incarnation}, b""
 
-    @rpc(names.VOL_ZERO, VolZero)
+    @rpc(names.VOL_ZERO, VolZero, inline=True)
     def vol_zero(self, args: VolZero, data: bytes) -> Answer:
         self.device(args.volume).write_zeroes(args.lba, args.count)
         return {"incarnation": self.incarnation}, b""
@@ -221,12 +226,12 @@ class SiteFiles:
         return {}, b"".join(run_digests(dev.read, args.lba, args.count, args.per, holes=dev.data_ranges,
                                         block_size=dev.block_size))
 
-    @rpc(names.VOL_FLUSH, VolFlush)
+    @rpc(names.VOL_FLUSH, VolFlush, inline=True)
     def vol_flush(self, args: VolFlush, data: bytes) -> Answer:
         self.device(args.volume).flush()
         return {"incarnation": self.incarnation}, b""
 
-    @rpc(names.JOURNAL_APPLIED, NoArgs)
+    @rpc(names.JOURNAL_APPLIED, NoArgs, inline=True)
     def journal_applied(self, args: NoArgs, data: bytes) -> Answer:
         return {"applied_seq": self.journal().applied_seq}, b""
 
@@ -235,13 +240,13 @@ class SiteFiles:
         self.journal().set_applied_seq(args.seq)
         return {}, b""
 
-    @rpc(names.JOURNAL_RECEIVE, JournalReceive)
+    @rpc(names.JOURNAL_RECEIVE, JournalReceive, inline=True)
     def journal_receive(self, args: JournalReceive, data: bytes) -> Answer:
         """Check everything, then store (targets, batch), apply, record: the batch is decoded once."""
         applied = self.receiver(args.targets).receive_encoded(data, args.first_seq, args.last_seq,
                                                                keep_targets=True)
         return {"applied": applied}, b""
 
-    @rpc(names.JOURNAL_FINISH, JournalFinish)
+    @rpc(names.JOURNAL_FINISH, JournalFinish, inline=True)
     def journal_finish(self, args: JournalFinish, data: bytes) -> Answer:
         return {"applied": self.receiver(args.targets).finish_stored()}, b""

@@ -6,15 +6,20 @@ Keeps true:
   before the ack), answers `spool.acked` (the last acknowledged entry: the shipper never sends
   past it; and what the shipper's plan depends on, so that it plans again only when that changed)
   and `spool.plan`, and trims on `spool.confirm` once the Async site has applied a batch, which
-  answers as `spool.acked` does (one request per shipping round).
+  answers as `spool.acked` does (one request per shipping round). Those confirmations are lazy
+  (`EntryLog.confirm(lazy=True)`: no sync per round; durable when a segment goes and at a clean
+  stop): a position lost in a crash only makes the shipper start again from what the Async site's
+  journal applied (`journal.applied`), skipping what it has.
 - The shipper's rates kept from `spool.confirm` are what `ShipStats` declares (finite,
   non-negative), so status never shows what a peer made up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -41,9 +46,24 @@ class ShipStats(msgspec.Struct, forbid_unknown_fields=True):
     bytes_per_s: Rate = 0.0
 
 
-class SpoolConfirm(msgspec.Struct, forbid_unknown_fields=True):
+class SpoolWait(msgspec.Struct, forbid_unknown_fields=True):
+    """`spool.acked` (and `spool.confirm`) as a long poll: when `wait` > 0, the answer comes once an
+    entry after `after` is acknowledged (or `wait` seconds passed), and then, while fewer than
+    `GATHER_ENTRIES` wait, no sooner than `gather` seconds after the request came: what the
+    shipper's round waits for, with no request per write."""
+
+    after: Annotated[int, msgspec.Meta(ge=0)] = 0
+    wait: Annotated[float, msgspec.Meta(ge=0, le=10)] = 0.0
+    gather: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.0
+
+
+class SpoolConfirm(SpoolWait, forbid_unknown_fields=True, kw_only=True):
     seq: Annotated[int, msgspec.Meta(ge=0)]
     stats: ShipStats = msgspec.field(default_factory=ShipStats)
+
+
+GATHER_ENTRIES = 64  # entries waiting that end a long poll's gathering at once
+WAITED = (names.SPOOL_ACKED, names.SPOOL_CONFIRM)  # the requests that may be long polls
 
 
 class SpoolRequests:
@@ -95,9 +115,36 @@ class SpoolRequests:
         return sorted([str(p.get("source")), str(p.get("target")), str(p.get("state"))] for p in pairs
                       if p.get("kind") == "async" and str(p.get("source", "")).startswith(f"{self.site}:"))
 
-    @rpc(names.SPOOL_ACKED, NoArgs)
-    def spool_acked_request(self, args: NoArgs, data: bytes) -> Answer:
+    @rpc(names.SPOOL_ACKED, SpoolWait, inline=True)
+    def spool_acked_request(self, args: SpoolWait, data: bytes) -> Answer:
         return self.spool_acked(), b""
+
+    async def long_poll(self, answer: Answer, args: dict, again: Callable[[], Awaitable[Answer]],
+                        appended: asyncio.Event) -> Answer:
+        """A `spool.acked`/`spool.confirm` answer held as `SpoolWait` says (its arguments were
+        checked by the request itself); `again` answers `spool.acked` anew, `appended` is set
+        after every request that may have appended. Holds no lock while it waits."""
+        wait = float(args.get("wait", 0))
+        if wait <= 0 or not answer[0].get("active"):
+            return answer
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        after, gather = int(args.get("after", 0)), float(args.get("gather", 0))
+        while answer[0].get("active") and answer[0]["acked"] <= after:
+            appended.clear()  # before looking again: a write answered from now on wakes this poll
+            answer = await again()
+            remaining = start + wait - loop.time()
+            if not (answer[0].get("active") and answer[0]["acked"] <= after) or remaining <= 0:
+                break
+            try:
+                await asyncio.wait_for(appended.wait(), remaining)
+            except TimeoutError:
+                return await again()
+        rest = start + gather - loop.time()
+        if answer[0].get("active") and 0 < answer[0]["acked"] - after < GATHER_ENTRIES and rest > 0:
+            await asyncio.sleep(rest)  # let the writes of the next moments join the shipper's round
+            answer = await again()
+        return answer
 
     @rpc(names.SPOOL_PLAN, NoArgs)
     def spool_plan(self, args: NoArgs, data: bytes) -> Answer:
@@ -123,7 +170,7 @@ class SpoolRequests:
                     "coalescing": self.topo.coalesce, "batch_entries": DEFAULT_BATCH_ENTRIES,
                     "blocked": blocked}, b""
 
-    @rpc(names.SPOOL_CONFIRM, SpoolConfirm)
+    @rpc(names.SPOOL_CONFIRM, SpoolConfirm, inline=True)
     def spool_confirm(self, args: SpoolConfirm, data: bytes) -> Answer:
         """The Async site applied entries up to `seq`: trim the spool there; keep the shipper's rates.
         The answer is `spool.acked`'s, after the trim: what the shipper may send next."""
@@ -131,7 +178,7 @@ class SpoolRequests:
         if spool is None:
             raise TricopyError(f"site {self.site} does not run the application: no spool to confirm")
         if spool.confirmed_seq < args.seq < spool.next_seq:
-            spool.confirm(args.seq)
+            spool.confirm(args.seq, lazy=True)  # durable as a segment goes, and at a clean stop
         self.ship_stats = {**msgspec.structs.asdict(args.stats), "confirmed_seq": spool.confirmed_seq,
                            "time": time.time()}
         return self.spool_acked(), b""

@@ -16,12 +16,15 @@ Keeps true:
   one more is answered with an error naming the limit, and the connection is closed. A connection
   whose peer sends nothing (or reads no answer) for `idle_timeout` seconds is closed.
 - A connection reads each frame straight into that frame's own buffer (`FrameCutter` under an
-  `asyncio.BufferedProtocol`): nothing is read ahead of the frame being handled, so a peer's
-  bytes wait in the kernel, never in this process, and a payload is never copied on its way in.
+  `asyncio.BufferedProtocol`): nothing is read ahead of the frame being handled (but the one
+  frame after a large request, below), so a peer's bytes wait in the kernel, never in this
+  process, and a payload is never copied on its way in.
 - Requests on one connection are handled one at a time in arrival order; connections are served
-  concurrently. A handler's `TricopyError` comes back to the caller as `RemoteError` with the
-  same message; any other exception is logged with its traceback on the server and answered with
-  a generic error, never crashing the server.
+  concurrently. While a large request (`READ_AHEAD_BYTES`) is handled, the connection's next frame
+  is received (at most one frame ahead: a connection holds at most two frames). A handler's
+  `TricopyError` comes back to the caller as `RemoteError` with the same message; any other
+  exception is logged with its traceback on the server and answered with a generic error, never
+  crashing the server.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -56,6 +60,8 @@ from vstore.net.wire import (
 log = logging.getLogger(__name__)
 
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+JOIN_BYTES = 16 << 10  # an answer up to this size is sent joined (a copy costs less than the sends)
+READ_AHEAD_BYTES = 256 << 10  # a request this large is answered while the next frame is received
 
 Handler = Callable[[str, dict, bytes], Awaitable[tuple[dict, bytes]]]
 
@@ -141,10 +147,13 @@ class FrameCutter:
     rest of the header, then the rest of the frame's own bytearray; `filled(n)` says n bytes
     arrived there. A whole header is checked at once (`parse_header` against `limit`) and then
     waits (`waiting`): its frame is allocated only by `begin_body()`, so the caller decides
-    whether it may hold that much. `take()` returns the whole frame and starts the next."""
+    whether it may hold that much (or at once, once `admitted`: an authenticated peer's frames
+    within the checked limit). `take()` returns the whole frame and starts the next."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
+        self.admitted = False  # every checked header is admitted at once (an authenticated peer's)
+        self.spare: bytearray | None = None  # a large frame's buffer nothing refers to any more, for the next
         self._head = bytearray(HEADER_SIZE)
         self.header: FrameHeader | None = None
         self._frame: bytearray | None = None
@@ -154,6 +163,11 @@ class FrameCutter:
     def started(self) -> bool:
         """Some bytes of the next frame arrived."""
         return self._got > 0
+
+    @property
+    def begun(self) -> bool:
+        """The frame of the checked header is allocated (being received)."""
+        return self._frame is not None
 
     @property
     def done(self) -> bool:
@@ -171,11 +185,21 @@ class FrameCutter:
         self._got += n
         if self._frame is None and self._got == HEADER_SIZE:
             self.header = parse_header(self._head, self.limit)
+            if self.admitted:
+                self.begin_body()
 
     def begin_body(self) -> None:
         assert self.header is not None and self._frame is None
-        self._frame = bytearray(HEADER_SIZE + self.header.length + MAC_SIZE)
+        size = HEADER_SIZE + self.header.length + MAC_SIZE
+        spare, self.spare = self.spare, None
+        self._frame = spare if spare is not None and len(spare) == size else bytearray(size)
         self._frame[:HEADER_SIZE] = self._head
+
+    def give_back(self, frame: bytearray) -> None:
+        """`frame` (a large one) is answered: kept for the next frame of its size, unless anything
+        (a view of it) still refers to it besides the caller's one name."""
+        if len(frame) >= READ_AHEAD_BYTES and sys.getrefcount(frame) <= 3:  # the caller's, ours, getrefcount's
+            self.spare = frame
 
     def take(self) -> bytearray:
         assert self._frame is not None and self.done
@@ -257,17 +281,26 @@ class _FrameStream(asyncio.BufferedProtocol):
                 if not self.cutter.started:
                     return False
                 raise FormatError("truncated network frame (end of stream inside a frame)")
-            self._wake = self._loop.create_future()
+            wake = self._wake = self._loop.create_future()
             assert self.transport is not None
             if not self.transport.is_reading() and not self.transport.is_closing():
                 self.transport.resume_reading()
             seen = self._received
+            timer = None if idle is None else self._loop.call_later(idle, self._idle, wake)
             try:
-                await asyncio.wait_for(asyncio.shield(self._wake), idle)
+                await wake  # one future, woken by the protocol callbacks (or `_idle`)
             except TimeoutError:
                 if self._received == seen:
                     raise
+            finally:
+                if timer is not None:
+                    timer.cancel()
         return True
+
+    @staticmethod
+    def _idle(wake: asyncio.Future[None]) -> None:
+        if not wake.done():
+            wake.set_exception(TimeoutError())
 
     async def header(self, limit: int, idle: float | None = None) -> FrameHeader | None:
         """The next frame's header, checked against `limit`; None at a clean end of stream."""
@@ -279,7 +312,8 @@ class _FrameStream(asyncio.BufferedProtocol):
 
     async def body(self, idle: float | None = None) -> bytearray:
         """The whole frame whose header `header` returned, received into its own buffer."""
-        self.cutter.begin_body()
+        if not self.cutter.begun:
+            self.cutter.begin_body()
         if not await self._until(lambda: self.cutter.done, idle):
             raise FormatError("truncated network frame (end of stream inside a frame)")
         return self.cutter.take()
@@ -291,10 +325,14 @@ class _FrameStream(asyncio.BufferedProtocol):
         assert self.transport is not None
         if self.transport.is_closing():
             raise ConnectionResetError("connection closed")
-        for part in parts:
-            self.transport.write(part)
-        async with asyncio.timeout(idle):  # a peer that reads no answer is idle too
-            await self._can_write.wait()
+        if sum(len(p) for p in parts) <= JOIN_BYTES:
+            self.transport.write(b"".join(parts))  # one send, one segment, for a small answer
+        else:
+            for part in parts:
+                self.transport.write(part)
+        if not self._can_write.is_set():
+            async with asyncio.timeout(idle):  # a peer that reads no answer is idle too
+                await self._can_write.wait()
 
 
 class _Connection:
@@ -324,6 +362,7 @@ class _Connection:
                 return
             self.gate.authenticated += 1
             authenticated = True
+            self.stream.cutter.admitted = True  # from now on a checked header's frame is received at once
             await self._answer(session, first)
             await self._serve(session)
         except TimeoutError:
@@ -372,9 +411,43 @@ class _Connection:
         await self.stream.send(session.seal_parts(first.request_id, refusal), self.limits.idle_timeout)
 
     async def _serve(self, session: Session) -> None:
+        """Answer requests in order. While a large request (`READ_AHEAD_BYTES`) is being answered,
+        the next frame is received meanwhile (one at most), so a bulk stream's transfer overlaps
+        its handling; a quiet peer waiting for a long answer is not idle."""
         idle = self.limits.idle_timeout
-        while (raw := await self.stream.frame(session.max_payload, idle)) is not None:
-            await self._answer(session, session.open(raw))
+        answering: asyncio.Task | None = None
+        answered: bytearray | None = None  # the frame `answering` answers
+        cutter = self.stream.cutter
+        try:
+            while True:
+                try:
+                    raw = await self.stream.frame(session.max_payload, idle)
+                except TimeoutError:
+                    if answering is None or answering.done():
+                        raise
+                    await answering  # the peer waits for this answer: not idle
+                    answering = None
+                    continue
+                if raw is None:
+                    break
+                frame = session.open(raw)
+                if answering is not None:
+                    await answering
+                    answering = None
+                    if answered is not None:
+                        cutter.give_back(answered)
+                        answered = None
+                if len(raw) >= READ_AHEAD_BYTES:
+                    answering, answered = asyncio.ensure_future(self._answer(session, frame)), raw
+                else:
+                    await self._answer(session, frame)
+                del frame, raw
+            if answering is not None:
+                await answering
+                answering = None
+        finally:
+            if answering is not None:
+                answering.cancel()
 
     async def _answer(self, session: Session, frame: Frame) -> None:
         """Answer one verified request frame."""

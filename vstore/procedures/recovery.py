@@ -12,8 +12,9 @@ Keeps true:
   sites digest their own blocks): a file written and shipped long ago whose record is still in
   the log costs a comparison, not a copy, so the copy is the exact difference.
 - When the source's log cannot prove what changed (its header or a record is damaged, records were
-  lost, or the volume holds no jfs at all) the copy says so and copies the whole volume; it never
-  does a silent partial copy.
+  lost, or the volume holds no jfs at all, as an ext4 on an NBD export or an attached file) the
+  copy says so (`fallback_full_copy`) and compares the whole volume by digests at both sites,
+  copying every block that differs; it never does a silent partial copy. `--full` copies all.
 - Only after the copy is complete is replication re-established: `--to sync` makes the Sync site
   the primary with its own provider and an async copy C -> D; `--to async` swaps the roles
   (D primary, async copy D -> C). The report says how many files, blocks and bytes moved next to
@@ -60,16 +61,12 @@ def plan_volume(system: System, src: tuple[str, str], dst: tuple[str, str], repo
         steps.step(f"{src[1]}: full copy requested; copying all of {src[1]} -> {dst[1]}")
         return whole
     if system.topo.mode != "provider":
-        steps.step(f"{src[1]}: no entry log of the lost primary to tell what differs; full copy "
-                   f"{src[1]} -> {dst[1]}")
-        return whole
+        return compare_whole(system, src, dst, steps, "no metadata log of the lost primary tells what differs")
     scan = scan_log(device)
     if not scan.complete:
         report.fallback_full_copy = True
         report.problems.append(f"{src[1]}: {scan.problem}")
-        steps.step(f"{src[1]}: the metadata log cannot prove what changed ({scan.problem}); "
-                   f"FULL COPY of {src[1]} -> {dst[1]}")
-        return whole
+        return compare_whole(system, src, dst, steps, f"the metadata log cannot prove what changed ({scan.problem})")
     report.touched_files += len(scan.files)
     report.paths += [f.path or f"inode {f.inode}" for f in scan.files]
     files = merge_ranges([r for f in scan.files for r in f.blocks])
@@ -77,6 +74,17 @@ def plan_volume(system: System, src: tuple[str, str], dst: tuple[str, str], repo
     exact = ranges_of(differing_blocks(system.storage(src[0]), src[1], system.storage(dst[0]), dst[1], candidates))
     steps.step(f"{src[1]}: metadata log names {len(scan.files)} touched files ({sum(n for _, n in files)} "
                f"blocks); of those and the metadata, {sum(n for _, n in exact)} blocks differ")
+    return exact
+
+
+def compare_whole(system: System, src: tuple[str, str], dst: tuple[str, str], steps: StepLog,
+                  why: str) -> list[tuple[int, int]]:
+    """Every block of `src` whose digest differs at `dst`: the copy when nothing names the changes."""
+    device = system.storage(src[0]).volume(src[1]).device
+    exact = ranges_of(differing_blocks(system.storage(src[0]), src[1], system.storage(dst[0]), dst[1],
+                                       [(0, device.num_blocks)]))
+    steps.step(f"{src[1]}: {why}; compared all {device.num_blocks} blocks with {dst[1]} by digests: "
+               f"{sum(n for _, n in exact)} differ")
     return exact
 
 

@@ -132,7 +132,7 @@ _MANIFEST_BODY = Struct(
     "active_first" / Int64ub,
     "active_end" / Int64ub,
 )
-_MANIFEST_BODY_FAST = _MANIFEST_BODY.compile()
+_MANIFEST_BODY_FAST = struct.Struct(">4sHQQQQQQ")  # `_MANIFEST_BODY`'s layout (tests check they agree)
 SPOOL_MANIFEST = Struct(
     "body" / RawCopy(_MANIFEST_BODY),
     "crc" / Checksum(Int32ub, crc32, this.body.data),
@@ -140,8 +140,7 @@ SPOOL_MANIFEST = Struct(
 MANIFEST_SLOT_SIZE = SPOOL_MANIFEST.sizeof()  # the file holds two slots, written alternately
 
 
-@dataclass(frozen=True)
-class Manifest:
+class Manifest(NamedTuple):
     """One slot of the spool's manifest (see `vstore.replication.spool` for what each field keeps)."""
 
     generation: int
@@ -153,11 +152,13 @@ class Manifest:
 
 
 def encode_manifest(m: Manifest) -> bytes:
-    body = dict(magic=MANIFEST_MAGIC, version=MANIFEST_VERSION, generation=m.generation, acked_seq=m.acked_seq,
-                high_seq=m.high_seq, reserved_seq=m.reserved_seq, active_first=m.active_first,
-                active_end=m.active_end)
-    raw = _MANIFEST_BODY_FAST.build(body)  # once per append: the compiled body of the same declaration
-    return raw + _CRC_FIELD.pack(crc32(raw))
+    """One slot of `SPOOL_MANIFEST`, packed with struct (once per append; tests check it equals the build)."""
+    try:
+        raw = _MANIFEST_BODY_FAST.pack(MANIFEST_MAGIC, MANIFEST_VERSION, m.generation, m.acked_seq, m.high_seq,
+                                       m.reserved_seq, m.active_first, m.active_end)
+    except struct.error as err:  # an integer out of its field's range: a caller bug
+        raise ValueError(f"manifest slot {m.generation} cannot be encoded: {err}") from None
+    return raw + _CRC_FIELD.pack(zlib.crc32(raw))
 
 
 def decode_manifest(raw: bytes, where: str) -> Manifest | None:

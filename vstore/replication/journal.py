@@ -8,16 +8,22 @@ Keeps true:
   applied sequence (damaged files) is refused, never applied.
 - `Receiver` is the only code that applies a batch: store, then write every entry to the volume its
   volume id names (a batch naming an unknown volume id is refused before anything is written) and
-  flush those volumes, then mark applied. The lab in one process and the site
-  daemon both use it; only how a volume is written differs. Given a `writev`, each run of entries
-  that continue one another on one volume is written with one call (a `pwritev` of the received
-  payloads, never joined); entries overwriting each other stay in their order.
+  flush those volumes, then mark applied. The lab in one process and the site daemon both use it;
+  only how a volume is written differs. Given a `writev`, each run of entries that continue one
+  another on one volume is one call (a `pwritev` of the received payloads, never joined).
 - A batch costs one commit of the journal, whatever its number of entries: the batch file (fsync,
   rename, directory fsync), the volumes' flushes, then `applied.json` (fsync, rename, directory
-  fsync). The batch is written in place into the file of the batch applied before it (renamed
-  aside, `.batch.spare`), then renamed to batch.bin: the rename keeps a stored batch whole, and
-  no file is allocated per batch. Retiring the applied batch needs no sync of its own: a
-  batch.bin that outlives a crash is already covered by `applied.json` and is dropped at open.
+  fsync). The batch is written in place into the file of a batch applied before (a spare,
+  `.batch.spare*`), then renamed to batch.bin: whole, and no file allocated per batch. Retiring
+  the applied batch needs no sync: a batch.bin covered by `applied.json` is dropped at open.
+- Group commit (`group_commit`, the Async site's daemon): an applied batch is kept as
+  `applied-LAST.bin` (a rename) instead of flushing the volumes and saving `applied.json`; a
+  checkpoint (those volumes flushed, `applied.json`, the kept batches become spares) runs once
+  `CHECKPOINT_BYTES`/`CHECKPOINT_BATCHES` are kept and at a clean stop: a batch costs one sync of
+  its file and one of the directory. At open the kept batches continuing `applied.json` are applied
+  again, in order, before anything else: a power cut losing the volumes' unsynced writes loses
+  nothing acknowledged. One at or below `applied.json` is stale (a checkpoint's renames lost): a
+  spare; one damaged or leaving a gap is refused like a damaged batch.bin, never applied.
 - A received batch is checked whole (decoded, its range as the request says, every volume id
   known, right after the applied sequence) before any file is written; only then are the targets
   (`targets.json`, which volume each volume id lands on, kept by a daemon so that a stored batch
@@ -54,6 +60,9 @@ log = logging.getLogger("vstore.journal")
 # --------------------------------------------------------------------------------------------
 _BATCH_FILE = "batch.bin"
 _SPARE_FILE = ".batch.spare"  # the last applied batch's file, overwritten in place by the next one
+_KEPT_PREFIX, _KEPT_SUFFIX = "applied-", ".bin"  # applied-LAST.bin: applied, kept until a checkpoint
+CHECKPOINT_BYTES = 16 << 20  # kept batches' bytes that make the receiver checkpoint (group commit)
+CHECKPOINT_BATCHES = 256  # ... or kept batches
 _APPLIED_FILE = "applied.json"
 TARGETS_FILE = "targets.json"
 
@@ -92,7 +101,14 @@ class ReceiveJournal:
         self._lock = threading.RLock()
         make_dir(self.recv_dir, parents=True, exist_ok=True)
         remove_stale_temps(self.recv_dir)
-        self._applied = self._load_applied()
+        self._checkpointed = self._applied = self._load_applied()
+        self._spares = sorted(self.recv_dir.glob(_SPARE_FILE + "*"), reverse=True)
+        self._kept: list[tuple[int, Path, int]] = []  # (last seq, file, bytes) of the batches kept, in order
+        self._replay: list[Batch] = []  # kept batches found at open, to apply again before anything else
+        self._replay_error: FormatError | None = None  # a kept batch damaged or leaving a gap
+        self.unflushed: set[str] = set()  # volumes written since the last checkpoint (for `Receiver`)
+        self._targets_doc: dict | None = None
+        self._load_kept()
         self._drop_batch_if_applied()
 
     @property
@@ -114,6 +130,64 @@ class ReceiveJournal:
         except FormatError as err:
             raise FormatError(f"{err}; restore it from a backup or resynchronise the async pair") from None
 
+    def _load_kept(self) -> None:
+        """The kept batches that continue applied.json (stale ones become spares), checked whole."""
+        found = []  # (last seq, path)
+        for path in self.recv_dir.glob(f"{_KEPT_PREFIX}*{_KEPT_SUFFIX}"):
+            digits = path.name[len(_KEPT_PREFIX):-len(_KEPT_SUFFIX)]
+            if not (digits.isdigit() and len(digits) < 21) or (last := int(digits)) <= self._checkpointed:
+                self._retire(path)
+            else:
+                found.append((last, path))
+        for last, path in sorted(found):
+            try:
+                batch = decode_batch(path.read_bytes())
+                if batch.last_seq != last or batch.first_seq != self._applied + 1:
+                    raise FormatError(f"it covers {batch.first_seq}..{batch.last_seq} after entry {self._applied}")
+            except FormatError as err:
+                self._replay_error = FormatError(f"{path}: {err}; resynchronise the async pair")
+                log.error("%s", self._replay_error)
+                return
+            self._kept.append((last, path, path.stat().st_size))
+            self._replay.append(batch)
+            self._applied = last
+
+    def _retire(self, path: Path) -> None:
+        """A kept or applied batch's file becomes a spare (no sync: see the module's docstring)."""
+        taken, n = {p.name for p in self._spares}, 0
+        while (name := _SPARE_FILE if n == 0 else f"{_SPARE_FILE}.{n}") in taken:
+            n += 1
+        os.replace(path, self.recv_dir / name)
+        self._spares.append(self.recv_dir / name)
+
+    def replay(self) -> list[Batch]:
+        """The kept batches found at open, to apply again (in order) before the volumes are used;
+        FormatError when one is damaged or leaves a gap (resynchronise: `set_applied_seq`)."""
+        with self._lock:
+            if self._replay_error is not None:
+                raise self._replay_error
+            return list(self._replay)
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return len(self._kept) >= CHECKPOINT_BATCHES or sum(n for _, _, n in self._kept) >= CHECKPOINT_BYTES
+
+    def checkpoint(self) -> None:
+        """The caller flushed every volume in `unflushed`: record the applied sequence, then the
+        kept batches become spares."""
+        with self._lock:
+            if self._replay_error is not None:
+                raise self._replay_error
+            if self._checkpointed != self._applied or self._kept:
+                self._save_applied(self._applied)
+            self._drop_kept()
+
+    def _drop_kept(self) -> None:
+        for _, path, _ in self._kept:
+            self._retire(path)
+        self._kept, self._replay = [], []
+        self.unflushed.clear()
+
     def saved_targets(self) -> dict[int, str] | None:
         """The targets kept with the last received batch (`store_encoded(..., targets=)`), or None."""
         path = self.recv_dir / TARGETS_FILE
@@ -129,8 +203,9 @@ class ReceiveJournal:
     def _save_targets(self, targets: Mapping[int, str]) -> None:
         doc = {str(volume_id): volume for volume_id, volume in sorted(targets.items())}
         path = self.recv_dir / TARGETS_FILE
-        if not path.is_file() or load_json(path) != doc:
+        if doc != self._targets_doc and (not path.is_file() or load_json(path) != doc):
             save_json_atomic(path, doc, durable=self.durable)
+        self._targets_doc = doc
 
     def _drop_batch_if_applied(self) -> None:
         """A crash inside mark_applied (after saving applied_seq) leaves an applied batch.bin.
@@ -145,7 +220,7 @@ class ReceiveJournal:
 
     def _save_applied(self, seq: int) -> None:
         save_json_atomic(self.recv_dir / _APPLIED_FILE, {"applied_seq": seq}, durable=self.durable)
-        self._applied = seq
+        self._checkpointed = self._applied = seq
 
     def store(self, entries: Sequence[Entry], *, first_seq: int | None = None,
               last_seq: int | None = None) -> None:
@@ -162,6 +237,8 @@ class ReceiveJournal:
         if self._batch_path.exists():
             raise TricopyError(f"{self._batch_path}: a received batch is not applied yet; apply it "
                                "and mark it applied before storing the next one")
+        if self._replay_error is not None:
+            raise self._replay_error
         if first != self._applied + 1:
             raise FormatError(f"batch starts at entry {first} but entry {self._applied} was the "
                               f"last applied: gap or duplicate; resend from entry {self._applied + 1}")
@@ -180,7 +257,7 @@ class ReceiveJournal:
 
     def _write_batch(self, data: bytes) -> None:
         """batch.bin := data, whole or not at all: written into the spare file, then renamed."""
-        spare = self.recv_dir / _SPARE_FILE
+        spare = self._spares[-1] if self._spares else self.recv_dir / _SPARE_FILE
         fd = create_file(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW)
         try:
             view, done = memoryview(data), 0
@@ -193,6 +270,8 @@ class ReceiveJournal:
         finally:
             os.close(fd)
         os.replace(spare, self._batch_path)
+        if self._spares:
+            self._spares.pop()
         if self.durable:
             fsync_dir(self.recv_dir)
 
@@ -222,9 +301,10 @@ class ReceiveJournal:
         batch = self.stored_batch()
         return None if batch is None else batch.entries
 
-    def mark_applied(self, last_seq: int | None = None) -> None:
-        """Record the stored batch as applied, then delete it. `last_seq`: the stored batch's last
-        entry when the caller has it at hand (it just stored the batch), saving a re-read."""
+    def mark_applied(self, last_seq: int | None = None, *, retain: bool = False) -> None:
+        """Record the stored batch as applied, then delete it (`last_seq`: its last entry, when at
+        hand). `retain`: keep it as `applied-LAST.bin` until the next `checkpoint`; without, the
+        caller flushed every volume written since the last checkpoint, and the kept batches go too."""
         with self._lock:
             if last_seq is None:
                 batch = self.stored_batch()
@@ -233,14 +313,31 @@ class ReceiveJournal:
                 last_seq = batch.last_seq
             elif not self._batch_path.exists():
                 raise TricopyError(f"{self.recv_dir}: no stored batch to mark applied")
+            if retain:
+                kept = self.recv_dir / f"{_KEPT_PREFIX}{last_seq}{_KEPT_SUFFIX}"
+                size = self._batch_path.stat().st_size
+                os.replace(self._batch_path, kept)  # no sync: the next store's directory sync covers it
+                self._kept.append((last_seq, kept, size))
+                self._applied = last_seq
+                return
             self._save_applied(last_seq)
-            os.replace(self._batch_path, self.recv_dir / _SPARE_FILE)  # no sync: see the module's docstring
+            self._retire(self._batch_path)  # no sync: see the module's docstring
+            self._drop_kept()
 
     def set_applied_seq(self, seq: int) -> None:
         """After a full/differential resync: D now reflects everything up to `seq`; any stored
         batch is obsolete and is deleted."""
         with self._lock:
-            self._save_applied(check_saved_seq(seq, "the applied sequence"))
+            check_saved_seq(seq, "the applied sequence")
+            kept = list(self.recv_dir.glob(f"{_KEPT_PREFIX}*{_KEPT_SUFFIX}"))  # damaged ones too
+            for path in kept:  # obsolete: gone (durably) before the new sequence is saved
+                path.unlink(missing_ok=True)
+            if kept and self.durable:
+                fsync_dir(self.recv_dir)
+            self._kept.clear()
+            self._replay.clear()
+            self._replay_error = None
+            self._save_applied(seq)
             self._batch_path.unlink(missing_ok=True)
             if self.durable:
                 fsync_dir(self.recv_dir)
@@ -279,13 +376,16 @@ class Receiver:
     applied. `targets` maps an entry's volume id to the volume receiving it; `write` and `flush`
     reach those volumes (a storage system's copy-program writes, or a daemon's image files);
     `check(volume, lba, payload)`, when given, raises for an entry its volume cannot take (outside
-    it, not whole blocks), so a received batch is refused before it is stored."""
+    it, not whole blocks), so a received batch is refused before it is stored. `group_commit`: see
+    the module's docstring (the owner calls `checkpoint` at a clean stop)."""
 
     def __init__(self, journal: ReceiveJournal, site: str, targets: Mapping[int, str],
                  write: Callable[[str, int, bytes], None], flush: Callable[[str], None],
                  check: Callable[[str, int, bytes], None] | None = None,
-                 writev: Callable[[str, int, Sequence[bytes]], None] | None = None) -> None:
+                 writev: Callable[[str, int, Sequence[bytes]], None] | None = None, *,
+                 group_commit: bool = False) -> None:
         self.journal = journal
+        self.group_commit = group_commit
         self.site = site
         self.targets = dict(targets)
         self._write = write
@@ -300,11 +400,17 @@ class Receiver:
     def receive(self, entries: Sequence[Entry], first_seq: int, last_seq: int,
                 crash_after_store: bool = False) -> None:
         """Store the batch covering first_seq..last_seq, apply it, record it applied."""
+        self._replay_kept()
         self.journal.store(entries, first_seq=first_seq, last_seq=last_seq)
         if crash_after_store:
             raise SimulatedCrash("Async site crashed after storing a batch, before applying it")
         self._apply(entries)
-        self.journal.mark_applied(last_seq)
+        self._applied(last_seq)
+
+    def _applied(self, last_seq: int) -> None:
+        self.journal.mark_applied(last_seq, retain=self.group_commit)
+        if self.group_commit and self.journal.needs_checkpoint:
+            self.checkpoint()
 
     def receive_encoded(self, data: bytes, first_seq: int, last_seq: int, *, keep_targets: bool = False) -> int:
         """`receive` for a batch that arrived as bytes: decoded once and checked whole (range,
@@ -315,19 +421,39 @@ class Receiver:
             raise FormatError(f"batch covers {batch.first_seq}..{batch.last_seq}, the request says "
                               f"{first_seq}..{last_seq}")
         self._check_targets(batch.entries)
+        self._replay_kept()
         self.journal.store_encoded(batch, data, self.targets if keep_targets else None)
         self._apply(batch.entries, checked=True)
-        self.journal.mark_applied(batch.last_seq)
+        self._applied(batch.last_seq)
         return len(batch.entries)
 
     def finish_stored(self) -> int:
-        """Apply the stored batch, if any (the crash-recovery path). Returns entries applied."""
+        """Apply the kept batches found at open and the stored batch (crash recovery); entries applied."""
+        done = self._replay_kept()
         entries = self.journal.stored()
-        if entries is None:
+        if entries is not None:
+            self._apply(entries, flush=True)
+            self.journal.mark_applied()
+            done += len(entries)
+        elif done:
+            self.checkpoint()
+        return done
+
+    def _replay_kept(self) -> int:
+        """The kept batches a crash left (maybe not on disk) applied again, in order, then a checkpoint."""
+        batches = self.journal.replay()
+        if not batches:
             return 0
-        self._apply(entries)
-        self.journal.mark_applied()
-        return len(entries)
+        for batch in batches:
+            self._apply(batch.entries, flush=False)
+        self.checkpoint()
+        return sum(len(b.entries) for b in batches)
+
+    def checkpoint(self) -> None:
+        """Flush every volume written since the last checkpoint, then record the applied sequence."""
+        for volume in sorted(self.journal.unflushed):
+            self._flush(volume)
+        self.journal.checkpoint()
 
     def _check_targets(self, entries: Sequence[Entry]) -> None:
         for e in entries:
@@ -336,8 +462,10 @@ class Receiver:
             if self._check is not None:
                 self._check(self.targets[e.volume_id], e.lba, e.payload)
 
-    def _apply(self, entries: Sequence[Entry], checked: bool = False) -> None:
-        """Write the entries in order; a batch naming a volume id this site lacks writes nothing."""
+    def _apply(self, entries: Sequence[Entry], checked: bool = False, flush: bool | None = None) -> None:
+        """Write the entries in order (a batch naming a volume id this site lacks writes nothing),
+        then flush every volume written since the last checkpoint unless `flush` is False or, by
+        default, in group commit."""
         if not checked:
             self._check_targets(entries)
         used: set[str] = set()
@@ -350,7 +478,10 @@ class Receiver:
             for volume, lba, payloads in runs(entries, self.targets):
                 self._writev(volume, lba, payloads)
                 used.add(volume)
-        for volume in sorted(used):
+        self.journal.unflushed |= used
+        if flush is False or (flush is None and self.group_commit):
+            return
+        for volume in sorted(self.journal.unflushed):
             self._flush(volume)
 
 

@@ -161,6 +161,8 @@ class MirrorGroup(BlockDevice):
                 )
         targets = [m for m in self.members if m.failure == FailureState.NORMAL]
         outcomes = self._issue(targets, lba, data)  # steps 911-915
+        if targets and outcomes.count(None) == len(outcomes):
+            return  # every member took the write: nothing of steps 916-923 applies
         written = [m for m, outcome in zip(targets, outcomes, strict=True) if outcome is None]
         inhibited: tuple[Member, WriteInhibited] | None = None
         volume_failed: Member | None = None

@@ -41,9 +41,20 @@ class VolumeFailed(TricopyError):
 SITE_NAMES = ("primary", "sync", "async")
 
 
-def link_name(a: str, b: str) -> str:
+def _name_link(a: str, b: str) -> str:
     first, second = sorted((a, b), key=SITE_NAMES.index)
     return f"{first}-{second}"
+
+
+_LINKS = {(a, b): _name_link(a, b) for a in SITE_NAMES for b in SITE_NAMES if a != b}
+
+
+def link_name(a: str, b: str) -> str:
+    """The link between sites a and b ("primary-sync"), whichever way round (asked on every write)."""
+    try:
+        return _LINKS[a, b]
+    except KeyError:
+        return _name_link(a, b)  # a name outside SITE_NAMES: the same ValueError as always
 
 
 LINK_NAMES = tuple(link_name(a, b) for i, a in enumerate(SITE_NAMES) for b in SITE_NAMES[i + 1:])
@@ -193,5 +204,5 @@ class Network:
             raise LinkDown(f"link {link_name(src, dst)} is down")
 
     def check_volume(self, site: str, volume: str) -> None:
-        if f"{site}:{volume}" in self.faults.volumes_failed:
+        if self.faults.volumes_failed and f"{site}:{volume}" in self.faults.volumes_failed:
             raise VolumeFailed(f"volume {volume} at site {site} has failed")

@@ -381,7 +381,9 @@ class PairRegistry:
     def __init__(self, pairs: dict[str, Pair] | None = None) -> None:
         self.pairs: dict[str, Pair] = dict(pairs or {})
         self.versions: dict[str, int] = {name: 0 for name in self.pairs}
-        self._groups: dict[tuple[PairKind, str], list[Pair]] = {}  # `group` answers until a pair is added or removed
+        # `group`'s, `from_source`'s and `into`'s answers, until a pair is added or removed
+        self._groups: dict[tuple[PairKind, str], tuple[Pair, ...]] = {}
+        self._ends: dict[tuple[str, PairKind | None], Pair | None] = {}
 
     def __iter__(self) -> Iterator[Pair]:
         return iter(sorted(self.pairs.values(), key=lambda p: p.name))
@@ -407,6 +409,7 @@ class PairRegistry:
         self.pairs[pair.name] = pair
         self.versions[pair.name] = 0
         self._groups.clear()
+        self._ends.clear()
         return pair
 
     def remove(self, name: str) -> None:
@@ -414,28 +417,39 @@ class PairRegistry:
         del self.pairs[name]
         self.versions.pop(name, None)
         self._groups.clear()
+        self._ends.clear()
 
     def from_source(self, ref: str, kind: PairKind) -> Pair | None:
-        for p in self.pairs.values():
-            if p.source == ref and p.kind == kind:
-                return p
-        return None
+        """The pair of this kind whose source is `ref` (asked on every write: answered from a cache)."""
+        try:
+            return self._ends[ref, kind]
+        except KeyError:
+            found = next((p for p in self.pairs.values() if p.source == ref and p.kind == kind), None)
+            self._ends[ref, kind] = found
+            return found
 
     def into(self, ref: str) -> Pair | None:
-        for p in self.pairs.values():
-            if p.target == ref:
-                return p
-        return None
+        """The pair whose target is `ref`."""
+        try:
+            return self._ends[ref, None]
+        except KeyError:
+            found = next((p for p in self.pairs.values() if p.target == ref), None)
+            self._ends[ref, None] = found
+            return found
 
     def involving(self, site: str) -> list[Pair]:
         return [p for p in self if split_ref(p.source)[0] == site or split_ref(p.target)[0] == site]
 
     def group(self, kind: PairKind, source_site: str) -> list[Pair]:
         """The pairs of one consistency group: same kind, same source site [0128] (a new list each time)."""
+        return list(self.group_members(kind, source_site))
+
+    def group_members(self, kind: PairKind, source_site: str) -> tuple[Pair, ...]:
+        """`group`, as the registry keeps it (asked on every write; valid until a pair is added or removed)."""
         key = (kind, source_site)
         if key not in self._groups:  # a pair's kind and volumes never change: only membership does
-            self._groups[key] = [p for p in self if p.kind == kind and split_ref(p.source)[0] == source_site]
-        return list(self._groups[key])
+            self._groups[key] = tuple(p for p in self if p.kind == kind and split_ref(p.source)[0] == source_site)
+        return self._groups[key]
 
     # -- persistence ---------------------------------------------------------------------------
     def bump(self, pair: Pair) -> None:

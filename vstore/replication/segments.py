@@ -94,9 +94,9 @@ class SpoolDamage(FormatError):
                 "details": self.details[:16], "message": str(self)}
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Found:
-    """A valid entry of a segment (its payload stays on disk)."""
+    """A valid entry of a segment (its payload stays on disk; never changed once made)."""
 
     seq: int
     offset: int

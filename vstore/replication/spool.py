@@ -13,7 +13,9 @@ Keeps true:
   fsynced each time it is crossed, every `SEQ_RESERVE` numbers) and the newest segment with the
   size this append gives it (fsynced when a segment is made). The watermark is exact after a
   process crash; after a power loss it may lag behind the last appends (the reservation and the
-  newest segment do not), and entries found past it are kept. `confirm` fsyncs it first.
+  newest segment do not), and entries found past it are kept. An eager `confirm` fsyncs it
+  first; a lazy one (the daemon's) keeps the position in memory until a segment can go, and a
+  position lost in a crash only means entries the Async site applied are offered again, skipped.
 - Recovery cuts only a torn tail: bytes at the end of the last segment, after the watermark,
   shorter than an entry and than that append left the segment: the append a crash cut before it
   returned (its sequence number is used again). Anything else lost past the confirmed sequence
@@ -41,7 +43,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vstore.blocks.codec import create_file, fsync_dir, make_dir, remove_stale_temps, save_json_atomic
+from vstore.blocks.codec import create_file, fsync_dir, fsync_path, make_dir, remove_stale_temps, save_json_atomic
 from vstore.blocks.errors import FormatError, TricopyError
 from vstore.replication.entries import (
     BLOCK_SIZE,
@@ -58,12 +60,12 @@ from vstore.replication.segments import (
     CONFIRMED_FILE,
     MANIFEST_FILE,
     SEQ_RESERVE,
-    Found,
     SpoolDamage,
     analyse_spool,
     read_confirmed,
     segment_name,
 )
+from vstore.replication.spool_files import EntryLoc, Segment, Touch, close_fd, write_all
 
 log = logging.getLogger("vstore.spool")
 
@@ -81,32 +83,6 @@ class LogStats:
     last_seq: int | None
 
 
-@dataclass(eq=False)
-class _Segment:
-    path: Path
-    first_seq: int
-    last_seq: int  # the highest sequence number it may hold
-    size: int
-    fd: int | None = None
-
-
-@dataclass(frozen=True)
-class _Loc(Found):
-    """Where an unconfirmed entry lives (a valid entry of `segment`), and what it touches."""
-
-    segment: _Segment
-
-
-@dataclass(frozen=True)
-class _Touch:
-    """A segment written by the current append, and how to undo that."""
-
-    segment: _Segment
-    size_before: int
-    last_before: int
-    new: bool
-
-
 class EntryLog:
     """Durable, append-only spool of entries waiting for the secondary's confirmation."""
 
@@ -122,11 +98,11 @@ class EntryLog:
         self.segment_bytes = segment_bytes
         self.block_size = block_size
         self._lock = threading.RLock()
-        self._segments: list[_Segment] = []
-        self._pending: PendingIndex[_Loc] = PendingIndex()
+        self._segments: list[Segment] = []
+        self._pending: PendingIndex[EntryLoc] = PendingIndex()
         self._closed, self._repaired = False, False
         self._manifest_fd: int | None = None
-        self._unsynced: list[_Segment] = []  # segments appended to since the last flush
+        self._unsynced: list[Segment] = []  # segments appended to since the last flush
         self.syncs = 0  # fdatasyncs of segments (the durability tests and benchmarks count them)
         self._confirmed = read_confirmed(self.spool_dir)
         self._recover(record_damage, known_seq)
@@ -153,9 +129,9 @@ class EntryLog:
         found = analyse_spool(self.spool_dir, self._confirmed, self.block_size, known_seq)
         if found.damage is not None and not record_damage:
             raise found.damage
-        self._segments = [_Segment(c.path, c.first_seq, c.covered, c.size) for c in found.segments]
+        self._segments = [Segment(c.path, c.first_seq, c.covered, c.size) for c in found.segments]
         for si, it in found.pending:
-            self._pending.add(_Loc(it.seq, it.offset, it.length, it.volume_id, it.lba, it.block_count,
+            self._pending.add(EntryLoc(it.seq, it.offset, it.length, it.volume_id, it.lba, it.block_count,
                                    it.timestamp_ns, segment=self._segments[si]))
         self._cuts = [(self._segments[si], offset) for si, offset in found.cuts]
         if found.torn is not None:
@@ -182,7 +158,7 @@ class EntryLog:
             os.truncate(seg.path, offset)
             seg.size, changed = offset, True
             if self.durable:
-                _fsync_path(seg.path)
+                fsync_path(seg.path)
         for seg in [s for s in self._segments if s.size == 0]:
             self._segments.remove(seg)
             seg.path.unlink(missing_ok=True)
@@ -194,9 +170,10 @@ class EntryLog:
     def _write_manifest(self, *, sync: bool, newest: tuple[int, int] | None = None) -> None:
         """Put the next manifest slot in place; `sync`: durable now (when the log is durable);
         `newest`: (first seq, size) of the newest segment once the write under way is done."""
-        path = self.spool_dir / MANIFEST_FILE
-        new = self._manifest_fd is None and not path.exists()
+        new = False
         if self._manifest_fd is None:
+            path = self.spool_dir / MANIFEST_FILE
+            new = not path.exists()
             self._manifest_fd = create_file(path, os.O_RDWR | os.O_CREAT)
         self._generation += 1
         if newest is None:
@@ -228,8 +205,44 @@ class EntryLog:
         return entries
 
     def append(self, volume_id: int, lba: int, payload: bytes, *, timestamp_ns: int | None = None) -> Entry:
-        """Append one entry (durable at the next `flush`)."""
-        return self.append_many([(volume_id, lba, payload)], timestamp_ns=timestamp_ns)[0]
+        """Append one entry (durable at the next `flush`). The common case, an entry that fits the
+        active segment below the reservation, takes `append_many`'s steps for one entry in one
+        segment (manifest slot, then the entry); any other case is `append_many`'s."""
+        with self._lock:
+            seg = self._segments[-1] if self._segments else None
+            seq, n = self._next_seq, len(payload) // self.block_size
+            if (seg is None or seg.fd is None or seg.size >= self.segment_bytes or not self._repaired
+                    or self._closed or self.damage is not None or seq >= self._reserved or seq > MAX_SEQ
+                    or not payload or n * self.block_size != len(payload)):
+                return self.append_many([(volume_id, lba, payload)], timestamp_ns=timestamp_ns)[0]
+            entry = Entry(seq, time.time_ns() if timestamp_ns is None else timestamp_ns, volume_id, lba, n,
+                          bytes(payload))
+            data = encode_entry(entry)
+            self._check_room(len(data))
+            self._high = max(self._high, seq)
+            size, last = seg.size, seg.last_seq
+            try:
+                self._write_manifest(sync=False, newest=(seg.first_seq, size + len(data)))
+                write_all(seg.fd, data)
+            except BaseException:
+                self._undo([Touch(seg, size, last, new=False)])
+                raise
+            self._pending.add(EntryLoc(seq, seg.size, len(data), volume_id, lba, n, entry.timestamp_ns, segment=seg))
+            seg.size += len(data)
+            seg.last_seq = seq
+            if not self._unsynced or self._unsynced[-1] is not seg:
+                self._unsynced.append(seg)
+            self._next_seq = seq + 1
+            self._acked = seq  # on disk with the next append's manifest slot
+            return entry
+
+    def _check_room(self, need: int) -> None:
+        """Refuse (EntryLogFull) an append of `need` bytes past the capacity."""
+        if self._pending.waiting_bytes + need > self.capacity_bytes:
+            raise EntryLogFull(
+                f"entry log {self.spool_dir} is full ({self._pending.waiting_bytes} of {self.capacity_bytes} "
+                f"bytes waiting, {need} more needed); suspend the async pair and record positions"
+            )
 
     def append_many(self, items: Sequence[tuple[int, int, bytes]], *,
                     timestamp_ns: int | None = None) -> list[Entry]:
@@ -242,12 +255,7 @@ class EntryLog:
             self._repair()
             entries = self._make_entries(items, timestamp_ns)
             encoded = [encode_entry(e) for e in entries]
-            need = sum(len(b) for b in encoded)
-            if self._pending.waiting_bytes + need > self.capacity_bytes:
-                raise EntryLogFull(
-                    f"entry log {self.spool_dir} is full ({self._pending.waiting_bytes} of {self.capacity_bytes} "
-                    f"bytes waiting, {need} more needed); suspend the async pair and record positions"
-                )
+            self._check_room(sum(len(b) for b in encoded))
             if not entries:
                 return []
             self._write_entries(entries, encoded)
@@ -257,8 +265,8 @@ class EntryLog:
 
     def _write_entries(self, entries: list[Entry], encoded: list[bytes]) -> None:
         """Manifest slot, then the entries; on an OS error undo what was written and re-raise."""
-        touched: list[_Touch] = []
-        new_locs: list[_Loc] = []
+        touched: list[Touch] = []
+        new_locs: list[EntryLoc] = []
         try:
             plan = self._plan(entries, encoded, touched)
             new_segment = any(t.new for t in touched)
@@ -272,8 +280,8 @@ class EntryLog:
             self._write_manifest(sync=new_segment or crossed,
                                  newest=(last.first_seq, last.size + sum(len(d) for g, _, d in plan if g is last)))
             for seg, entry, data in plan:
-                _write_all(seg.fd, data)  # type: ignore[arg-type]
-                new_locs.append(_Loc(entry.seq, seg.size, len(data), entry.volume_id, entry.lba,
+                write_all(seg.fd, data)  # type: ignore[arg-type]
+                new_locs.append(EntryLoc(entry.seq, seg.size, len(data), entry.volume_id, entry.lba,
                                      entry.block_count, entry.timestamp_ns, segment=seg))
                 seg.size += len(data)
                 seg.last_seq = entry.seq
@@ -283,14 +291,14 @@ class EntryLog:
         for t in touched:
             if t.segment is not self._segments[-1]:
                 self._sync_segment(t.segment)  # a full segment is made durable as it is left
-                _close_fd(t.segment)
+                close_fd(t.segment)
             elif not any(u is t.segment for u in self._unsynced):
                 self._unsynced.append(t.segment)
         for loc in new_locs:
             self._pending.add(loc)
 
     def _plan(self, entries: list[Entry], encoded: list[bytes],
-              touched: list[_Touch]) -> list[tuple[_Segment, Entry, bytes]]:
+              touched: list[Touch]) -> list[tuple[Segment, Entry, bytes]]:
         """The segment each entry goes to: the active one, or new ones (made now) past segment_bytes."""
         plan = []
         active = self._segments[-1] if self._segments else None
@@ -298,20 +306,20 @@ class EntryLog:
         for entry, data in zip(entries, encoded, strict=True):
             if active is None or size >= self.segment_bytes:
                 path = self.spool_dir / segment_name(entry.seq)
-                active = _Segment(path, entry.seq, entry.seq - 1, 0)
+                active = Segment(path, entry.seq, entry.seq - 1, 0)
                 active.fd = create_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND)
                 self._segments.append(active)
-                touched.append(_Touch(active, 0, entry.seq - 1, new=True))
+                touched.append(Touch(active, 0, entry.seq - 1, new=True))
                 size = 0
             elif not touched or touched[-1].segment is not active:
                 if active.fd is None:
                     active.fd = os.open(active.path, os.O_WRONLY | os.O_APPEND)
-                touched.append(_Touch(active, active.size, active.last_seq, new=False))
+                touched.append(Touch(active, active.size, active.last_seq, new=False))
             plan.append((active, entry, data))
             size += len(data)
         return plan
 
-    def _sync_segment(self, seg: _Segment) -> None:
+    def _sync_segment(self, seg: Segment) -> None:
         if self.durable and seg.fd is not None:
             os.fdatasync(seg.fd)
             self.syncs += 1
@@ -323,13 +331,13 @@ class EntryLog:
             for seg in list(self._unsynced):
                 self._sync_segment(seg)
 
-    def _undo(self, touched: list[_Touch]) -> None:
+    def _undo(self, touched: list[Touch]) -> None:
         for t in reversed(touched):
             seg = t.segment
             if t.new:
                 if seg in self._segments:
                     self._segments.remove(seg)
-                _close_fd(seg)
+                close_fd(seg)
                 seg.path.unlink(missing_ok=True)
             elif seg.fd is not None:
                 os.ftruncate(seg.fd, t.size_before)
@@ -353,7 +361,7 @@ class EntryLog:
         with self._lock:
             return [(loc.volume_id, loc.lba, loc.block_count) for loc in self._pending]
 
-    def _read_locs(self, locs: list[_Loc]) -> Iterator[Entry]:
+    def _read_locs(self, locs: list[EntryLoc]) -> Iterator[Entry]:
         fds: dict[Path, int] = {}
         try:
             for loc in locs:
@@ -371,33 +379,64 @@ class EntryLog:
             for fd in fds.values():
                 os.close(fd)
 
-    def confirm(self, seq: int) -> None:
-        """Mark every entry <= seq confirmed (durably) and delete fully confirmed segments. A
-        confirmation past recorded damage ends it: the caller has recorded those positions."""
+    _lazy_confirmed_from: int | None = None
+    """While lazy confirmations are only in memory: the confirmed sequence confirmed.json holds."""
+
+    def confirm(self, seq: int, *, lazy: bool = False) -> None:
+        """Mark every entry <= seq confirmed and delete fully confirmed segments. A confirmation
+        past recorded damage ends it: the caller has recorded those positions.
+
+        Durably (the manifest, then confirmed.json), unless `lazy`: then the position is kept in
+        memory and written only when a segment can be deleted, at an eager `confirm` (of any
+        sequence, `confirmed_seq` included) or past damage. A lazy position lost in a crash is only
+        an older one: the entries after it are kept and shipped again from what the Async site's
+        journal says it applied, which skips them. A segment is deleted only once the position
+        covering it is durable, so the spool never misses an entry past the position on disk."""
         with self._lock:
             self._check_open()
             if seq >= self._next_seq:
                 raise TricopyError(f"cannot confirm entry {seq}: the last appended entry is "
                                    f"{self._next_seq - 1}")
             if seq <= self._confirmed:
+                if not lazy and self._lazy_confirmed_from is not None:
+                    self._save_confirmed(self._confirmed)
+                    self._trim_confirmed_segments()
                 return
             self._repair()
             self._high = max(self._high, seq)
             self._reserved = max(self._reserved, self._high)
             self._acked = max(self._acked, seq)
-            self._write_manifest(sync=True)  # confirmed_seq never goes past what the manifest holds
-            save_json_atomic(self.spool_dir / CONFIRMED_FILE, {"confirmed_seq": seq}, durable=self.durable)
+            damage = self.damage
+            past_damage = damage is not None and seq >= damage.first_seq
+            eager = not lazy or past_damage or self._frees_segment(seq)
+            if eager:
+                self._save_confirmed(seq)
+            elif self._lazy_confirmed_from is None:
+                self._lazy_confirmed_from = self._confirmed
             self._confirmed = seq
             while self._pending and self._pending[0].seq <= seq:
                 self._pending.pop_oldest()
-            damage = self.damage
-            if damage is not None and seq >= damage.first_seq:
+            if damage is not None and past_damage:
                 self.damage = None if seq >= damage.last_seq else SpoolDamage(
                     self.spool_dir, seq + 1, damage.last_seq, damage.positions, damage.details)
                 if self.damage is None:
                     log.warning("%s: damaged entries %d..%d confirmed: their positions are recorded elsewhere",
                                 self.spool_dir, damage.first_seq, damage.last_seq)
-            self._trim_confirmed_segments()
+            if eager:
+                self._trim_confirmed_segments()
+
+    def _frees_segment(self, seq: int) -> bool:
+        """Confirming up to `seq` lets a segment go that a lazy confirmation should not keep: a full
+        one (the newest, still being appended to, stays until it is full or an eager confirm)."""
+        segs = self._segments
+        return bool(segs) and segs[0].last_seq <= seq and (len(segs) > 1 or segs[0].size >= self.segment_bytes)
+
+    def _save_confirmed(self, seq: int) -> None:
+        """confirmed.json := seq, durably, after a manifest slot naming it (confirmed_seq never goes
+        past what the manifest holds)."""
+        self._write_manifest(sync=True)
+        save_json_atomic(self.spool_dir / CONFIRMED_FILE, {"confirmed_seq": seq}, durable=self.durable)
+        self._lazy_confirmed_from = None
 
     def release_damage(self) -> None:
         """The caller has durably recorded the positions of the damage and of every pending entry
@@ -418,7 +457,7 @@ class EntryLog:
         if doomed == len(self._segments):  # the newest goes too: the manifest stops naming it first
             self._write_manifest(sync=True, newest=(0, 0))
         for seg in self._segments[:doomed]:
-            _close_fd(seg)
+            close_fd(seg)
             seg.path.unlink(missing_ok=True)
         del self._segments[:doomed]
 
@@ -444,7 +483,7 @@ class EntryLog:
             if not self._closed:
                 self.flush()
             for seg in self._segments:
-                _close_fd(seg)
+                close_fd(seg)
             if self._manifest_fd is not None:
                 os.close(self._manifest_fd)
                 self._manifest_fd = None
@@ -455,23 +494,3 @@ class EntryLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _close_fd(seg: _Segment) -> None:
-    if seg.fd is not None:
-        os.close(seg.fd)
-        seg.fd = None

@@ -137,8 +137,9 @@ class StorageSystem:
     def host_write(self, volume: str, lba: int, data: bytes) -> None:
         """A host write: access control, then the sync program, then the local write."""
         vol = self.volume(volume)
-        device = self._device(volume)
-        device.check_write(lba, data)
+        self.network.check_volume(self.site, volume)
+        device = vol.device
+        count = device.check_write(lba, data)
         into = self.registry.into(vol.ref)
         if into is not None and into.state != PairState.SIMPLEX:
             raise ReadOnlyError(
@@ -147,7 +148,7 @@ class StorageSystem:
             )
         sync_pair = self.registry.from_source(vol.ref, PairKind.SYNC)
         if sync_pair is not None:
-            self._sync_write(sync_pair, lba, data)
+            self._sync_write(sync_pair, volume, lba, data, count)
         if self.async_program is not None:
             self.async_program.record(volume, lba, data)
         device._write(lba, data)  # checked above: once per layer
@@ -158,24 +159,28 @@ class StorageSystem:
         """The failure-Suspended sync pair that inhibits writes to every sync source here, if any."""
         if not self.fence_reject:
             return None
-        for pair in self.registry.group(PairKind.SYNC, self.site):
+        for pair in self.registry.group_members(PairKind.SYNC, self.site):
             if pair.state == PairState.SUSPEND and pair.failure:
                 return pair
         return None
 
-    def _sync_write(self, pair: Pair, lba: int, data: bytes) -> None:
+    def _sync_write(self, pair: Pair, volume: str, lba: int, data: bytes, count: int) -> None:
+        """The sync copy of a host write of `count` blocks to `volume`, the source of `pair`."""
         fenced = self.group_fenced()
         if fenced is not None:
             raise WriteInhibited(
                 f"write to {pair.source} rejected: pair {fenced.name} is in failure Suspend "
                 f"({fenced.reason}) and protection fences the primary volumes"
             )
-        count = len(data) // self.volume(split_ref(pair.source)[1]).device.block_size
         if pair.state in COPYING:
             try:
                 self.forward(pair, lba, data)
-                self.unflushed.setdefault(split_ref(pair.source)[1], set()).update(range(lba // EXTENT_BLOCKS,
-                                                                      (lba + count - 1) // EXTENT_BLOCKS + 1))
+                first, last = lba // EXTENT_BLOCKS, (lba + count - 1) // EXTENT_BLOCKS
+                extents = self.unflushed.setdefault(volume, set())
+                if first == last:
+                    extents.add(first)
+                else:
+                    extents.update(range(first, last + 1))
                 return
             except (LinkDown, SiteDown, VolumeFailed) as exc:
                 self.failure_suspend(pair, str(exc))
